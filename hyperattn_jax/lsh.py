@@ -1,0 +1,41 @@
+"""Angular LSH with a Gray-code bucket order (DESIGN.md §1).
+
+Each of P random hyperplanes contributes one bit; the bucket code is sorted by its position in the reflected Gray
+sequence, so that neighbouring buckets in sorted order differ in exactly one hyperplane (are near in angle).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def lsh_projections(key, head_dim: int, num_projections: int, dtype=jnp.float32):
+    """Gaussian hyperplane normals `[H, P]` drawn from `key`; queries and keys of one call share them."""
+    return jax.random.normal(key, (head_dim, num_projections), dtype)
+
+
+def lsh_codes(x, projections):
+    """Bucket code `sum_r [x . w_r > 0] 2^r` as int32, for x `[..., H]` -> `[...]`."""
+    side = jnp.einsum("...h,hp->...p", x, projections.astype(x.dtype), preferred_element_type=jnp.float32) > 0
+    powers = 2 ** jnp.arange(projections.shape[-1], dtype=jnp.int32)
+    return jnp.sum(side.astype(jnp.int32) * powers, axis=-1)
+
+
+def gray_rank(codes, num_bits: int):
+    """Position of each code in the reflected Gray sequence: the prefix XOR g ^ (g >> 1) ^ (g >> 2) ^ ...
+
+    The Gray sequence maps rank r to code r ^ (r >> 1); this is its inverse, so ranks r and r + 1 belong to codes that
+    differ in exactly one bit.
+    """
+    rank = codes
+    shift = 1
+    while shift < num_bits:  # log2(P) doubling steps compute the full prefix XOR.
+        rank = rank ^ (rank >> shift)
+        shift *= 2
+    return rank
+
+
+def lsh_rank(x, projections):
+    """Sort key of each vector: Gray rank of its angular-LSH bucket, int32 in `[0, 2**P)`; x `[..., H]` -> `[...]`."""
+    return gray_rank(lsh_codes(x, projections), projections.shape[-1])

@@ -1,0 +1,67 @@
+"""Sorting by LSH rank and permutation gathers whose gradient is a gather, not a scatter-add."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+_INT32_MAX = 2**31 - 1
+
+
+class SortOrder(NamedTuple):
+    """A stable sort of the last axis: `sorted = x[perm]` and `x = sorted[inverse]` (both int32 `[..., L]`)."""
+
+    perm: jax.Array
+    inverse: jax.Array
+
+
+def sort_order(rank, num_ranks: int) -> SortOrder:
+    """Stable sort order of int ranks in `[0, num_ranks)` along the last axis.
+
+    Packs `rank * L + position` into one int32 and sorts that (XLA's fast radix sort on GPU only takes simple int32
+    keys); the position both breaks ties stably and is recovered as the permutation. Falls back to a stable argsort
+    when the packed key would not fit in int32.
+    """
+    length = rank.shape[-1]
+    position = jax.lax.broadcasted_iota(jnp.int32, rank.shape, rank.ndim - 1)
+    if num_ranks * length <= _INT32_MAX:
+        packed = jax.lax.sort(rank.astype(jnp.int32) * length + position, dimension=rank.ndim - 1)
+        perm = packed % length
+    else:
+        perm = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
+    inverse = jnp.put_along_axis(jnp.zeros_like(perm), perm, position, axis=-1, inplace=False)
+    return SortOrder(perm, inverse)
+
+
+@jax.custom_vjp
+def gather_rows(x, perm, inverse):
+    """`x[..., perm, :]` along the second-to-last axis, for a permutation `perm` with inverse `inverse`.
+
+    x `[..., L, H]`, perm and inverse `[..., L]` (leading dims broadcastable to x's). The gradient is the gather by
+    the inverse permutation: autodiff of a gather would transpose to a slow, nondeterministic scatter-add.
+    """
+    return jnp.take_along_axis(x, perm[..., None], axis=-2)
+
+
+def _gather_rows_fwd(x, perm, inverse):
+    return gather_rows(x, perm, inverse), (perm, inverse)
+
+
+def _gather_rows_bwd(residuals, grad):
+    perm, inverse = residuals
+    return jnp.take_along_axis(grad, inverse[..., None], axis=-2), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def sort_rows(x, order: SortOrder):
+    """Rows of x `[..., L, H]` in sorted order."""
+    return gather_rows(x, order.perm, order.inverse)
+
+
+def unsort_rows(x_sorted, order: SortOrder):
+    """Inverse of `sort_rows`: rows back in their original order."""
+    return gather_rows(x_sorted, order.inverse, order.perm)
