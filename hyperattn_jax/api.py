@@ -38,13 +38,15 @@ def _check_kv_length(kv_length, batch: int):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "causal", "scale", "implementation"))
-def _grouped_hyper_attention(q, k, v, key, kv_length, *, config, causal, scale, implementation):
+def _grouped_hyper_attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, implementation):
     del implementation  # only "xla" exists so far; kernels plug in here.
 
     def noncausal(q, k, v, *, key, kv_length=None):
         if noncausal_is_exact(k.shape[2], config):
             return grouped_exact_attention(q, k, v, scale=scale, kv_length=kv_length)
-        return grouped_hyper_attention(q, k, v, key=key, config=config, scale=scale, kv_length=kv_length)
+        return grouped_hyper_attention(
+            q, k, v, key=key, config=config, scale=scale, kv_length=kv_length, hash_key=hash_key
+        )
 
     if causal:
         return grouped_causal_attention(q, k, v, key=key, config=config, scale=scale, noncausal_fn=noncausal)
@@ -63,6 +65,7 @@ def hyper_attention(
     return_lse: bool = False,
     implementation: str | None = None,
     kv_length=None,
+    hash_key=None,
 ):
     """HyperAttention (arXiv:2310.05869): near-linear-time approximate softmax attention.
 
@@ -74,9 +77,11 @@ def hyper_attention(
       config: `HyperAttentionConfig` (static); default: the paper's settings.
       causal: query i attends keys j <= i, via the paper's recursion (exact at or below `config.min_seq_len`).
       scale: softmax scale, default `1 / sqrt(H)`.
-      return_lse: also return the natural-log normaliser `[B, N, T]`, float32.
+      return_lse: also return the natural-log normaliser `[B, N, T]`, float32 (float64 for float64 inputs).
       implementation: None (best available) or "xla" (pure jnp).
       kv_length: optional int `[B]` (non-causal): keys at positions >= kv_length[b] are padding.
+      hash_key: optional PRNG key for the LSH hyperplanes alone (e.g. fixed per layer); `key` then draws only the
+        samples. Default: both from `key`.
 
     Returns:
       out `[B, T, N, H]` in q's dtype, and lse `[B, N, T]` if `return_lse`.
@@ -94,6 +99,8 @@ def hyper_attention(
     check_qkv(q, k, v, causal=causal)
     _check_key(key)
     _check_kv_length(kv_length, q.shape[0])
+    if hash_key is not None:
+        _check_key(hash_key)
     if causal and kv_length is not None:
         raise ValueError("kv_length (key padding) is supported for non-causal attention only")
     scale = default_scale(q.shape[-1], scale)
@@ -103,6 +110,7 @@ def hyper_attention(
         heads_major(v),
         key,
         kv_length,
+        hash_key,
         config=config,
         causal=bool(causal),
         scale=scale,
@@ -111,7 +119,7 @@ def hyper_attention(
     out = ungroup_output(out).astype(q.dtype)
     if not return_lse:
         return out
-    return out, ungroup_lse(lse).astype(jnp.float32)
+    return out, ungroup_lse(lse).astype(jnp.promote_types(q.dtype, jnp.float32))
 
 
 def merge_attention(out1, lse1, out2, lse2):

@@ -36,11 +36,16 @@ class SortLSHPlan(NamedTuple):
     num_valid_keys: jax.Array
 
 
-def make_plan(q, k, *, key, config: HyperAttentionConfig, kv_length=None) -> SortLSHPlan:
-    """Hash queries `[B, K, G, T, H]` and keys `[B, K, S, H]`, sort them, and draw the residual samples."""
+def make_plan(q, k, *, key, config: HyperAttentionConfig, kv_length=None, hash_key=None) -> SortLSHPlan:
+    """Hash queries `[B, K, G, T, H]` and keys `[B, K, S, H]`, sort them, and draw the residual samples.
+
+    `hash_key`, when given, draws the LSH hyperplanes (e.g. fixed per layer, as in the paper's code) and `key` only the
+    samples; otherwise both come from `key`.
+    """
     batch, kv_heads, _, t, head_dim = q.shape
     s = k.shape[2]
-    hash_key, sample_key = jax.random.split(key)
+    own_hash_key, sample_key = jax.random.split(key)
+    hash_key = own_hash_key if hash_key is None else hash_key
     projections = lsh_projections(hash_key, head_dim, config.num_projections)
     key_rank = lsh_rank(k, projections)
     if kv_length is None:
@@ -136,12 +141,12 @@ def _attend_tiles(q, tiles, plan, *, scale):
     return out, lse
 
 
-def grouped_hyper_attention(q, k, v, *, key, config: HyperAttentionConfig, scale: float, kv_length=None):
+def grouped_hyper_attention(q, k, v, *, key, config: HyperAttentionConfig, scale: float, kv_length=None, hash_key=None):
     """Non-causal HyperAttention, grouped layout, fused form (one softmax over block and sample tiles).
 
     Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32.
     """
-    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length)
+    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key)
     return _attend_tiles(q, hyper_attention_tiles(k, v, plan), plan, scale=scale)
 
 
