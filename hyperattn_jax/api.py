@@ -41,7 +41,7 @@ def _check_kv_length(kv_length, batch: int):
 def _grouped_hyper_attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, implementation):
     del implementation  # only "xla" exists so far; kernels plug in here.
 
-    def noncausal(q, k, v, *, key, kv_length=None):
+    def noncausal(q, k, v, *, key, kv_length=None, config=config):  # causal recursion may pass a config (sinks off)
         if noncausal_is_exact(k.shape[2], config):
             return grouped_exact_attention(q, k, v, scale=scale, kv_length=kv_length)
         return grouped_hyper_attention(

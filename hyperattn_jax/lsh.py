@@ -17,7 +17,9 @@ def lsh_projections(key, head_dim: int, num_projections: int, dtype=jnp.float32)
 
 def lsh_codes(x, projections):
     """Bucket code `sum_r [x . w_r > 0] 2^r` as int32, for x `[..., H]` -> `[...]`."""
-    side = jnp.einsum("...h,hp->...p", x, projections.astype(x.dtype), preferred_element_type=jnp.float32) > 0
+    # Hash in float32 whatever the input dtype, so bf16/fp16 inputs land in the buckets their float32 values would.
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    side = jnp.einsum("...h,hp->...p", x.astype(acc), projections.astype(acc)) > 0
     powers = 2 ** jnp.arange(projections.shape[-1], dtype=jnp.int32)
     return jnp.sum(side.astype(jnp.int32) * powers, axis=-1)
 

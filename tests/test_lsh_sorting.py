@@ -44,6 +44,5 @@ def test_permutation_gather_gradient_is_a_gather_not_a_scatter(rng):
         return jnp.sum(sort_rows(x, order) * cotangent)
 
     np.testing.assert_allclose(jax.grad(loss)(x), unsort_rows(cotangent, order), rtol=0, atol=0)
-    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x))
-    assert "scatter" not in jaxpr
-    assert gather_rows is not None
+    assert "scatter" not in str(jax.make_jaxpr(jax.grad(loss))(x))
+    assert "scatter" not in str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(gather_rows(x, *order) ** 2)))(x))
