@@ -1,0 +1,350 @@
+"""Exact attention as a Pallas (Triton) flash kernel with a float32 natural-log lse, forward and backward.
+
+The exact base case of HyperAttention: non-causal attention below `min_seq_len`, and the causal recursion's diagonal
+problems. Those are all problems of one length `segment` laid end to end, so they run as ONE call with a
+segment-local causal mask (query i sees keys j with segment(j) == segment(i) and j <= i) over the unsplit sequence:
+no copies to stack the problems on the batch axis. Twin: `reference.grouped_exact_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from hyperattn_jax._numerics import finite_or_zero
+from hyperattn_jax.kernels.gpu._common import (
+    LN_2,
+    LOG2_E,
+    MIN_DOT,
+    NEG_START,
+    default_interpret,
+    div,
+    next_power_of_two,
+    pad_to,
+    rem,
+    triton_params,
+)
+
+
+class FlashConfig(NamedTuple):
+    """Static tuning (hashable). block_k must divide block_q; backward blocks are equal-sized query/key chunks."""
+
+    block_q: int = 128
+    block_k: int = 64
+    block_bwd: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+class _Shape(NamedTuple):
+    groups: int
+    num_queries: int
+    num_keys: int
+    padded_queries: int
+    padded_keys: int
+    head_dim: int
+    head_dim_padded: int
+    causal: bool
+    segment: int  # causal problems of this many positions, laid end to end
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _dot_t(a, b):
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _key_chunks(shape: _Shape, q_start, rows: int, chunk: int):
+    """(first unmasked, first masked, end) key-chunk indices for the query rows [q_start, q_start + rows)."""
+    if not shape.causal:
+        n = shape.padded_keys // chunk
+        ragged = shape.num_keys % chunk != 0
+        return 0, (n - 1 if ragged else n), n
+    first = div(q_start, shape.segment) * (shape.segment // chunk)
+    return first, div(q_start, chunk), div(q_start + rows, chunk)
+
+
+def _mask(shape: _Shape, s, q_start, k_start):
+    rows, cols = s.shape
+    key_pos = k_start + lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+    if shape.causal:
+        allowed = key_pos <= q_start + lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
+    else:
+        allowed = key_pos < shape.num_keys
+    return jnp.where(allowed, s, -jnp.inf)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, shape: _Shape, block_k: int, scale: float):
+    q = q_ref[...]
+    rows = q.shape[0]
+    q_start = pl.program_id(2) * rows
+    qk_scale = scale * LOG2_E
+
+    def step(index, carry, masked):
+        row_max, row_sum, acc = carry
+        k_start = pl.multiple_of(index * block_k, block_k)
+        keys = pl.ds(k_start, block_k)
+        s = _dot_t(q, k_ref[keys, :]) * qk_scale
+        if masked:
+            s = _mask(shape, s, q_start, k_start)
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+        p = jnp.exp2(s - new_max[:, None])
+        correction = jnp.exp2(row_max - new_max)
+        v = v_ref[keys, :]
+        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        return new_max, row_sum * correction + jnp.sum(p, axis=1), acc
+
+    first, first_masked, end = _key_chunks(shape, q_start, rows, block_k)
+    carry = (
+        jnp.full((rows,), NEG_START, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows, shape.head_dim_padded), jnp.float32),
+    )
+    carry = lax.fori_loop(first, first_masked, functools.partial(step, masked=False), carry)
+    row_max, row_sum, acc = lax.fori_loop(first_masked, end, functools.partial(step, masked=True), carry)
+    has_keys = row_sum > 0
+    safe_sum = jnp.where(has_keys, row_sum, 1.0)
+    o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(has_keys, (row_max + jnp.log2(safe_sum)) * LN_2, -jnp.inf)
+
+
+def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, *, shape: _Shape, block_k: int, scale: float):
+    q, do = q_ref[...], do_ref[...]
+    rows = q.shape[0]
+    q_start = pl.program_id(2) * rows
+    lse2 = lse_ref[...] * LOG2_E
+    delta = delta_ref[...]
+    qk_scale = scale * LOG2_E
+
+    def step(index, dq, masked):
+        k_start = pl.multiple_of(index * block_k, block_k)
+        keys = pl.ds(k_start, block_k)
+        k = k_ref[keys, :]
+        s = _dot_t(q, k) * qk_scale
+        if masked:
+            s = _mask(shape, s, q_start, k_start)
+        p = jnp.exp2(s - lse2[:, None])
+        ds = p * (_dot_t(do, v_ref[keys, :]) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    first, first_masked, end = _key_chunks(shape, q_start, rows, block_k)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(first, first_masked, functools.partial(step, masked=False), dq)
+    dq = lax.fori_loop(first_masked, end, functools.partial(step, masked=True), dq)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, shape: _Shape, scale: float):
+    k, v = k_ref[...], v_ref[...]
+    chunk = k.shape[0]
+    k_start = pl.program_id(1) * chunk
+    qk_scale = scale * LOG2_E
+    if shape.causal:
+        first = div(k_start, chunk)  # the diagonal query chunk (query and key chunks are equal-sized)
+        end = (div(k_start, shape.segment) + 1) * (shape.segment // chunk)
+    else:
+        first, end = 0, shape.padded_queries // chunk
+    per_head = end - first
+
+    def step(index, carry, masked):
+        dk, dv = carry
+        head = div(index, per_head)
+        q_start = pl.multiple_of((first + rem(index, per_head)) * chunk, chunk)
+        queries = pl.ds(q_start, chunk)
+        q, do = q_ref[head, queries, :], do_ref[head, queries, :]
+        s = _dot_t(q, k) * qk_scale
+        if masked:
+            s = _mask(shape, s, q_start, k_start)
+        p = jnp.exp2(s - (lse_ref[head, queries] * LOG2_E)[:, None])
+        dv = dv + _dot_tn(p.astype(do.dtype), do)
+        ds = p * (_dot_t(do, v) - delta_ref[head, queries][:, None])
+        return dk + _dot_tn(ds.astype(q.dtype), q), dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    total = shape.groups * per_head
+    if shape.causal:  # mask only the diagonal chunk of each head; the rest lie wholly below the diagonal
+        carry = (zeros, zeros)
+        for head in range(shape.groups):
+            carry = step(head * per_head, carry, masked=True)
+
+            def rest(index, carry, head=head):
+                return step(head * per_head + index, carry, masked=False)
+
+            carry = lax.fori_loop(1, per_head, rest, carry)
+        dk, dv = carry
+    else:
+        dk, dv = lax.fori_loop(0, total, functools.partial(step, masked=False), (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _layout(q, k, causal: bool, segment: int | None, tuning: FlashConfig) -> tuple[_Shape, FlashConfig]:
+    t, s, h = q.shape[3], k.shape[2], q.shape[4]
+    block_q = min(tuning.block_q, next_power_of_two(t, MIN_DOT))
+    block_k = min(tuning.block_k, block_q)
+    block_bwd = min(tuning.block_bwd, block_q)
+    unit = max(block_q, block_bwd)
+    if causal:
+        segment = t if segment is None else segment
+        if t % segment:
+            raise ValueError(f"causal {segment=} must divide the sequence length {t}")
+        if segment != t and segment % unit:
+            raise ValueError(f"{segment=} must be a multiple of the kernel blocks ({unit})")
+        padded = -(-t // unit) * unit
+        segment = padded if segment == t else segment
+        padded_q = padded_k = padded
+    else:
+        segment = 0
+        padded_q = -(-t // unit) * unit
+        padded_k = -(-s // max(block_k, block_bwd)) * max(block_k, block_bwd)
+    shape = _Shape(
+        groups=q.shape[2],
+        num_queries=t,
+        num_keys=s,
+        padded_queries=padded_q,
+        padded_keys=padded_k,
+        head_dim=h,
+        head_dim_padded=next_power_of_two(h, MIN_DOT),
+        causal=causal,
+        segment=segment,
+    )
+    return shape, tuning._replace(block_q=block_q, block_k=block_k, block_bwd=block_bwd)
+
+
+def _q_in(x, shape):
+    x = pad_to(pad_to(x, 3, shape.padded_queries), 4, shape.head_dim_padded)
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _kv_in(x, shape):
+    x = pad_to(pad_to(x, 2, shape.padded_keys), 3, shape.head_dim_padded)
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _forward(q, k, v, shape: _Shape, scale, tuning: FlashConfig, interpret):
+    bk, g, tp, hp = q.shape
+    rows = tuning.block_q
+    q_spec = pl.BlockSpec((None, None, rows, hp), lambda b, h, j: (b, h, j, 0))
+    kv_spec = pl.BlockSpec((None, shape.padded_keys, hp), lambda b, h, j: (b, 0, 0))
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, shape=shape, block_k=tuning.block_k, scale=scale),
+        grid=(bk, g, tp // rows),
+        in_specs=[q_spec, kv_spec, kv_spec],
+        out_specs=[q_spec, pl.BlockSpec((None, None, rows), lambda b, h, j: (b, h, j))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bk, g, tp), jnp.float32)],
+        compiler_params=triton_params(tuning.num_warps, tuning.num_stages),
+        interpret=interpret,
+        name="hyper_flash_fwd",
+    )(q, k, v)
+
+
+def _backward(q, k, v, do, lse, delta, shape: _Shape, scale, tuning: FlashConfig, interpret):
+    bk, g, tp, hp = q.shape
+    rows = tuning.block_q
+    q_spec = pl.BlockSpec((None, None, rows, hp), lambda b, h, j: (b, h, j, 0))
+    row_spec = pl.BlockSpec((None, None, rows), lambda b, h, j: (b, h, j))
+    kv_full = pl.BlockSpec((None, shape.padded_keys, hp), lambda b, h, j: (b, 0, 0))
+    params = triton_params(tuning.num_warps, tuning.num_stages)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, shape=shape, block_k=tuning.block_k, scale=scale),
+        grid=(bk, g, tp // rows),
+        in_specs=[q_spec, q_spec, row_spec, row_spec, kv_full, kv_full],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name="hyper_flash_dq",
+    )(q, do, lse, delta, k, v)
+    chunk = tuning.block_bwd
+    q_full = pl.BlockSpec((None, g, tp, hp), lambda b, c: (b, 0, 0, 0))
+    rows_full = pl.BlockSpec((None, g, tp), lambda b, c: (b, 0, 0))
+    kv_spec = pl.BlockSpec((None, chunk, hp), lambda b, c: (b, c, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, shape=shape, scale=scale),
+        grid=(bk, shape.padded_keys // chunk),
+        in_specs=[q_full, q_full, rows_full, rows_full, kv_spec, kv_spec],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+        compiler_params=params,
+        interpret=interpret,
+        name="hyper_flash_dkdv",
+    )(q, do, lse, delta, k, v)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _flash(q, k, v, shape, scale, tuning, interpret):
+    return _flash_fwd(q, k, v, shape, scale, tuning, interpret)[0]
+
+
+def _flash_fwd(q, k, v, shape, scale, tuning, interpret):
+    q_in, k_in, v_in = _q_in(q, shape), _kv_in(k, shape), _kv_in(v, shape)
+    out, lse = _forward(q_in, k_in, v_in, shape, scale, tuning, interpret)
+    result = _unpad(out, lse, q.shape, shape)
+    return result, (q_in, k_in, v_in, out, lse)
+
+
+def _unpad(out, lse, q_shape, shape):
+    out = out.reshape(*q_shape[:3], shape.padded_queries, -1)[..., : shape.num_queries, : shape.head_dim]
+    return out, lse.reshape(*q_shape[:3], -1)[..., : shape.num_queries]
+
+
+def _flash_bwd(shape, scale, tuning, interpret, residuals, cotangents):
+    q, k, v, out, lse = residuals
+    d_out, d_lse = cotangents
+    b, kv_heads, g = d_out.shape[:3]
+    do = _q_in(d_out.astype(q.dtype), shape)
+    d_lse = pad_to(d_lse, 3, shape.padded_queries).reshape(lse.shape)
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
+    dq, dk, dv = _backward(q, k, v, do, finite_or_zero(lse), delta, shape, scale, tuning, interpret)
+    dq = dq.reshape(b, kv_heads, g, shape.padded_queries, -1)[..., : shape.num_queries, : shape.head_dim]
+    dk, dv = (x.reshape(b, kv_heads, shape.padded_keys, -1)[..., : shape.num_keys, : shape.head_dim] for x in (dk, dv))
+    return dq, dk, dv
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    causal: bool = False,
+    segment: int | None = None,
+    tuning: FlashConfig | None = None,
+    interpret: bool | None = None,
+):
+    """Exact attention, grouped layout, fused Pallas Triton kernel (forward and backward).
+
+    Args:
+      q: `[B, K, G, T, H]` bfloat16 / float16 (float32 runs too).
+      k, v: `[B, K, S, H]`, q's dtype.
+      scale: softmax scale.
+      causal: causal mask (T == S). With `segment`, the sequence is T / segment independent causal problems of length
+        `segment` laid end to end (each query sees only its own segment); `segment` must divide T and be a multiple
+        of the kernel blocks.
+      tuning: `FlashConfig` block sizes and warps.
+      interpret: Pallas interpreter (default: when the backend is not a GPU).
+
+    Returns:
+      out `[B, K, G, T, H]` in q's dtype and lse `[B, K, G, T]` float32 (natural log); exact gradients.
+    """
+    if causal and q.shape[3] != k.shape[2]:
+        raise ValueError(f"causal attention needs T == S, got q.shape={q.shape} k.shape={k.shape}")
+    tuning = FlashConfig() if tuning is None else tuning
+    shape, tuning = _layout(q, k, causal, segment, tuning)
+    interpret = default_interpret() if interpret is None else bool(interpret)
+    return _flash(q, k, v, shape, float(scale), tuning, interpret)
