@@ -10,7 +10,8 @@ In ONE process: `jax.nn.dot_product_attention(implementation="cudnn")` (exact ba
 min_seq_len 4096). Before timing, the kernel output is compared with the xla path for the same key (relative error,
 forward and gradients). Timings: median of many runs after warm-up, each run ended by `block_until_ready`.
 cuDNN is timed up to --max-exact-n; beyond, its time is extrapolated as n^2 from the largest measured n and marked so.
-Writes JSON (device, jax version, date, config, every timing, ratios, compiled memory) and a PNG like the paper's Fig. 4.
+Writes JSON (device, jax version, date, config, every timing, ratios, compiled memory); plot_single_layer.py draws
+the PNG (like the paper's Fig. 4) and the README table from it.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def main():
             for causal in (False, True):
                 errors = check_against_xla(n, head_dim, causal, config, key)
                 record["checks"].append({"n": n, "head_dim": head_dim, "causal": causal, **errors})
-                print(f"check H={head_dim} n={n} causal={causal}: " + " ".join(f"{k}={v:.2e}" for k, v in errors.items()))
+                cells = " ".join(f"{name}={value:.2e}" for name, value in errors.items())
+                print(f"check H={head_dim} n={n} causal={causal}: {cells}")
         save()
 
     modes = args.modes.split(",")
@@ -162,9 +164,7 @@ def main():
                     if "ms" in row.get("cudnn", {}) and "ms" in row.get(method, {}):
                         row[f"ratio_cudnn_over_{method}"] = row["cudnn"]["ms"] / row[method]["ms"]
                 record["timings"].append(row)
-                cells = " ".join(
-                    f"{m}={row[m]['ms']:.3f}ms" if "ms" in row.get(m, {}) else f"{m}=--" for m in methods
-                )
+                cells = " ".join(f"{m}={row[m]['ms']:.3f}ms" if "ms" in row.get(m, {}) else f"{m}=--" for m in methods)
                 ratio = row.get("ratio_cudnn_over_pallas_triton")
                 print(f"H={head_dim} n={n} {mode}: {cells}" + (f" ratio={ratio:.1f}x" if ratio else ""), flush=True)
                 save()
