@@ -15,7 +15,9 @@ def check_qkv(q, k, v, *, causal: bool) -> None:
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise ValueError(f"{name} must be an array, got {type(x).__name__}")
         if x.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got {name}.shape={tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must have rank 4 [batch, seq, heads, head_dim], got {name}.shape={tuple(x.shape)}"
+            )
         if not any(x.dtype == d for d in SUPPORTED_DTYPES):
             raise ValueError(f"{name}.dtype={x.dtype} must be one of bfloat16, float16, float32, float64")
     if k.shape != v.shape:

@@ -15,12 +15,25 @@ from hyperattn_jax.ops.sortlsh import grouped_hyper_attention
 from hyperattn_jax.ops.tiles import merge_partials
 from hyperattn_jax.reference import grouped_exact_attention
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", "pallas_triton")
+
+
+def _resolve_implementation(implementation, dtype):
+    """None -> the fastest path on this backend: the fused Pallas kernels on GPU for bf16/fp16, xla otherwise.
+
+    The kernels take half-precision inputs only; float32/float64 always run on the xla path.
+    """
+    half = dtype in (jnp.bfloat16, jnp.float16)
+    if implementation is None:
+        return "pallas_triton" if half and jax.default_backend() == "gpu" else "xla"
+    return implementation if half else "xla"
 
 
 def _check_key(key):
     if key is None:
-        raise ValueError("hyper_attention needs a PRNG key: pass key=jax.random.key(seed) (it draws hashes and samples)")
+        raise ValueError(
+            "hyper_attention needs a PRNG key: pass key=jax.random.key(seed) (it draws hashes and samples)"
+        )
     if not hasattr(key, "dtype"):
         raise ValueError(f"key must be a jax PRNG key, got {type(key).__name__}")
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -33,13 +46,20 @@ def _check_key(key):
 def _check_kv_length(kv_length, batch: int):
     if kv_length is None:
         return
-    if not hasattr(kv_length, "shape") or kv_length.shape != (batch,) or not jnp.issubdtype(kv_length.dtype, jnp.integer):
+    if (
+        not hasattr(kv_length, "shape")
+        or kv_length.shape != (batch,)
+        or not jnp.issubdtype(kv_length.dtype, jnp.integer)
+    ):
         raise ValueError(f"kv_length must be an int array of shape ({batch},), got {kv_length!r}")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "causal", "scale", "implementation"))
 def _grouped_hyper_attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, implementation):
-    del implementation  # only "xla" exists so far; kernels plug in here.
+    if implementation == "pallas_triton":
+        from hyperattn_jax.kernels.gpu.hyper import grouped_attention_pallas  # kernels import ops, not the reverse
+
+        return grouped_attention_pallas(q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale)
 
     def noncausal(q, k, v, *, key, kv_length=None, config=config):  # causal recursion may pass a config (sinks off)
         if noncausal_is_exact(k.shape[2], config):
@@ -78,7 +98,8 @@ def hyper_attention(
       causal: query i attends keys j <= i, via the paper's recursion (exact at or below `config.min_seq_len`).
       scale: softmax scale, default `1 / sqrt(H)`.
       return_lse: also return the natural-log normaliser `[B, N, T]`, float32 (float64 for float64 inputs).
-      implementation: None (best available) or "xla" (pure jnp).
+      implementation: None (fastest available: "pallas_triton" on GPU for bf16/fp16, else "xla"), "xla" (pure jnp)
+        or "pallas_triton" (fused Pallas GPU kernels; float32 inputs fall back to "xla").
       kv_length: optional int `[B]` (non-causal): keys at positions >= kv_length[b] are padding.
       hash_key: optional PRNG key for the LSH hyperplanes alone (e.g. fixed per layer); `key` then draws only the
         samples. Default: both from `key`.
@@ -114,7 +135,7 @@ def hyper_attention(
         config=config,
         causal=bool(causal),
         scale=scale,
-        implementation=implementation or "xla",
+        implementation=_resolve_implementation(implementation, q.dtype),
     )
     out = ungroup_output(out).astype(q.dtype)
     if not return_lse:
@@ -136,7 +157,11 @@ def merge_attention(out1, lse1, out2, lse2):
     >>> merge_attention(o, l, o, l)[1][0, 0, 0]  # log(e^0 + e^0)
     Array(0.6931472, dtype=float32)
     """
-    if out1.shape != out2.shape or lse1.shape != lse2.shape or lse1.shape != (out1.shape[0], out1.shape[2], out1.shape[1]):
+    if (
+        out1.shape != out2.shape
+        or lse1.shape != lse2.shape
+        or lse1.shape != (out1.shape[0], out1.shape[2], out1.shape[1])
+    ):
         raise ValueError(
             f"expected out [B,T,N,H] and lse [B,N,T] pairs of equal shapes, got out {out1.shape}, {out2.shape}, "
             f"lse {lse1.shape}, {lse2.shape}"

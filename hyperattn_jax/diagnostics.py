@@ -87,11 +87,15 @@ def _hardness(q, k, key, config, scale, query_chunk):
         normalised = jnp.exp(scores(q_chunk) - lse_chunk[..., None])
         return column_sq + jnp.sum(jnp.where(valid[..., None], normalised**2, 0.0), axis=-2), None
 
-    column_sq, _ = jax.lax.scan(add_column_norms, jnp.zeros(q.shape[:3] + (s,), jnp.float32), (q_chunks, lse, valid_chunks))
+    column_sq, _ = jax.lax.scan(
+        add_column_norms, jnp.zeros((*q.shape[:3], s), jnp.float32), (q_chunks, lse, valid_chunks)
+    )
     alpha = t * jnp.max(column_sq, axis=-1)
     residual = jnp.moveaxis(residual_log_rowsum, 0, 3).reshape(*q.shape[:3], -1)[..., :t]
     has_residual = jnp.isfinite(residual)  # rows whose every key sits in their block have nothing left to estimate
-    log_kappa = jnp.max(jnp.where(has_residual, residual, -jnp.inf), -1) - jnp.min(jnp.where(has_residual, residual, jnp.inf), -1)
+    log_kappa = jnp.max(jnp.where(has_residual, residual, -jnp.inf), -1) - jnp.min(
+        jnp.where(has_residual, residual, jnp.inf), -1
+    )
     log_kappa = jnp.where(jnp.any(has_residual, -1), log_kappa, 0.0)
     return Hardness(ungroup_lse(alpha[..., None])[..., 0], ungroup_lse(log_kappa[..., None])[..., 0])
 

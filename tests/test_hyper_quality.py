@@ -117,4 +117,6 @@ def test_causal_off_diagonal_quarter_is_the_non_causal_estimator(rng):
     diag = ha.exact_attention(q[:, 128:], k[:, 128:], v[:, 128:], causal=True, return_lse=True)
     expected, _ = ha.merge_attention(*diag, *low)
     np.testing.assert_allclose(out[:, 128:], expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out[:, :128], ha.exact_attention(q[:, :128], k[:, :128], v[:, :128], causal=True), atol=1e-5)
+    np.testing.assert_allclose(
+        out[:, :128], ha.exact_attention(q[:, :128], k[:, :128], v[:, :128], causal=True), atol=1e-5
+    )

@@ -31,7 +31,9 @@ def test_sort_order_is_the_stable_argsort(rng, num_ranks):
     rank = jnp.asarray(rng.integers(0, 8, (3, 40)), jnp.int32)
     order = sort_order(rank, num_ranks)
     np.testing.assert_array_equal(order.perm, np.argsort(np.asarray(rank), axis=-1, kind="stable"))
-    np.testing.assert_array_equal(np.take_along_axis(np.asarray(order.perm), np.asarray(order.inverse), -1), np.tile(np.arange(40), (3, 1)))
+    np.testing.assert_array_equal(
+        np.take_along_axis(np.asarray(order.perm), np.asarray(order.inverse), -1), np.tile(np.arange(40), (3, 1))
+    )
 
 
 def test_permutation_gather_gradient_is_a_gather_not_a_scatter(rng):

@@ -19,7 +19,7 @@ def numpy_attention(q, k, v, causal=False, kv_length=None):
         mask = np.tril(mask)
     mask = np.broadcast_to(mask, (q.shape[0], 1, t, length)).copy()
     if kv_length is not None:
-        mask &= (np.arange(length) < np.asarray(kv_length)[:, None, None, None])
+        mask &= np.arange(length) < np.asarray(kv_length)[:, None, None, None]
     s = np.where(mask, s, -np.inf)
     lse = np.log(np.sum(np.exp(s - s.max(-1, keepdims=True)), -1)) + s.max(-1)
     return np.einsum("bnts,bsnh->btnh", np.exp(s - lse[..., None]), v), lse

@@ -52,11 +52,10 @@ def gather_rows(x, perm, inverse):
 
 
 def _gather_rows_fwd(x, perm, inverse):
-    return gather_rows(x, perm, inverse), (perm, inverse)
+    return gather_rows(x, perm, inverse), inverse
 
 
-def _gather_rows_bwd(residuals, grad):
-    perm, inverse = residuals
+def _gather_rows_bwd(inverse, grad):
     return jnp.take_along_axis(grad, inverse[..., None], axis=-2), None, None
 
 
