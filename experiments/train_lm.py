@@ -56,8 +56,8 @@ PRESETS = {
     "gpu": dict(
         context=8192,
         batch=4,
-        steps=300,
-        warmup=30,
+        steps=1500,
+        warmup=100,
         lr=2e-3,
         num_layers=4,
         d_model=256,
@@ -178,8 +178,9 @@ def train(args, name: str, attention: str, sampler, optimizer):
         print(f"[{name}] resumed at step {int(state['step'])}")
 
     def save():
-        manager.save(int(state["step"]), args=ocp.args.StandardSave(state), force=True)
-        manager.wait_until_finished()
+        if manager.latest_step() != int(state["step"]):
+            manager.save(int(state["step"]), args=ocp.args.StandardSave(state), force=True)
+            manager.wait_until_finished()
         with open(history_path, "w") as f:
             json.dump(history, f)
 
@@ -237,12 +238,15 @@ def plot(results, path):
         window = max(1, len(loss) // 30)
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
         steps = np.asarray(run["history"]["step"])[window - 1 :]
-        wall = np.cumsum(run["history"]["seconds"])[window - 1 :]
+        seconds = np.asarray(run["history"]["seconds"])
+        seconds[0] = np.median(seconds)  # leave the first step's compilation out of the time axis
+        wall = np.cumsum(seconds)[window - 1 :]
         label = f"{name} ({run['attention']})"
         axes[0].plot(steps, smooth, label=label)
         axes[1].plot(wall, smooth, label=label)
     axes[0].set(xlabel="step", ylabel="train bits/byte (smoothed)", title="training loss")
-    axes[1].set(xlabel="wall time of the steps (s)", ylabel="train bits/byte (smoothed)", title="loss vs time")
+    axes[1].set(xlabel="wall time of the steps, compilation excluded (s)", ylabel="train bits/byte (smoothed)")
+    axes[1].set_title("loss vs time")
     names = list(results["runs"])
     kinds = list(results["eval_attention"])
     width = 0.8 / len(kinds)
@@ -251,6 +255,9 @@ def plot(results, path):
         bars = axes[2].bar(np.arange(len(names)) + j * width, values, width, label=f"evaluated with {kind}")
         axes[2].bar_label(bars, fmt="%.3f", fontsize=8)
     axes[2].set_xticks(np.arange(len(names)) + width * (len(kinds) - 1) / 2, [f"trained {n}" for n in names])
+    all_values = [v for n in names for v in results["runs"][n]["eval_bits_per_byte"].values()]
+    if all_values:
+        axes[2].set_ylim(0.9 * min(all_values), 1.04 * max(all_values))
     axes[2].set(ylabel="held-out bits/byte", title=f"held-out eval, context {results['config']['context']}")
     for ax in axes:
         ax.legend(fontsize=8)
