@@ -48,8 +48,9 @@ class HyperAttention(nn.Module):
         one token appends it and attends the filled cache exactly.
       use_bias, dtype, param_dtype, kernel_init: as in `flax.linen.DenseGeneral`.
 
-    Call: `layer(x [B, T, D], positions=None [B, T] or [T], kv_length=None [B]) -> [B, T, out_features]`.
-    `kv_length` marks right padding (for non-causal attention; causal attention needs no padding mask).
+    Call: `layer(x [B, T, D], positions=None [B, T] or [T], kv_length=None [B], sample_key=None)` ->
+    `[B, T, out_features]`. `kv_length` marks right padding (for non-causal attention; causal attention needs no
+    padding mask). `sample_key` overrides the rng stream for this call.
 
     >>> cfg = HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=128)
     >>> layer = HyperAttention(num_heads=4, num_kv_heads=2, config=cfg)
@@ -95,7 +96,7 @@ class HyperAttention(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x, *, positions=None, kv_length=None):
+    def __call__(self, x, *, positions=None, kv_length=None, sample_key=None):
         check_attention_kind(self.attention)
         config = HyperAttentionConfig() if self.config is None else self.config
         batch, t, features = x.shape
@@ -108,9 +109,9 @@ class HyperAttention(nn.Module):
         v = self._dense((num_kv_heads, head_dim), "value")(x)
 
         layer_key = self._layer_key()
-        if self.has_rng(RNG_STREAM):
+        if sample_key is None and self.has_rng(RNG_STREAM):
             sample_key = self.make_rng(RNG_STREAM)
-        else:
+        elif sample_key is None:
             sample_key = eval_sample_key(layer_key)
 
         decoding = self.decode and self.has_variable("cache", "cached_key")

@@ -60,7 +60,8 @@ class HyperAttention(nnx.Module):
       deterministic: use a fixed per-layer sampling key instead of the rng stream (evaluation).
       rngs: `nnx.Rngs`; "params" initialises weights and the LSH key, "hyper_attention" seeds the sampling stream.
 
-    Call: `layer(x [B, T, D], positions=None, kv_length=None, deterministic=None) -> [B, T, out_features]`.
+    Call: `layer(x [B, T, D], positions=None, kv_length=None, deterministic=None, sample_key=None)` ->
+    `[B, T, out_features]`; `sample_key` overrides the layer's rng stream for this call.
 
     >>> cfg = HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=128)
     >>> layer = HyperAttention(32, num_heads=4, num_kv_heads=2, config=cfg, rngs=nnx.Rngs(0))
@@ -117,12 +118,13 @@ class HyperAttention(nnx.Module):
         self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
 
-    def __call__(self, x, *, positions=None, kv_length=None, deterministic: bool | None = None):
+    def __call__(self, x, *, positions=None, kv_length=None, deterministic: bool | None = None, sample_key=None):
         batch, t, _ = x.shape
         q, k, v = self.query(x), self.key(x), self.value(x)
         layer_key = jax.random.wrap_key_data(self.lsh_key[...])
         deterministic = self.deterministic if deterministic is None else deterministic
-        sample_key = eval_sample_key(layer_key) if deterministic else getattr(self.sample_rngs, RNG_STREAM)()
+        if sample_key is None:
+            sample_key = eval_sample_key(layer_key) if deterministic else getattr(self.sample_rngs, RNG_STREAM)()
 
         if self.decode and not hasattr(self, "cache_index"):
             raise ValueError("decode=True needs a KV cache: call layer.init_cache(batch_size, max_length) first")
