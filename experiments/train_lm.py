@@ -48,7 +48,7 @@ PRESETS = {
         d_model=32,
         num_heads=4,
         num_kv_heads=2,
-        hyper=dict(block_size=16, sample_size=16, num_projections=3, min_seq_len=32),
+        hyper=dict(block_size=16, sample_size=16, num_projections=3, min_seq_len=64),
         eval_windows=4,
         exact_attention="exact",
         dtype="float32",
@@ -119,6 +119,17 @@ def cross_entropy(model, params, lsh, tokens, rngs=None):
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
+def layer_grad_norms(grads):
+    """Gradient norm of every parameter, per layer for the scanned stack (leading axis): {path: [layers] or [1]}."""
+
+    def norms(path, grad):
+        rows = grad.reshape(grad.shape[0], -1) if "blocks" in jax.tree_util.keystr(path) else grad.reshape(1, -1)
+        return jnp.sqrt(jnp.sum(jnp.square(rows.astype(jnp.float32)), axis=1))
+
+    flat = jax.tree_util.tree_leaves_with_path(grads)
+    return {jax.tree_util.keystr(path): norms(path, grad) for path, grad in flat}
+
+
 def make_train_step(model, optimizer, name: str, settings):
     cache_key = ("train", model.cfg, name, settings)
     if cache_key in _JITTED:
@@ -133,7 +144,7 @@ def make_train_step(model, optimizer, name: str, settings):
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        return new_state, loss, optax.global_norm(grads)
+        return new_state, loss, layer_grad_norms(grads)
 
     _JITTED[cache_key] = jax.jit(train_step, donate_argnums=0)
     return _JITTED[cache_key]
@@ -191,12 +202,14 @@ def train(args, name: str, attention: str, sampler, optimizer):
     for step in bar:
         tokens = jnp.asarray(sampler.batch(step))
         t0 = time.perf_counter()
-        state, loss, grad_norm = step_fn(state, tokens, base_key)
+        state, loss, grad_norms = step_fn(state, tokens, base_key)
         loss = float(loss)  # blocks: the step's wall time includes its computation
         history["seconds"].append(time.perf_counter() - t0)
         history["step"].append(step)
         history["loss"].append(loss)
-        history["grad_norm"].append(float(grad_norm))
+        history["grad_norm"].append(math.sqrt(sum(float(jnp.sum(n**2)) for n in grad_norms.values())))
+        if step == start:  # proof that gradients reach every parameter of every layer
+            history["first_step_min_grad_norm"] = {k: float(jnp.min(n)) for k, n in grad_norms.items()}
         bar.set_postfix(bits_per_byte=f"{bits(loss):.3f}")
         if args.quiet and (step % 50 == 0 or step + 1 == args.steps):
             print(
