@@ -54,10 +54,10 @@ def test_vmap_equals_a_loop(rng):
 
 
 def test_checkpoint_keeps_gradients(rng):
-    q, k, v = random_qkv(rng, t=256, n=2)
+    q, k, v = random_qkv(rng, t=128, n=2)
 
     def loss(q, k, v):
-        return jnp.sum(ha.hyper_attention(q, k, v, key=jax.random.key(0), config=CFG, causal=True) ** 2)
+        return jnp.sum(ha.hyper_attention(q, k, v, key=jax.random.key(0), config=CFG) ** 2)
 
     plain = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     remat = jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2))(q, k, v)
@@ -66,8 +66,9 @@ def test_checkpoint_keeps_gradients(rng):
         assert float(jnp.abs(a).max()) > 0
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    ("dtype", "causal"), [(jnp.bfloat16, False), (jnp.bfloat16, True), (jnp.float16, False), (jnp.float32, True)]
+)
 def test_dtypes_keep_output_dtype_and_float32_statistics(rng, dtype, causal):
     q, k, v = random_qkv(rng, t=256, n=4, kv=2, dtype=dtype)
     out, lse = ha.hyper_attention(q, k, v, key=jax.random.key(0), config=CFG, causal=causal, return_lse=True)
@@ -80,7 +81,7 @@ def test_dtypes_keep_output_dtype_and_float32_statistics(rng, dtype, causal):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_no_nan_or_inf_for_extreme_finite_inputs(rng, dtype):
-    q, k, v = random_qkv(rng, t=256, n=2)
+    q, k, v = random_qkv(rng, t=192, n=2)
     big = float(jnp.finfo(dtype).max) ** 0.5 / 8  # scores far beyond exp's range, inputs still representable
     q, k, v = (q * big).astype(dtype), (k * big).astype(dtype), v.astype(dtype)
 

@@ -16,7 +16,7 @@ def _grouped(q, k, v):
     return ops.group_queries(q, k.shape[2]), ops.heads_major(k), ops.heads_major(v)
 
 
-@pytest.mark.parametrize(("t", "s", "n", "kv"), [(96, 96, 2, 2), (70, 101, 4, 2), (64, 128, 3, 1)])
+@pytest.mark.parametrize(("t", "s", "n", "kv"), [(70, 101, 4, 2), (64, 128, 3, 1)])
 def test_forward_and_gradients_match_dense_masked_estimator(rng, t, s, n, kv):
     q, k, v = random_qkv(rng, b=2, t=t, s=s, n=n, kv=kv)
     key = jax.random.key(int(rng.integers(1 << 30)))
