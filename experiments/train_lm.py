@@ -1,12 +1,14 @@
 """Train one byte-level LM twice, with exact attention and with HyperAttention, then cross-evaluate them.
 
-Command (GPU run behind experiments/results/train_lm.json and train_lm.png):
-    python3 experiments/train_lm.py --preset gpu --data .carry/train --out $OUT
-Hardware: one NVIDIA H100 (jax 0.11.2). Runtime: about 6 minutes (two 8192-byte-context trainings of 300 steps,
-four evaluations, compilation included).
-Expected result: both loss curves fall from 8 bits/byte (uniform) to about 2 bits/byte on Python source; the held-out
-bits/byte of the HyperAttention-trained model are close to the exact one's, and each model evaluated with the other
-attention loses little; the JSON records the per-step wall time of both, measured in the same run.
+Command (GPU run behind experiments/results/train_lm.json, train_lm.png and train_lm_gpu.log):
+    PYTHONPATH=$PWD python3 experiments/train_lm.py --preset gpu --data .carry/train --out $OUT \
+        --checkpoint-dir /tmp/ckpt --checkpoint-every 500 --max-train-seconds 190 --quiet
+    (.carry/train holds the long stdlib modules: `lm_data.copy_stdlib_corpus(".carry/train")`.)
+Hardware: one NVIDIA H100 80GB, jax 0.11.2, flax 0.12.10. Runtime: about 100 s (two 8192-byte-context trainings
+of 1500 steps, batch 4, a 4-layer d=256 GQA model; four held-out evaluations; compilation included).
+Expected result: both runs fall from 8 to about 1.0 train bits/byte with near-identical curves; held-out bits/byte
+near 1.2 for both, each model losing about 0.03 bits/byte when evaluated with the other attention; HyperAttention
+(pure-jnp path) about 1.15x the step time of cuDNN flash attention at this length.
 
 CPU smoke version (seconds; tests/test_train_lm.py runs it): `python3 experiments/train_lm.py --preset smoke --out DIR`.
 
