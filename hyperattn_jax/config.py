@@ -7,6 +7,8 @@ import dataclasses
 # Sorting packs `rank * S + position` into one int32 (fast radix sort on GPU), so 2**P * S must stay below 2**31.
 MAX_NUM_PROJECTIONS = 16
 MAX_BLOCK_SIZE = 4096
+SAMPLE_DISTRIBUTIONS = ("uniform", "value_norm", "column_mass")
+SAMPLE_SCHEMES = ("independent", "systematic")
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -15,26 +17,54 @@ def _is_power_of_two(x: int) -> bool:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HyperAttentionConfig:
-    """Static configuration of HyperAttention (arXiv:2310.05869); defaults are the paper's.
+    """Static configuration of HyperAttention (arXiv:2310.05869) and of our accuracy options (docs/accuracy.md).
+
+    With every option at its default of 0 / "uniform" / "independent" this is the published algorithm;
+    `HyperAttentionConfig.paper()` spells that out.
 
     Attributes:
       block_size: keys per sortLSH block (b). A power of two, at most 4096.
-      sample_size: uniformly sampled residual keys per (batch, kv head) (m). 0 turns the residual off.
+      sample_size: sampled residual keys per (batch, kv head) (m). 0 turns the residual off.
       num_projections: random hyperplanes of the angular LSH (P); 2**P buckets.
       min_seq_len: at or below this many keys, attention is computed exactly (the causal recursion's base case too).
+      num_sink_keys: the first g key positions (attention sinks) are attended exactly by every query and left out of
+        the blocks and the sample. Causal: taken out once, before the recursion.
+      num_heavy_keys: this many further keys, the heaviest columns by a probe of `num_probe_queries` queries, are
+        attended exactly by every query of a non-causal call and left out of the blocks and the sample.
+      sample_distribution: "uniform" (the paper), "value_norm" (p_j ~ ||v_j||^2, the paper's matrix-product
+        sampling) or "column_mass" (p_j ~ the probed attention mass of key j); mixed with uniform by
+        `uniform_fraction`. Samples carry the unbiased weight 1 / (m p_j).
+      sample_scheme: "independent" (i.i.d. draws, with replacement: the paper) or "systematic" (m points 1/m apart
+        with one random offset on the distribution's CDF, keys in hash order: still unbiased, each key drawn at most
+        once when m p_j <= 1, i.e. without replacement, and spread evenly over the hash buckets).
+      uniform_fraction: weight of the uniform distribution in the mixture (keeps every 1 / (m p_j) bounded).
+      num_probe_queries: queries whose exact attention rows estimate the column mass (for "column_mass" and heavy
+        keys); they cost num_probe_queries * S scores per (batch, kv head).
+      local_window: causal only: the w most recent keys before each recursion boundary are attended exactly, so every
+        query sees at least its last w keys exactly; left out of the blocks and the sample there.
 
     >>> cfg = HyperAttentionConfig(block_size=128, sample_size=128)
     >>> cfg.block_size
     128
+    >>> HyperAttentionConfig.paper().num_sink_keys
+    0
     """
 
     block_size: int = 256
     sample_size: int = 256
     num_projections: int = 7
     min_seq_len: int = 4096
+    num_sink_keys: int = 0
+    num_heavy_keys: int = 0
+    sample_distribution: str = "uniform"
+    sample_scheme: str = "independent"
+    uniform_fraction: float = 0.5
+    num_probe_queries: int = 64
+    local_window: int = 0
 
     def __post_init__(self):
-        for name in ("block_size", "sample_size", "num_projections", "min_seq_len"):
+        int_fields = ("block_size", "sample_size", "num_projections", "min_seq_len", "num_sink_keys", "num_heavy_keys")
+        for name in (*int_fields, "num_probe_queries", "local_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be an int")
@@ -50,10 +80,54 @@ class HyperAttentionConfig:
             raise ValueError(f"{num_projections=} must be in [1, {MAX_NUM_PROJECTIONS}]")
         if min_seq_len < 0:
             raise ValueError(f"{min_seq_len=} must be >= 0")
+        for name in ("num_sink_keys", "num_heavy_keys", "local_window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.num_probe_queries < 1:
+            raise ValueError(f"num_probe_queries={self.num_probe_queries} must be >= 1")
+        if self.sample_distribution not in SAMPLE_DISTRIBUTIONS:
+            raise ValueError(f"sample_distribution={self.sample_distribution!r} is not one of {SAMPLE_DISTRIBUTIONS}")
+        if self.sample_scheme not in SAMPLE_SCHEMES:
+            raise ValueError(f"sample_scheme={self.sample_scheme!r} is not one of {SAMPLE_SCHEMES}")
+        fraction = self.uniform_fraction
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"uniform_fraction={fraction!r} must be a number in (0, 1]")
+
+    @classmethod
+    def paper(cls, **changes) -> HyperAttentionConfig:
+        """The published algorithm exactly: block 256, 256 uniform samples with replacement (weight S/m, own-block
+        samples excluded), 7 projections, min_seq_len 4096 (the official code's), no sinks, heavy keys or window.
+
+        `changes` override fields, e.g. `HyperAttentionConfig.paper(min_seq_len=1024)`.
+
+        >>> HyperAttentionConfig.paper(min_seq_len=1024).sample_distribution
+        'uniform'
+        """
+        return cls(
+            block_size=256,
+            sample_size=256,
+            num_projections=7,
+            min_seq_len=4096,
+            num_sink_keys=0,
+            num_heavy_keys=0,
+            sample_distribution="uniform",
+            sample_scheme="independent",
+            local_window=0,
+        ).replace(**changes)
 
     @property
     def num_buckets(self) -> int:
         return 2**self.num_projections
+
+    @property
+    def needs_probe(self) -> bool:
+        """Whether a plan estimates column masses from probe queries."""
+        return self.num_heavy_keys > 0 or self.sample_distribution == "column_mass"
+
+    @property
+    def keys_per_query(self) -> int:
+        """Nominal keys each query attends away from the exact base case: b + m + sinks + heavy + window."""
+        return self.block_size + self.sample_size + self.num_sink_keys + self.num_heavy_keys + self.local_window
 
     def replace(self, **changes) -> HyperAttentionConfig:
         """A copy with some fields changed (validated again)."""

@@ -23,8 +23,11 @@ class SortLSHPlan(NamedTuple):
 
     query_order: sort of queries `[B, K, G, T]` by LSH rank; key_order: of keys `[B, K, S]`.
     num_blocks: nb; query_block: queries per block (bq = ceil(T / nb)); key_block: keys per block (b).
-    sample_index: int32 `[B, K, m]` uniform key indices (with replacement), or None when sampling is off.
+    sample_index: int32 `[B, K, m]` sampled key indices (original positions), or None when sampling is off.
     num_valid_keys: float32 `[B]`, the real key count S (per batch element when kv_length is given).
+    num_global: static count of exact keys (sinks + heavy keys) that sort first in `key_order`, ahead of the blocks.
+    sample_log_weight: float32 `[B, K, m]` log of each sample's weight 1 / (m p_j); None means log(S / m).
+    num_block_keys: int32 `[B, K]` real keys in the blocks (valid keys that are not global); None means S.
     """
 
     query_order: SortOrder
@@ -34,16 +37,95 @@ class SortLSHPlan(NamedTuple):
     key_block: int
     sample_index: jax.Array | None
     num_valid_keys: jax.Array
+    num_global: int = 0
+    sample_log_weight: jax.Array | None = None
+    num_block_keys: jax.Array | None = None
 
 
-def make_plan(q, k, *, key, config: HyperAttentionConfig, kv_length=None, hash_key=None) -> SortLSHPlan:
-    """Hash queries `[B, K, G, T, H]` and keys `[B, K, S, H]`, sort them, and draw the residual samples.
+def probe_column_mass(q, k, *, key, num_probes: int, scale: float, key_valid=None):
+    """Estimated attention mass of each key `[B, K, S]` (sums to 1 per row), from `num_probes` random queries.
+
+    Each probe query's exact softmax row over all keys is computed (num_probes * S scores per kv head) and the rows are
+    averaged: an unbiased estimate of the column sums of the attention matrix divided by the number of queries.
+    q `[B, K, G, T, H]`, k `[B, K, S, H]`, key_valid optional bool `[B, 1 | K, S]`. Not differentiated.
+    """
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    rows = q.reshape(*q.shape[:2], -1, q.shape[-1])
+    index = jax.random.randint(key, (min(num_probes, rows.shape[2]),), 0, rows.shape[2])
+    s = jnp.einsum("bkrh,bksh->bkrs", rows[:, :, index], k, preferred_element_type=jnp.float32) * scale
+    if key_valid is not None:
+        s = jnp.where(key_valid[:, :, None, :], s, -jnp.inf)
+    return jnp.mean(jax.nn.softmax(s, axis=-1), axis=2)
+
+
+def _global_key_mask(q, k, mass_key, config, scale, key_valid):
+    """Which keys are attended exactly by every query: the first sinks plus the probed heaviest columns."""
+    s = k.shape[2]
+    num_sinks = min(config.num_sink_keys, s)
+    num_heavy = min(config.num_heavy_keys, s - num_sinks)
+    is_global = jnp.broadcast_to(jnp.arange(s) < num_sinks, k.shape[:3])
+    mass = None
+    if config.needs_probe:
+        mass = probe_column_mass(
+            q, k, key=mass_key, num_probes=config.num_probe_queries, scale=scale, key_valid=key_valid
+        )
+    if num_heavy > 0:
+        candidate = jnp.where(is_global | ~key_valid, -jnp.inf, mass)
+        _, heavy = jax.lax.top_k(candidate, num_heavy)
+        is_global = is_global | jnp.any(heavy[..., None] == jnp.arange(s), axis=-2)
+    return is_global, num_sinks + num_heavy, mass
+
+
+def _sample_probabilities(k, v, config, mass, is_normal):
+    """The sampling distribution over keys `[B, K, S]`: zero off `is_normal`, mixed with uniform, summing to one."""
+    uniform = is_normal.astype(jnp.float32)
+    uniform = uniform / jnp.maximum(jnp.sum(uniform, -1, keepdims=True), 1.0)
+    if config.sample_distribution == "uniform":
+        return uniform
+    if config.sample_distribution == "value_norm":
+        score = jnp.sum(jnp.square(jax.lax.stop_gradient(v).astype(jnp.float32)), axis=-1)
+    else:
+        score = mass
+    score = jnp.where(is_normal, score, 0.0)
+    total = jnp.sum(score, -1, keepdims=True)
+    score = jnp.where(total > 0, score / jnp.where(total > 0, total, 1.0), uniform)
+    return (1.0 - config.uniform_fraction) * score + config.uniform_fraction * uniform
+
+
+def _draw_sorted_positions(key, probability_sorted, m: int, scheme: str):
+    """m draws of sorted key positions from `probability_sorted` `[B, K, S]` by inverse CDF.
+
+    "independent": i.i.d. uniforms; "systematic": the points (i + u) / m with one uniform u, so key j is drawn
+    m p_j times in expectation (unbiased weights 1 / (m p_j)), at most once when m p_j <= 1, and the draws are spread
+    evenly along the hash order.
+    """
+    cdf = jnp.cumsum(probability_sorted, axis=-1)
+    cdf = cdf / cdf[..., -1:]
+    if scheme == "systematic":
+        offset = jax.random.uniform(key, (*cdf.shape[:2], 1), jnp.float32)
+        u = (jnp.arange(m, dtype=jnp.float32) + offset) / m
+    else:
+        u = jax.random.uniform(key, (*cdf.shape[:2], m), jnp.float32)
+    search = jax.vmap(jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right")))
+    position = search(cdf, u).astype(jnp.int32)
+    # Round-off can put u past the last normalised cdf value; the last key with probability is the right draw then.
+    last_positive = cdf.shape[-1] - 1 - jnp.argmax(jnp.flip(probability_sorted > 0, -1), axis=-1).astype(jnp.int32)
+    return jnp.minimum(position, last_positive[..., None])
+
+
+def make_plan(
+    q, k, *, key, config: HyperAttentionConfig, kv_length=None, hash_key=None, sample_index=None, v=None, scale=None
+) -> SortLSHPlan:
+    """Hash queries `[B, K, G, T, H]` and keys `[B, K, S, H]`, sort them, pick global keys and draw the samples.
 
     `hash_key`, when given, draws the LSH hyperplanes (e.g. fixed per layer, as in the paper's code) and `key` only the
-    samples; otherwise both come from `key`.
+    samples; otherwise both come from `key`. `sample_index` int `[B, K, m]`, when given, replaces the drawn samples
+    (uniform weight: valid keys / m). `v` `[B, K, S, H]` is needed for sample_distribution="value_norm"; `scale`
+    (default 1/sqrt(H)) for the column-mass probe.
     """
-    batch, kv_heads, _, t, head_dim = q.shape
+    batch, _, _, t, head_dim = q.shape
     s = k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
     own_hash_key, sample_key = jax.random.split(key)
     hash_key = own_hash_key if hash_key is None else hash_key
     projections = lsh_projections(hash_key, head_dim, config.num_projections)
@@ -52,13 +134,61 @@ def make_plan(q, k, *, key, config: HyperAttentionConfig, kv_length=None, hash_k
         num_valid = jnp.full((batch,), s, jnp.int32)
     else:
         num_valid = jnp.clip(kv_length.astype(jnp.int32), 1, s)
-        # Padding keys get a rank past every bucket, so they sort to the end and fill the last blocks.
-        key_rank = jnp.where(jnp.arange(s) < num_valid[:, None, None], key_rank, config.num_buckets)
+    key_valid = jnp.broadcast_to((jnp.arange(s) < num_valid[:, None])[:, None], k.shape[:3])
     query_order = sort_order(lsh_rank(q, projections), config.num_buckets)
+    uses_options = config.num_sink_keys or config.num_heavy_keys or config.needs_probe
+    paper_sampling = config.sample_distribution == "uniform" and config.sample_scheme == "independent"
+    if not uses_options and paper_sampling:
+        return _paper_plan(q, key_rank, key_valid, num_valid, query_order, sample_key, config, sample_index)
+
+    mass_key, sample_key = jax.random.split(sample_key)
+    is_global, num_global, mass = _global_key_mask(q, k, mass_key, config, scale, key_valid)
+    is_normal = key_valid & ~is_global
+    # Global keys sort first (rank 0), then the hashed keys, then padding: blocks are cut from the middle part.
+    key_rank = jnp.where(is_global, 0, jnp.where(key_valid, key_rank + 1, config.num_buckets + 1))
+    key_order = sort_order(key_rank, config.num_buckets + 2)
+    num_block_keys = jnp.sum(is_normal, axis=-1, dtype=jnp.int32)
+    num_blocks = max(1, -(-(s - num_global) // config.block_size))
+    sample_log_weight = None
+    if sample_index is not None:
+        sample_index = sample_index.astype(jnp.int32)
+        rate = num_block_keys.astype(jnp.float32) / sample_index.shape[-1]
+        # Given samples that hit a global key or padding are dropped: those keys are counted exactly (or not at all).
+        drawn_normal = jnp.take_along_axis(is_normal, sample_index, axis=-1)
+        sample_log_weight = jnp.where(drawn_normal, jnp.log(rate)[..., None], -jnp.inf)
+    elif config.sample_size > 0:
+        m = config.sample_size
+        probability = jax.lax.stop_gradient(_sample_probabilities(k, v, config, mass, is_normal))
+        probability_sorted = jnp.take_along_axis(probability, key_order.perm, axis=-1)
+        position = _draw_sorted_positions(sample_key, probability_sorted, m, config.sample_scheme)
+        sample_index = jnp.take_along_axis(key_order.perm, position, axis=-1)
+        drawn = jnp.take_along_axis(probability_sorted, position, axis=-1)
+        sample_log_weight = jnp.where(drawn > 0, -jnp.log(m * jnp.where(drawn > 0, drawn, 1.0)), -jnp.inf)
+    return SortLSHPlan(
+        query_order=query_order,
+        key_order=key_order,
+        num_blocks=num_blocks,
+        query_block=-(-t // num_blocks),
+        key_block=config.block_size,
+        sample_index=sample_index,
+        num_valid_keys=num_valid.astype(jnp.float32),
+        num_global=num_global,
+        sample_log_weight=sample_log_weight,
+        num_block_keys=num_block_keys,
+    )
+
+
+def _paper_plan(q, key_rank, key_valid, num_valid, query_order, sample_key, config, sample_index) -> SortLSHPlan:
+    """The published plan: every key hashed into blocks, m uniform samples with replacement (weight S/m)."""
+    batch, kv_heads, _, t, _ = q.shape
+    s = key_rank.shape[-1]
+    # Padding keys get a rank past every bucket, so they sort to the end and fill the last blocks.
+    key_rank = jnp.where(key_valid, key_rank, config.num_buckets)
     key_order = sort_order(key_rank, config.num_buckets + 1)
     num_blocks = -(-s // config.block_size)
-    sample_index = None
-    if config.sample_size > 0:
+    if sample_index is not None:
+        sample_index = sample_index.astype(jnp.int32)
+    elif config.sample_size > 0:
         sample_index = jax.random.randint(
             sample_key, (batch, kv_heads, config.sample_size), 0, num_valid[:, None, None], dtype=jnp.int32
         )
@@ -91,31 +221,65 @@ def unblock_query_layout(x_blocks, plan: SortLSHPlan, num_queries: int):
     return unsort_rows(x, plan.query_order)
 
 
-def block_diagonal_tile(k, v, plan: SortLSHPlan) -> KeyTile:
-    """The sortLSH key tile: sorted key block i for query block i; padding keys get log-weight -inf."""
-    padded = plan.num_blocks * plan.key_block
-    shape = (*k.shape[:2], plan.num_blocks, plan.key_block, k.shape[-1])
-    k_blocks = _pad_axis(sort_rows(k, plan.key_order), 2, padded).reshape(shape)
-    v_blocks = _pad_axis(sort_rows(v, plan.key_order), 2, padded).reshape(shape)
-    is_real = jnp.arange(padded) < plan.num_valid_keys[:, None]  # valid keys sort first, padding last
-    log_weight = jnp.where(is_real, 0.0, -jnp.inf).reshape(-1, 1, plan.num_blocks, plan.key_block)
+def _sorted_keys(k, v, plan: SortLSHPlan):
+    return sort_rows(k, plan.key_order), sort_rows(v, plan.key_order)
+
+
+def _block_tile_from_sorted(k_sorted, v_sorted, plan: SortLSHPlan) -> KeyTile:
+    start, padded = plan.num_global, plan.num_blocks * plan.key_block
+    shape = (*k_sorted.shape[:2], plan.num_blocks, plan.key_block, k_sorted.shape[-1])
+    k_blocks = _pad_axis(k_sorted[:, :, start : start + padded], 2, padded).reshape(shape)
+    v_blocks = _pad_axis(v_sorted[:, :, start : start + padded], 2, padded).reshape(shape)
+    if plan.num_block_keys is None:
+        is_real = (jnp.arange(padded) < plan.num_valid_keys[:, None])[:, None]  # valid keys sort first, padding last
+    else:
+        is_real = jnp.arange(padded) < plan.num_block_keys[..., None]
+    log_weight = jnp.where(is_real, 0.0, -jnp.inf).reshape(*is_real.shape[:2], plan.num_blocks, plan.key_block)
     return KeyTile(k_blocks, v_blocks, log_weight)
 
 
+def _global_tile_from_sorted(k_sorted, v_sorted, plan: SortLSHPlan) -> KeyTile:
+    g = plan.num_global
+    index = plan.key_order.perm[:, :, :g]
+    is_real = index < plan.num_valid_keys[:, None, None]
+    log_weight = jnp.where(is_real, 0.0, -jnp.inf)[:, :, None, :]
+    return KeyTile(k_sorted[:, :, None, :g], v_sorted[:, :, None, :g], log_weight)
+
+
+def block_diagonal_tile(k, v, plan: SortLSHPlan) -> KeyTile:
+    """The sortLSH key tile: sorted key block i for query block i; padding keys get log-weight -inf."""
+    return _block_tile_from_sorted(*_sorted_keys(k, v, plan), plan)
+
+
+def global_key_tile(k, v, plan: SortLSHPlan) -> KeyTile:
+    """The exact global keys (sinks, heavy keys) shared by all query blocks, log-weight 0: `[B, K, 1, g, H]`."""
+    return _global_tile_from_sorted(*_sorted_keys(k, v, plan), plan)
+
+
 def sampled_residual_tile(k, v, plan: SortLSHPlan) -> KeyTile:
-    """The residual tile: m sampled keys shared by all query blocks, weight S/m, excluded from their own block."""
+    """The residual tile: m sampled keys shared by all query blocks, weight 1/(m p_j), excluded from their own block.
+
+    Under the paper's uniform sampling the weight is S/m.
+    """
     index = plan.sample_index
     k_sampled = jnp.take_along_axis(k, index[..., None], axis=2)[:, :, None]
     v_sampled = jnp.take_along_axis(v, index[..., None], axis=2)[:, :, None]
-    sample_block = jnp.take_along_axis(plan.key_order.inverse, index, axis=2) // plan.key_block  # [B, K, m]
+    sorted_position = jnp.take_along_axis(plan.key_order.inverse, index, axis=2)
+    sample_block = (sorted_position - plan.num_global) // plan.key_block  # [B, K, m]
     in_own_block = sample_block[:, :, None, :] == jnp.arange(plan.num_blocks)[:, None]  # [B, K, nb, m]
-    log_weight = jnp.log(plan.num_valid_keys / index.shape[-1])[:, None, None, None]
+    if plan.sample_log_weight is None:
+        log_weight = jnp.log(plan.num_valid_keys / index.shape[-1])[:, None, None, None]
+    else:
+        log_weight = plan.sample_log_weight[:, :, None, :]
     return KeyTile(k_sampled, v_sampled, jnp.where(in_own_block, -jnp.inf, log_weight))
 
 
 def hyper_attention_tiles(k, v, plan: SortLSHPlan) -> list[KeyTile]:
-    """Every key tile of non-causal HyperAttention under `plan`."""
-    tiles = [block_diagonal_tile(k, v, plan)]
+    """Every key tile of non-causal HyperAttention under `plan`: blocks, then global keys, then samples."""
+    k_sorted, v_sorted = _sorted_keys(k, v, plan)
+    tiles = [_block_tile_from_sorted(k_sorted, v_sorted, plan)]
+    if plan.num_global:
+        tiles.append(_global_tile_from_sorted(k_sorted, v_sorted, plan))
     if plan.sample_index is not None:
         tiles.append(sampled_residual_tile(k, v, plan))
     return tiles
@@ -141,20 +305,33 @@ def _attend_tiles(q, tiles, plan, *, scale):
     return out, lse
 
 
-def grouped_hyper_attention(q, k, v, *, key, config: HyperAttentionConfig, scale: float, kv_length=None, hash_key=None):
+def grouped_hyper_attention(
+    q, k, v, *, key, config: HyperAttentionConfig, scale: float, kv_length=None, hash_key=None, sample_index=None
+):
     """Non-causal HyperAttention, grouped layout, fused form (one softmax over block and sample tiles).
 
     Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32.
     """
-    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key)
+    plan = make_plan(
+        q,
+        k,
+        key=key,
+        config=config,
+        kv_length=kv_length,
+        hash_key=hash_key,
+        sample_index=sample_index,
+        v=v,
+        scale=scale,
+    )
     return _attend_tiles(q, hyper_attention_tiles(k, v, plan), plan, scale=scale)
 
 
 def grouped_hyper_attention_merged(q, k, v, *, key, config: HyperAttentionConfig, scale: float, kv_length=None):
     """The same estimator as `grouped_hyper_attention`, as two partial attentions merged by lse (readable form)."""
-    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length)
+    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, v=v, scale=scale)
     out, lse = block_diagonal_attention(q, k, v, plan, scale=scale)
+    if plan.num_global:
+        out, lse = merge_partials(out, lse, *_attend_tiles(q, [global_key_tile(k, v, plan)], plan, scale=scale))
     if plan.sample_index is None:
         return out, lse
     return merge_partials(out, lse, *sampled_residual_attention(q, k, v, plan, scale=scale))
-

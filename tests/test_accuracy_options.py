@@ -1,0 +1,204 @@
+"""The accuracy options (sinks, heavy keys, importance/systematic sampling, causal window): exact estimator, exact
+gradients, unbiased weights, and the paper config unchanged."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import dense_estimator, dense_estimator_weights, random_qkv
+
+import hyperattn_jax as ha
+from hyperattn_jax import ops
+
+OPTION_CONFIGS = {
+    "sinks": dict(num_sink_keys=5),
+    "heavy+column_mass+systematic": dict(
+        num_heavy_keys=6, sample_distribution="column_mass", sample_scheme="systematic", num_probe_queries=16
+    ),
+    "value_norm": dict(sample_distribution="value_norm"),
+    "all": dict(
+        num_sink_keys=3, num_heavy_keys=4, sample_distribution="column_mass", uniform_fraction=0.3, num_probe_queries=8
+    ),
+}
+
+
+def dense_option_weights(plan, t: int, s: int):
+    """W `[B, K, G, T, S]` of the estimator under a plan with options, built densely from the plan's definition.
+
+    W_ij = 1 for global keys (the first num_global in sorted order) and for non-global keys in query i's block, plus
+    exp(sample_log_weight) for every sample equal to j outside that block.
+    """
+    sorted_position = plan.key_order.inverse  # [B, K, S]
+    valid = jnp.arange(s) < plan.num_valid_keys[:, None, None]
+    is_global = (sorted_position < plan.num_global) & valid
+    block_position = sorted_position - plan.num_global
+    in_blocks = (block_position >= 0) & (block_position < plan.num_block_keys[..., None])
+    query_block = plan.query_order.inverse // plan.query_block  # [B, K, G, T]
+    same_block = (query_block[..., None] == (block_position // plan.key_block)[:, :, None, None, :]) & in_blocks[
+        :, :, None, None, :
+    ]
+    weights = (same_block | is_global[:, :, None, None, :]).astype(jnp.float32)
+    sample_block = jnp.take_along_axis(block_position, plan.sample_index, axis=-1) // plan.key_block  # [B, K, m]
+    sample_weight = jnp.exp(plan.sample_log_weight)  # [B, K, m]
+    outside = query_block[..., None] != sample_block[:, :, None, None, :]  # [B, K, G, T, m]
+    one_hot = jax.nn.one_hot(plan.sample_index, s)  # [B, K, m, S]
+    return weights + jnp.einsum("bkgtm,bkm,bkms->bkgts", outside.astype(jnp.float32), sample_weight, one_hot)
+
+
+def _grouped(q, k, v):
+    return ops.group_queries(q, k.shape[2]), ops.heads_major(k), ops.heads_major(v)
+
+
+@pytest.mark.parametrize("name", list(OPTION_CONFIGS))
+def test_option_estimator_and_gradients_equal_dense_definition(rng, name):
+    q, k, v = random_qkv(rng, b=2, t=150, s=170, n=4, kv=2, h=16)
+    cfg = ha.HyperAttentionConfig(block_size=32, sample_size=24, min_seq_len=0, **OPTION_CONFIGS[name])
+    key, scale = jax.random.key(7), 0.3
+    kv_length = jnp.array([170, 131])
+    gq, gk, gv = _grouped(q, k, v)
+    plan = ops.make_plan(gq, gk, key=key, config=cfg, kv_length=kv_length, v=gv, scale=scale)
+    weights = dense_option_weights(plan, 150, 170)
+    cotangent = jnp.asarray(rng.standard_normal(gq.shape), jnp.float32)
+
+    def hyper_loss(q, k, v):
+        out, lse = ops.grouped_hyper_attention(q, k, v, key=key, config=cfg, scale=scale, kv_length=kv_length)
+        return jnp.sum(out * cotangent) + jnp.sum(jnp.sin(lse)), (out, lse)
+
+    def dense_loss(q, k, v):
+        out, lse = dense_estimator(q, k, v, weights, scale)
+        return jnp.sum(out * cotangent) + jnp.sum(jnp.sin(lse)), (out, lse)
+
+    (_, (out, lse)), grads = jax.value_and_grad(hyper_loss, argnums=(0, 1, 2), has_aux=True)(gq, gk, gv)
+    (_, (ref_out, ref_lse)), ref_grads = jax.value_and_grad(dense_loss, argnums=(0, 1, 2), has_aux=True)(gq, gk, gv)
+    np.testing.assert_allclose(out, ref_out, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=2e-5, atol=2e-5)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # The fused form and the merged (readable) form are the same estimator.
+    merged = ops.grouped_hyper_attention_merged(gq, gk, gv, key=key, config=cfg, scale=scale, kv_length=kv_length)
+    np.testing.assert_allclose(merged[0], out, rtol=2e-5, atol=2e-5)
+
+
+def test_global_keys_are_the_sinks_and_the_heaviest_columns(rng):
+    q, k, v = random_qkv(rng, b=1, t=256, n=2, kv=1, h=16)
+    heavy = np.array([40, 100, 201])
+    k = k.at[:, heavy].set(2.5 * q.mean(axis=(1, 2))[:, None] / jnp.linalg.norm(q.mean(axis=(1, 2))) * 4)
+    cfg = ha.HyperAttentionConfig(block_size=32, sample_size=16, min_seq_len=0, num_sink_keys=4, num_heavy_keys=3)
+    gq, gk, gv = _grouped(q, k, v)
+    plan = ops.make_plan(gq, gk, key=jax.random.key(0), config=cfg, v=gv)
+    global_keys = set(np.asarray(plan.key_order.perm[0, 0, : plan.num_global]).tolist())
+    assert global_keys == {0, 1, 2, 3, *heavy.tolist()}
+    assert not set(np.asarray(plan.sample_index).ravel().tolist()) & global_keys  # never sampled
+
+
+@pytest.mark.parametrize(
+    "options", [dict(sample_distribution="column_mass"), dict(sample_scheme="systematic", num_sink_keys=3)]
+)
+def test_sample_weights_are_unbiased(rng, options):
+    # E[sum over samples of w_s * f(j_s)] = sum over non-global valid keys of f(j): averaged over many draws.
+    q, k, v = random_qkv(rng, b=1, t=128, n=2, kv=1, h=16)
+    cfg = ha.HyperAttentionConfig(block_size=32, sample_size=16, min_seq_len=0, num_probe_queries=8, **options)
+    gq, gk, gv = _grouped(q, k, v)
+    f = jnp.asarray(rng.uniform(0.5, 1.5, 128), jnp.float32)
+
+    def estimate(key):
+        plan = ops.make_plan(gq, gk, key=key, config=cfg, v=gv)
+        is_normal = plan.key_order.inverse[0, 0] >= plan.num_global
+        total = jnp.sum(jnp.where(is_normal, f, 0.0))
+        return jnp.sum(jnp.exp(plan.sample_log_weight[0, 0]) * f[plan.sample_index[0, 0]]) / total
+
+    keys = jax.random.split(jax.random.key(1), 1000)
+    ratios = np.asarray(jax.vmap(estimate)(keys))
+    assert abs(ratios.mean() - 1.0) < 4 * ratios.std() / np.sqrt(len(ratios)) + 1e-3, (ratios.mean(), ratios.std())
+
+
+def test_systematic_sampling_draws_each_key_at_most_once_when_uniform(rng):
+    q, k, v = random_qkv(rng, b=2, t=300, n=2, kv=2, h=16)
+    cfg = ha.HyperAttentionConfig(block_size=32, sample_size=64, min_seq_len=0, sample_scheme="systematic")
+    plan = ops.make_plan(*_grouped(q, k, v)[:2], key=jax.random.key(3), config=cfg)
+    index = np.asarray(plan.sample_index).reshape(-1, 64)
+    assert all(len(set(row)) == 64 for row in index)
+    np.testing.assert_allclose(np.exp(plan.sample_log_weight), 300 / 64, rtol=1e-5)
+
+
+def test_paper_config_is_the_published_algorithm(rng):
+    cfg = ha.HyperAttentionConfig.paper()
+    assert (cfg.block_size, cfg.sample_size, cfg.num_projections, cfg.min_seq_len) == (256, 256, 7, 4096)
+    assert (cfg.num_sink_keys, cfg.num_heavy_keys, cfg.local_window) == (0, 0, 0)
+    assert (cfg.sample_distribution, cfg.sample_scheme, cfg.keys_per_query) == ("uniform", "independent", 512)
+    # Its estimator is the published one: tests/helpers.py's dense definition (uniform samples, weight S/m).
+    q, k, v = random_qkv(rng, b=1, t=300, n=2, kv=1, h=16)
+    small = ha.HyperAttentionConfig.paper(block_size=32, sample_size=16, min_seq_len=0)
+    gq, gk, gv = _grouped(q, k, v)
+    plan = ops.make_plan(gq, gk, key=jax.random.key(2), config=small)
+    assert plan.num_global == 0 and plan.sample_log_weight is None
+    expected, _ = dense_estimator(gq, gk, gv, dense_estimator_weights(plan, 300, 300), 0.25)
+    out = ha.hyper_attention(q, k, v, key=jax.random.key(2), config=small, scale=0.25)
+    np.testing.assert_allclose(ops.group_queries(out, 1), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_causal_sinks_and_window_equal_the_dense_definition_with_gradients(rng):
+    # One recursion level after the sinks: T = 256, g = 8, base 128, window 16.
+    t, g, w, half = 256, 8, 16, 128
+    q, k, v = random_qkv(rng, b=1, t=t, n=4, kv=2, h=16)
+    cfg = ha.HyperAttentionConfig(
+        block_size=32, sample_size=16, min_seq_len=128, num_sink_keys=g, local_window=w, sample_scheme="systematic"
+    )
+    key, scale = jax.random.key(4), 0.25
+    gq, gk, gv = _grouped(q, k, v)
+    # The recursion runs on positions [g, T) padded back to T; its lower-left quarter masks the last w keys.
+    shift = lambda x, axis: jnp.pad(
+        jax.lax.slice_in_dim(x, g, t, axis=axis), [(0, g) if a == axis else (0, 0) for a in range(x.ndim)]
+    )
+    sq, sk, sv = shift(gq, 3), shift(gk, 2), shift(gv, 2)
+    key_low, _ = jax.random.split(key)
+    plan = ops.make_plan(
+        sq[..., half:, :],
+        sk[:, :, :half],
+        key=key_low,
+        config=cfg.replace(num_sink_keys=0),
+        kv_length=jnp.array([half - w]),
+        v=sv[:, :, :half],
+        scale=scale,
+    )
+    low = dense_option_weights(plan, half, half)  # [B, K, G, half, half] in shifted coordinates
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    si, sj = i - g, j - g  # shifted positions
+    exact = (j <= i) & (
+        (j < g) | ((si // half == sj // half) & (sj >= 0)) | ((si >= half) & (sj >= half - w) & (sj < half))
+    )
+    weights = jnp.broadcast_to(jnp.asarray(exact, jnp.float32), (*low.shape[:3], t, t))
+    weights = weights.at[..., g + half :, g : g + half].add(low[..., : t - g - half, :])
+
+    def loss(fn, q, k, v):
+        out, lse = fn(q, k, v)
+        return jnp.sum(out**2) + jnp.sum(jnp.sin(lse)), out
+
+    def hyper(q, k, v):
+        def noncausal(q, k, v, *, key, kv_length=None, config=cfg):
+            return ops.grouped_hyper_attention(q, k, v, key=key, config=config, scale=scale, kv_length=kv_length)
+
+        return ops.grouped_causal_attention(q, k, v, key=key, config=cfg, scale=scale, noncausal_fn=noncausal)
+
+    (_, out), grads = jax.value_and_grad(lambda *a: loss(hyper, *a), argnums=(0, 1, 2), has_aux=True)(gq, gk, gv)
+    dense = lambda q, k, v: dense_estimator(q, k, v, weights, scale)
+    (_, ref), ref_grads = jax.value_and_grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2), has_aux=True)(gq, gk, gv)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # The public entry point computes the same thing.
+    public = ha.hyper_attention(q, k, v, key=key, config=cfg, causal=True, scale=scale)
+    np.testing.assert_allclose(ops.group_queries(public, 2), out, rtol=2e-5, atol=2e-5)
+
+
+def test_paper_plan_weights_match_the_shared_dense_helper(rng):
+    # The options' dense definition reduces to tests/helpers.py's for the published plan.
+    q, k, v = random_qkv(rng, b=1, t=100, n=2, kv=1, h=16)
+    cfg = ha.HyperAttentionConfig.paper(block_size=32, sample_size=16, min_seq_len=0, num_sink_keys=0)
+    gq, gk, _ = _grouped(q, k, v)
+    plan = ops.make_plan(gq, gk, key=jax.random.key(5), config=cfg)
+    full = plan._replace(
+        sample_log_weight=jnp.full(plan.sample_index.shape, jnp.log(100 / 16)),
+        num_block_keys=jnp.full(plan.sample_index.shape[:2], 100),
+    )
+    np.testing.assert_allclose(dense_option_weights(full, 100, 100), dense_estimator_weights(plan, 100, 100), rtol=1e-5)
