@@ -68,9 +68,8 @@ def _dot_tn(a, b):
 def _key_chunks(shape: _Shape, q_start, rows: int, chunk: int):
     """(first unmasked, first masked, end) key-chunk indices for the query rows [q_start, q_start + rows)."""
     if not shape.causal:
-        n = shape.padded_keys // chunk
-        ragged = shape.num_keys % chunk != 0
-        return 0, (n - 1 if ragged else n), n
+        # Chunks past the last real key exist when the keys were padded for the backward's larger chunks: mask them all.
+        return 0, shape.num_keys // chunk, shape.padded_keys // chunk
     first = div(q_start, shape.segment) * (shape.segment // chunk)
     return first, div(q_start, chunk), div(q_start + rows, chunk)
 

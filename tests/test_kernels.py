@@ -1,0 +1,158 @@
+"""Pallas GPU kernels (Pallas interpreter on CPU) against their jnp twins and the float32 oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_qkv
+
+import hyperattn_jax as ha
+from hyperattn_jax import ops
+from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
+from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention
+from hyperattn_jax.reference import grouped_exact_attention
+
+
+def _relative(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _grouped(q, k, v):
+    return ops.group_queries(q, k.shape[2]), ops.heads_major(k), ops.heads_major(v)
+
+
+def _value_and_grads(fn, args, cotangents):
+    """(out, lse) and d/d args of <out, c_out> + <lse, c_lse> (rows without keys have lse -inf: weight 0 there)."""
+
+    def loss(*args):
+        out, lse = fn(*args)
+        lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        return jnp.sum(out.astype(jnp.float32) * cotangents[0]) + jnp.sum(lse * cotangents[1]), (out, lse)
+
+    (_, values), grads = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)(*args)
+    return jax.tree.leaves((values, grads))
+
+
+def _tiled_problem(rng, *, t, s, n, kv, h, config, key):
+    q, k, v = random_qkv(rng, b=2, t=t, s=s, n=n, kv=kv, h=h)
+    q5, k4, v4 = _grouped(q, k, v)
+    plan = ops.make_plan(q5, k4, key=key, config=config)
+    tiles = ops.hyper_attention_tiles(k4, v4, plan)
+    return ops.block_query_layout(q5, plan), tiles
+
+
+def _tiled_fn(attend, tiles, scale):
+    def fn(q_blocks, *kv):
+        return attend(
+            q_blocks, [ops.KeyTile(kk, vv, t.log_weight) for kk, vv, t in zip(kv[::2], kv[1::2], tiles)], scale
+        )
+
+    return fn
+
+
+def _twin(q_blocks, tiles, scale):
+    return ops.tiled_attention(q_blocks, tiles, scale=scale)
+
+
+def _kernel(q_blocks, tiles, scale):
+    return fused_tiled_attention(q_blocks, tiles, scale=scale, interpret=True)
+
+
+@pytest.mark.parametrize(
+    ("t", "s", "n", "kv", "h", "block", "samples"),
+    [(128, 128, 2, 2, 32, 32, 32), (150, 100, 4, 2, 24, 32, 24)],  # second: odd bq, odd t, H=24, GQA, T != S
+)
+def test_fused_tiles_match_jnp_twin_in_float32(rng, t, s, n, kv, h, block, samples):
+    config = ha.HyperAttentionConfig(block_size=block, sample_size=samples, min_seq_len=0)
+    q_blocks, tiles = _tiled_problem(rng, t=t, s=s, n=n, kv=kv, h=h, config=config, key=jax.random.key(t))
+    args = (q_blocks, *[x for tile in tiles for x in (tile.k, tile.v)])
+    cotangents = (
+        jnp.asarray(rng.standard_normal(q_blocks.shape)),
+        jnp.asarray(rng.standard_normal(q_blocks.shape[:5])),
+    )
+    ours = _value_and_grads(_tiled_fn(_kernel, tiles, 0.3), args, cotangents)
+    twin = _value_and_grads(_tiled_fn(_twin, tiles, 0.3), args, cotangents)
+    for a, b in zip(ours, twin, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_fused_tiles_half_precision_error_within_twice_the_twins(rng, dtype):
+    config = ha.HyperAttentionConfig(block_size=32, sample_size=24, min_seq_len=0)
+    q_blocks, tiles = _tiled_problem(rng, t=128, s=128, n=4, kv=1, h=32, config=config, key=jax.random.key(5))
+    args = (q_blocks, *[x for tile in tiles for x in (tile.k, tile.v)])
+    half = tuple(x.astype(dtype) for x in args)
+    cotangents = (
+        jnp.asarray(rng.standard_normal(q_blocks.shape)),
+        jnp.asarray(rng.standard_normal(q_blocks.shape[:5])),
+    )
+    oracle = _value_and_grads(_tiled_fn(_twin, tiles, 0.2), args, cotangents)
+    twin = _value_and_grads(_tiled_fn(_twin, tiles, 0.2), half, cotangents)
+    ours = _value_and_grads(_tiled_fn(_kernel, tiles, 0.2), half, cotangents)
+    for a, b, ref in zip(ours, twin, oracle, strict=True):
+        assert a.dtype == b.dtype or a.dtype == dtype
+        our_error, twin_error = _relative(a, ref), _relative(b, ref)
+        assert np.isfinite(our_error)
+        assert our_error <= 2 * twin_error + 1e-3, (our_error, twin_error)
+
+
+@pytest.mark.parametrize(
+    ("t", "s", "causal", "segment"),
+    [(100, 70, False, None), (96, 96, True, None), (128, 128, True, 64)],
+)
+def test_flash_matches_exact_reference(rng, t, s, causal, segment):
+    q, k, v = random_qkv(rng, b=1, t=t, s=s, n=4, kv=2, h=16)
+    q5, k4, v4 = _grouped(q, k, v)
+    cotangents = (jnp.asarray(rng.standard_normal(q5.shape)), jnp.asarray(rng.standard_normal(q5.shape[:4])))
+    tuning = FlashConfig(block_q=32, block_k=16, block_bwd=32)
+
+    def ours(q, k, v):
+        return flash_attention(q, k, v, scale=0.3, causal=causal, segment=segment, tuning=tuning, interpret=True)
+
+    def exact(q, k, v):
+        if segment is None:
+            return grouped_exact_attention(q, k, v, scale=0.3, causal=causal)
+        pieces = t // segment  # independent causal problems laid end to end: stack them on the batch axis
+        stack = lambda x, axis: jnp.concatenate(jnp.split(x, pieces, axis=axis), axis=0)
+        unstack = lambda x, axis: jnp.concatenate(jnp.split(x, pieces, axis=0), axis=axis)
+        out, lse = grouped_exact_attention(stack(q, 3), stack(k, 2), stack(v, 2), scale=0.3, causal=True)
+        return unstack(out, 3), unstack(lse, 3)
+
+    for a, b in zip(
+        _value_and_grads(ours, (q5, k4, v4), cotangents), _value_and_grads(exact, (q5, k4, v4), cotangents)
+    ):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal):
+    cfg = ha.HyperAttentionConfig(block_size=16, sample_size=16, min_seq_len=32)
+    q, k, v = random_qkv(rng, b=1, t=64 if causal else 128, s=64 if causal else 80, n=4, kv=2, h=16, dtype=jnp.bfloat16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    results = {}
+    for implementation in ("xla", "pallas_triton"):
+
+        def loss(q, k, v, implementation=implementation):
+            out = ha.hyper_attention(
+                q, k, v, key=key, config=cfg, causal=causal, return_lse=True, implementation=implementation
+            )
+            return jnp.sum(out[0].astype(jnp.float32) * jnp.cos(q.astype(jnp.float32))), out
+
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        results[implementation] = jax.tree.leaves((out, grads))
+    for a, b in zip(results["pallas_triton"], results["xla"], strict=True):
+        assert a.shape == b.shape
+        assert _relative(a, b) < 2e-2, _relative(a, b)
+
+
+def test_default_implementation_is_xla_off_gpu_and_for_float32(rng):
+    cfg = ha.HyperAttentionConfig(block_size=32, sample_size=16, min_seq_len=0)
+    q, k, v = random_qkv(rng, b=1, t=64, n=2, h=16)
+    key = jax.random.key(0)
+    default = ha.hyper_attention(q, k, v, key=key, config=cfg)
+    xla = ha.hyper_attention(q, k, v, key=key, config=cfg, implementation="xla")
+    pallas = ha.hyper_attention(q, k, v, key=key, config=cfg, implementation="pallas_triton")  # float32 -> xla
+    np.testing.assert_array_equal(default, xla)
+    np.testing.assert_array_equal(pallas, xla)
