@@ -24,8 +24,10 @@ from hyperattn_jax import ops
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig, fused_tiled_attention
 
+REPS = int(os.environ.get("BREAKDOWN_REPS", "20"))
 
-def median_ms(fn, *args, reps=20):
+
+def median_ms(fn, *args, reps=REPS):
     jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
     times = []
@@ -41,8 +43,10 @@ def main():
     parser.add_argument("--out", default="experiments/results/bench_single_layer_breakdown.json")
     parser.add_argument("--n", type=int, default=131072)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--skip-cudnn", action="store_true")
     args = parser.parse_args()
-    n, h, heads = args.n, args.head_dim, 32
+    n, h, heads = args.n, args.head_dim, args.heads
     cfg = ha.HyperAttentionConfig()
     key = jax.random.key(0)
     q, k, v = (jax.random.normal(kk, (1, n, heads, h), jnp.bfloat16) for kk in jax.random.split(key, 3))
@@ -52,14 +56,14 @@ def main():
 
     plan_fn = jax.jit(lambda q5, k4: ops.make_plan(q5, k4, key=key, config=cfg))
     rows["plan (hash + sort + samples)"] = median_ms(plan_fn, q5, k4)
-    plan = plan_fn(q5, k4)
 
-    def layout(q5, k4, v4, plan):
+    def layout(q5, k4, v4):
+        plan = ops.make_plan(q5, k4, key=key, config=cfg)
         return ops.block_query_layout(q5, plan), ops.hyper_attention_tiles(k4, v4, plan)
 
     layout_fn = jax.jit(layout)
-    rows["gathers into blocked layout (q, k, v, samples)"] = median_ms(layout_fn, q5, k4, v4, plan)
-    qb, tiles = layout_fn(q5, k4, v4, plan)
+    rows["plan + gathers into blocked layout (q, k, v, samples)"] = median_ms(layout_fn, q5, k4, v4)
+    qb, tiles = layout_fn(q5, k4, v4)
 
     for tuning in (
         TiledKernelConfig(),
@@ -73,13 +77,12 @@ def main():
         fn = jax.jit(lambda qb, tiles, tuning=tuning: fused_tiled_attention(qb, tiles, scale=scale, tuning=tuning))
         rows[name] = median_ms(fn, qb, tiles)
     out, lse = jax.jit(lambda qb, tiles: fused_tiled_attention(qb, tiles, scale=scale))(qb, tiles)
-    unblock_fn = jax.jit(
-        lambda out, lse, plan: (
-            ops.unblock_query_layout(out, plan, n),
-            ops.unblock_query_layout(lse[..., None], plan, n)[..., 0],
-        )
-    )
-    rows["unsort out + lse"] = median_ms(unblock_fn, out, lse, plan)
+
+    def unblock(out, lse, q5, k4):
+        plan = ops.make_plan(q5, k4, key=key, config=cfg)
+        return ops.unblock_query_layout(out, plan, n), ops.unblock_query_layout(lse[..., None], plan, n)[..., 0]
+
+    rows["plan + unsort out, lse"] = median_ms(jax.jit(unblock), out, lse, q5, k4)
 
     for tuning in (
         TiledKernelConfig(),
@@ -116,8 +119,47 @@ def main():
             )
         )
         rows[f"causal base case, all segments (flash {tuple(tuning)})"] = median_ms(base, q5, k4, v4)
-    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
-    rows["cudnn causal fwd (same run)"] = median_ms(cudnn, q, k, v, reps=5)
+
+    def grad_of(fn):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)[0].astype(jnp.float32)), argnums=(0, 1, 2)))
+
+    rows["full non-causal fwd+bwd"] = median_ms(
+        grad_of(lambda q, k, v: (ha.hyper_attention(q, k, v, key=key, config=cfg, implementation="pallas_triton"),)),
+        q,
+        k,
+        v,
+    )
+    rows["full causal fwd+bwd"] = median_ms(
+        grad_of(
+            lambda q, k, v: (
+                ha.hyper_attention(q, k, v, key=key, config=cfg, causal=True, implementation="pallas_triton"),
+            )
+        ),
+        q,
+        k,
+        v,
+    )
+    rows["causal base case fwd+bwd, all segments (flash default)"] = median_ms(
+        grad_of(lambda q5, k4, v4: flash_attention(q5, k4, v4, scale=scale, causal=True, segment=cfg.min_seq_len)),
+        q5,
+        k4,
+        v4,
+    )
+    rows["one level's lower-left quarter fwd+bwd (non-causal n/2)"] = median_ms(
+        grad_of(
+            lambda q, k, v: (
+                ha.hyper_attention(
+                    q[:, n // 2 :], k[:, : n // 2], v[:, : n // 2], key=key, config=cfg, implementation="pallas_triton"
+                ),
+            )
+        ),
+        q,
+        k,
+        v,
+    )
+    if not args.skip_cudnn:
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+        rows["cudnn causal fwd (same run)"] = median_ms(cudnn, q, k, v, reps=5)
 
     record = {
         "device": jax.devices()[0].device_kind,

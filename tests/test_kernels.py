@@ -156,3 +156,18 @@ def test_default_implementation_is_xla_off_gpu_and_for_float32(rng):
     pallas = ha.hyper_attention(q, k, v, key=key, config=cfg, implementation="pallas_triton")  # float32 -> xla
     np.testing.assert_array_equal(default, xla)
     np.testing.assert_array_equal(pallas, xla)
+
+
+@pytest.mark.parametrize("t", [128, 61])  # 61 queries in 4 blocks of 16: three padding slots store to a spare row
+def test_in_kernel_gathers_match_pregathered_kernel(rng, t):
+    from hyperattn_jax.kernels.gpu import hyper
+
+    cfg = ha.HyperAttentionConfig(block_size=32, sample_size=24, min_seq_len=0)
+    q, k, v = random_qkv(rng, b=1, t=t, s=128, n=4, kv=2, h=16, dtype=jnp.bfloat16)
+    q5, k4, v4 = _grouped(q, k, v)
+    static = (cfg, 0.25, hyper.TiledKernelConfig(), True)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    gathered = hyper._gathered(q5, k4, v4, key, None, None, static)
+    pregathered = hyper._pregathered(q5, k4, v4, key, None, None, static)
+    for a, b in zip(gathered, pregathered, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)

@@ -2,17 +2,87 @@
 
 The plan (LSH hash, int32 packed-key sort, samples) and the tiles come from `ops`, unchanged, so any tile kind the
 jnp path has (sorted blocks, sampled residual, global keys) runs here too; only the attention over the tiles is the
-fused kernel instead of `ops.tiled_attention`.
+fused kernel instead of `ops.tiled_attention`. The forward gathers rows by index inside the kernel where the shapes
+allow (`gathered.py`); under differentiation the pre-gathered kernels with their backward run instead.
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
+
 from hyperattn_jax.config import HyperAttentionConfig
+from hyperattn_jax.kernels.gpu._common import MIN_DOT
 from hyperattn_jax.kernels.gpu.flash import flash_attention
+from hyperattn_jax.kernels.gpu.gathered import gathered_tiled_forward
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig, fused_tiled_attention
 from hyperattn_jax.ops.causal import grouped_causal_attention, noncausal_is_exact
 from hyperattn_jax.ops.sortlsh import block_query_layout, hyper_attention_tiles, make_plan, unblock_query_layout
 from hyperattn_jax.reference import grouped_exact_attention
+
+
+def _power_of_two(x: int) -> bool:
+    return x >= MIN_DOT and x & (x - 1) == 0
+
+
+def _pregathered(q, k, v, key, kv_length, hash_key, static):
+    config, scale, tuning, interpret = static
+    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key)
+    tiles = hyper_attention_tiles(k, v, plan)
+    out, lse = fused_tiled_attention(
+        block_query_layout(q, plan), tiles, scale=scale, tuning=tuning, interpret=interpret
+    )
+    t = q.shape[3]
+    return unblock_query_layout(out, plan, t), unblock_query_layout(lse[..., None], plan, t)[..., 0]
+
+
+def _row_positions(shape):
+    """Float32 row number + 1 of every row of an array `[..., L, H]`, as `[..., L, 1]` (0 marks padding after a
+    gather-and-pad; exact below 2**24 rows)."""
+    return jnp.broadcast_to(jnp.arange(1, shape[-2] + 1, dtype=jnp.float32)[:, None], (*shape[:-1], 1))
+
+
+def _can_gather_in_kernel(q, plan) -> bool:
+    return _power_of_two(q.shape[-1]) and _power_of_two(plan.query_block)
+
+
+def _gathered(q, k, v, key, kv_length, hash_key, static):
+    config, scale, tuning, interpret = static
+    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key)
+    if not _can_gather_in_kernel(q, plan):
+        return _pregathered(q, k, v, key, kv_length, hash_key, static)
+    tiles = hyper_attention_tiles(k, v, plan)
+    # The same layout functions applied to row numbers say which original row sits in each blocked slot.
+    query_index = block_query_layout(_row_positions(q.shape), plan)[..., 0].astype(jnp.int32) - 1
+    position_tiles = hyper_attention_tiles(_row_positions(k.shape), _row_positions(k.shape), plan)
+    key_index = [
+        position_tile.k[..., 0].astype(jnp.int32) - 1
+        if tile.k.shape[2] == plan.num_blocks > 1 and _power_of_two(tile.k.shape[3])
+        else None
+        for tile, position_tile in zip(tiles, position_tiles, strict=True)
+    ]
+    return gathered_tiled_forward(
+        q, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning, interpret=interpret
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _hyper(q, k, v, key, kv_length, hash_key, static):
+    return _gathered(q, k, v, key, kv_length, hash_key, static)
+
+
+def _hyper_fwd(q, k, v, key, kv_length, hash_key, static):
+    # Under differentiation: the pre-gathered kernels, whose custom_vjp holds the fused backward.
+    return jax.vjp(lambda q, k, v: _pregathered(q, k, v, key, kv_length, hash_key, static), q, k, v)
+
+
+def _hyper_bwd(static, vjp, cotangents):
+    return (*vjp(cotangents), None, None, None)
+
+
+_hyper.defvjp(_hyper_fwd, _hyper_bwd)
 
 
 def grouped_hyper_attention_pallas(
@@ -24,24 +94,19 @@ def grouped_hyper_attention_pallas(
     config: HyperAttentionConfig,
     scale: float,
     kv_length=None,
+    hash_key=None,
     tuning: TiledKernelConfig | None = None,
     interpret: bool | None = None,
-    **plan_options,
 ):
-    """Non-causal HyperAttention with the fused kernel; same estimator (and same plan for the same key) as
+    """Non-causal HyperAttention with the fused kernels; same estimator (and same plan for the same key) as
     `ops.grouped_hyper_attention`.
 
     Returns out `[B, K, G, T, H]` in q's dtype and lse `[B, K, G, T]` float32.
     """
-    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, **plan_options)
-    tiles = hyper_attention_tiles(k, v, plan)
-    out, lse = fused_tiled_attention(
-        block_query_layout(q, plan), tiles, scale=scale, tuning=tuning, interpret=interpret
-    )
-    t = q.shape[3]
-    out = unblock_query_layout(out, plan, t)
-    lse = unblock_query_layout(lse[..., None], plan, t)[..., 0]
-    return out, lse
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    static = (config, float(scale), tuning or TiledKernelConfig(), bool(interpret))
+    return _hyper(q, k, v, key, kv_length, hash_key, static)
 
 
 def grouped_attention_pallas(q, k, v, key, kv_length, hash_key, *, config: HyperAttentionConfig, causal, scale):
