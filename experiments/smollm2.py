@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -82,7 +83,15 @@ def find_gguf() -> Path:
 def _read_gguf(path: str | Path | None):
     import gguf  # optional experiments dependency, imported lazily so this module imports without it
 
-    return gguf, gguf.GGUFReader(str(path or find_gguf()))
+    return gguf, _gguf_reader(str(Path(path or find_gguf()).resolve()))
+
+
+@functools.cache
+def _gguf_reader(path: str):
+    """Parsing the header takes seconds (~100k vocabulary strings): share one reader for params and tokenizer."""
+    import gguf
+
+    return gguf.GGUFReader(path)
 
 
 def _undo_rope_permutation(weight: np.ndarray, n_heads: int) -> np.ndarray:
