@@ -4,7 +4,7 @@ Run:   python3 experiments/smollm2.py            (Python 3.12, jax; needs `pip i
 Hardware: CPU only, 2 cores, 24 GB RAM is enough.
 Runtime: about 10 s (loading the GGUF ~6 s) for the default 512 Hamlet tokens. With `--tokens 8192` the forward
     pass takes ~130 s of CPU time (user+sys): 230-330 s wall measured on a 2-core machine shared with other jobs,
-    about 1-2 minutes with the cores to itself (experiments/results/smollm2_validation.json records a run).
+    an estimated 1-2 minutes with the cores to itself (experiments/results/smollm2_validation.json records a run).
 Expected result: "CE 2.8705 nats" for 512 tokens; with `--tokens 8192`, CE 3.4864 nats (perplexity 32.67), the figure
     documented in shared/data/smollm2_qkv/README.md for transformers on the same GGUF.
 

@@ -7,8 +7,8 @@ Run from the repository root, in two steps (torch is only needed for step 1; a C
         --gguf "$(python3 -c 'import smollm2; print(smollm2.find_gguf())' 2>/dev/null || echo MISSING)"
     python3 validate_smollm2.py compare     # Python 3.12 + jax; writes results/smollm2_validation.json
 Hardware: CPU only, 2 cores, 24 GB RAM.
-Runtime: step 1 about 1 minute; step 2 about 6 minutes wall on a busy shared 2-core machine (~3 with the cores to
-    itself), most of it one 8192-token forward pass (~130-150 s of CPU time).
+Runtime: step 1 about 1 minute; step 2 about 6 minutes wall on a busy shared 2-core machine (an estimated ~3 with the
+    cores to itself), most of it one 8192-token forward pass (~130-150 s of CPU time).
 Expected result (the recorded run): max |logit diff| 1.6e-4 vs transformers on 256 Hamlet tokens (logits up to 37),
     CE 3.411901 vs 3.411893 on 2048 tokens,
     CE 3.4864 nats on 8192 Hamlet tokens (shared/data/smollm2_qkv/README.md), and post-RoPE q/k/v within the
