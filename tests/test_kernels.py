@@ -129,7 +129,9 @@ def test_flash_matches_exact_reference(rng, t, s, causal, segment):
 @pytest.mark.parametrize("causal", [False, True])
 def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal):
     cfg = ha.HyperAttentionConfig(block_size=16, sample_size=16, min_seq_len=32)
-    q, k, v = random_qkv(rng, b=1, t=64 if causal else 128, s=64 if causal else 80, n=4, kv=2, h=16, dtype=jnp.bfloat16)
+    # causal: 256 = 8 segments of 32, three recursion levels (the batch order of the stacked problems matters)
+    t, s, n = (256, 256, 2) if causal else (128, 80, 4)
+    q, k, v = random_qkv(rng, b=1, t=t, s=s, n=n, kv=n // 2, h=16, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
     results = {}
     for implementation in ("xla", "pallas_triton"):

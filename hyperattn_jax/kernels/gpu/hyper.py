@@ -15,11 +15,12 @@ import jax.numpy as jnp
 
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.kernels.gpu._common import MIN_DOT
-from hyperattn_jax.kernels.gpu.flash import flash_attention
+from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
 from hyperattn_jax.kernels.gpu.gathered import gathered_tiled_forward
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig, fused_tiled_attention
-from hyperattn_jax.ops.causal import grouped_causal_attention, noncausal_is_exact
+from hyperattn_jax.ops.causal import causal_base_length, grouped_causal_attention, noncausal_is_exact
 from hyperattn_jax.ops.sortlsh import block_query_layout, hyper_attention_tiles, make_plan, unblock_query_layout
+from hyperattn_jax.ops.tiles import merge_partials
 from hyperattn_jax.reference import grouped_exact_attention
 
 
@@ -125,6 +126,9 @@ def grouped_attention_pallas(q, k, v, key, kv_length, hash_key, *, config: Hyper
         )
 
     if causal:
+        unstacked = _causal_without_stacking(q, k, v, key=key, config=config, scale=scale, noncausal_fn=noncausal)
+        if unstacked is not None:
+            return unstacked
 
         def exact_causal(q, k, v):
             return flash_attention(q, k, v, scale=scale, causal=True)
@@ -133,3 +137,63 @@ def grouped_attention_pallas(q, k, v, key, kv_length, hash_key, *, config: Hyper
             q, k, v, key=key, config=config, scale=scale, noncausal_fn=noncausal, exact_fn=exact_causal
         )
     return noncausal(q, k, v, key=key, kv_length=kv_length)
+
+
+def _bit_reverse_chunks(x, axis: int, bits: int):
+    """Reorder a 2**bits axis by bit reversal (an involution), as a transpose of its binary digits (XLA fuses it)."""
+    if bits <= 1:
+        return x
+    shape = x.shape
+    x = x.reshape(*shape[:axis], *([2] * bits), *shape[axis + 1 :])
+    order = [*range(axis), *reversed(range(axis, axis + bits)), *range(axis + bits, x.ndim)]
+    return x.transpose(order).reshape(shape)
+
+
+def _causal_without_stacking(q, k, v, *, key, config, scale, noncausal_fn):
+    """The paper's causal recursion, same estimator and same random draws as `ops.grouped_causal_attention`, without
+    its per-level copies: the diagonal problems of the last level are ONE segment-causal flash call on the unsplit
+    sequence, each level's lower-left problems are cut from strided views (in the batch order the ops recursion
+    stacks them: chunk index bit-reversed), and all levels are merged by lse once at the end.
+
+    Returns None where the shapes need the ops recursion (odd lengths, sinks or a local window, tiny segments).
+    """
+    t = q.shape[3]
+    if config.num_sink_keys or config.local_window:
+        return None
+    depth, segment = 0, t
+    while segment > causal_base_length(config):
+        if segment % 2:
+            return None
+        segment //= 2
+        depth += 1
+    block = next((b for b in (128, 64, 32, 16) if segment % b == 0), None)
+    if depth == 0 or block is None:
+        return None
+    tuning = FlashConfig(block_q=block, block_k=min(64, block), block_bwd=min(64, block))
+    out, lse = flash_attention(q, k, v, scale=scale, causal=True, segment=segment, tuning=tuning)
+    out = out.astype(jnp.float32)
+    batch = q.shape[0]
+    level_key = key
+    for level in range(depth):
+        off_diagonal_key, level_key = jax.random.split(level_key)
+        chunks, half = 2**level, t // 2**level // 2
+
+        def lower_left(x, which, chunks=chunks, half=half, level=level):
+            """Rows of x `[B, ..., T, H]`: half `which` of every chunk, stacked as `[chunks * B, ..., half, H]`."""
+            lead = x.shape[1:-2]
+            x = x.reshape(batch, *lead, chunks, 2, half, x.shape[-1])[..., which, :, :]
+            x = _bit_reverse_chunks(x, x.ndim - 3, level)
+            return jnp.moveaxis(x, x.ndim - 3, 0).reshape(chunks * batch, *lead, half, x.shape[-1])
+
+        low_out, low_lse = noncausal_fn(lower_left(q, 1), lower_left(k, 0), lower_left(v, 0), key=off_diagonal_key)
+
+        def back(x, fill, chunks=chunks, half=half, level=level):
+            """`[chunks * B, ..., half, (H)]` -> `[B, ..., T, (H)]` at the second halves; `fill` at the first halves."""
+            x = x.reshape(chunks, batch, *x.shape[1:])
+            axis = 3  # the chunk axis lands after B, K, G
+            x = _bit_reverse_chunks(jnp.moveaxis(x, 0, axis), axis, level)
+            x = jnp.stack([jnp.full_like(x, fill), x], axis=axis + 1)
+            return x.reshape(*x.shape[:axis], chunks * 2 * half, *x.shape[axis + 3 :])
+
+        out, lse = merge_partials(out, lse, back(low_out.astype(jnp.float32), 0.0), back(low_lse, -jnp.inf))
+    return out, lse
