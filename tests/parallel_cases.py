@@ -123,13 +123,14 @@ def test_user_jit_and_user_shard_map(rng):
     key = jax.random.key(int(rng.integers(1 << 30)))
     mesh = jax.make_mesh((4,), ("seq",))
     rows = NamedSharding(mesh, P(None, "seq"))
-    ref_out, _ = single_device(q, k, v, key, causal=False)
+    hash_key = jax.random.key(int(rng.integers(1 << 30)))  # fixed per-layer hyperplanes, as the Flax layers use
+    ref_out = ha.hyper_attention(q, k, v, key=key, hash_key=hash_key, config=CFG)
 
     # 1. Under the user's jit with explicit in/out shardings.
     @functools.partial(jax.jit, in_shardings=(rows, rows, rows), out_shardings=rows)
     def step(q, k, v):
         return sharded_hyper_attention(
-            q, k, v, key=key, config=CFG, mesh=mesh, seq_axis="seq", strategy="bucket_dispatch"
+            q, k, v, key=key, hash_key=hash_key, config=CFG, mesh=mesh, seq_axis="seq", strategy="bucket_dispatch"
         )
 
     out = step(*(jax.device_put(x, rows) for x in (q, k, v)))
@@ -137,12 +138,14 @@ def test_user_jit_and_user_shard_map(rng):
     assert_same(out, ref_out)
 
     # 2. Inside the user's own shard_map, on local shards.
-    def local(q, k, v, key):
-        return hyper_attention_shard(q, k, v, key=key, config=CFG, seq_axis="seq", strategy="bucket_dispatch")
+    def local(q, k, v, key, hash_key):
+        return hyper_attention_shard(
+            q, k, v, key=key, hash_key=hash_key, config=CFG, seq_axis="seq", strategy="bucket_dispatch"
+        )
 
     spec = P(None, "seq")
-    mapped = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec))
-    assert_same(mapped(*(jax.device_put(x, rows) for x in (q, k, v)), key), ref_out)
+    mapped = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(), P()), out_specs=spec))
+    assert_same(mapped(*(jax.device_put(x, rows) for x in (q, k, v)), key, hash_key), ref_out)
 
 
 def test_each_shard_gets_its_slice_of_the_single_device_samples(rng):

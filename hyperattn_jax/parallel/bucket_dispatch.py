@@ -17,8 +17,8 @@ What it equals: exactly the single-device `hyper_attention` for the same key (th
 samples), up to float summation order. Non-causal only: the causal recursion splits the sequence in halves that lie on
 different devices (see docs/sharding.md for the scheme and why it is not here yet).
 
-Per device it sends about 3 (S K 2H + T N H) / P elements for the inputs and 3 T N (H+1) / P for the outputs (three
-row movements of the sort), plus P-independent O(B K m H) for the samples; memory O((T+S)/P).
+Per device it sends about 3 (S K 2H + T N H) / P elements for the inputs and 3 T N (H+1) / P for the output and lse
+(each sort moves every row about three times), plus P-independent O(B K m H) for the samples; memory O((T+S)/P).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def bucket_dispatch_hyper_attention(
       batch_axis: mesh axis name(s) the batch is split over, or None.
 
     Returns:
-      out `[B, T/P, N, H]` float32 and lse `[B, N, T/P]` float32: this device's rows of the single-device result.
+      out `[B, T/P, N, H]` in q's dtype and lse `[B, N, T/P]` float32: this device's rows of the single-device result.
     """
     num_shards, index = axis_shards(seq_axis)
     batch_shards, batch_index = axis_shards(batch_axis)
@@ -150,8 +150,8 @@ def bucket_dispatch_hyper_attention(
         tiles.append(KeyTile(sampled[:, :, None, :, :head_dim], sampled[:, :, None, :, head_dim:], log_weight))
 
     out, lse = tiled_attention(q_blocks, tiles, scale=scale)
-    out = out.reshape(*qg.shape[:4], head_dim)
-    lse = lse.reshape(*qg.shape[:4])
-    # Output and lse travel back together: one movement.
-    back = unroute(jnp.concatenate([out, lse[..., None].astype(out.dtype)], axis=-1), query_network, seq_axis)
-    return ungroup_output(back[..., :head_dim]), ungroup_lse(back[..., head_dim])
+    # The output travels back in q's dtype (the single-device result is cast to it too: bf16 moves half the bytes),
+    # the lse in float32.
+    out = unroute(out.reshape(*qg.shape[:4], head_dim).astype(q.dtype), query_network, seq_axis)
+    lse = unroute(lse.reshape(*qg.shape[:4], 1), query_network, seq_axis)[..., 0]
+    return ungroup_output(out), ungroup_lse(lse)

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hyperattn_jax.ops.sorting import SortOrder, gather_rows
+from hyperattn_jax.ops.sorting import SortOrder, gather_rows, inverse_permutation
 
 
 class ColumnSortNetwork(NamedTuple):
@@ -50,9 +50,10 @@ def _local_sort(keys):
     """Sort the last axis of int `keys`; returns the sorted keys and the `SortOrder` that did it."""
     last = keys.ndim - 1
     position = jax.lax.broadcasted_iota(jnp.int32, keys.shape, last)
+    # The keys (rank * length + global position) carry no local index, so the permutation rides along as a second
+    # operand: a pair sort, slower than one packed int32 on GPU, but it needs no second sort.
     sorted_keys, perm = jax.lax.sort((keys, position), dimension=last, num_keys=1, is_stable=True)
-    inverse = jnp.put_along_axis(jnp.zeros_like(perm), perm, position, axis=-1, inplace=False)
-    return sorted_keys, SortOrder(perm, inverse)
+    return sorted_keys, SortOrder(perm, inverse_permutation(perm))
 
 
 def _deal(x, axis: int, axis_name, num_shards: int):
