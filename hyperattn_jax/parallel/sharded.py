@@ -191,7 +191,7 @@ def sharded_hyper_attention(
 
     >>> mesh = jax.make_mesh((1,), ("seq",))
     >>> q = k = v = jax.random.normal(jax.random.key(1), (1, 512, 4, 32))
-    >>> cfg = HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=128)
+    >>> cfg = HyperAttentionConfig.paper(block_size=64, sample_size=64, min_seq_len=128)
     >>> out = sharded_hyper_attention(q, k, v, key=jax.random.key(0), config=cfg, mesh=mesh, seq_axis="seq")
     >>> out.shape, out.sharding.spec[1]
     ((1, 512, 4, 32), 'seq')
