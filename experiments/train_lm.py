@@ -91,6 +91,13 @@ def make_optimizer(args):
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95, weight_decay=0.01))
 
 
+def hyper_config(args) -> HyperAttentionConfig:
+    """The preset's block/sample/projection/min_seq_len on the published estimator, or on the accuracy defaults."""
+    if args.hyper_variant == "paper":
+        return HyperAttentionConfig.paper(**args.hyper)
+    return HyperAttentionConfig(**args.hyper)
+
+
 def model_config(args, attention: str) -> LMConfig:
     return LMConfig(
         num_layers=args.num_layers,
@@ -98,7 +105,7 @@ def model_config(args, attention: str) -> LMConfig:
         num_heads=args.num_heads,
         num_kv_heads=args.num_kv_heads,
         attention=attention,
-        hyper=HyperAttentionConfig(**args.hyper),
+        hyper=hyper_config(args),
         dtype=jnp.dtype(args.dtype),
     )
 
@@ -291,6 +298,12 @@ def parse_args(argv=None):
     parser.add_argument("--runs", default="exact,hyper", help="which trainings: exact, hyper or both")
     parser.add_argument("--steps", type=int, dest="steps_override", help="override the preset's step budget")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--hyper-variant",
+        choices=("paper", "options"),
+        default="paper",
+        help="paper: the published estimator (what results/train_lm.json ran); options: the accuracy-option defaults",
+    )
     parser.add_argument("--checkpoint-dir", default=None, help="default: OUT/checkpoints")
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--resume", action="store_true")

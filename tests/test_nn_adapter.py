@@ -14,8 +14,8 @@ from flax import nnx
 from hyperattn_jax import HyperAttentionConfig
 from hyperattn_jax.nn import make_attention_fn
 
-EXACT = HyperAttentionConfig(block_size=32, sample_size=32, num_projections=4, min_seq_len=4096)
-HYPER = HyperAttentionConfig(block_size=32, sample_size=32, num_projections=4, min_seq_len=64)
+EXACT = HyperAttentionConfig.paper(block_size=32, sample_size=32, num_projections=4, min_seq_len=4096)
+HYPER = HyperAttentionConfig.paper(block_size=32, sample_size=32, num_projections=4, min_seq_len=64)
 # Every keyword nnx.MultiHeadAttention passes, and those linen passes when the signature declares them.
 NNX_KWARGS = ("mask", "dropout_rng", "dropout_rate", "broadcast_dropout", "deterministic", "dtype", "precision")
 NNX_KWARGS += ("module", "is_causal")

@@ -13,8 +13,8 @@ from hyperattn_jax.nn import nnx as ha_nnx
 from hyperattn_jax.nn import rope_qk
 
 PROMPT, STEPS = 128, 6
-EXACT = HyperAttentionConfig(block_size=32, sample_size=32, num_projections=4, min_seq_len=4096)
-HYPER = HyperAttentionConfig(block_size=32, sample_size=32, num_projections=4, min_seq_len=64)
+EXACT = HyperAttentionConfig.paper(block_size=32, sample_size=32, num_projections=4, min_seq_len=4096)
+HYPER = HyperAttentionConfig.paper(block_size=32, sample_size=32, num_projections=4, min_seq_len=64)
 
 
 def _x(rng):

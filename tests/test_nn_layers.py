@@ -15,8 +15,21 @@ from hyperattn_jax.nn import nnx as ha_nnx
 from hyperattn_jax.nn import rope_qk
 from hyperattn_jax.nn.functional import layer_hash_key
 
-HYPER = HyperAttentionConfig(block_size=32, sample_size=32, num_projections=4, min_seq_len=64)
-EXACT = HyperAttentionConfig(block_size=32, sample_size=32, num_projections=4, min_seq_len=4096)
+HYPER = HyperAttentionConfig.paper(block_size=32, sample_size=32, num_projections=4, min_seq_len=64)
+# The accuracy options (sinks, heavy keys, importance sampling) go through the layers unchanged.
+WITH_OPTIONS = HyperAttentionConfig(
+    block_size=16,
+    sample_size=16,
+    num_projections=4,
+    min_seq_len=64,
+    num_sink_keys=4,
+    num_heavy_keys=8,
+    num_probe_queries=8,
+    local_window=4,
+    sample_distribution="column_mass",
+    sample_scheme="systematic",
+)
+EXACT = HyperAttentionConfig.paper(block_size=32, sample_size=32, num_projections=4, min_seq_len=4096)
 
 
 def _inputs(rng, b=2, t=128, d=32):
@@ -38,12 +51,12 @@ def _functional(x, kernels, lsh_seed, sample_key, config, causal=True, transform
 
 def test_linen_layer_equals_functional_call(rng):
     x = _inputs(rng)
-    layer = ha_linen.HyperAttention(num_heads=4, num_kv_heads=2, config=HYPER, qk_transform=rope_qk())
+    layer = ha_linen.HyperAttention(num_heads=4, num_kv_heads=2, config=WITH_OPTIONS, qk_transform=rope_qk())
     variables = layer.init(jax.random.key(0), x)
     key = jax.random.key(int(rng.integers(1 << 30)))
     got = layer.apply(variables, x, sample_key=key)
     kernels = {name: p["kernel"] for name, p in variables["params"].items()}
-    want = _functional(x, kernels, variables["lsh"]["hash_seed"], key, HYPER, transform=rope_qk())
+    want = _functional(x, kernels, variables["lsh"]["hash_seed"], key, WITH_OPTIONS, transform=rope_qk())
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
