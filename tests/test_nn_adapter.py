@@ -110,3 +110,12 @@ def test_linen_decode_with_adapter_matches_full_forward(rng):
         cache = updated["cache"]
         outputs.append(out)
     np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), want, atol=2e-5, rtol=2e-5)
+
+
+def test_nnx_decode_with_adapter_matches_full_forward(rng):
+    x = _x(rng, b=1, t=10)
+    layer = nnx.MultiHeadAttention(4, 32, attention_fn=make_attention_fn(EXACT), decode=False, rngs=nnx.Rngs(0))
+    want = layer(x, is_causal=True)
+    layer.init_cache(x.shape)
+    steps = [layer(x[:, i : i + 1], decode=True) for i in range(10)]
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), want, atol=2e-5, rtol=2e-5)
