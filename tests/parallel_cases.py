@@ -183,6 +183,19 @@ def test_each_shard_gets_its_slice_of_the_single_device_samples(rng):
     assert float(jnp.max(jnp.abs(naive - single_device(q, k, v, key, causal=False)[0]))) > 1e-3
 
 
+def test_short_sequences_are_exact_attention(rng):
+    # Below min_seq_len the single-device call is exact attention; bucket_dispatch then gathers k and v instead.
+    q, k, v = random_qkv(rng, b=1, t=256, n=4, kv=2, h=16)
+    mesh = jax.make_mesh((2,), ("seq",))
+    exact = ha.exact_attention(q, k, v)
+    for strategy in ("all_to_all", "bucket_dispatch"):
+        out = sharded_hyper_attention(
+            q, k, v, key=jax.random.key(0), config=CFG.replace(min_seq_len=512), mesh=mesh, seq_axis="seq",
+            strategy=strategy,
+        )  # fmt: skip
+        assert_same(out, exact)
+
+
 def test_column_sort_sorts_and_routes_back(rng):
     p, r = 8, 104  # r >= 2 (p - 1)^2 = 98, even, divisible by p
     mesh = jax.make_mesh((p,), ("seq",))
