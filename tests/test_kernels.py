@@ -126,9 +126,13 @@ def test_flash_matches_exact_reference(rng, t, s, causal, segment):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal):
-    cfg = ha.HyperAttentionConfig(block_size=16, sample_size=16, min_seq_len=32)
+@pytest.mark.parametrize(("causal", "options"), [(False, False), (True, False), (False, True)])
+def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options):
+    # options: sink + heavy global keys (a shared tile) and importance-sampled residual (per-sample log-weights)
+    extra = {"num_sink_keys": 4, "num_heavy_keys": 8} if options else {}
+    cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=32, **extra)
+    if options:
+        cfg = cfg.replace(sample_distribution="column_mass", sample_scheme="systematic")
     # causal: 256 = 8 segments of 32, three recursion levels (the batch order of the stacked problems matters)
     t, s, n = (256, 256, 2) if causal else (128, 80, 4)
     q, k, v = random_qkv(rng, b=1, t=t, s=s, n=n, kv=n // 2, h=16, dtype=jnp.bfloat16)
