@@ -30,7 +30,7 @@ def _power_of_two(x: int) -> bool:
 
 def _pregathered(q, k, v, key, kv_length, hash_key, static):
     config, scale, tuning, interpret = static
-    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key)
+    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v, scale=scale)
     tiles = hyper_attention_tiles(k, v, plan)
     out, lse = fused_tiled_attention(
         block_query_layout(q, plan), tiles, scale=scale, tuning=tuning, interpret=interpret
@@ -51,7 +51,7 @@ def _can_gather_in_kernel(q, plan) -> bool:
 
 def _gathered(q, k, v, key, kv_length, hash_key, static):
     config, scale, tuning, interpret = static
-    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key)
+    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v, scale=scale)
     if not _can_gather_in_kernel(q, plan):
         return _pregathered(q, k, v, key, kv_length, hash_key, static)
     tiles = hyper_attention_tiles(k, v, plan)
