@@ -203,6 +203,9 @@ def main():
                     except (ValueError, TypeError) as error:  # e.g. heads not divisible by P, too few rows for the sort
                         print(f"T={t} P={p} {strategy} {mode}: not applicable: {error}", flush=True)
                         continue
+                    except jax.errors.JaxRuntimeError as error:  # e.g. a compile-time out-of-memory
+                        print(f"T={t} P={p} {strategy} {mode}: failed: {str(error).splitlines()[0][:300]}", flush=True)
+                        continue
                     compile_s = time.perf_counter() - start
                     sent = collective_bytes(compiled.as_text())
                     memory = compiled.memory_analysis()
@@ -227,7 +230,10 @@ def main():
                     )
                     if ARGS.time:
                         sharding = None if mesh is None else NamedSharding(mesh, P(None, "seq"))
-                        row["median_ms"] = time_it(compiled, shapes, dtype, sharding, ARGS.repeats)
+                        try:
+                            row["median_ms"] = time_it(compiled, shapes, dtype, sharding, ARGS.repeats)
+                        except jax.errors.JaxRuntimeError as error:  # e.g. out of memory at the longest lengths
+                            row["error"] = str(error).splitlines()[0][:300]
                     rows.append(row)
                     print(json.dumps({k: v for k, v in row.items() if k != "bytes_sent_by_kind"}), flush=True)
 
