@@ -6,8 +6,8 @@ Command (CPU, 8 forced host devices; compile-only byte and memory counts, no tim
 Command (GPU, several devices of one host, with timing; adds the cuDNN exact baseline on one device):
     python3 experiments/bench_sharded.py --lengths 16384 65536 131072 262144 --shards 1 2 4 --dtype bfloat16 \
         --heads 32 --kv-heads 8 --head-dim 128 --time --out experiments/results/bench_sharded_gpu.json
-Hardware: any jax backend; the CPU run needs no accelerator. Runtime: ~3-6 minutes for the CPU command above on a
-busy 2-core machine (compilation dominates: nothing is executed unless --time is given).
+Hardware: any jax backend; the CPU run needs no accelerator. Runtime: 9 minutes measured for the CPU command above on
+a busy 2-core machine (56 compilations; nothing is executed unless --time is given). The GPU command is untested.
 Expected result: bytes sent per device follow the model in docs/sharding.md (all_to_all ~ (P-1)/P^2 (2TN + 2SK) H e,
 bucket_dispatch about three times that plus the float32 output), i.e. fall as 1/P at fixed T and grow linearly in T
 at fixed P; per-device memory (arguments + outputs + temporaries) falls roughly as 1/P.
