@@ -5,7 +5,7 @@ Command:  PYTHONPATH=. python3 experiments/breakdown_single_layer.py
 Hardware: one NVIDIA H100 80GB, jax 0.11.2. Runtime: under 3 minutes (measured 230 s together with a two-size
 bench_single_layer.py run). Expected result: a table of median milliseconds per
 stage (hash+sort plan, gathers into the blocked layout, fused kernel, unsort, causal base case) at n = 131072, H = 64,
-B = 1, N = 32, bf16, default config, and the fused kernel's time for a few (block_q, block_k, warps) variants.
+B = 1, N = 32, bf16, HyperAttentionConfig.paper(), and the fused kernel's time for a few block/warp variants.
 """
 
 from __future__ import annotations
