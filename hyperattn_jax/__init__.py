@@ -6,7 +6,7 @@
 (1, 1024, 2, 32)
 """
 
-from hyperattn_jax import diagnostics, ops
+from hyperattn_jax import diagnostics, ops, parallel
 from hyperattn_jax.api import hyper_attention, merge_attention
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.lsh import gray_rank, lsh_codes, lsh_projections, lsh_rank
@@ -25,4 +25,5 @@ __all__ = [
     "lsh_rank",
     "merge_attention",
     "ops",
+    "parallel",
 ]
