@@ -52,11 +52,12 @@ def load_smollm2():
 
 
 def configs() -> dict[str, ha.HyperAttentionConfig]:
-    from accuracy_qkv import DEFAULT_CANDIDATE
+    from accuracy_qkv import DEFAULT_CANDIDATE, FIRST_CANDIDATE
 
     return {
         "paper": ha.HyperAttentionConfig.paper(min_seq_len=1024),
         "default": DEFAULT_CANDIDATE.replace(min_seq_len=1024),
+        "first_candidate": FIRST_CANDIDATE.replace(min_seq_len=1024),
     }
 
 
@@ -120,11 +121,14 @@ def main():
     parser.add_argument("--sweep-documents", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--output", default="accuracy_perplexity")
+    parser.add_argument("--configs", nargs="+", default=["paper", "default"])
+    parser.add_argument("--exact-from", default=None, help="JSON of an earlier run: reuse its exact perplexities")
     args = parser.parse_args()
     smollm2, smollm2_path = load_smollm2()
     model = Model(smollm2)
     docs = documents(smollm2, args.tokens, args.documents)
-    cfgs = configs()
+    cfgs = {name: config for name, config in configs().items() if name in args.configs}
+    earlier = json.loads(Path(args.exact_from).read_text())["documents"] if args.exact_from else {}
     out_path = RESULTS / f"{args.output}.json"
     results = {
         "experiment": "accuracy_perplexity",
@@ -138,9 +142,14 @@ def main():
         "documents": {},
     }
     # Priority order: exact and all-30-layer runs on every document first, then the sweep.
-    plan = [(doc, "exact", 0) for doc in docs]
+    # The exact forward is needed for the sweep's cached prefix, or where no earlier run measured it.
+    sweep_docs = list(docs)[: args.sweep_documents]
+    plan = [(doc, "exact", 0) for doc in docs if doc in sweep_docs or "exact" not in earlier.get(doc, {})]
+    for doc in docs:
+        if "exact" in earlier.get(doc, {}) and doc not in sweep_docs:
+            results["documents"][doc] = {"exact": earlier[doc]["exact"] | {"from": args.exact_from}}
     plan += [(doc, name, 30) for doc in docs for name in cfgs]
-    plan += [(doc, name, n) for doc in list(docs)[: args.sweep_documents] for n in REPLACED[1:] for name in cfgs]
+    plan += [(doc, name, n) for doc in sweep_docs for n in REPLACED[1:] for name in cfgs]
     prefix = {}
     for doc, name, replaced in tqdm(plan, desc="forwards"):
         start = time.time()

@@ -24,16 +24,18 @@ RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 def qkv_table(data: dict, rows: list[str] | None = None) -> str:
     layers = list(data["layers"])
     names = rows or [n for n in data["layers"][layers[0]]["causal"] if not n.endswith("seed_std")]
+    names = [n for n in names if all(n in data["layers"][layer]["causal"] for layer in layers)]
     lines = []
     for mode in ("causal", "noncausal"):
         header = f"| {mode} | keys/query | " + " | ".join(f"L{layer}" for layer in layers) + " | mean | vs paper |"
         lines += [header, "|---" * (len(layers) + 4) + "|"]
         paper_mean = np.mean([np.mean(data["layers"][layer][mode]["paper"]) for layer in layers])
         for name in names:
-            if name not in data["layers"][layers[0]][mode]:
-                continue
             per_layer = [np.mean(data["layers"][layer][mode][name]) for layer in layers]
-            keys = data["configs"].get(name, {}).get("keys_per_query", "all")
+            fields = data["configs"].get(name)
+            keys = "all" if fields is None else fields["keys_per_query"]
+            if fields is not None and mode == "noncausal":
+                keys -= fields["local_window"]  # the window exists only in causal attention
             mean = np.mean(per_layer)
             cells = " | ".join(f"{e:.3f}" for e in per_layer)
             lines.append(f"| {name} | {keys} | {cells} | {mean:.3f} | {mean / paper_mean:.2f}x |")
@@ -59,22 +61,35 @@ def qkv_figure(data: dict, rows: list[str] | None, path: Path):
 
 
 def perplexity_table(data: dict) -> str:
-    lines = ["| document | exact | setting | perplexity | x exact |", "|---|---|---|---|---|"]
+    names = ("paper", "accurate", "first_candidate")
+    lines = ["| document (8192 tokens), all 30 layers replaced | exact | " + " | ".join(names) + " |"]
+    lines.append("|---" * (len(names) + 2) + "|")
     for doc, entry in data["documents"].items():
-        exact = entry.get("exact", {}).get("perplexity")
-        for name, value in entry.items():
-            if name == "exact":
-                continue
-            lines.append(
-                f"| {doc} | {exact:.2f} | {name} | {value['perplexity']:.2f} | {value['ratio_to_exact']:.3f} |"
-            )
+        cells = []
+        for name in names:
+            value = entry.get(f"{name}/last30")
+            cells.append("" if value is None else f"{value['perplexity']:.2f} ({value['ratio_to_exact']:.3f}x)")
+        lines.append(f"| {doc} | {entry['exact']['perplexity']:.2f} | " + " | ".join(cells) + " |")
+    for doc, entry in data["documents"].items():
+        counts = sorted({int(k.split("last")[1]) for k in entry if "/last" in k}, reverse=True)
+        if len(counts) < 2:
+            continue
+        lines += ["", f"| {doc}: last n layers replaced | " + " | ".join(map(str, counts)) + " |"]
+        lines.append("|---" * (len(counts) + 1) + "|")
+        for name in names:
+            cells = [entry.get(f"{name}/last{n}") for n in counts]
+            if any(cells):
+                row = " | ".join(
+                    "" if c is None else f"{c['perplexity']:.2f} ({c['ratio_to_exact']:.3f}x)" for c in cells
+                )
+                lines.append(f"| {name} | {row} |")
     return "\n".join(lines)
 
 
 def perplexity_figure(data: dict, path: Path):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for doc, entry in data["documents"].items():
-        for name, marker in (("paper", "o"), ("default", "s")):
+        for name, marker in (("paper", "o"), ("accurate", "s")):
             points = sorted(
                 (int(k.split("last")[1]), v["ratio_to_exact"]) for k, v in entry.items() if k.startswith(name + "/")
             )
@@ -90,15 +105,100 @@ def perplexity_figure(data: dict, path: Path):
     fig.savefig(path, dpi=120)
 
 
+# Runs made before the variant was fixed name the first candidate "default"; later runs measured
+# `HyperAttentionConfig.accurate()` under a descriptive name or as "default". Each file's "configs" holds the exact
+# fields of every row.
+QKV_FILES = {
+    "accuracy_qkv.json": {"default": "b64+sinks32+heavy128+window32"},
+    "accuracy_qkv_pow2.json": {"b64+sinks32+heavy96+window64": "accurate", "default": "accurate"},
+}
+PERPLEXITY_FILES = {
+    "accuracy_perplexity.json": {"default": "first_candidate"},
+    "accuracy_perplexity_default.json": {"default": "accurate"},
+}
+
+
+def merged_qkv() -> dict | None:
+    merged = None
+    for file_name, renames in QKV_FILES.items():
+        path = RESULTS / file_name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        merged = merged or {"configs": {}, "layers": {}}
+        for name, fields in data["configs"].items():
+            merged["configs"][renames.get(name, name)] = fields
+        for layer, modes in data["layers"].items():
+            for mode, rows in modes.items():
+                target = merged["layers"].setdefault(layer, {}).setdefault(mode, {})
+                for name, value in rows.items():
+                    base, _, suffix = name.partition("/")
+                    target[renames.get(base, base) + (f"/{suffix}" if suffix else "")] = value
+    return merged
+
+
+def merged_perplexity() -> dict | None:
+    merged = None
+    for file_name, renames in PERPLEXITY_FILES.items():
+        path = RESULTS / file_name
+        if not path.is_file():
+            continue
+        merged = merged or {"documents": {}}
+        for doc, entry in json.loads(path.read_text())["documents"].items():
+            target = merged["documents"].setdefault(doc, {})
+            for name, value in entry.items():
+                base, _, suffix = name.partition("/")
+                target.setdefault(renames.get(base, base) + (f"/{suffix}" if suffix else ""), value)
+    return merged
+
+
+def qkv_summary(data: dict) -> str:
+    layers = list(data["layers"])
+    lines = ["| mean relative error (5 layers) | paper | accurate | accurate / paper | uniform attention |"]
+    lines.append("|---|---|---|---|---|")
+    for mode in ("causal", "noncausal"):
+        mean = {
+            n: np.mean([np.mean(data["layers"][la][mode][n]) for la in layers])
+            for n in ("paper", "accurate", "uniform")
+        }
+        lines.append(
+            f"| {mode} | {mean['paper']:.3f} | {mean['accurate']:.3f} | {mean['accurate'] / mean['paper']:.2f}x "
+            f"| {mean['uniform']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def speed_table(data: dict) -> str:
+    lines = [
+        "| n | mode | cuDNN exact | paper | accurate | accurate / paper |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case, entry in data["timings_ms"].items():
+        n, mode = case.split("/")
+        for kind in ("fwd", "fwd+bwd"):
+            if f"paper/{kind}" in entry:
+                lines.append(
+                    f"| {n} | {mode} {kind} | {entry[f'cudnn/{kind}']:.2f} ms | {entry[f'paper/{kind}']:.2f} ms "
+                    f"| {entry[f'default/{kind}']:.2f} ms | {entry[f'default_over_paper/{kind}']:.2f}x |"
+                )
+    return "\n".join(lines)
+
+
 def main():
-    qkv = RESULTS / "accuracy_qkv.json"
-    if qkv.is_file():
-        data = json.loads(qkv.read_text())
-        print(qkv_table(data))
-        qkv_figure(data, None, RESULTS / "accuracy_qkv.png")
-    ppl = RESULTS / "accuracy_perplexity.json"
-    if ppl.is_file():
-        data = json.loads(ppl.read_text())
+    rows = [
+        "uniform", "paper", "sinks64", "heavy64", "systematic", "value_norm", "column_mass", "window64",
+        "sinks+window", "b128+sinks+heavy+cm", "b128+sinks32+heavy96+u0.2", "b64+sinks32+heavy128+window32", "accurate",
+    ]  # fmt: skip
+    data = merged_qkv()
+    if data is not None:
+        print(qkv_summary(data), end="\n\n")
+        print(qkv_table(data, rows))
+        qkv_figure(data, [r for r in rows if r != "uniform"] + ["uniform"], RESULTS / "accuracy_qkv.png")
+    speed = RESULTS / "accuracy_speed.json"
+    if speed.is_file():
+        print(speed_table(json.loads(speed.read_text())), end="\n\n")
+    data = merged_perplexity()
+    if data is not None:
         print(perplexity_table(data))
         perplexity_figure(data, RESULTS / "accuracy_perplexity.png")
 

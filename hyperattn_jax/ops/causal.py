@@ -64,7 +64,10 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, scal
         window = min(config.local_window, half)
         if not window:
             return noncausal_fn(q, k, v, key=key, **noncausal_options)
-        recent = grouped_exact_attention(q, k[:, :, half - window :], v[:, :, half - window :], scale=scale)
+        # Few keys: one unchunked call (the default query chunking would run T / 1024 small steps one after another).
+        recent = grouped_exact_attention(
+            q, k[:, :, half - window :], v[:, :, half - window :], scale=scale, query_chunk=q.shape[3]
+        )
         if window == half:
             return recent
         kv_length = jnp.full((q.shape[0],), half - window, jnp.int32)
@@ -103,7 +106,9 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, scal
     head_out, head_lse = exact_fn(q[..., :g, :], k[:, :, :g], v[:, :, :g])
     if g == t:
         return head_out, head_lse
-    sink_out, sink_lse = grouped_exact_attention(q[..., g:, :], k[:, :, :g], v[:, :, :g], scale=scale)
+    sink_out, sink_lse = grouped_exact_attention(
+        q[..., g:, :], k[:, :, :g], v[:, :, :g], scale=scale, query_chunk=max(t - g, 1)
+    )
     # Positions [g, T) shifted to the front and g masked positions appended: the recursion keeps the paper's problem
     # sizes (so the same quarters are exact or estimated), and causality hides the appended keys from real queries.
     pad = ((0, 0), (0, 0), (0, g), (0, 0))

@@ -70,7 +70,9 @@ def _global_key_mask(q, k, mass_key, config, scale, key_valid):
             q, k, key=mass_key, num_probes=config.num_probe_queries, scale=scale, key_valid=key_valid
         )
     if num_heavy > 0:
-        candidate = jnp.where(is_global | ~key_valid, -jnp.inf, mass)
+        # Padding ranks below every real key but above the sinks, so the picks never repeat a sink and the count of
+        # global keys stays exactly num_sinks + num_heavy (padding picked when too few keys are valid is masked).
+        candidate = jnp.where(is_global, -jnp.inf, jnp.where(key_valid, mass, -1.0))
         _, heavy = jax.lax.top_k(candidate, num_heavy)
         is_global = is_global | jnp.any(heavy[..., None] == jnp.arange(s), axis=-2)
     return is_global, num_sinks + num_heavy, mass

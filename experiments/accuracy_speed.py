@@ -1,0 +1,101 @@
+"""GPU speed of the accuracy default vs the paper config (same keys per query), with cuDNN timed in the same run.
+
+Command:  python3 experiments/accuracy_speed.py --n 32768 131072 [--implementation pallas_triton]
+Hardware: one NVIDIA H100 (the project's lent GPU), jax 0.11.2. Runtime: ~3-4 minutes (compilation included).
+Expected: the default config (sinks, heavy keys, column-mass systematic sampling, window; block 64) within ~15% of the
+          paper config's time (block 256, 256 uniform samples), forward and forward+backward, causal and non-causal.
+Writes experiments/results/accuracy_speed.json (device, jax version, date, configs, all timings, ratios).
+
+B=1, N=32 query heads, K=32, H=64, bf16 (the paper's benchmark shape). Timings: median of repeated runs after two
+warm-up calls, each ended by block_until_ready; cuDNN exact attention is the same-run baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+import hyperattn_jax as ha
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_qkv import DEFAULT_CANDIDATE
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASELINE = "cudnn" if jax.default_backend() == "gpu" else None  # the "cudnn" rows are XLA attention off GPU
+
+
+def median_ms(fn, *args, budget_s: float = 1.0, max_reps: int = 30) -> float:
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or (len(times) < max_reps and time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--implementation", default="pallas_triton")
+    parser.add_argument("--output", default="accuracy_speed")
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--bwd-max-n", type=int, default=32768, help="time forward+backward up to this n")
+    args = parser.parse_args()
+    configs = {"paper": ha.HyperAttentionConfig.paper(), "default": DEFAULT_CANDIDATE}
+    results = {
+        "experiment": "accuracy_speed",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": str(jax.devices()[0].device_kind),
+        "jax_version": jax.__version__,
+        "implementation": args.implementation,
+        "shape": "B=1, N=K=32, H=64, bf16",
+        "configs": {n: {f: getattr(c, f) for f in c.__dataclass_fields__} for n, c in configs.items()},
+        "timings_ms": {},
+    }
+    for n in args.n:
+        shape = (1, n, 32, 64)
+        q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(3))
+        for causal in (False, True):
+            mode = "causal" if causal else "noncausal"
+            entry = results["timings_ms"].setdefault(f"{n}/{mode}", {})
+
+            def cudnn(q, k, v, causal=causal):
+                return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=BASELINE)
+
+            cudnn_grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(cudnn(q, k, v).astype(jnp.float32)), (0, 1, 2)))
+            kinds = ("fwd", "fwd+bwd") if n <= args.bwd_max_n else ("fwd",)
+            entry["cudnn/fwd"] = median_ms(jax.jit(cudnn), q, k, v)
+            if "fwd+bwd" in kinds:
+                entry["cudnn/fwd+bwd"] = median_ms(cudnn_grad, q, k, v)
+            for name, config in configs.items():
+
+                def hyper(q, k, v, config=config, causal=causal):
+                    return ha.hyper_attention(
+                        q, k, v, key=jax.random.key(0), config=config, causal=causal,
+                        implementation=args.implementation,
+                    )  # fmt: skip
+
+                grad = jax.jit(jax.grad(lambda q, k, v, f=hyper: jnp.sum(f(q, k, v).astype(jnp.float32)), (0, 1, 2)))
+                entry[f"{name}/fwd"] = median_ms(jax.jit(hyper), q, k, v)
+                if "fwd+bwd" in kinds:
+                    entry[f"{name}/fwd+bwd"] = median_ms(grad, q, k, v)
+            for kind in kinds:
+                entry[f"default_over_paper/{kind}"] = entry[f"default/{kind}"] / entry[f"paper/{kind}"]
+            print(n, mode, {key: round(value, 3) for key, value in entry.items()}, flush=True)
+            out_dir = Path(args.results_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{args.output}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
