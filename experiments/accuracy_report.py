@@ -46,16 +46,16 @@ def qkv_table(data: dict, rows: list[str] | None = None) -> str:
 def qkv_figure(data: dict, rows: list[str] | None, path: Path):
     layers = list(data["layers"])
     names = rows or [n for n in data["layers"][layers[0]]["causal"] if not n.endswith("seed_std")]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.5), sharey=False)
     width = 0.8 / len(names)
     for ax, mode in zip(axes, ("causal", "noncausal")):
         for i, name in enumerate(names):
             values = [np.mean(data["layers"][layer][mode].get(name, [np.nan])) for layer in layers]
-            ax.bar(np.arange(len(layers)) + i * width, values, width, label=name)
+            ax.bar(np.arange(len(layers)) + i * width, values, width, label=name, color=plt.cm.tab20(i))
         ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, [f"layer {layer}" for layer in layers])
         ax.set_title(f"{mode}: relative error vs exact (8192 tokens, SmolLM2-135M)")
         ax.set_ylabel("mean relative error over heads")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -111,6 +111,7 @@ def perplexity_figure(data: dict, path: Path):
 QKV_FILES = {
     "accuracy_qkv.json": {"default": "b64+sinks32+heavy128+window32"},
     "accuracy_qkv_pow2.json": {"b64+sinks32+heavy96+window64": "accurate", "default": "accurate"},
+    "accuracy_qkv_b256.json": {},
 }
 PERPLEXITY_FILES = {
     "accuracy_perplexity.json": {"default": "first_candidate"},
@@ -184,10 +185,38 @@ def speed_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def readme_table(qkv: dict, perplexity: dict, speed: dict) -> str:
+    """The README's summary: paper vs accurate() on the three measures, every number read from the JSON."""
+    layers = list(qkv["layers"])
+
+    def mean_error(name, mode):
+        return np.mean([np.mean(qkv["layers"][layer][mode][name]) for layer in layers])
+
+    lines = ["| SmolLM2-135M, 8192 tokens | `paper()` | `accurate()` |", "|---|---|---|"]
+    for mode in ("causal", "noncausal"):
+        paper, ours = mean_error("paper", mode), mean_error("accurate", mode)
+        lines.append(
+            f"| relative error, {mode} (5 layers x 9 heads) | {paper:.3f} | {ours:.3f} ({ours / paper:.2f}x) |"
+        )
+    ratios = {
+        name: [e[f"{name}/last30"]["ratio_to_exact"] for e in perplexity["documents"].values() if f"{name}/last30" in e]
+        for name in ("paper", "accurate")
+    }
+    lines.append(
+        f"| perplexity / exact, all 30 layers ({len(ratios['accurate'])} documents) "
+        f"| {min(ratios['paper']):.2f}-{max(ratios['paper']):.2f}x | "
+        f"{min(ratios['accurate']):.2f}-{max(ratios['accurate']):.2f}x |"
+    )
+    slowdowns = [v for k, e in speed["timings_ms"].items() for key, v in e.items() if key.startswith("default_over")]
+    lines.append(f"| H100 time (32k-131k tokens, fwd and fwd+bwd) | 1x | {min(slowdowns):.1f}-{max(slowdowns):.1f}x |")
+    return "\n".join(lines)
+
+
 def main():
     rows = [
         "uniform", "paper", "sinks64", "heavy64", "systematic", "value_norm", "column_mass", "window64",
-        "sinks+window", "b128+sinks+heavy+cm", "b128+sinks32+heavy96+u0.2", "b64+sinks32+heavy128+window32", "accurate",
+        "sinks+window", "b128+sinks+heavy+cm", "b256+sinks32+heavy96+u0.2", "b128+sinks32+heavy96+u0.2",
+        "b64+sinks32+heavy128+window32", "accurate",
     ]  # fmt: skip
     data = merged_qkv()
     if data is not None:
@@ -198,6 +227,9 @@ def main():
     if speed.is_file():
         print(speed_table(json.loads(speed.read_text())), end="\n\n")
     data = merged_perplexity()
+    qkv, speed_path = merged_qkv(), RESULTS / "accuracy_speed.json"
+    if data is not None and qkv is not None and speed_path.is_file():
+        print(readme_table(qkv, data, json.loads(speed_path.read_text())), end="\n\n")
     if data is not None:
         print(perplexity_table(data))
         perplexity_figure(data, RESULTS / "accuracy_perplexity.png")
