@@ -51,7 +51,12 @@ def main():
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--bwd-max-n", type=int, default=32768, help="time forward+backward up to this n")
     args = parser.parse_args()
-    configs = {"paper": ha.HyperAttentionConfig.paper(), "default": DEFAULT_CANDIDATE}
+    configs = {
+        "paper": ha.HyperAttentionConfig.paper(),
+        "default": DEFAULT_CANDIDATE,
+        # The cheaper variant of accuracy_qkv.json ("b256+sinks32+heavy96+u0.2"): paper-sized blocks, no window.
+        "accurate_b256": DEFAULT_CANDIDATE.replace(block_size=256, sample_size=128, local_window=0),
+    }
     results = {
         "experiment": "accuracy_speed",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -90,7 +95,9 @@ def main():
                 if "fwd+bwd" in kinds:
                     entry[f"{name}/fwd+bwd"] = median_ms(grad, q, k, v)
             for kind in kinds:
-                entry[f"default_over_paper/{kind}"] = entry[f"default/{kind}"] / entry[f"paper/{kind}"]
+                for name in configs:
+                    if name != "paper":
+                        entry[f"{name}_over_paper/{kind}"] = entry[f"{name}/{kind}"] / entry[f"paper/{kind}"]
             print(n, mode, {key: round(value, 3) for key, value in entry.items()}, flush=True)
             out_dir = Path(args.results_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
