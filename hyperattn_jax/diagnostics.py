@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax._checks import check_qkv, default_scale
-from hyperattn_jax._layout import group_queries, heads_major, ungroup_lse
+from hyperattn_jax._layout import group_queries, heads_major, merge_query_chunks, split_query_chunks, ungroup_lse
 from hyperattn_jax._numerics import masked_logsumexp
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.ops.sortlsh import make_plan
@@ -32,16 +32,6 @@ class Hardness(NamedTuple):
     @property
     def kappa(self):
         return jnp.exp(self.log_kappa)
-
-
-def _query_chunks(x, chunk: int):
-    """Split axis 3 of `[B, K, G, T, ...]` into `[num_chunks, B, K, G, chunk, ...]`, zero-padded."""
-    t = x.shape[3]
-    num_chunks = -(-t // chunk)
-    pad = [(0, 0)] * x.ndim
-    pad[3] = (0, num_chunks * chunk - t)
-    x = jnp.pad(x, pad)
-    return jnp.moveaxis(x.reshape(*x.shape[:3], num_chunks, chunk, *x.shape[4:]), 3, 0)
 
 
 def hardness(q, k, *, key, config: HyperAttentionConfig | None = None, scale=None, query_chunk: int = 512) -> Hardness:
@@ -67,9 +57,9 @@ def _hardness(q, k, key, config, scale, query_chunk):
     plan = make_plan(q, k, key=key, config=config.replace(sample_size=0))
     query_block = plan.query_order.inverse // plan.query_block  # [B, K, G, T]
     key_block = plan.key_order.inverse // plan.key_block  # [B, K, S]
-    q_chunks = _query_chunks(q.astype(jnp.float32), query_chunk)
-    block_chunks = _query_chunks(query_block, query_chunk)
-    valid_chunks = _query_chunks(jnp.ones(q.shape[:4], bool), query_chunk)
+    q_chunks = split_query_chunks(q.astype(jnp.float32), query_chunk)
+    block_chunks = split_query_chunks(query_block, query_chunk)
+    valid_chunks = split_query_chunks(jnp.ones(q.shape[:4], bool), query_chunk)
 
     def scores(q_chunk):
         return jnp.einsum("bkgqh,bksh->bkgqs", q_chunk, k.astype(jnp.float32)) * scale
@@ -91,7 +81,7 @@ def _hardness(q, k, key, config, scale, query_chunk):
         add_column_norms, jnp.zeros((*q.shape[:3], s), jnp.float32), (q_chunks, lse, valid_chunks)
     )
     alpha = t * jnp.max(column_sq, axis=-1)
-    residual = jnp.moveaxis(residual_log_rowsum, 0, 3).reshape(*q.shape[:3], -1)[..., :t]
+    residual = merge_query_chunks(residual_log_rowsum, t)
     has_residual = jnp.isfinite(residual)  # rows whose every key sits in their block have nothing left to estimate
     log_kappa = jnp.max(jnp.where(has_residual, residual, -jnp.inf), -1) - jnp.min(
         jnp.where(has_residual, residual, jnp.inf), -1

@@ -10,7 +10,14 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax._checks import check_qkv, default_scale
-from hyperattn_jax._layout import group_queries, heads_major, ungroup_lse, ungroup_output
+from hyperattn_jax._layout import (
+    group_queries,
+    heads_major,
+    merge_query_chunks,
+    split_query_chunks,
+    ungroup_lse,
+    ungroup_output,
+)
 from hyperattn_jax._numerics import finite_or_zero, masked_logsumexp
 
 DEFAULT_QUERY_CHUNK = 1024
@@ -44,7 +51,7 @@ def grouped_exact_attention(q, k, v, *, scale, causal=False, kv_length=None, que
 
     Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]` in the accumulation dtype (float32 or float64).
     """
-    t, h = q.shape[3], q.shape[4]
+    t = q.shape[3]
 
     def attend(q_chunk, start):
         return _attend_chunk(q_chunk, k, v, start, scale=scale, causal=causal, kv_length=kv_length)
@@ -53,13 +60,10 @@ def grouped_exact_attention(q, k, v, *, scale, causal=False, kv_length=None, que
     attend = jax.checkpoint(attend)
     if t <= query_chunk:
         return attend(q, 0)
-    num_chunks = -(-t // query_chunk)
-    q = jnp.pad(q, ((0, 0),) * 3 + ((0, num_chunks * query_chunk - t), (0, 0)))
-    chunks = jnp.moveaxis(q.reshape(*q.shape[:3], num_chunks, query_chunk, h), 3, 0)
-    out, lse = jax.lax.map(lambda args: attend(*args), (chunks, jnp.arange(num_chunks) * query_chunk))
-    out = jnp.moveaxis(out, 0, 3).reshape(*q.shape[:3], -1, h)[..., :t, :]
-    lse = jnp.moveaxis(lse, 0, 3).reshape(*q.shape[:3], -1)[..., :t]
-    return out, lse
+    chunks = split_query_chunks(q, query_chunk)
+    starts = jnp.arange(chunks.shape[0]) * query_chunk
+    out, lse = jax.lax.map(lambda args: attend(*args), (chunks, starts))
+    return merge_query_chunks(out, t), merge_query_chunks(lse, t)
 
 
 def exact_attention(
