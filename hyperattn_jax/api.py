@@ -57,7 +57,7 @@ def _check_kv_length(kv_length, batch: int):
 @functools.partial(jax.jit, static_argnames=("config", "causal", "scale", "implementation"))
 def _grouped_hyper_attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, implementation):
     if implementation == "pallas_triton":
-        from hyperattn_jax.kernels.gpu.hyper import grouped_attention_pallas  # kernels import ops, not the reverse
+        from hyperattn_jax.kernels.gpu.dispatch import grouped_attention_pallas  # kernels import ops, not the reverse
 
         return grouped_attention_pallas(q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale)
 

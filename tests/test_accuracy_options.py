@@ -204,7 +204,7 @@ def test_paper_plan_weights_match_the_shared_dense_helper(rng):
     cfg = ha.HyperAttentionConfig.paper(block_size=32, sample_size=16, min_seq_len=0, num_sink_keys=0)
     gq, gk, _ = _grouped(q, k, v)
     plan = ops.make_plan(gq, gk, key=jax.random.key(5), config=cfg)
-    full = plan._replace(
+    full = plan.replace(
         sample_log_weight=jnp.full(plan.sample_index.shape, jnp.log(100 / 16)),
         num_block_keys=jnp.full(plan.sample_index.shape[:2], 100),
     )

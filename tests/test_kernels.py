@@ -8,6 +8,7 @@ from helpers import random_qkv
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
+from hyperattn_jax.kernels.gpu.causal import recursion_shape
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
 from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention
 from hyperattn_jax.reference import grouped_exact_attention
@@ -134,8 +135,11 @@ def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options
     cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=32, **extra)
     if options:
         cfg = cfg.replace(sample_distribution="column_mass", sample_scheme="systematic")
-    # causal: 256 = 8 segments of 32, three recursion levels (the batch order of the stacked problems matters)
+    # causal: 256 = 8 segments of 32, three recursion levels (the batch order of the stacked problems matters), run
+    # by the kernels' own causal function (its backward merges the levels' gradients itself)
     t, s, n = (256, 256, 2) if causal else (128, 80, 4)
+    if causal:
+        assert recursion_shape(t, cfg) == (3, 32, recursion_shape(t, cfg)[2])
     q, k, v = random_qkv(rng, b=1, t=t, s=s, n=n, kv=n // 2, h=16, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
     results = {}
@@ -145,7 +149,9 @@ def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options
             out = ha.hyper_attention(
                 q, k, v, key=key, config=cfg, causal=causal, return_lse=True, implementation=implementation
             )
-            return jnp.sum(out[0].astype(jnp.float32) * jnp.cos(q.astype(jnp.float32))), out
+            # lse enters the loss too: its cotangent takes a separate path through every backward
+            weighted = jnp.sum(out[0].astype(jnp.float32) * jnp.cos(q.astype(jnp.float32)))
+            return weighted + jnp.sum(jnp.sin(out[1])), out
 
         (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
         results[implementation] = jax.tree.leaves((out, grads))
@@ -172,9 +178,9 @@ def test_in_kernel_gathers_match_pregathered_kernel(rng, t):
     cfg = ha.HyperAttentionConfig(block_size=32, sample_size=24, min_seq_len=0)
     q, k, v = random_qkv(rng, b=1, t=t, s=128, n=4, kv=2, h=16, dtype=jnp.bfloat16)
     q5, k4, v4 = _grouped(q, k, v)
-    static = (cfg, 0.25, hyper.TiledKernelConfig(), True)
-    key = jax.random.key(int(rng.integers(1 << 30)))
-    gathered = hyper._gathered(q5, k4, v4, key, None, None, static)
-    pregathered = hyper._pregathered(q5, k4, v4, key, None, None, static)
+    plan = ops.make_plan(q5, k4, key=jax.random.key(int(rng.integers(1 << 30))), config=cfg)
+    assert hyper._can_gather_in_kernel(q5, plan)
+    gathered = hyper.estimate_forward(q5, k4, v4, plan, scale=0.25, tuning=hyper.TiledKernelConfig(), interpret=True)
+    pregathered = hyper._pregathered_forward(q5, k4, v4, plan, 0.25, hyper.TiledKernelConfig(), True)
     for a, b in zip(gathered, pregathered, strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)

@@ -7,7 +7,8 @@ function of q, k, v and `jax.grad` of it is exact.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,16 @@ from hyperattn_jax.ops.sorting import SortOrder, sort_order, sort_rows, unsort_r
 from hyperattn_jax.ops.tiles import KeyTile, merge_partials, tiled_attention
 
 
-class SortLSHPlan(NamedTuple):
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("query_order", "key_order", "sample_index", "num_valid_keys", "sample_log_weight", "num_block_keys"),
+    meta_fields=("num_blocks", "query_block", "key_block", "num_global"),
+)
+@dataclasses.dataclass(frozen=True)
+class SortLSHPlan:
     """The random, piecewise-constant part of HyperAttention for one call (treated as constants by gradients).
+
+    A pytree whose sizes are static metadata, so a plan can pass through `jit` and be kept as a custom_vjp residual.
 
     query_order: sort of queries `[B, K, G, T]` by LSH rank; key_order: of keys `[B, K, S]`.
     num_blocks: nb; query_block: queries per block (bq = ceil(T / nb)); key_block: keys per block (b).
@@ -40,6 +49,9 @@ class SortLSHPlan(NamedTuple):
     num_global: int = 0
     sample_log_weight: jax.Array | None = None
     num_block_keys: jax.Array | None = None
+
+    def replace(self, **changes) -> SortLSHPlan:
+        return dataclasses.replace(self, **changes)
 
 
 def probe_column_mass(q, k, *, key, num_probes: int, scale: float, key_valid=None):

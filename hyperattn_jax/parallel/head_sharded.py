@@ -70,7 +70,7 @@ def grouped_attention_for_heads(
         if noncausal_is_exact(k.shape[2], config):
             return grouped_exact_attention(q, k, v, scale=scale)
         plan = make_plan(q, k, key=key, config=config, hash_key=hash_key)
-        plan = plan._replace(sample_index=samples_for(key, stacked=q.shape[0] // batch, num_keys=k.shape[2]))
+        plan = plan.replace(sample_index=samples_for(key, stacked=q.shape[0] // batch, num_keys=k.shape[2]))
         out, lse = tiled_attention(block_query_layout(q, plan), hyper_attention_tiles(k, v, plan), scale=scale)
         t = q.shape[3]
         return unblock_query_layout(out, plan, t), unblock_query_layout(lse[..., None], plan, t)[..., 0]

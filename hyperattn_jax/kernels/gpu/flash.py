@@ -302,10 +302,14 @@ def _unpad(out, lse, q_shape, shape):
 def _flash_bwd(shape, scale, tuning, interpret, residuals, cotangents):
     q, k, v, out, lse = residuals
     d_out, d_lse = cotangents
-    b, kv_heads, g = d_out.shape[:3]
     do = _q_in(d_out.astype(q.dtype), shape)
     d_lse = pad_to(d_lse, 3, shape.padded_queries).reshape(lse.shape)
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse
+    return _unpadded_backward(q, k, v, do, lse, delta, d_out.shape, shape, scale, tuning, interpret)
+
+
+def _unpadded_backward(q, k, v, do, lse, delta, q_shape, shape: _Shape, scale, tuning, interpret):
+    b, kv_heads, g = q_shape[:3]
     dq, dk, dv = _backward(q, k, v, do, finite_or_zero(lse), delta, shape, scale, tuning, interpret)
     dq = dq.reshape(b, kv_heads, g, shape.padded_queries, -1)[..., : shape.num_queries, : shape.head_dim]
     dk, dv = (x.reshape(b, kv_heads, shape.padded_keys, -1)[..., : shape.num_keys, : shape.head_dim] for x in (dk, dv))
@@ -347,3 +351,31 @@ def flash_attention(
     shape, tuning = _layout(q, k, causal, segment, tuning)
     interpret = default_interpret() if interpret is None else bool(interpret)
     return _flash(q, k, v, shape, float(scale), tuning, interpret)
+
+
+def flash_attention_backward(
+    q,
+    k,
+    v,
+    d_out,
+    lse,
+    delta,
+    *,
+    scale: float,
+    causal: bool = False,
+    segment: int | None = None,
+    tuning: FlashConfig | None = None,
+    interpret: bool | None = None,
+):
+    """The backward kernels of `flash_attention` with softmax statistics supplied by the caller: dq, dk, dv.
+
+    With the lse and delta_i = sum_h dO_ih O_ih - dlse_i of a merged attention of which this exact attention is one
+    part (see `fused_tiled_attention_backward`), the result is this part's share of the merged gradient.
+    d_out `[B, K, G, T, H]`; lse, delta float32 `[B, K, G, T]`; the other arguments as for `flash_attention`.
+    """
+    tuning = FlashConfig() if tuning is None else tuning
+    shape, tuning = _layout(q, k, causal, segment, tuning)
+    interpret = default_interpret() if interpret is None else bool(interpret)
+    q_in, k_in, v_in, do = _q_in(q, shape), _kv_in(k, shape), _kv_in(v, shape), _q_in(d_out.astype(q.dtype), shape)
+    lse, delta = (pad_to(x.astype(jnp.float32), 3, shape.padded_queries).reshape(do.shape[:3]) for x in (lse, delta))
+    return _unpadded_backward(q_in, k_in, v_in, do, lse, delta, q.shape, shape, float(scale), tuning, interpret)

@@ -393,6 +393,11 @@ def _fused_bwd(layout, scale, tuning, interpret, residuals, cotangents):
     do = _queries_in(d_out.astype(q.dtype), layout)
     # d lse enters dS like -delta: dS_ij = P_ij (dP_ij - delta_i + dlse_i).
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - _rows_in(d_lse, layout)
+    return _backward(q, flat, do, lse, delta, weights, layout, scale, tuning, interpret)
+
+
+def _backward(q, flat, do, lse, delta, weights, layout: _Layout, scale, tuning, interpret):
+    """dq `[B, K, G, nb, bq, H]` and the tiles' (dk, dv) from padded kernel inputs and the softmax statistics."""
     lse = finite_or_zero(lse)
     dq = _dq_call(q, do, lse, delta, flat, layout, scale=scale, tuning=tuning, interpret=interpret)
     d_tiles = []
@@ -435,3 +440,41 @@ def fused_tiled_attention(
     tuning = TiledKernelConfig() if tuning is None else tuning
     interpret = default_interpret() if interpret is None else bool(interpret)
     return _fused(q_blocks, tiles, _make_layout(q_blocks, tiles), float(scale), tuning, interpret)
+
+
+def fused_tiled_attention_backward(
+    q_blocks,
+    tiles,
+    d_out,
+    lse,
+    delta,
+    *,
+    scale: float,
+    tuning: TiledKernelConfig | None = None,
+    interpret: bool | None = None,
+):
+    """The backward kernels of `fused_tiled_attention` run with softmax statistics supplied by the caller.
+
+    When this estimate is one part of a larger attention (a causal recursion level merged with others by lse), its
+    gradient is the part's backward run with the FINAL lse and delta_i = sum_h dO_ih O_ih - dlse_i of the merged
+    output: P_ij = w_j e^{s_ij - lse_i} is then this part's share of the merged softmax. So no part needs its own
+    out and lse kept, and nothing is differentiated through the merge.
+
+    Args:
+      q_blocks, tiles, scale, tuning, interpret: as for `fused_tiled_attention`.
+      d_out: cotangent of the merged output, `[B, K, G, nb, bq, H]` in the blocked layout of q_blocks.
+      lse, delta: float32 `[B, K, G, nb, bq]`, the merged attention's lse and delta in the same layout.
+
+    Returns:
+      dq `[B, K, G, nb, bq, H]` in q's dtype and a list of `KeyTile`s holding each tile's dk, dv (zero log-weights).
+    """
+    tiles = [KeyTile(*tile) for tile in tiles]
+    _check_dtypes(q_blocks, tiles)
+    tuning = TiledKernelConfig() if tuning is None else tuning
+    interpret = default_interpret() if interpret is None else bool(interpret)
+    layout = _make_layout(q_blocks, tiles)
+    weights = [jnp.zeros_like(tile.log_weight) for tile in tiles]
+    q, do = (_queries_in(x.astype(q_blocks.dtype), layout) for x in (q_blocks, d_out))
+    lse, delta = (_rows_in(x.astype(jnp.float32), layout) for x in (lse, delta))
+    flat = _tiles_in(tiles, layout)
+    return _backward(q, flat, do, lse, delta, weights, layout, float(scale), tuning, interpret)

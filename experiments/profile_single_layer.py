@@ -1,0 +1,187 @@
+"""Where the time goes in one HyperAttention layer on the GPU: a per-kernel profile and a sweep of kernel tunings.
+
+Command:  PYTHONPATH=. python3 experiments/profile_single_layer.py --out $OUT/profile_single_layer.json
+Hardware: one NVIDIA H100 80GB (the project's lent GPU), jax 0.11.2. Runtime: a few minutes (compilation included).
+
+1. Profile: each mode (non-causal / causal, fwd / fwd+bwd) at --n runs under `jax.profiler.trace` with a Perfetto
+   trace; the GPU kernels' durations are summed by kernel name and divided by the traced runs (top kernels kept).
+2. Sweep: the two kernels the causal layer spends most in, timed alone at --n with several tunings: the HyperAttention
+   estimate (`grouped_hyper_attention_pallas`, fwd and fwd+bwd, `TiledKernelConfig`) and the exact base case (one
+   segment-causal flash call over --n positions in segments of min_seq_len, `FlashConfig`).
+B=1, N=32, H=64, bf16, HyperAttentionConfig.paper(). Writes JSON (device, jax version, date, every timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import glob
+import gzip
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+import hyperattn_jax as ha
+from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
+from hyperattn_jax.kernels.gpu.hyper import grouped_hyper_attention_pallas
+from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
+
+HEADS, HEAD_DIM = 32, 64
+
+
+def median_ms(fn, args, reps=20):
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def with_grad(forward):
+    """fwd+bwd of sum(out * cotangent) for a function returning out (or (out, lse))."""
+
+    def loss(q, k, v, cotangent):
+        out = forward(q, k, v)
+        out = out[0] if isinstance(out, tuple) else out
+        return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def gpu_kernel_times(fn, args, runs=3, top=25):
+    """Mean GPU time per run of every kernel name, from a Perfetto trace of `runs` runs (ms, largest first)."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(runs):
+                jax.block_until_ready(fn(*args))
+        (path,) = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    total = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and event.get("pid") in gpu:
+            total[event["name"]] += event.get("dur", 0) / 1e3 / runs
+    return {"sum_ms": sum(total.values()), "kernels": dict(total.most_common(top))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="experiments/results/profile_single_layer.json")
+    parser.add_argument("--n", type=int, default=131072)
+    parser.add_argument("--skip-sweep", action="store_true")
+    args = parser.parse_args()
+    n = args.n
+    config = ha.HyperAttentionConfig.paper()
+    key = jax.random.key(0)
+    keys = jax.random.split(jax.random.key(n), 4)
+    q, k, v, g = (jax.random.normal(kk, (1, n, HEADS, HEAD_DIM), jnp.bfloat16) for kk in keys)
+    g = g.astype(jnp.float32)
+    record = {
+        "device": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "n": n,
+        "config": {"batch": 1, "num_heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "paper": True},
+        "profile": {},
+        "sweep": [],
+    }
+
+    def save():
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+    for causal in (False, True):
+        forward = jax.jit(
+            lambda q, k, v, causal=causal: ha.hyper_attention(q, k, v, key=key, config=config, causal=causal)
+        )
+        for mode, fn, fn_args in (("fwd", forward, (q, k, v)), ("fwdbwd", with_grad(forward), (q, k, v, g))):
+            name = f"{'causal' if causal else 'noncausal'}_{mode}"
+            try:
+                wall = median_ms(fn, fn_args)
+                record["profile"][name] = {"wall_ms": wall, **gpu_kernel_times(fn, fn_args)}
+            except Exception as error:
+                record["profile"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            entry = record["profile"][name]
+            print(name, {key_: round(value, 3) for key_, value in entry.get("kernels", {}).items()}, flush=True)
+            print(f"{name}: wall {entry.get('wall_ms', float('nan')):.3f} ms, kernels {entry.get('sum_ms', 0):.3f} ms")
+            save()
+    if args.skip_sweep:
+        return
+
+    # Grouped layout for the kernels called directly: q [B, K, G, T, H], k, v [B, K, T, H].
+    q5, k4, v4, g5 = (jnp.moveaxis(x, 1, 2) for x in (q, k, v, g))
+    q5, g5 = q5[:, :, None], g5[:, :, None]
+    scale = HEAD_DIM**-0.5
+    tiled_variants = [
+        TiledKernelConfig(),
+        TiledKernelConfig(block_q=64),
+        TiledKernelConfig(num_stages=3),
+        TiledKernelConfig(block_q=64, num_stages=3),
+        TiledKernelConfig(block_k=32),
+        TiledKernelConfig(block_k=128, num_warps=8),
+        TiledKernelConfig(block_q=128, num_warps=8),
+        TiledKernelConfig(block_q_bwd=32, block_k_bwd=64),
+        TiledKernelConfig(block_q_bwd=64, block_k_bwd=128, num_warps=8),
+        TiledKernelConfig(block_q_bwd=128, block_k_bwd=64, num_warps=8),
+    ]
+    for tuning in tiled_variants:
+
+        def estimate(q, k, v, tuning=tuning):
+            return grouped_hyper_attention_pallas(q, k, v, key=key, config=config, scale=scale, tuning=tuning)
+
+        row = {"kernel": "estimate", "tuning": tuning._asdict()}
+        for mode, fn, fn_args in (
+            ("fwd", jax.jit(estimate), (q5, k4, v4)),
+            ("fwdbwd", with_grad(estimate), (q5, k4, v4, g5)),
+        ):
+            try:
+                row[mode] = median_ms(fn, fn_args)
+            except Exception as error:
+                row[mode] = f"{type(error).__name__}: {str(error)[:200]}"
+        record["sweep"].append(row)
+        print(row, flush=True)
+        save()
+    segment = config.min_seq_len
+    flash_variants = [
+        FlashConfig(),
+        FlashConfig(block_q=64, block_k=64),
+        FlashConfig(num_stages=3),
+        FlashConfig(block_q=128, block_k=64, num_warps=8),
+        FlashConfig(block_q=128, block_k=128, num_warps=8),
+        FlashConfig(block_q=128, block_k=32),
+        FlashConfig(block_bwd=32),
+        FlashConfig(block_bwd=128, num_warps=8),
+    ]
+    for tuning in flash_variants:
+
+        def base(q, k, v, tuning=tuning):
+            return flash_attention(q, k, v, scale=scale, causal=True, segment=segment, tuning=tuning)
+
+        row = {"kernel": "causal_base", "segment": segment, "tuning": tuning._asdict()}
+        for mode, fn, fn_args in (("fwd", jax.jit(base), (q5, k4, v4)), ("fwdbwd", with_grad(base), (q5, k4, v4, g5))):
+            try:
+                row[mode] = median_ms(fn, fn_args)
+            except Exception as error:
+                row[mode] = f"{type(error).__name__}: {str(error)[:200]}"
+        record["sweep"].append(row)
+        print(row, flush=True)
+        save()
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The paper's causal recursion on the fused kernels, as ONE differentiable function with its own backward.
+
+Same estimator and same random draws as `ops.grouped_causal_attention` (its jnp twin), computed without its copies:
+- the diagonal problems of the last level are one segment-causal flash call on the unsplit sequence;
+- each level's lower-left problems (second-half queries of every chunk over its first-half keys) are cut from strided
+  views, in the batch order the ops recursion stacks them (chunk index bit-reversed);
+- the parts are merged once: the total lse first (small), then one weighted sum of the parts in q's dtype.
+Backward: every part's backward kernels run with the FINAL lse and delta (see `fused_tiled_attention_backward`), so no
+part keeps its own output and nothing is differentiated through the merge; each level's dq, dk, dv are added into
+float32 accumulators at that level's rows. Residuals: q, k, v, out, lse and the plans (int32 orders and samples).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention, flash_attention_backward
+from hyperattn_jax.kernels.gpu.hyper import estimate_backward, estimate_forward, output_delta
+from hyperattn_jax.ops.causal import causal_base_length
+from hyperattn_jax.ops.sortlsh import make_plan
+
+
+def recursion_shape(t: int, config) -> tuple[int, int, FlashConfig] | None:
+    """(levels, base segment length, flash tuning) of the recursion over t positions, or None where this module does
+    not apply and the ops recursion (with kernels inside) must run: odd lengths on the way down, sinks or a local
+    window (extra exact tiles the ops recursion adds), no recursion at all, segments too small for the kernel blocks."""
+    if config.num_sink_keys or config.local_window:
+        return None
+    depth, segment = 0, t
+    while segment > causal_base_length(config):
+        if segment % 2:
+            return None
+        segment //= 2
+        depth += 1
+    block = next((b for b in (128, 64, 32, 16) if segment % b == 0), None)
+    if depth == 0 or block is None:
+        return None
+    return depth, segment, FlashConfig(block_q=block, block_k=min(64, block), block_bwd=min(64, block))
+
+
+def _bit_reverse_chunks(x, axis: int, bits: int):
+    """Reorder a 2**bits axis by bit reversal (an involution), as a transpose of its binary digits (XLA fuses it)."""
+    if bits <= 1:
+        return x
+    shape = x.shape
+    x = x.reshape(*shape[:axis], *([2] * bits), *shape[axis + 1 :])
+    order = [*range(axis), *reversed(range(axis, axis + bits)), *range(axis + bits, x.ndim)]
+    return x.transpose(order).reshape(shape)
+
+
+def _level_rows(x, which: int, level: int):
+    """Rows of x `[B, ..., T, H]`: half `which` (0 first, 1 second) of every one of the 2**level chunks, stacked as
+    `[chunks * B, ..., half, H]` in the ops recursion's batch order."""
+    batch, lead, h = x.shape[0], x.shape[1:-2], x.shape[-1]
+    chunks = 2**level
+    half = x.shape[-2] // chunks // 2
+    x = x.reshape(batch, *lead, chunks, 2, half, h)[..., which, :, :]
+    x = _bit_reverse_chunks(x, x.ndim - 3, level)
+    return jnp.moveaxis(x, x.ndim - 3, 0).reshape(chunks * batch, *lead, half, h)
+
+
+def _chunk_major(part, batch: int, level: int):
+    """Inverse of `_level_rows`' stacking: `[chunks * B, ..., half, H]` -> `[B, ..., chunks, half, H]`."""
+    chunks = 2**level
+    part = part.reshape(chunks, batch, *part.shape[1:])
+    return _bit_reverse_chunks(jnp.moveaxis(part, 0, part.ndim - 3), part.ndim - 3, level)
+
+
+def _spread(part, fill, batch: int, level: int):
+    """`[chunks * B, ..., half, H]` -> `[B, ..., T, H]` at the rows `_level_rows(x, 1, level)` took, else `fill`."""
+    part = _chunk_major(part, batch, level)
+    both = jnp.stack([jnp.full_like(part, fill), part], axis=part.ndim - 2)
+    return both.reshape(*part.shape[:-3], -1, part.shape[-1])
+
+
+def _add_at_rows(total, part, which: int, level: int):
+    """total `[B, ..., T, H]` (float32) plus part at the rows `_level_rows(total, which, level)` names, updated in
+    place (a dynamic-update-slice of that half)."""
+    batch, lead, h = total.shape[0], total.shape[1:-2], total.shape[-1]
+    chunks = 2**level
+    view = total.reshape(batch, *lead, chunks, 2, -1, h)
+    axis = view.ndim - 3
+    current = lax.slice_in_dim(view, which, which + 1, axis=axis)
+    update = current + jnp.expand_dims(_chunk_major(part, batch, level).astype(total.dtype), axis)
+    return lax.dynamic_update_slice_in_dim(view, update, which, axis=axis).reshape(total.shape)
+
+
+def _level_problem(q, k, v, level: int):
+    return _level_rows(q, 1, level), _level_rows(k, 0, level), _level_rows(v, 0, level)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _causal(q, k, v, key, hash_key, static):
+    return _causal_fwd(q, k, v, key, hash_key, static)[0]
+
+
+def _causal_fwd(q, k, v, key, hash_key, static):
+    config, scale, tuning, interpret, (depth, segment, flash_tuning) = static
+    batch = q.shape[0]
+    base_out, base_lse = flash_attention(
+        q, k, v, scale=scale, causal=True, segment=segment, tuning=flash_tuning, interpret=interpret
+    )
+    outs, lses, plans = [base_out], [base_lse], []
+    level_key = key
+    for level in range(depth):
+        off_diagonal_key, level_key = jax.random.split(level_key)
+        ql, kl, vl = _level_problem(q, k, v, level)
+        plan = make_plan(ql, kl, key=off_diagonal_key, config=config, hash_key=hash_key, v=vl, scale=scale)
+        out, lse = estimate_forward(ql, kl, vl, plan, scale=scale, tuning=tuning, interpret=interpret)
+        outs.append(_spread(out, 0, batch, level))
+        lses.append(_spread(lse[..., None], -jnp.inf, batch, level)[..., 0])
+        plans.append(plan)
+    # Total lse first, then one weighted sum: no float32 copy of the whole output per level.
+    lse = functools.reduce(jnp.logaddexp, lses)
+    out = sum(o.astype(jnp.float32) * jnp.exp(part_lse - lse)[..., None] for o, part_lse in zip(outs, lses))
+    out = out.astype(q.dtype)
+    return (out, lse), (q, k, v, out, lse, plans)
+
+
+def _causal_bwd(static, residuals, cotangents):
+    _, scale, tuning, interpret, (_, segment, flash_tuning) = static
+    q, k, v, out, lse, plans = residuals
+    d_out = cotangents[0].astype(q.dtype)
+    delta = output_delta(out, *cotangents)
+    grads = flash_attention_backward(
+        q, k, v, d_out, lse, delta, scale=scale, causal=True, segment=segment, tuning=flash_tuning, interpret=interpret
+    )
+    dq, dk, dv = (g.astype(jnp.float32) for g in grads)
+    stats = jnp.stack([lse, delta], axis=-1)
+    for level, plan in enumerate(plans):
+        level_lse, level_delta = jnp.moveaxis(_level_rows(stats, 1, level), -1, 0)
+        dql, dkl, dvl = estimate_backward(
+            *_level_problem(q, k, v, level),
+            plan,
+            _level_rows(d_out, 1, level),
+            level_lse,
+            level_delta,
+            scale=scale,
+            tuning=tuning,
+            interpret=interpret,
+        )
+        dq = _add_at_rows(dq, dql, 1, level)
+        dk = _add_at_rows(dk, dkl, 0, level)
+        dv = _add_at_rows(dv, dvl, 0, level)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_causal.defvjp(_causal_fwd, _causal_bwd)
+
+
+def grouped_causal_hyper_attention_pallas(q, k, v, *, key, config, scale: float, tuning, interpret, hash_key=None):
+    """Causal HyperAttention with the fused kernels, or None where `recursion_shape` says the shapes do not fit.
+
+    q `[B, K, G, T, H]`, k, v `[B, K, T, H]`; returns out (q's dtype) and lse `[B, K, G, T]` float32.
+    """
+    shape = recursion_shape(q.shape[3], config)
+    if shape is None:
+        return None
+    return _causal(q, k, v, key, hash_key, (config, float(scale), tuning, bool(interpret), shape))
