@@ -55,11 +55,13 @@ def _check_kv_length(kv_length, batch: int):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "causal", "scale", "implementation"))
-def _grouped_hyper_attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, implementation):
+def _hyper_attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, implementation):
+    """Public layout in and out: out `[B, T, N, H]`, lse `[B, K, G, T]`. The kernels take the public layout as it is
+    (no transposes); the jnp path works on the grouped layout."""
     if implementation == "pallas_triton":
-        from hyperattn_jax.kernels.gpu.dispatch import grouped_attention_pallas  # kernels import ops, not the reverse
+        from hyperattn_jax.kernels.gpu.dispatch import attention_pallas  # kernels import ops, not the reverse
 
-        return grouped_attention_pallas(q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale)
+        return attention_pallas(q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale)
 
     def noncausal(q, k, v, *, key, kv_length=None, config=config):  # causal recursion may pass a config (sinks off)
         if noncausal_is_exact(k.shape[2], config):
@@ -68,9 +70,12 @@ def _grouped_hyper_attention(q, k, v, key, kv_length, hash_key, *, config, causa
             q, k, v, key=key, config=config, scale=scale, kv_length=kv_length, hash_key=hash_key
         )
 
+    q, k, v = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
     if causal:
-        return grouped_causal_attention(q, k, v, key=key, config=config, scale=scale, noncausal_fn=noncausal)
-    return noncausal(q, k, v, key=key, kv_length=kv_length)
+        out, lse = grouped_causal_attention(q, k, v, key=key, config=config, scale=scale, noncausal_fn=noncausal)
+    else:
+        out, lse = noncausal(q, k, v, key=key, kv_length=kv_length)
+    return ungroup_output(out), lse
 
 
 def hyper_attention(
@@ -125,10 +130,10 @@ def hyper_attention(
     if causal and kv_length is not None:
         raise ValueError("kv_length (key padding) is supported for non-causal attention only")
     scale = default_scale(q.shape[-1], scale)
-    out, lse = _grouped_hyper_attention(
-        group_queries(q, k.shape[2]),
-        heads_major(k),
-        heads_major(v),
+    out, lse = _hyper_attention(
+        q,
+        k,
+        v,
         key,
         kv_length,
         hash_key,
@@ -137,7 +142,7 @@ def hyper_attention(
         scale=scale,
         implementation=_resolve_implementation(implementation, q.dtype),
     )
-    out = ungroup_output(out).astype(q.dtype)
+    out = out.astype(q.dtype)
     if not return_lse:
         return out
     return out, ungroup_lse(lse).astype(jnp.promote_types(q.dtype, jnp.float32))

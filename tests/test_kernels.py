@@ -128,19 +128,25 @@ def test_flash_matches_exact_reference(rng, t, s, causal, segment):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize(("causal", "options"), [(False, False), (True, False), (False, True)])
-def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options):
+@pytest.mark.parametrize(
+    ("causal", "options", "b", "t", "s"),
+    [
+        (False, False, 1, 128, 80),  # 5 key blocks of 16, 26 queries per block: sorted copies (pre-gathered kernel)
+        (False, False, 2, 128, 128),  # 8 blocks of 16 queries and keys: rows gathered in the kernel
+        (True, False, 2, 256, 256),  # 8 segments of 32, three recursion levels (stacked problem order matters)
+        (False, True, 1, 128, 80),
+    ],
+)
+def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options, b, t, s):
     # options: sink + heavy global keys (a shared tile) and importance-sampled residual (per-sample log-weights)
     extra = {"num_sink_keys": 4, "num_heavy_keys": 8} if options else {}
     cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=32, **extra)
     if options:
         cfg = cfg.replace(sample_distribution="column_mass", sample_scheme="systematic")
-    # causal: 256 = 8 segments of 32, three recursion levels (the batch order of the stacked problems matters), run
-    # by the kernels' own causal function (its backward merges the levels' gradients itself)
-    t, s, n = (256, 256, 2) if causal else (128, 80, 4)
-    if causal:
-        assert recursion_shape(t, cfg) == (3, 32, recursion_shape(t, cfg)[2])
-    q, k, v = random_qkv(rng, b=1, t=t, s=s, n=n, kv=n // 2, h=16, dtype=jnp.bfloat16)
+    n = 2 if causal else 4
+    if causal:  # run by the kernels' own causal function (its backward merges the levels' gradients itself)
+        assert recursion_shape(t, 16, cfg)[:2] == (3, 32)
+    q, k, v = random_qkv(rng, b=b, t=t, s=s, n=n, kv=n // 2, h=16, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
     results = {}
     for implementation in ("xla", "pallas_triton"):
@@ -179,8 +185,20 @@ def test_in_kernel_gathers_match_pregathered_kernel(rng, t):
     q, k, v = random_qkv(rng, b=1, t=t, s=128, n=4, kv=2, h=16, dtype=jnp.bfloat16)
     q5, k4, v4 = _grouped(q, k, v)
     plan = ops.make_plan(q5, k4, key=jax.random.key(int(rng.integers(1 << 30))), config=cfg)
-    assert hyper._can_gather_in_kernel(q5, plan)
-    gathered = hyper.estimate_forward(q5, k4, v4, plan, scale=0.25, tuning=hyper.TiledKernelConfig(), interpret=True)
+    assert hyper.can_gather_in_kernel(q5.shape[-1], plan)
+    b, _, n, h = q.shape
+    gathered = hyper.estimate_forward_rows(
+        q.reshape(b, t, 2, n // 2, h),
+        k,
+        v,
+        plan,
+        hyper.row_positions(q5.shape),
+        hyper.row_positions(k4.shape),
+        scale=0.25,
+        tuning=hyper.TiledKernelConfig(),
+        interpret=True,
+    )
+    gathered = (ops.group_queries(gathered[0].reshape(q.shape), 2), gathered[1])
     pregathered = hyper._pregathered_forward(q5, k4, v4, plan, 0.25, hyper.TiledKernelConfig(), True)
     for a, b in zip(gathered, pregathered, strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)

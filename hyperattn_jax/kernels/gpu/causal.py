@@ -1,10 +1,13 @@
 """The paper's causal recursion on the fused kernels, as ONE differentiable function with its own backward.
 
-Same estimator and same random draws as `ops.grouped_causal_attention` (its jnp twin), computed without its copies:
-- the diagonal problems of the last level are one segment-causal flash call on the unsplit sequence;
-- each level's lower-left problems (second-half queries of every chunk over its first-half keys) are cut from strided
-  views, in the batch order the ops recursion stacks them (chunk index bit-reversed);
-- the parts are merged once: the total lse first (small), then one weighted sum of the parts in q's dtype.
+Same estimator and same random draws as `ops.grouped_causal_attention` (its jnp twin), computed without its copies,
+on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`):
+- the diagonal problems of the last level are one segment-causal flash call on the unsplit sequence, writing a float32
+  output accumulator and the lse;
+- each level's lower-left problems (second-half queries of every chunk over its first-half keys) are hashed from
+  strided views, in the batch order the ops recursion stacks them (chunk index bit-reversed), and the level's kernel
+  reads their rows straight from q, k, v by index and merges its result into the accumulator rows in place: no copy
+  of q, k, v per level, no output per level, and one cast at the end.
 Backward: every part's backward kernels run with the FINAL lse and delta (see `fused_tiled_attention_backward`), so no
 part keeps its own output and nothing is differentiated through the merge; each level's dq, dk, dv are added into
 float32 accumulators at that level's rows. Residuals: q, k, v, out, lse and the plans (int32 orders and samples).
@@ -18,17 +21,30 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention, flash_attention_backward
-from hyperattn_jax.kernels.gpu.hyper import estimate_backward, estimate_forward, output_delta
+from hyperattn_jax._layout import group_queries
+from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention_backward, flash_forward_rows
+from hyperattn_jax.kernels.gpu.hyper import (
+    estimate_backward,
+    estimate_forward_rows,
+    grouped_inputs,
+    output_delta,
+    power_of_two,
+    public_grads,
+    row_positions,
+)
 from hyperattn_jax.ops.causal import causal_base_length
 from hyperattn_jax.ops.sortlsh import make_plan
 
 
-def recursion_shape(t: int, config) -> tuple[int, int, FlashConfig] | None:
+def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
     """(levels, base segment length, flash tuning) of the recursion over t positions, or None where this module does
-    not apply and the ops recursion (with kernels inside) must run: odd lengths on the way down, sinks or a local
-    window (extra exact tiles the ops recursion adds), no recursion at all, segments too small for the kernel blocks."""
+    not apply and the ops recursion (with kernels inside) must run: sinks or a local window (extra exact tiles the
+    ops recursion adds), no recursion at all, and shapes the in-place kernels cannot take: odd lengths on the way
+    down, segments not a multiple of the block size (every query slot of every level must hold a real row), head
+    dims or blocks that are not powers of two."""
     if config.num_sink_keys or config.local_window:
+        return None
+    if not (power_of_two(head_dim) and power_of_two(config.block_size)):
         return None
     depth, segment = 0, t
     while segment > causal_base_length(config):
@@ -37,7 +53,7 @@ def recursion_shape(t: int, config) -> tuple[int, int, FlashConfig] | None:
         segment //= 2
         depth += 1
     block = next((b for b in (128, 64, 32, 16) if segment % b == 0), None)
-    if depth == 0 or block is None:
+    if depth == 0 or block is None or segment % config.block_size:
         return None
     return depth, segment, FlashConfig(block_q=block, block_k=min(64, block), block_bwd=min(64, block))
 
@@ -100,41 +116,64 @@ def _causal(q, k, v, key, hash_key, static):
 
 def _causal_fwd(q, k, v, key, hash_key, static):
     config, scale, tuning, interpret, (depth, segment, flash_tuning) = static
-    batch = q.shape[0]
-    base_out, base_lse = flash_attention(
-        q, k, v, scale=scale, causal=True, segment=segment, tuning=flash_tuning, interpret=interpret
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    # The base case writes a float32 accumulator that every level's kernel then merges its rows into, in place.
+    out, lse = flash_forward_rows(
+        q_rows, k, v, scale=scale, segment=segment, tuning=flash_tuning, out_dtype=jnp.float32, interpret=interpret
     )
-    outs, lses, plans = [base_out], [base_lse], []
+    q5, k4, v4 = grouped_inputs(q, k, v)  # read by the hashes only (XLA fuses the transposes into them)
+    query_positions, key_positions = row_positions((*q5.shape[:-1], 1)), row_positions((*k4.shape[:-1], 1))
+    plans = []
     level_key = key
     for level in range(depth):
         off_diagonal_key, level_key = jax.random.split(level_key)
-        ql, kl, vl = _level_problem(q, k, v, level)
+        ql, kl, vl = _level_problem(q5, k4, v4, level)
         plan = make_plan(ql, kl, key=off_diagonal_key, config=config, hash_key=hash_key, v=vl, scale=scale)
-        out, lse = estimate_forward(ql, kl, vl, plan, scale=scale, tuning=tuning, interpret=interpret)
-        outs.append(_spread(out, 0, batch, level))
-        lses.append(_spread(lse[..., None], -jnp.inf, batch, level)[..., 0])
+        out, lse = estimate_forward_rows(
+            q_rows,
+            k,
+            v,
+            plan,
+            _level_rows(query_positions, 1, level),
+            _level_rows(key_positions, 0, level),
+            scale=scale,
+            tuning=tuning,
+            interpret=interpret,
+            accumulator=(out, lse),
+        )
         plans.append(plan)
-    # Total lse first, then one weighted sum: no float32 copy of the whole output per level.
-    lse = functools.reduce(jnp.logaddexp, lses)
-    out = sum(o.astype(jnp.float32) * jnp.exp(part_lse - lse)[..., None] for o, part_lse in zip(outs, lses))
-    out = out.astype(q.dtype)
+    out = out.reshape(q.shape).astype(q.dtype)
     return (out, lse), (q, k, v, out, lse, plans)
 
 
 def _causal_bwd(static, residuals, cotangents):
     _, scale, tuning, interpret, (_, segment, flash_tuning) = static
     q, k, v, out, lse, plans = residuals
-    d_out = cotangents[0].astype(q.dtype)
-    delta = output_delta(out, *cotangents)
+    d_out, d_lse = cotangents
+    delta = output_delta(out, d_out, d_lse)
+    q5, k4, v4 = grouped_inputs(q, k, v)
+    d_out = group_queries(d_out.astype(q.dtype), k.shape[2])
     grads = flash_attention_backward(
-        q, k, v, d_out, lse, delta, scale=scale, causal=True, segment=segment, tuning=flash_tuning, interpret=interpret
+        q5,
+        k4,
+        v4,
+        d_out,
+        lse,
+        delta,
+        scale=scale,
+        causal=True,
+        segment=segment,
+        tuning=flash_tuning,
+        interpret=interpret,
     )
     dq, dk, dv = (g.astype(jnp.float32) for g in grads)
     stats = jnp.stack([lse, delta], axis=-1)
     for level, plan in enumerate(plans):
         level_lse, level_delta = jnp.moveaxis(_level_rows(stats, 1, level), -1, 0)
         dql, dkl, dvl = estimate_backward(
-            *_level_problem(q, k, v, level),
+            *_level_problem(q5, k4, v4, level),
             plan,
             _level_rows(d_out, 1, level),
             level_lse,
@@ -146,18 +185,20 @@ def _causal_bwd(static, residuals, cotangents):
         dq = _add_at_rows(dq, dql, 1, level)
         dk = _add_at_rows(dk, dkl, 0, level)
         dv = _add_at_rows(dv, dvl, 0, level)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    dq, dk, dv = public_grads(dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+    return dq, dk, dv, None, None
 
 
 _causal.defvjp(_causal_fwd, _causal_bwd)
 
 
-def grouped_causal_hyper_attention_pallas(q, k, v, *, key, config, scale: float, tuning, interpret, hash_key=None):
+def causal_hyper_attention_pallas(q, k, v, *, key, config, scale: float, tuning, interpret, hash_key=None):
     """Causal HyperAttention with the fused kernels, or None where `recursion_shape` says the shapes do not fit.
 
-    q `[B, K, G, T, H]`, k, v `[B, K, T, H]`; returns out (q's dtype) and lse `[B, K, G, T]` float32.
+    q `[B, T, N, H]`, k, v `[B, T, K, H]` (public layout); returns out `[B, T, N, H]` (q's dtype) and lse
+    `[B, K, G, T]` float32.
     """
-    shape = recursion_shape(q.shape[3], config)
+    shape = recursion_shape(q.shape[1], q.shape[-1], config)
     if shape is None:
         return None
     return _causal(q, k, v, key, hash_key, (config, float(scale), tuning, bool(interpret), shape))

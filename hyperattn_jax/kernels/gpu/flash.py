@@ -38,7 +38,7 @@ class FlashConfig(NamedTuple):
     block_k: int = 64
     block_bwd: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3  # 3 beat 2 by 9% fwd, 7% fwd+bwd on the causal base case at 131k (H100)
 
 
 class _Shape(NamedTuple):
@@ -189,7 +189,10 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref
 
 
 def _layout(q, k, causal: bool, segment: int | None, tuning: FlashConfig) -> tuple[_Shape, FlashConfig]:
-    t, s, h = q.shape[3], k.shape[2], q.shape[4]
+    return _sizes(q.shape[3], k.shape[2], q.shape[4], q.shape[2], causal, segment, tuning)
+
+
+def _sizes(t, s, h, groups, causal: bool, segment: int | None, tuning: FlashConfig) -> tuple[_Shape, FlashConfig]:
     block_q = min(tuning.block_q, next_power_of_two(t, MIN_DOT))
     block_k = min(tuning.block_k, block_q)
     block_bwd = min(tuning.block_bwd, block_q)
@@ -208,7 +211,7 @@ def _layout(q, k, causal: bool, segment: int | None, tuning: FlashConfig) -> tup
         padded_q = -(-t // unit) * unit
         padded_k = -(-s // max(block_k, block_bwd)) * max(block_k, block_bwd)
     shape = _Shape(
-        groups=q.shape[2],
+        groups=groups,
         num_queries=t,
         num_keys=s,
         padded_queries=padded_q,
@@ -379,3 +382,41 @@ def flash_attention_backward(
     q_in, k_in, v_in, do = _q_in(q, shape), _kv_in(k, shape), _kv_in(v, shape), _q_in(d_out.astype(q.dtype), shape)
     lse, delta = (pad_to(x.astype(jnp.float32), 3, shape.padded_queries).reshape(do.shape[:3]) for x in (lse, delta))
     return _unpadded_backward(q_in, k_in, v_in, do, lse, delta, q.shape, shape, float(scale), tuning, interpret)
+
+
+def flash_forward_rows(q_rows, k, v, *, scale: float, segment: int, tuning: FlashConfig, out_dtype, interpret=None):
+    """Forward of segment-causal `flash_attention` on the public layout: no transposes in or out.
+
+    q_rows `[B, T, K, G, H]` (public `[B, T, N, H]` split by kv head), k, v `[B, T, K, H]`; H a power of two >= 16 and
+    T a multiple of the kernel blocks. Returns out `[B, T, K, G, H]` in `out_dtype` and lse `[B, K, G, T]` float32.
+    No gradient rule (`flash_attention_backward` gives the backward).
+    """
+    b, t, kv_heads, g, h = q_rows.shape
+    shape, tuning = _sizes(t, t, h, g, True, segment, tuning)
+    if shape.padded_queries != t or shape.head_dim_padded != h:
+        raise ValueError(f"flash_forward_rows needs T a multiple of {tuning.block_q} and H a power of two >= 16")
+    interpret = default_interpret() if interpret is None else bool(interpret)
+    rows = tuning.block_q
+
+    def batch_of(i):
+        return div(i, kv_heads)
+
+    def head_of(i):
+        return rem(i, kv_heads)
+
+    q_spec = pl.BlockSpec((None, rows, None, None, h), lambda i, j, c: (batch_of(i), c, head_of(i), j, 0))
+    kv_spec = pl.BlockSpec((None, t, None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), 0))
+    lse_spec = pl.BlockSpec((None, None, None, rows), lambda i, j, c: (batch_of(i), head_of(i), j, c))
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, shape=shape, block_k=tuning.block_k, scale=float(scale)),
+        grid=(b * kv_heads, g, t // rows),
+        in_specs=[q_spec, kv_spec, kv_spec],
+        out_specs=[q_spec, lse_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct(q_rows.shape, out_dtype),
+            jax.ShapeDtypeStruct((b, kv_heads, g, t), jnp.float32),
+        ],
+        compiler_params=triton_params(tuning.num_warps, tuning.num_stages),
+        interpret=interpret,
+        name="hyper_flash_fwd",
+    )(q_rows, k, v)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from hyperattn_jax.kernels.gpu._common import LN_2, LOG2_E, NEG_START, triton_params
+from hyperattn_jax.kernels.gpu._common import LN_2, LOG2_E, NEG_START, div, rem, triton_params
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 
 
@@ -34,19 +34,39 @@ def _dot_t(a, b):
 
 
 def _gathered_forward_kernel(
-    q_index_ref, q_ref, *refs, kinds: tuple[str, ...], lengths: tuple[int, ...], block_k: int, scale: float, rows: int
+    q_index_ref,
+    q_ref,
+    *refs,
+    kinds: tuple[str, ...],
+    lengths: tuple[int, ...],
+    block_k: int,
+    scale: float,
+    rows: int,
+    accumulate: bool,
 ):
-    """kinds[i] is "indexed" (refs: key index, k, v, w) or "gathered" (refs: k, v, w)."""
+    """kinds[i] is "indexed" (refs: key index, k, v, w) or "gathered" (refs: k, v, w). With `accumulate`, two more
+    inputs (out, lse of earlier parts, aliased to the outputs) start the online softmax."""
     o_ref, lse_ref = refs[-2:]
     q_index = q_index_ref[...]
     load_index = jnp.maximum(q_index, 0)  # padding rows (-1) read row 0 and store to the spare last row
     q = q_ref[load_index, :]
     qk_scale = scale * LOG2_E
-    carry = (
-        jnp.full((rows,), NEG_START, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, q.shape[1]), jnp.float32),
-    )
+    if accumulate:
+        # An attention part with lse L and output O is the online-softmax state (max L, sum 1, acc O), base 2 here.
+        o_in_ref, lse_in_ref = refs[-4:-2]
+        earlier = lse_in_ref[load_index]
+        seen = earlier > -jnp.inf
+        carry = (
+            jnp.where(seen, earlier * LOG2_E, NEG_START),
+            seen.astype(jnp.float32),
+            jnp.where(seen[:, None], o_in_ref[load_index, :].astype(jnp.float32), 0.0),
+        )
+    else:
+        carry = (
+            jnp.full((rows,), NEG_START, jnp.float32),
+            jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, q.shape[1]), jnp.float32),
+        )
     position = 0
     for kind, length in zip(kinds, lengths, strict=True):
         if kind == "indexed":
@@ -82,65 +102,93 @@ def _gathered_forward_kernel(
     lse_ref[store_index] = jnp.where(has_keys, (row_max + jnp.log2(safe_sum)) * LN_2, -jnp.inf)
 
 
-def gathered_tiled_forward(q, k, v, query_index, tiles, tile_key_index, *, scale, tuning=None, interpret=False):
-    """Forward of `ops.tiled_attention` on unsorted q, k, v, gathering rows in the kernel.
+def gathered_tiled_forward(
+    q_rows,
+    k,
+    v,
+    query_index,
+    tiles,
+    tile_key_index,
+    *,
+    scale,
+    tuning=None,
+    interpret=False,
+    accumulator=None,
+):
+    """Forward of `ops.tiled_attention` for one or many problems cut from the same unsorted q, k, v, gathering rows
+    in the kernel and storing outputs at their rows.
 
     Args:
-      q: `[B, K, G, T, H]` in original order (H a power of two >= 16).
-      k, v: `[B, K, S, H]` in original order.
-      query_index: int32 `[B, K, G, nb, bq]` original row of each blocked query slot (bq a power of two), -1 = padding.
-      tiles: the `KeyTile`s of the plan; `tile_key_index[i]` is None (use tile i's k, v as given: shared tiles) or
-        int32 `[B, K, nb, t]` original key rows of per-block tile i (t a power of two; -1 = padding, whose
-        log-weight must be -inf).
+      q_rows: `[B, T, K, G, H]`: the public `[B, T, N, H]` layout with the heads split by kv head (a free reshape);
+        H a power of two >= 16.
+      k, v: `[B, S, K, H]`, the public layout.
+      query_index: int32 `[P, K, G, nb, bq]`: the row of q_rows (position along T) in each blocked query slot of
+        problem p, -1 = padding (bq a power of two). Problem p reads batch element p % B, so P = c * B problems
+        (e.g. the c lower-left quarters of a causal recursion level) are cut from one q, k, v without copies.
+      tiles: the `KeyTile`s of the plan, leading dims `[P, K]`. `tile_key_index[i]` is None (use tile i's k, v as
+        given: shared tiles, pre-gathered) or int32 `[P, K, nb, t]` rows of k, v (positions along S) of per-block
+        tile i (t a power of two; -1 = padding, whose log-weight must be -inf; tile i's k, v are then unused).
       scale: softmax scale.
+      accumulator: optional (out `[B, T, K, G, H]` float32, lse `[B, K, G, T]` float32) of attention over other
+        keys: each row's result is merged into it in place (the kernel starts its online softmax from it), so a
+        sum of parts never needs a copy per part. Needs every slot to hold a real row (no -1).
 
     Returns:
-      out `[B, K, G, T, H]` (q's dtype) and lse `[B, K, G, T]` float32, in original query order (no gradient rule:
-      callers differentiate through the pre-gathered path).
+      out `[B, T, K, G, H]` (q's dtype, or float32 when accumulating) and lse `[B, K, G, T]` float32, at the rows
+      named by query_index (rows no problem names are unspecified unless accumulating). No gradient rule.
     """
     tuning = TiledKernelConfig() if tuning is None else tuning
-    b, kv_heads, g, t, h = q.shape
-    nb, bq = query_index.shape[3], query_index.shape[4]
-    bk = b * kv_heads
+    b, t, kv_heads, g, h = q_rows.shape
+    problems, nb, bq = query_index.shape[0], query_index.shape[3], query_index.shape[4]
+    pk = problems * kv_heads
     rows = min(tuning.block_q, bq)
     splits = bq // rows
-    padded_rows = math.prod(query_index.shape) != b * kv_heads * g * t  # some slots are padding: keep a spare row
-    t_out = t + 1 if padded_rows else t
-    grid = (bk, g, nb * splits)
-    in_specs = [
-        pl.BlockSpec((None, None, rows), lambda i, j, c: (i, j, c)),
-        pl.BlockSpec((None, None, t, h), lambda i, j, c: (i, j, 0, 0)),
-    ]
-    args = [query_index.reshape(bk, g, nb * bq), q.reshape(bk, g, t, h)]
+    padded_rows = accumulator is None and math.prod(query_index.shape) != b * kv_heads * g * t
+    t_out = t + 1 if padded_rows else t  # padding slots store to a spare last row
+
+    def batch_of(i):
+        return rem(div(i, kv_heads), b)
+
+    def head_of(i):
+        return rem(i, kv_heads)
+
+    q_spec = pl.BlockSpec((None, t, None, None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), j, 0))
+    full_kv = pl.BlockSpec((None, k.shape[1], None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), 0))
+    in_specs = [pl.BlockSpec((None, None, rows), lambda i, j, c: (i, j, c)), q_spec]
+    args = [query_index.reshape(pk, g, nb * bq), q_rows]
     kinds, lengths = [], []
     for tile, key_index in zip(tiles, tile_key_index, strict=True):
-        length = tile.k.shape[3]
-        per_block_weight = jnp.ndim(tile.log_weight) == 4 and tile.log_weight.shape[2] == nb and nb > 1
+        length = tile.log_weight.shape[-1] if key_index is None else key_index.shape[-1]
         w = jnp.asarray(tile.log_weight, jnp.float32)
-        w = jnp.broadcast_to(
-            w.reshape((1,) * (4 - w.ndim) + w.shape), (b, kv_heads, nb if per_block_weight else 1, length)
-        )
+        w = w.reshape((1,) * (4 - w.ndim) + w.shape)
+        per_block_weight = w.shape[2] == nb and nb > 1
+        w = jnp.broadcast_to(w, (problems, kv_heads, nb if per_block_weight else 1, length))
         w_map = (lambda i, j, c: (i, c // splits, 0)) if per_block_weight else (lambda i, j, c: (i, 0, 0))
         w_spec = pl.BlockSpec((None, None, length), w_map)
         if key_index is not None:
             kinds.append("indexed")
-            full_kv = pl.BlockSpec((None, k.shape[2], h), lambda i, j, c: (i, 0, 0))
-            in_specs += [
-                pl.BlockSpec((None, None, length), lambda i, j, c: (i, c // splits, 0)),
-                full_kv,
-                full_kv,
-                w_spec,
-            ]
-            args += [key_index.reshape(bk, nb, length), k.reshape(bk, -1, h), v.reshape(bk, -1, h)]
+            in_specs += [pl.BlockSpec((None, None, length), lambda i, j, c: (i, c // splits, 0)), full_kv, full_kv]
+            args += [key_index.reshape(pk, nb, length), k, v]
         else:
             kinds.append("gathered")
             shared = tile.k.shape[2] == 1
             kv_map = (lambda i, j, c: (i, 0, 0, 0)) if shared else (lambda i, j, c: (i, c // splits, 0, 0))
             kv_spec = pl.BlockSpec((None, None, length, h), kv_map)
-            in_specs += [kv_spec, kv_spec, w_spec]
-            args += [tile.k.reshape(bk, tile.k.shape[2], length, h), tile.v.reshape(bk, tile.k.shape[2], length, h)]
-        args.append(w.reshape(bk, -1, length))
+            in_specs += [kv_spec, kv_spec]
+            args += [tile.k.reshape(pk, tile.k.shape[2], length, h), tile.v.reshape(pk, tile.k.shape[2], length, h)]
+        in_specs.append(w_spec)
+        args.append(w.reshape(pk, -1, length))
         lengths.append(length)
+    o_spec = pl.BlockSpec((None, t_out, None, None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), j, 0))
+    lse_spec = pl.BlockSpec((None, None, None, t_out), lambda i, j, c: (batch_of(i), head_of(i), j, 0))
+    aliases = {}
+    if accumulator is not None:
+        if padded_rows or math.prod(query_index.shape) % (nb * bq):
+            raise ValueError("accumulating needs every query slot to hold a real row")
+        aliases = {len(args): 0, len(args) + 1: 1}
+        in_specs += [o_spec, lse_spec]
+        args += [accumulator[0].astype(jnp.float32), accumulator[1].astype(jnp.float32)]
+    out_dtype = jnp.float32 if accumulator is not None else q_rows.dtype
     out, lse = pl.pallas_call(
         functools.partial(
             _gathered_forward_kernel,
@@ -149,20 +197,18 @@ def gathered_tiled_forward(q, k, v, query_index, tiles, tile_key_index, *, scale
             block_k=tuning.block_k,
             scale=scale,
             rows=rows,
+            accumulate=accumulator is not None,
         ),
-        grid=grid,
+        grid=(pk, g, nb * splits),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, None, t_out, h), lambda i, j, c: (i, j, 0, 0)),
-            pl.BlockSpec((None, None, t_out), lambda i, j, c: (i, j, 0)),
-        ],
+        out_specs=[o_spec, lse_spec],
         out_shape=[
-            jax.ShapeDtypeStruct((bk, g, t_out, h), q.dtype),
-            jax.ShapeDtypeStruct((bk, g, t_out), jnp.float32),
+            jax.ShapeDtypeStruct((b, t_out, kv_heads, g, h), out_dtype),
+            jax.ShapeDtypeStruct((b, kv_heads, g, t_out), jnp.float32),
         ],
+        input_output_aliases=aliases,
         compiler_params=triton_params(tuning.num_warps, tuning.num_stages),
         interpret=interpret,
         name="hyper_gathered_attention_fwd",
     )(*args)
-    out = out.reshape(b, kv_heads, g, t_out, h)[..., :t, :]
-    return out, lse.reshape(b, kv_heads, g, t_out)[..., :t]
+    return out[:, :t], lse[..., :t]

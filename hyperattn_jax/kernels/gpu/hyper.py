@@ -1,11 +1,13 @@
-"""HyperAttention on the fused Pallas Triton kernels, grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, S, H]`).
+"""Non-causal HyperAttention on the fused Pallas Triton kernels, taking the public layout (q `[B, T, N, H]`, k, v
+`[B, S, K, H]`).
 
 The plan (LSH hash, int32 packed-key sort, samples) and the tiles come from `ops`, unchanged, so any tile kind the
 jnp path has (sorted blocks, sampled residual, global keys) runs here too; only the attention over the tiles is the
-fused kernel instead of `ops.tiled_attention`. The forward gathers rows by index inside the kernel where the shapes
-allow (`gathered.py`) and keeps only the plan, out and lse; the backward gathers the sorted blocks again and runs the
-backward kernels with the output's lse and delta (`estimate_backward`), which is also how the causal recursion
-(`causal.py`) differentiates each of its levels.
+fused kernel instead of `ops.tiled_attention`. The forward reads q, k, v in the public layout and gathers rows by
+index inside the kernel where the shapes allow (`gathered.py`): no transposed or sorted copies; it keeps only the
+plan, out and lse. The backward gathers the sorted blocks (grouped layout) and runs the backward kernels with the
+output's lse and delta (`estimate_backward`), which is also how the causal recursion (`causal.py`) differentiates
+each of its levels.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.kernels.gpu._common import MIN_DOT
 from hyperattn_jax.kernels.gpu.gathered import gathered_tiled_forward
@@ -26,11 +29,12 @@ from hyperattn_jax.kernels.gpu.tiled_attention import (
 from hyperattn_jax.ops.sortlsh import block_query_layout, hyper_attention_tiles, make_plan, unblock_query_layout
 
 
-def _power_of_two(x: int) -> bool:
+def power_of_two(x: int) -> bool:
     return x >= MIN_DOT and x & (x - 1) == 0
 
 
 def _pregathered_forward(q, k, v, plan, scale, tuning, interpret):
+    """Grouped layout in and out, through sorted copies: for head dims and blocks the in-kernel gathers cannot take."""
     out, lse = fused_tiled_attention(
         block_query_layout(q, plan), hyper_attention_tiles(k, v, plan), scale=scale, tuning=tuning, interpret=interpret
     )
@@ -38,46 +42,75 @@ def _pregathered_forward(q, k, v, plan, scale, tuning, interpret):
     return unblock_query_layout(out, plan, t), unblock_query_layout(lse[..., None], plan, t)[..., 0]
 
 
-def _row_positions(shape):
-    """Float32 row number + 1 of every row of an array `[..., L, H]`, as `[..., L, 1]` (0 marks padding after a
-    gather-and-pad; exact below 2**24 rows)."""
+def row_positions(shape):
+    """Float32 row number + 1 of every row of an array `[..., L, H]`, as `[..., L, 1]`.
+
+    Passed through the same layout functions as the data (sort, block, pad, cut into recursion levels), it says which
+    original row lands in each slot; 0 marks padding. Exact below 2**24 rows.
+    """
     return jnp.broadcast_to(jnp.arange(1, shape[-2] + 1, dtype=jnp.float32)[:, None], (*shape[:-1], 1))
 
 
-def _can_gather_in_kernel(q, plan) -> bool:
-    return _power_of_two(q.shape[-1]) and _power_of_two(plan.query_block)
+def can_gather_in_kernel(head_dim: int, plan) -> bool:
+    return power_of_two(head_dim) and power_of_two(plan.query_block)
 
 
-def estimate_forward(q, k, v, plan, *, scale, tuning, interpret):
-    """out `[B, K, G, T, H]` (q's dtype) and lse `[B, K, G, T]` of the estimator under `plan`, forward only: rows are
-    gathered inside the kernel where the shapes allow, else through sorted copies (the pre-gathered kernel)."""
-    if not _can_gather_in_kernel(q, plan):
-        return _pregathered_forward(q, k, v, plan, scale, tuning, interpret)
-    tiles = hyper_attention_tiles(k, v, plan)
-    # The same layout functions applied to row numbers say which original row sits in each blocked slot.
-    query_index = block_query_layout(_row_positions(q.shape), plan)[..., 0].astype(jnp.int32) - 1
-    position_tiles = hyper_attention_tiles(_row_positions(k.shape), _row_positions(k.shape), plan)
-    key_index = [
-        position_tile.k[..., 0].astype(jnp.int32) - 1
-        if tile.k.shape[2] == plan.num_blocks > 1 and _power_of_two(tile.k.shape[3])
-        else None
-        for tile, position_tile in zip(tiles, position_tiles, strict=True)
-    ]
+def _rows_of(x, index, batch: int):
+    """Rows `x[p % B, index, kv head]` of a public-layout x `[B, S, K, H]` for index int32 `[P, K, ..., t]` (-1 reads
+    row 0: padding, masked by its log-weight): `[P, K, ..., t, H]`."""
+    problems, kv_heads = index.shape[:2]
+    trailing = (1,) * (index.ndim - 2)
+    problem_batch = (jnp.arange(problems) % batch).reshape(problems, 1, *trailing)
+    head = jnp.arange(kv_heads).reshape(1, kv_heads, *trailing)
+    return x[problem_batch, jnp.maximum(index, 0), head]
+
+
+def estimate_forward_rows(
+    q_rows, k, v, plan, query_positions, key_positions, *, scale, tuning, interpret, accumulator=None
+):
+    """The estimator's forward for problems cut from public-layout q_rows `[B, T, K, G, H]`, k, v `[B, S, K, H]`.
+
+    `plan` was made for problems `[P, K, G, T', H]` x `[P, K, S', H]` (P = c * B; problem p reads batch element
+    p % B); `query_positions` `[P, K, G, T', 1]` and `key_positions` `[P, K, S', 1]` (see `row_positions`) say at
+    which row of q_rows, k each of the problems' rows sits. Per-block key tiles are gathered in the kernel, shared
+    tiles (samples, global keys) here. Returns out `[B, T, K, G, H]` and lse `[B, K, G, T]` at the problems' rows, or
+    merged into `accumulator` (see `gathered_tiled_forward`).
+    """
+    batch = q_rows.shape[0]
+    query_index = block_query_layout(query_positions, plan)[..., 0].astype(jnp.int32) - 1
+    tiles, key_index = [], []
+    for tile in hyper_attention_tiles(key_positions, key_positions, plan):
+        index = tile.k[..., 0].astype(jnp.int32) - 1  # [P, K, nb | 1, t]
+        if index.shape[2] == plan.num_blocks > 1 and power_of_two(index.shape[3]):
+            tiles.append(tile._replace(k=None, v=None))
+            key_index.append(index)
+        else:
+            tiles.append(tile._replace(k=_rows_of(k, index, batch), v=_rows_of(v, index, batch)))
+            key_index.append(None)
     return gathered_tiled_forward(
-        q, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning, interpret=interpret
+        q_rows,
+        k,
+        v,
+        query_index,
+        tiles,
+        key_index,
+        scale=scale,
+        tuning=tuning,
+        interpret=interpret,
+        accumulator=accumulator,
     )
 
 
 def estimate_backward(q, k, v, plan, d_out, lse, delta, *, scale, tuning, interpret):
-    """dq, dk, dv of the estimator under `plan` as one part of an attention whose final lse and delta are given
-    (`fused_tiled_attention_backward`): the blocked layouts are gathered here and their transposes (gathers by the
-    inverse permutation) bring the gradients back to the original rows."""
+    """dq, dk, dv (grouped layout) of the estimator under `plan` as one part of an attention whose final lse and
+    delta are given (`fused_tiled_attention_backward`): the blocked layouts are gathered here and their transposes
+    (gathers by the inverse permutation) bring the gradients back to the original rows."""
 
     def blocked(q, k, v):
         return block_query_layout(q, plan), hyper_attention_tiles(k, v, plan)
 
     (q_blocks, tiles), blocked_vjp = jax.vjp(blocked, q, k, v)
-    stats = jnp.stack([lse, delta], axis=-1)  # one gather for both rows statistics
+    stats = jnp.stack([lse, delta], axis=-1)  # one gather for both row statistics
     lse_blocks, delta_blocks = jnp.moveaxis(block_query_layout(stats, plan), -1, 0)
     d_q_blocks, d_tiles = fused_tiled_attention_backward(
         q_blocks,
@@ -93,9 +126,20 @@ def estimate_backward(q, k, v, plan, d_out, lse, delta, *, scale, tuning, interp
 
 
 def output_delta(out, d_out, d_lse):
-    """delta_i = sum_h dO_ih O_ih - dlse_i (float32): with the lse, what every backward kernel needs of the output."""
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    return delta - d_lse.astype(jnp.float32)
+    """delta `[B, K, G, T]` float32 = sum_h dO O - dlse, from public-layout out, d_out `[B, T, N, H]` and d_lse
+    `[B, K, G, T]`: with the lse, what every backward kernel needs of the output."""
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, N]
+    return jnp.swapaxes(delta, 1, 2).reshape(d_lse.shape) - d_lse.astype(jnp.float32)
+
+
+def grouped_inputs(q, k, v):
+    """Public layout -> grouped (`_layout.py`); XLA fuses these transposes into their consumers where it can."""
+    return group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
+
+
+def public_grads(dq, dk, dv):
+    """Grouped gradients -> the public layout."""
+    return ungroup_output(dq), heads_major(dk), heads_major(dv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -105,23 +149,50 @@ def _hyper(q, k, v, key, kv_length, hash_key, static):
 
 def _hyper_fwd(q, k, v, key, kv_length, hash_key, static):
     config, scale, tuning, interpret = static
-    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v, scale=scale)
-    out, lse = estimate_forward(q, k, v, plan, scale=scale, tuning=tuning, interpret=interpret)
+    q5, k4, v4 = grouped_inputs(q, k, v)
+    plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale)
+    if can_gather_in_kernel(q.shape[-1], plan):
+        b, t, n, h = q.shape
+        out, lse = estimate_forward_rows(
+            q.reshape(b, t, k.shape[2], n // k.shape[2], h),
+            k,
+            v,
+            plan,
+            row_positions(q5.shape),
+            row_positions(k4.shape),
+            scale=scale,
+            tuning=tuning,
+            interpret=interpret,
+        )
+        out = out.reshape(q.shape)
+    else:
+        out, lse = _pregathered_forward(q5, k4, v4, plan, scale, tuning, interpret)
+        out = ungroup_output(out)
     return (out, lse), (q, k, v, plan, out, lse)
 
 
 def _hyper_bwd(static, residuals, cotangents):
     _, scale, tuning, interpret = static
     q, k, v, plan, out, lse = residuals
-    delta = output_delta(out, *cotangents)
-    grads = estimate_backward(q, k, v, plan, cotangents[0], lse, delta, scale=scale, tuning=tuning, interpret=interpret)
-    return (*grads, None, None, None)
+    d_out, d_lse = cotangents
+    delta = output_delta(out, d_out, d_lse)
+    grads = estimate_backward(
+        *grouped_inputs(q, k, v),
+        plan,
+        group_queries(d_out, k.shape[2]),
+        lse,
+        delta,
+        scale=scale,
+        tuning=tuning,
+        interpret=interpret,
+    )
+    return (*public_grads(*grads), None, None, None)
 
 
 _hyper.defvjp(_hyper_fwd, _hyper_bwd)
 
 
-def grouped_hyper_attention_pallas(
+def hyper_attention_pallas(
     q,
     k,
     v,
@@ -137,7 +208,8 @@ def grouped_hyper_attention_pallas(
     """Non-causal HyperAttention with the fused kernels; same estimator (and same plan for the same key) as
     `ops.grouped_hyper_attention`.
 
-    Returns out `[B, K, G, T, H]` in q's dtype and lse `[B, K, G, T]` float32.
+    q `[B, T, N, H]`, k, v `[B, S, K, H]` (public layout). Returns out `[B, T, N, H]` in q's dtype and lse
+    `[B, K, G, T]` float32 (G = N // K).
     """
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
