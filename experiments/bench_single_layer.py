@@ -61,7 +61,7 @@ def _make_fns(method: str, causal: bool, config, key):
         return ha.hyper_attention(q, k, v, key=key, config=config, causal=causal, implementation=method)
 
     def loss(q, k, v, cotangent):
-        return jnp.sum(forward(q, k, v).astype(jnp.float32) * cotangent)
+        return jnp.sum(forward(q, k, v).astype(jnp.float32) * cotangent.astype(jnp.float32))
 
     fwd = jax.jit(forward)
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
@@ -88,7 +88,7 @@ def check_against_xla(n, head_dim, causal, config, key):
     for method in ("xla", "pallas_triton"):
         fwd, fwd_bwd = _make_fns(method, causal, config, key)
         result[method] = fwd(q, k, v)
-        grads[method] = fwd_bwd(q, k, v, g.astype(jnp.float32))[1]
+        grads[method] = fwd_bwd(q, k, v, g)[1]
     return {
         "out": _relative_error(result["pallas_triton"], result["xla"]),
         "dq": _relative_error(grads["pallas_triton"][0], grads["xla"][0]),
@@ -145,7 +145,6 @@ def main():
     for head_dim in head_dims:
         for n in sizes:
             q, k, v, g = _inputs(n, head_dim, seed=n)
-            g = g.astype(jnp.float32)
             for mode in modes:
                 causal = mode.startswith("causal")
                 backward = mode.endswith("fwdbwd")

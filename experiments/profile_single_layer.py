@@ -6,7 +6,7 @@ Hardware: one NVIDIA H100 80GB (the project's lent GPU), jax 0.11.2. Runtime: a 
 1. Profile: each mode (non-causal / causal, fwd / fwd+bwd) at --n runs under `jax.profiler.trace` with a Perfetto
    trace; the GPU kernels' durations are summed by kernel name and divided by the traced runs (top kernels kept).
 2. Sweep: the two kernels the causal layer spends most in, timed alone at --n with several tunings: the HyperAttention
-   estimate (`grouped_hyper_attention_pallas`, fwd and fwd+bwd, `TiledKernelConfig`) and the exact base case (one
+   estimate (`hyper_attention_pallas`, fwd and fwd+bwd, `TiledKernelConfig`) and the exact base case (one
    segment-causal flash call over --n positions in segments of min_seq_len, `FlashConfig`).
 B=1, N=32, H=64, bf16, HyperAttentionConfig.paper(). Writes JSON (device, jax version, date, every timing).
 """
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 import hyperattn_jax as ha
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
-from hyperattn_jax.kernels.gpu.hyper import grouped_hyper_attention_pallas
+from hyperattn_jax.kernels.gpu.hyper import hyper_attention_pallas
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 
 HEADS, HEAD_DIM = 32, 64
@@ -141,13 +141,10 @@ def main():
     for tuning in tiled_variants:
 
         def estimate(q, k, v, tuning=tuning):
-            return grouped_hyper_attention_pallas(q, k, v, key=key, config=config, scale=scale, tuning=tuning)
+            return hyper_attention_pallas(q, k, v, key=key, config=config, scale=scale, tuning=tuning)
 
         row = {"kernel": "estimate", "tuning": tuning._asdict()}
-        for mode, fn, fn_args in (
-            ("fwd", jax.jit(estimate), (q5, k4, v4)),
-            ("fwdbwd", with_grad(estimate), (q5, k4, v4, g5)),
-        ):
+        for mode, fn, fn_args in (("fwd", jax.jit(estimate), (q, k, v)), ("fwdbwd", with_grad(estimate), (q, k, v, g))):
             try:
                 row[mode] = median_ms(fn, fn_args)
             except Exception as error:

@@ -149,10 +149,50 @@ def _causal_fwd(q, k, v, key, hash_key, static):
 
 
 def _causal_bwd(static, residuals, cotangents):
-    _, scale, tuning, interpret, (_, segment, flash_tuning) = static
     q, k, v, out, lse, plans = residuals
     d_out, d_lse = cotangents
     delta = output_delta(out, d_out, d_lse)
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    chunks = _head_chunks(b * t * n * h, kv_heads)
+    width = kv_heads // chunks
+    q_rows, d_out_rows = (x.reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out))
+    grads = []
+    for chunk in range(chunks):
+        heads = slice(chunk * width, (chunk + 1) * width)
+        inputs = (
+            q_rows[:, :, heads].reshape(b, t, -1, h),
+            k[:, :, heads],
+            v[:, :, heads],
+            d_out_rows[:, :, heads].reshape(b, t, -1, h),
+            lse[:, heads],
+            delta[:, heads],
+            [jax.tree.map(lambda x, heads=heads: x[:, heads] if x.ndim >= 2 else x, plan) for plan in plans],
+        )
+        if grads:  # one head chunk after the other: the barrier makes this chunk's inputs wait for the last's grads
+            grads[-1], inputs = lax.optimization_barrier((grads[-1], inputs))
+        grads.append(_backward_heads(static, *inputs))
+    if chunks == 1:
+        return (*grads[0], None, None)
+    dq = jnp.concatenate([g[0].reshape(b, t, width, -1, h) for g in grads], axis=2).reshape(q.shape)
+    dk, dv = (jnp.concatenate([g[i] for g in grads], axis=2) for i in (1, 2))
+    return dq, dk, dv, None, None
+
+
+def _head_chunks(num_elements: int, kv_heads: int, limit: int = 2**30) -> int:
+    """How many kv-head chunks the backward runs one after another: enough that each chunk's arrays (grouped copies,
+    float32 gradient accumulators, the first level's sorted blocks) stay under `limit` elements of q, which is what
+    lets 1M tokens x 32 heads x 64 fit on one 80 GB GPU. 1 up to 2**30 elements (the benchmark's 131k x 32 x 64 is
+    2**28), so those runs are unaffected."""
+    chunks = 1
+    while num_elements // chunks > limit and kv_heads % (2 * chunks) == 0:
+        chunks *= 2
+    return chunks
+
+
+def _backward_heads(static, q, k, v, d_out, lse, delta, plans):
+    """dq, dk, dv (public layout) of the causal function for some heads, from the final lse and delta."""
+    _, scale, tuning, interpret, (_, segment, flash_tuning) = static
     q5, k4, v4 = grouped_inputs(q, k, v)
     d_out = group_queries(d_out.astype(q.dtype), k.shape[2])
     grads = flash_attention_backward(
@@ -185,8 +225,7 @@ def _causal_bwd(static, residuals, cotangents):
         dq = _add_at_rows(dq, dql, 1, level)
         dk = _add_at_rows(dk, dkl, 0, level)
         dv = _add_at_rows(dv, dvl, 0, level)
-    dq, dk, dv = public_grads(dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
-    return dq, dk, dv, None, None
+    return public_grads(dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
 
 
 _causal.defvjp(_causal_fwd, _causal_bwd)
