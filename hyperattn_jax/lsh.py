@@ -15,13 +15,20 @@ def lsh_projections(key, head_dim: int, num_projections: int, dtype=jnp.float32)
     return jax.random.normal(key, (head_dim, num_projections), dtype)
 
 
-def lsh_codes(x, projections):
-    """Bucket code `sum_r [x . w_r > 0] 2^r` as int32, for x `[..., H]` -> `[...]`."""
+def _hyperplane_scores(x, projections):
     # Hash in float32 whatever the input dtype, so bf16/fp16 inputs land in the buckets their float32 values would.
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    side = jnp.einsum("...h,hp->...p", x.astype(acc), projections.astype(acc)) > 0
-    powers = 2 ** jnp.arange(projections.shape[-1], dtype=jnp.int32)
-    return jnp.sum(side.astype(jnp.int32) * powers, axis=-1)
+    return jnp.einsum("...h,hp->...p", x.astype(acc), projections.astype(acc))
+
+
+def _codes(scores):
+    powers = 2 ** jnp.arange(scores.shape[-1], dtype=jnp.int32)
+    return jnp.sum((scores > 0).astype(jnp.int32) * powers, axis=-1)
+
+
+def lsh_codes(x, projections):
+    """Bucket code `sum_r [x . w_r > 0] 2^r` as int32, for x `[..., H]` -> `[...]`."""
+    return _codes(_hyperplane_scores(x, projections))
 
 
 def gray_rank(codes, num_bits: int):
@@ -41,3 +48,14 @@ def gray_rank(codes, num_bits: int):
 def lsh_rank(x, projections):
     """Sort key of each vector: Gray rank of its angular-LSH bucket, int32 in `[0, 2**P)`; x `[..., H]` -> `[...]`."""
     return gray_rank(lsh_codes(x, projections), projections.shape[-1])
+
+
+def lsh_ranks(x, projection_sets):
+    """`[lsh_rank(x, p) for p in projection_sets]` in one pass over x (one matrix product with all hyperplanes)."""
+    scores = _hyperplane_scores(x, jnp.concatenate(projection_sets, axis=1))
+    ranks, start = [], 0
+    for projections in projection_sets:
+        width = projections.shape[-1]
+        ranks.append(gray_rank(_codes(scores[..., start : start + width]), width))
+        start += width
+    return ranks

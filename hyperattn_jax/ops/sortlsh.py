@@ -127,29 +127,49 @@ def _draw_sorted_positions(key, probability_sorted, m: int, scheme: str):
     return jnp.minimum(position, last_positive[..., None])
 
 
+def plan_projections(key, head_dim: int, config: HyperAttentionConfig, hash_key=None):
+    """The LSH hyperplanes `[H, P]` that `make_plan(key=key, hash_key=hash_key)` uses."""
+    own_hash_key, _ = jax.random.split(key)
+    return lsh_projections(own_hash_key if hash_key is None else hash_key, head_dim, config.num_projections)
+
+
 def make_plan(
-    q, k, *, key, config: HyperAttentionConfig, kv_length=None, hash_key=None, sample_index=None, v=None, scale=None
+    q,
+    k,
+    *,
+    key,
+    config: HyperAttentionConfig,
+    kv_length=None,
+    hash_key=None,
+    sample_index=None,
+    v=None,
+    scale=None,
+    ranks=None,
 ) -> SortLSHPlan:
     """Hash queries `[B, K, G, T, H]` and keys `[B, K, S, H]`, sort them, pick global keys and draw the samples.
 
     `hash_key`, when given, draws the LSH hyperplanes (e.g. fixed per layer, as in the paper's code) and `key` only the
     samples; otherwise both come from `key`. `sample_index` int `[B, K, m]`, when given, replaces the drawn samples
     (uniform weight: valid keys / m). `v` `[B, K, S, H]` is needed for sample_distribution="value_norm"; `scale`
-    (default 1/sqrt(H)) for the column-mass probe.
+    (default 1/sqrt(H)) for the column-mass probe. `ranks` (query_rank `[B, K, G, T]`, key_rank `[B, K, S]`), when
+    given, are `lsh_rank` of q and k under `plan_projections(key, H, config, hash_key)`, computed by the caller (the
+    kernels hash all causal levels in one pass over the unsorted inputs); q and k are then read only for their shapes
+    and for the column-mass probe.
     """
     batch, _, _, t, head_dim = q.shape
     s = k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
-    own_hash_key, sample_key = jax.random.split(key)
-    hash_key = own_hash_key if hash_key is None else hash_key
-    projections = lsh_projections(hash_key, head_dim, config.num_projections)
-    key_rank = lsh_rank(k, projections)
+    _, sample_key = jax.random.split(key)
+    if ranks is None:
+        projections = plan_projections(key, head_dim, config, hash_key)
+        ranks = lsh_rank(q, projections), lsh_rank(k, projections)
+    query_rank, key_rank = ranks
     if kv_length is None:
         num_valid = jnp.full((batch,), s, jnp.int32)
     else:
         num_valid = jnp.clip(kv_length.astype(jnp.int32), 1, s)
     key_valid = jnp.broadcast_to((jnp.arange(s) < num_valid[:, None])[:, None], k.shape[:3])
-    query_order = sort_order(lsh_rank(q, projections), config.num_buckets)
+    query_order = sort_order(query_rank, config.num_buckets)
     uses_options = config.num_sink_keys or config.num_heavy_keys or config.needs_probe
     paper_sampling = config.sample_distribution == "uniform" and config.sample_scheme == "independent"
     if not uses_options and paper_sampling:

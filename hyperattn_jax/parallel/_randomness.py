@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax.config import HyperAttentionConfig
-from hyperattn_jax.lsh import lsh_projections
 
 # Options of the accuracy work whose draws depend on all keys of a head (probes, weighted sampling) or that change the
 # recursion (windows): the sharded strategies reproduce the published plan only, so they refuse these by name.
@@ -38,13 +37,6 @@ def check_paper_plan(config: HyperAttentionConfig, where: str) -> None:
             f"{where} reproduces the published plan only (uniform independent samples, no sinks, heavy keys or "
             f"window); got {settings}. Use HyperAttentionConfig.paper(...) or the single-device hyper_attention."
         )
-
-
-def plan_projections(key, head_dim: int, config: HyperAttentionConfig, hash_key=None):
-    """The LSH hyperplanes `[H, P]` that `make_plan(key=key, hash_key=hash_key)` uses."""
-    if hash_key is None:
-        hash_key, _ = jax.random.split(key)
-    return lsh_projections(hash_key, head_dim, config.num_projections)
 
 
 def plan_sample_index(key, *, batch: int, kv_heads: int, num_keys: int, config: HyperAttentionConfig):

@@ -30,8 +30,9 @@ from hyperattn_jax._layout import group_queries, heads_major, ungroup_lse, ungro
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.lsh import lsh_rank
 from hyperattn_jax.ops.causal import noncausal_is_exact
+from hyperattn_jax.ops.sortlsh import plan_projections
 from hyperattn_jax.ops.tiles import KeyTile, tiled_attention
-from hyperattn_jax.parallel._randomness import plan_projections, sample_slice
+from hyperattn_jax.parallel._randomness import sample_slice
 from hyperattn_jax.parallel.columnsort import column_sort, column_sort_problem, route, unroute
 from hyperattn_jax.parallel.head_sharded import axis_shards
 from hyperattn_jax.reference import grouped_exact_attention

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hyperattn_jax._layout import group_queries
+from hyperattn_jax._layout import group_queries, heads_major
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention_backward, flash_forward_rows
 from hyperattn_jax.kernels.gpu.hyper import (
     estimate_backward,
@@ -32,8 +32,9 @@ from hyperattn_jax.kernels.gpu.hyper import (
     public_grads,
     row_positions,
 )
+from hyperattn_jax.lsh import lsh_ranks
 from hyperattn_jax.ops.causal import causal_base_length
-from hyperattn_jax.ops.sortlsh import make_plan
+from hyperattn_jax.ops.sortlsh import make_plan, plan_projections
 
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
@@ -123,14 +124,23 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     out, lse = flash_forward_rows(
         q_rows, k, v, scale=scale, segment=segment, tuning=flash_tuning, out_dtype=jnp.float32, interpret=interpret
     )
-    q5, k4, v4 = grouped_inputs(q, k, v)  # read by the hashes only (XLA fuses the transposes into them)
+    q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the column-mass probe when configured)
     query_positions, key_positions = row_positions((*q5.shape[:-1], 1)), row_positions((*k4.shape[:-1], 1))
-    plans = []
-    level_key = key
-    for level in range(depth):
+    level_keys, level_key = [], key
+    for _ in range(depth):
         off_diagonal_key, level_key = jax.random.split(level_key)
+        level_keys.append(off_diagonal_key)
+    # Every level's hash in one pass over the unsorted q and k (each level has its own hyperplanes).
+    projections = [plan_projections(level_key, h, config, hash_key) for level_key in level_keys]
+    query_ranks, key_ranks = lsh_ranks(q, projections), lsh_ranks(k, projections)
+    plans = []
+    for level, (level_key, query_rank, key_rank) in enumerate(zip(level_keys, query_ranks, key_ranks, strict=True)):
         ql, kl, vl = _level_problem(q5, k4, v4, level)
-        plan = make_plan(ql, kl, key=off_diagonal_key, config=config, hash_key=hash_key, v=vl, scale=scale)
+        ranks = (
+            _level_rows(group_queries(query_rank[..., None], kv_heads), 1, level)[..., 0],
+            _level_rows(heads_major(key_rank[..., None]), 0, level)[..., 0],
+        )
+        plan = make_plan(ql, kl, key=level_key, config=config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks)
         out, lse = estimate_forward_rows(
             q_rows,
             k,
@@ -179,10 +189,10 @@ def _causal_bwd(static, residuals, cotangents):
     return dq, dk, dv, None, None
 
 
-def _head_chunks(num_elements: int, kv_heads: int, limit: int = 2**30) -> int:
+def _head_chunks(num_elements: int, kv_heads: int, limit: int = 2**29) -> int:
     """How many kv-head chunks the backward runs one after another: enough that each chunk's arrays (grouped copies,
     float32 gradient accumulators, the first level's sorted blocks) stay under `limit` elements of q, which is what
-    lets 1M tokens x 32 heads x 64 fit on one 80 GB GPU. 1 up to 2**30 elements (the benchmark's 131k x 32 x 64 is
+    lets 1M tokens x 32 heads x 64 fit on one 80 GB GPU. 1 up to 2**29 elements (the benchmark's 131k x 32 x 64 is
     2**28), so those runs are unaffected."""
     chunks = 1
     while num_elements // chunks > limit and kv_heads % (2 * chunks) == 0:
