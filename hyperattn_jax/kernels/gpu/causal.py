@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hyperattn_jax._layout import group_queries, heads_major
+from hyperattn_jax._layout import group_queries
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention_backward, flash_forward_rows
 from hyperattn_jax.kernels.gpu.hyper import (
     estimate_backward,
@@ -30,9 +30,9 @@ from hyperattn_jax.kernels.gpu.hyper import (
     output_delta,
     power_of_two,
     public_grads,
+    public_layout_ranks,
     row_positions,
 )
-from hyperattn_jax.lsh import lsh_ranks
 from hyperattn_jax.ops.causal import causal_base_length
 from hyperattn_jax.ops.sortlsh import make_plan, plan_projections
 
@@ -132,14 +132,12 @@ def _causal_fwd(q, k, v, key, hash_key, static):
         level_keys.append(off_diagonal_key)
     # Every level's hash in one pass over the unsorted q and k (each level has its own hyperplanes).
     projections = [plan_projections(level_key, h, config, hash_key) for level_key in level_keys]
-    query_ranks, key_ranks = lsh_ranks(q, projections), lsh_ranks(k, projections)
     plans = []
-    for level, (level_key, query_rank, key_rank) in enumerate(zip(level_keys, query_ranks, key_ranks, strict=True)):
+    for level, (level_key, (query_rank, key_rank)) in enumerate(
+        zip(level_keys, public_layout_ranks(q, k, projections), strict=True)
+    ):
         ql, kl, vl = _level_problem(q5, k4, v4, level)
-        ranks = (
-            _level_rows(group_queries(query_rank[..., None], kv_heads), 1, level)[..., 0],
-            _level_rows(heads_major(key_rank[..., None]), 0, level)[..., 0],
-        )
+        ranks = _level_rows(query_rank[..., None], 1, level)[..., 0], _level_rows(key_rank[..., None], 0, level)[..., 0]
         plan = make_plan(ql, kl, key=level_key, config=config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks)
         out, lse = estimate_forward_rows(
             q_rows,

@@ -26,7 +26,14 @@ from hyperattn_jax.kernels.gpu.tiled_attention import (
     fused_tiled_attention,
     fused_tiled_attention_backward,
 )
-from hyperattn_jax.ops.sortlsh import block_query_layout, hyper_attention_tiles, make_plan, unblock_query_layout
+from hyperattn_jax.lsh import lsh_ranks
+from hyperattn_jax.ops.sortlsh import (
+    block_query_layout,
+    hyper_attention_tiles,
+    make_plan,
+    plan_projections,
+    unblock_query_layout,
+)
 
 
 def power_of_two(x: int) -> bool:
@@ -132,6 +139,17 @@ def output_delta(out, d_out, d_lse):
     return jnp.swapaxes(delta, 1, 2).reshape(d_lse.shape) - d_lse.astype(jnp.float32)
 
 
+def public_layout_ranks(q, k, projection_sets):
+    """LSH ranks of q `[B, T, N, H]` and k `[B, S, K, H]` under each projection set, hashed in one pass over the
+    public layout (no transposed copies of q, k) and returned grouped: [(query_rank `[B, K, G, T]`, key_rank
+    `[B, K, S]`), ...], as `make_plan(ranks=...)` takes them."""
+    kv_heads = k.shape[2]
+    return [
+        (group_queries(query_rank[..., None], kv_heads)[..., 0], heads_major(key_rank[..., None])[..., 0])
+        for query_rank, key_rank in zip(lsh_ranks(q, projection_sets), lsh_ranks(k, projection_sets), strict=True)
+    ]
+
+
 def grouped_inputs(q, k, v):
     """Public layout -> grouped (`_layout.py`); XLA fuses these transposes into their consumers where it can."""
     return group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
@@ -150,7 +168,17 @@ def _hyper(q, k, v, key, kv_length, hash_key, static):
 def _hyper_fwd(q, k, v, key, kv_length, hash_key, static):
     config, scale, tuning, interpret = static
     q5, k4, v4 = grouped_inputs(q, k, v)
-    plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale)
+    plan = make_plan(
+        q5,
+        k4,
+        key=key,
+        config=config,
+        kv_length=kv_length,
+        hash_key=hash_key,
+        v=v4,
+        scale=scale,
+        ranks=public_layout_ranks(q, k, [plan_projections(key, q.shape[-1], config, hash_key)])[0],
+    )
     if can_gather_in_kernel(q.shape[-1], plan):
         b, t, n, h = q.shape
         out, lse = estimate_forward_rows(
