@@ -2,10 +2,10 @@
 
 Command:  PYTHONPATH=. python3 experiments/bench_single_layer.py --out experiments/results/bench_single_layer.json
           then python3 experiments/plot_single_layer.py experiments/results/bench_single_layer.json (PNG + README table)
-Hardware: one NVIDIA H100 80GB (the project's lent GPU), jax 0.11.2. Runtime: 380 s measured for the defaults
-(compilation included). Expected result (measured 2026-11-25): ratios cuDNN / ours that grow with n, at n = 131072
-non-causal fwd ~54x, fwd+bwd ~70x, causal fwd ~7x, fwd+bwd ~7x; causal forward faster than cuDNN from 16k; causal at 1M
-runs out of memory (recorded as an error), everything else up to 1M runs.
+Hardware: one NVIDIA H100 80GB (the project's lent GPU), jax 0.11.2. Runtime: 415-520 s measured for the defaults
+(compilation included). Expected result (measured 2026-11-25 06:40 UTC): ratios cuDNN / ours that grow with n, at
+n = 131072 non-causal fwd ~75x, fwd+bwd ~69x, causal fwd ~7.5x, fwd+bwd ~8x; causal forward ties cuDNN at 8k; every
+mode runs up to 1M tokens (causal fwd+bwd at 1M in ~0.77 s).
 
 In ONE process: `jax.nn.dot_product_attention(implementation="cudnn")` (exact baseline), our `xla` path and our
 `pallas_triton` path, B=1, N=32, bf16, HyperAttentionConfig.paper() (block 256, sample 256, 7 projections,
@@ -25,7 +25,7 @@ import os
 import statistics
 import time
 
-# JAX reserves 75% of GPU memory by default; the 1M-token causal fwd+bwd needs ~64 GB of the H100's 80 (set before
+# JAX reserves 75% of GPU memory by default; the 1M-token causal fwd+bwd needs 67 GB of the H100's 80 (set before
 # jax starts; an explicit setting in the environment wins).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 

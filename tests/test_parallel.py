@@ -19,8 +19,8 @@ from helpers import random_qkv
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
-from hyperattn_jax.parallel import sharded_hyper_attention
 from hyperattn_jax.ops.sortlsh import plan_projections
+from hyperattn_jax.parallel import sharded_hyper_attention
 from hyperattn_jax.parallel._randomness import check_paper_plan, plan_sample_index
 
 CASES = pathlib.Path(__file__).with_name("parallel_cases.py")

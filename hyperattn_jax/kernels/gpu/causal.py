@@ -4,13 +4,15 @@ Same estimator and same random draws as `ops.grouped_causal_attention` (its jnp 
 on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`):
 - the diagonal problems of the last level are one segment-causal flash call on the unsplit sequence, writing a float32
   output accumulator and the lse;
-- each level's lower-left problems (second-half queries of every chunk over its first-half keys) are hashed from
-  strided views, in the batch order the ops recursion stacks them (chunk index bit-reversed), and the level's kernel
-  reads their rows straight from q, k, v by index and merges its result into the accumulator rows in place: no copy
-  of q, k, v per level, no output per level, and one cast at the end.
+- every level's hash is one matrix product over the unsorted q and k (each level has its own hyperplanes);
+- each level's lower-left problems (second-half queries of every chunk over its first-half keys) are planned on
+  strided views, in the batch order the ops recursion stacks them (chunk index bit-reversed), and ONE kernel launch
+  per level reads their rows straight from q, k, v by index and merges its result into the accumulator rows in place:
+  no copy of q, k, v per level, no output per level, and one cast at the end.
 Backward: every part's backward kernels run with the FINAL lse and delta (see `fused_tiled_attention_backward`), so no
 part keeps its own output and nothing is differentiated through the merge; each level's dq, dk, dv are added into
-float32 accumulators at that level's rows. Residuals: q, k, v, out, lse and the plans (int32 orders and samples).
+float32 accumulators at that level's rows (on the grouped layout, a few kv heads at a time for very long inputs).
+Residuals: q, k, v, out, lse and the plans (int32 orders and samples).
 """
 
 from __future__ import annotations
@@ -85,13 +87,6 @@ def _chunk_major(part, batch: int, level: int):
     chunks = 2**level
     part = part.reshape(chunks, batch, *part.shape[1:])
     return _bit_reverse_chunks(jnp.moveaxis(part, 0, part.ndim - 3), part.ndim - 3, level)
-
-
-def _spread(part, fill, batch: int, level: int):
-    """`[chunks * B, ..., half, H]` -> `[B, ..., T, H]` at the rows `_level_rows(x, 1, level)` took, else `fill`."""
-    part = _chunk_major(part, batch, level)
-    both = jnp.stack([jnp.full_like(part, fill), part], axis=part.ndim - 2)
-    return both.reshape(*part.shape[:-3], -1, part.shape[-1])
 
 
 def _add_at_rows(total, part, which: int, level: int):

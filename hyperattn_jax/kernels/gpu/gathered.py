@@ -3,8 +3,9 @@
 The tiled kernel (`tiled_attention.py`) reads queries and key blocks already gathered into sorted order and writes
 outputs in sorted order, so XLA has to copy q, k, v into that order and the output back (about 1.5 ms of 6.5 ms at
 131k tokens, H100). Here each program loads its queries `q[query_index]` and its key block `k[key_index]` straight
-from the unsorted arrays and stores `out[query_index]`, `lse[query_index]` in place. Tiles shared by all query blocks
-(samples, global keys) are small and stay pre-gathered.
+from the unsorted arrays, in the public `[B, T, N, H]` layout (no transposed copies either), and stores
+`out[query_index]`, `lse[query_index]` in place, optionally merging into an accumulator of earlier attention parts.
+Tiles shared by all query blocks (samples, global keys) are small and stay pre-gathered.
 
 The row indices come from the ops layout functions applied to a position array, so whatever order and padding `ops`
 gives the tiles, the kernel reads the same rows. This assumes per-block tiles consist of rows of k and v (true for the

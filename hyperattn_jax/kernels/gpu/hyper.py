@@ -55,6 +55,8 @@ def row_positions(shape):
     Passed through the same layout functions as the data (sort, block, pad, cut into recursion levels), it says which
     original row lands in each slot; 0 marks padding. Exact below 2**24 rows.
     """
+    if shape[-2] >= 2**24:
+        raise ValueError(f"the kernels index at most 2**24 - 1 rows per sequence, got {shape[-2]}")
     return jnp.broadcast_to(jnp.arange(1, shape[-2] + 1, dtype=jnp.float32)[:, None], (*shape[:-1], 1))
 
 
