@@ -58,6 +58,10 @@ def configs() -> dict[str, ha.HyperAttentionConfig]:
         "paper": ha.HyperAttentionConfig.paper(min_seq_len=1024),
         "default": DEFAULT_CANDIDATE.replace(min_seq_len=1024),
         "first_candidate": FIRST_CANDIDATE.replace(min_seq_len=1024),
+        # The paper's blocks and sample count, only the residual sampled by probed column mass (systematic draws).
+        "column_mass": ha.HyperAttentionConfig.paper(
+            min_seq_len=1024, sample_distribution="column_mass", sample_scheme="systematic"
+        ),
     }
 
 

@@ -50,13 +50,17 @@ def main():
     parser.add_argument("--output", default="accuracy_speed")
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--bwd-max-n", type=int, default=32768, help="time forward+backward up to this n")
+    parser.add_argument("--configs", nargs="+", default=["paper", "default", "accurate_b256"])
     args = parser.parse_args()
     configs = {
         "paper": ha.HyperAttentionConfig.paper(),
         "default": DEFAULT_CANDIDATE,
         # The cheaper variant of accuracy_qkv.json ("b256+sinks32+heavy96+u0.2"): paper-sized blocks, no window.
         "accurate_b256": DEFAULT_CANDIDATE.replace(block_size=256, sample_size=128, local_window=0),
+        # accuracy_qkv.json's "column_mass": the paper's plan with the residual sampled by probed column mass.
+        "column_mass": ha.HyperAttentionConfig.paper(sample_distribution="column_mass", sample_scheme="systematic"),
     }
+    configs = {name: config for name, config in configs.items() if name in args.configs}
     results = {
         "experiment": "accuracy_speed",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
