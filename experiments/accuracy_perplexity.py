@@ -52,16 +52,14 @@ def load_smollm2():
 
 
 def configs() -> dict[str, ha.HyperAttentionConfig]:
-    from accuracy_qkv import DEFAULT_CANDIDATE, FIRST_CANDIDATE
+    from accuracy_qkv import COLUMN_MASS, COLUMN_MASS_P16, DEFAULT_CANDIDATE, FIRST_CANDIDATE
 
     return {
         "paper": ha.HyperAttentionConfig.paper(min_seq_len=1024),
         "default": DEFAULT_CANDIDATE.replace(min_seq_len=1024),
         "first_candidate": FIRST_CANDIDATE.replace(min_seq_len=1024),
-        # The paper's blocks and sample count, only the residual sampled by probed column mass (systematic draws).
-        "column_mass": ha.HyperAttentionConfig.paper(
-            min_seq_len=1024, sample_distribution="column_mass", sample_scheme="systematic"
-        ),
+        "column_mass": COLUMN_MASS.replace(min_seq_len=1024),
+        "column_mass_p16": COLUMN_MASS_P16.replace(min_seq_len=1024),
     }
 
 

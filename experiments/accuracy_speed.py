@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import hyperattn_jax as ha
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_qkv import DEFAULT_CANDIDATE
+from accuracy_qkv import COLUMN_MASS, COLUMN_MASS_P16, DEFAULT_CANDIDATE
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "cudnn" if jax.default_backend() == "gpu" else None  # the "cudnn" rows are XLA attention off GPU
@@ -57,8 +57,8 @@ def main():
         "default": DEFAULT_CANDIDATE,
         # The cheaper variant of accuracy_qkv.json ("b256+sinks32+heavy96+u0.2"): paper-sized blocks, no window.
         "accurate_b256": DEFAULT_CANDIDATE.replace(block_size=256, sample_size=128, local_window=0),
-        # accuracy_qkv.json's "column_mass": the paper's plan with the residual sampled by probed column mass.
-        "column_mass": ha.HyperAttentionConfig.paper(sample_distribution="column_mass", sample_scheme="systematic"),
+        "column_mass": COLUMN_MASS,
+        "column_mass_p16": COLUMN_MASS_P16,
     }
     configs = {name: config for name, config in configs.items() if name in args.configs}
     results = {
