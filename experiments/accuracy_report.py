@@ -112,10 +112,18 @@ QKV_FILES = {
     "accuracy_qkv.json": {"default": "b64+sinks32+heavy128+window32"},
     "accuracy_qkv_pow2.json": {"b64+sinks32+heavy96+window64": "accurate", "default": "accurate"},
     "accuracy_qkv_b256.json": {},
+    "accuracy_qkv_probes.json": {"column_mass_p16": "default"},  # the library default since 2026-11-25
 }
 PERPLEXITY_FILES = {
     "accuracy_perplexity.json": {"default": "first_candidate"},
     "accuracy_perplexity_default.json": {"default": "accurate"},
+    "accuracy_perplexity_column_mass.json": {},
+    "accuracy_perplexity_column_mass_p16.json": {"column_mass_p16": "default"},
+}
+# accuracy_speed.json timed accurate() under the name "default"; accuracy_speed_column_mass.json the library default.
+SPEED_FILES = {
+    "accurate": ("accuracy_speed.json", "default"),
+    "default": ("accuracy_speed_column_mass.json", "column_mass_p16"),
 }
 
 
@@ -155,17 +163,15 @@ def merged_perplexity() -> dict | None:
 
 def qkv_summary(data: dict) -> str:
     layers = list(data["layers"])
-    lines = ["| mean relative error (5 layers) | paper | accurate | accurate / paper | uniform attention |"]
+    lines = ["| mean relative error (5 layers) | paper | default | accurate | uniform attention |"]
     lines.append("|---|---|---|---|---|")
     for mode in ("causal", "noncausal"):
         mean = {
             n: np.mean([np.mean(data["layers"][la][mode][n]) for la in layers])
-            for n in ("paper", "accurate", "uniform")
+            for n in ("paper", "default", "accurate", "uniform")
         }
-        lines.append(
-            f"| {mode} | {mean['paper']:.3f} | {mean['accurate']:.3f} | {mean['accurate'] / mean['paper']:.2f}x "
-            f"| {mean['uniform']:.3f} |"
-        )
+        cells = [f"{mean[n]:.3f} ({mean[n] / mean['paper']:.2f}x)" for n in ("default", "accurate")]
+        lines.append(f"| {mode} | {mean['paper']:.3f} | {' | '.join(cells)} | {mean['uniform']:.3f} |")
     return "\n".join(lines)
 
 
@@ -185,36 +191,39 @@ def speed_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_table(qkv: dict, perplexity: dict, speed: dict) -> str:
-    """The README's summary: paper vs accurate() on the three measures, every number read from the JSON."""
+def readme_table(qkv: dict, perplexity: dict) -> str:
+    """The README's summary: paper vs the default vs accurate() on the three measures, every number read from JSON."""
     layers = list(qkv["layers"])
+    names = ("paper", "default", "accurate")
 
     def mean_error(name, mode):
         return np.mean([np.mean(qkv["layers"][layer][mode][name]) for layer in layers])
 
-    lines = ["| SmolLM2-135M, 8192 tokens | `paper()` | `accurate()` |", "|---|---|---|"]
+    lines = ["| SmolLM2-135M, 8192 tokens | `paper()` | default | `accurate()` |", "|---|---|---|---|"]
     for mode in ("causal", "noncausal"):
-        paper, ours = mean_error("paper", mode), mean_error("accurate", mode)
-        lines.append(
-            f"| relative error, {mode} (5 layers x 9 heads) | {paper:.3f} | {ours:.3f} ({ours / paper:.2f}x) |"
-        )
+        paper = mean_error("paper", mode)
+        cells = [f"{mean_error(n, mode):.3f} ({mean_error(n, mode) / paper:.2f}x)" for n in names[1:]]
+        lines.append(f"| relative error, {mode} (5 layers x 9 heads) | {paper:.3f} | {' | '.join(cells)} |")
     ratios = {
         name: [e[f"{name}/last30"]["ratio_to_exact"] for e in perplexity["documents"].values() if f"{name}/last30" in e]
-        for name in ("paper", "accurate")
+        for name in names
     }
-    lines.append(
-        f"| perplexity / exact, all 30 layers ({len(ratios['accurate'])} documents) "
-        f"| {min(ratios['paper']):.2f}-{max(ratios['paper']):.2f}x | "
-        f"{min(ratios['accurate']):.2f}-{max(ratios['accurate']):.2f}x |"
-    )
-    slowdowns = [v for k, e in speed["timings_ms"].items() for key, v in e.items() if key.startswith("default_over")]
-    lines.append(f"| H100 time (32k-131k tokens, fwd and fwd+bwd) | 1x | {min(slowdowns):.1f}-{max(slowdowns):.1f}x |")
+    cells = [f"{min(ratios[n]):.2f}-{max(ratios[n]):.2f}x" for n in names]
+    lines.append(f"| perplexity / exact, all 30 layers ({len(ratios['default'])} documents) | {' | '.join(cells)} |")
+    for kind, label in (("fwd+bwd", "forward+backward"), ("fwd", "forward")):
+        cells = ["1x"]
+        for name in names[1:]:
+            file_name, row = SPEED_FILES[name]
+            timings = json.loads((RESULTS / file_name).read_text())["timings_ms"].values()
+            ratios = [e[f"{row}_over_paper/{kind}"] for e in timings if f"{row}_over_paper/{kind}" in e]
+            cells.append(f"{min(ratios):.2f}-{max(ratios):.2f}x")
+        lines.append(f"| H100 time / paper, {label} (32k, 131k) | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
 def main():
     rows = [
-        "uniform", "paper", "sinks64", "heavy64", "systematic", "value_norm", "column_mass", "window64",
+        "uniform", "paper", "sinks64", "heavy64", "systematic", "value_norm", "column_mass", "default", "window64",
         "sinks+window", "b128+sinks+heavy+cm", "b256+sinks32+heavy96+u0.2", "b128+sinks32+heavy96+u0.2",
         "b64+sinks32+heavy128+window32", "accurate",
     ]  # fmt: skip
@@ -227,9 +236,9 @@ def main():
     if speed.is_file():
         print(speed_table(json.loads(speed.read_text())), end="\n\n")
     data = merged_perplexity()
-    qkv, speed_path = merged_qkv(), RESULTS / "accuracy_speed.json"
-    if data is not None and qkv is not None and speed_path.is_file():
-        print(readme_table(qkv, data, json.loads(speed_path.read_text())), end="\n\n")
+    qkv = merged_qkv()
+    if data is not None and qkv is not None and all((RESULTS / f).is_file() for f, _ in SPEED_FILES.values()):
+        print(readme_table(qkv, data), end="\n\n")
     if data is not None:
         print(perplexity_table(data))
         perplexity_figure(data, RESULTS / "accuracy_perplexity.png")

@@ -99,7 +99,8 @@ def hyper_attention(
       k: keys `[B, S, K, H]` with N % K == 0 (GQA/MQA); S may differ from T unless causal.
       v: values `[B, S, K, H]`.
       key: PRNG key for the LSH hyperplanes and the residual samples. Same key -> bit-identical output.
-      config: `HyperAttentionConfig` (static); default: the paper's settings.
+      config: `HyperAttentionConfig` (static); default `HyperAttentionConfig()`: the paper's blocks and sample count
+        with column-mass sampling (`HyperAttentionConfig.paper()` is the published algorithm).
       causal: query i attends keys j <= i, via the paper's recursion (exact at or below `config.min_seq_len`).
       scale: softmax scale, default `1 / sqrt(H)`.
       return_lse: also return the natural-log normaliser `[B, N, T]`, float32 (float64 for float64 inputs).

@@ -19,8 +19,13 @@ def _is_power_of_two(x: int) -> bool:
 class HyperAttentionConfig:
     """Static configuration of HyperAttention (arXiv:2310.05869) and of our accuracy options (docs/accuracy.md).
 
-    The defaults are the published algorithm (`HyperAttentionConfig.paper()` pins it); `HyperAttentionConfig.accurate()`
-    is our most accurate variant at the paper's cost of 512 keys per query (docs/accuracy.md).
+    The defaults are the paper's blocks, sample count, hash and base case (block 256, 256 samples, 7 projections,
+    min_seq_len 4096) with the residual sampled by probed column mass (16 probe queries, systematic draws, mixed 50/50
+    with uniform, unbiased weights) instead of uniformly: on real LM attention (SmolLM2, docs/accuracy.md) that cuts
+    the output error 5x causal and 1.7x non-causal and perplexity with every layer replaced from ~3.3x exact to
+    ~1.05x, for 4-8% more time forward+backward and 17-29% forward on an H100. `HyperAttentionConfig.paper()` is the
+    published algorithm exactly; `HyperAttentionConfig.accurate()` our most accurate variant at the paper's 512 keys
+    per query.
 
     Attributes:
       block_size: keys per sortLSH block (b). A power of two, at most 4096.
@@ -46,8 +51,10 @@ class HyperAttentionConfig:
     >>> cfg = HyperAttentionConfig(block_size=128, sample_size=128)
     >>> cfg.block_size
     128
-    >>> HyperAttentionConfig.paper().num_sink_keys
-    0
+    >>> HyperAttentionConfig.paper().sample_distribution
+    'uniform'
+    >>> HyperAttentionConfig().sample_distribution
+    'column_mass'
     """
 
     block_size: int = 256
@@ -56,10 +63,10 @@ class HyperAttentionConfig:
     min_seq_len: int = 4096
     num_sink_keys: int = 0
     num_heavy_keys: int = 0
-    sample_distribution: str = "uniform"
-    sample_scheme: str = "independent"
+    sample_distribution: str = "column_mass"
+    sample_scheme: str = "systematic"
     uniform_fraction: float = 0.5
-    num_probe_queries: int = 64
+    num_probe_queries: int = 16
     local_window: int = 0
 
     def __post_init__(self):

@@ -128,7 +128,9 @@ def test_systematic_sampling_draws_each_key_at_most_once_when_uniform(rng):
 
 
 def test_paper_config_is_the_published_algorithm(rng):
-    assert ha.HyperAttentionConfig.paper() == ha.HyperAttentionConfig()  # the defaults are the paper's, for now
+    # The default differs from the published algorithm only in how the residual is sampled (same keys per query).
+    sampling = {"sample_distribution": "column_mass", "sample_scheme": "systematic", "num_probe_queries": 16}
+    assert ha.HyperAttentionConfig.paper(**sampling) == ha.HyperAttentionConfig()
     cfg = ha.HyperAttentionConfig.paper()
     assert (cfg.block_size, cfg.sample_size, cfg.num_projections, cfg.min_seq_len) == (256, 256, 7, 4096)
     assert (cfg.num_sink_keys, cfg.num_heavy_keys, cfg.local_window) == (0, 0, 0)
