@@ -85,9 +85,11 @@ def main():
     parser.add_argument("--out", default="experiments/results/profile_single_layer.json")
     parser.add_argument("--n", type=int, default=131072)
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--config", choices=["paper", "default"], default="paper", help="paper() or the default")
+    parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd,causal_fwd,causal_fwdbwd")
     args = parser.parse_args()
     n = args.n
-    config = ha.HyperAttentionConfig.paper()
+    config = ha.HyperAttentionConfig.paper() if args.config == "paper" else ha.HyperAttentionConfig()
     key = jax.random.key(0)
     keys = jax.random.split(jax.random.key(n), 4)
     q, k, v, g = (jax.random.normal(kk, (1, n, HEADS, HEAD_DIM), jnp.bfloat16) for kk in keys)
@@ -97,7 +99,7 @@ def main():
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "n": n,
-        "config": {"batch": 1, "num_heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "paper": True},
+        "config": {"batch": 1, "num_heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "name": args.config},
         "profile": {},
         "sweep": [],
     }
@@ -113,6 +115,8 @@ def main():
         )
         for mode, fn, fn_args in (("fwd", forward, (q, k, v)), ("fwdbwd", with_grad(forward), (q, k, v, g))):
             name = f"{'causal' if causal else 'noncausal'}_{mode}"
+            if name not in args.modes.split(","):
+                continue
             try:
                 wall = median_ms(fn, fn_args)
                 record["profile"][name] = {"wall_ms": wall, **gpu_kernel_times(fn, fn_args)}
