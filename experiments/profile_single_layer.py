@@ -60,6 +60,17 @@ def with_grad(forward):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
+def time_variant(row, forward, inputs, cotangent):
+    """row with the median fwd and fwd+bwd milliseconds of `forward` (or the error that stopped them), printed."""
+    for mode, fn, fn_args in (("fwd", jax.jit(forward), inputs), ("fwdbwd", with_grad(forward), (*inputs, cotangent))):
+        try:
+            row[mode] = median_ms(fn, fn_args)
+        except Exception as error:
+            row[mode] = f"{type(error).__name__}: {str(error)[:200]}"
+    print(row, flush=True)
+    return row
+
+
 def gpu_kernel_times(fn, args, runs=3, top=25):
     """Mean GPU time per run of every kernel name, from a Perfetto trace of `runs` runs (ms, largest first)."""
     jax.block_until_ready(fn(*args))
@@ -150,14 +161,7 @@ def main():
         def estimate(q, k, v, tuning=tuning):
             return hyper_attention_pallas(q, k, v, key=key, config=config, scale=scale, tuning=tuning)
 
-        row = {"kernel": "estimate", "tuning": tuning._asdict()}
-        for mode, fn, fn_args in (("fwd", jax.jit(estimate), (q, k, v)), ("fwdbwd", with_grad(estimate), (q, k, v, g))):
-            try:
-                row[mode] = median_ms(fn, fn_args)
-            except Exception as error:
-                row[mode] = f"{type(error).__name__}: {str(error)[:200]}"
-        record["sweep"].append(row)
-        print(row, flush=True)
+        record["sweep"].append(time_variant({"kernel": "estimate", "tuning": tuning._asdict()}, estimate, (q, k, v), g))
         save()
     segment = config.min_seq_len
     flash_variants = [
@@ -176,13 +180,7 @@ def main():
             return flash_attention(q, k, v, scale=scale, causal=True, segment=segment, tuning=tuning)
 
         row = {"kernel": "causal_base", "segment": segment, "tuning": tuning._asdict()}
-        for mode, fn, fn_args in (("fwd", jax.jit(base), (q5, k4, v4)), ("fwdbwd", with_grad(base), (q5, k4, v4, g5))):
-            try:
-                row[mode] = median_ms(fn, fn_args)
-            except Exception as error:
-                row[mode] = f"{type(error).__name__}: {str(error)[:200]}"
-        record["sweep"].append(row)
-        print(row, flush=True)
+        record["sweep"].append(time_variant(row, base, (q5, k4, v4), g5))
         save()
     print("wrote", args.out)
 
