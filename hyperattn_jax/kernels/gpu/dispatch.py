@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hyperattn_jax._layout import group_queries, ungroup_output
+from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.kernels.gpu._common import default_interpret
 from hyperattn_jax.kernels.gpu.causal import causal_hyper_attention_pallas
@@ -39,8 +39,8 @@ def attention_pallas(q, k, v, key, kv_length, hash_key, *, config: HyperAttentio
             return flash_attention(q, k, v, scale=scale)
         out, lse = hyper_attention_pallas(
             ungroup_output(q),
-            k.swapaxes(1, 2),
-            v.swapaxes(1, 2),
+            heads_major(k),  # [B, K, S, H] -> [B, S, K, H] (the transpose is its own inverse)
+            heads_major(v),
             key=key,
             config=config,
             scale=scale,
