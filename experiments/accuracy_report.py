@@ -61,7 +61,7 @@ def qkv_figure(data: dict, rows: list[str] | None, path: Path):
 
 
 def perplexity_table(data: dict) -> str:
-    names = ("paper", "accurate", "first_candidate")
+    names = ("paper", "default", "accurate", "first_candidate")
     lines = ["| document (8192 tokens), all 30 layers replaced | exact | " + " | ".join(names) + " |"]
     lines.append("|---" * (len(names) + 2) + "|")
     for doc, entry in data["documents"].items():
@@ -89,7 +89,7 @@ def perplexity_table(data: dict) -> str:
 def perplexity_figure(data: dict, path: Path):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for doc, entry in data["documents"].items():
-        for name, marker in (("paper", "o"), ("accurate", "s")):
+        for name, marker in (("paper", "o"), ("default", "^"), ("accurate", "s")):
             points = sorted(
                 (int(k.split("last")[1]), v["ratio_to_exact"]) for k, v in entry.items() if k.startswith(name + "/")
             )
@@ -119,6 +119,7 @@ PERPLEXITY_FILES = {
     "accuracy_perplexity_default.json": {"default": "accurate"},
     "accuracy_perplexity_column_mass.json": {},
     "accuracy_perplexity_column_mass_p16.json": {"column_mass_p16": "default"},
+    "accuracy_perplexity_sweep_default.json": {"column_mass_p16": "default"},
 }
 # accuracy_speed.json timed accurate() under the name "default"; accuracy_speed_column_mass.json the library default.
 SPEED_FILES = {
