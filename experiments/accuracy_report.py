@@ -128,6 +128,12 @@ SPEED_FILES = {
 }
 
 
+def _renamed(name: str, renames: dict) -> str:
+    """A row name ("config" or "config/suffix") with its config part renamed."""
+    base, _, suffix = name.partition("/")
+    return renames.get(base, base) + (f"/{suffix}" if suffix else "")
+
+
 def merged_qkv() -> dict | None:
     merged = None
     for file_name, renames in QKV_FILES.items():
@@ -142,8 +148,7 @@ def merged_qkv() -> dict | None:
             for mode, rows in modes.items():
                 target = merged["layers"].setdefault(layer, {}).setdefault(mode, {})
                 for name, value in rows.items():
-                    base, _, suffix = name.partition("/")
-                    target[renames.get(base, base) + (f"/{suffix}" if suffix else "")] = value
+                    target[_renamed(name, renames)] = value
     return merged
 
 
@@ -157,8 +162,7 @@ def merged_perplexity() -> dict | None:
         for doc, entry in json.loads(path.read_text())["documents"].items():
             target = merged["documents"].setdefault(doc, {})
             for name, value in entry.items():
-                base, _, suffix = name.partition("/")
-                target.setdefault(renames.get(base, base) + (f"/{suffix}" if suffix else ""), value)
+                target.setdefault(_renamed(name, renames), value)
     return merged
 
 
