@@ -27,6 +27,7 @@ import hyperattn_jax as ha
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_qkv import COLUMN_MASS, COLUMN_MASS_P16, DEFAULT_CANDIDATE
+from bench_single_layer import check_against_xla
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "cudnn" if jax.default_backend() == "gpu" else None  # the "cudnn" rows are XLA attention off GPU
@@ -51,6 +52,7 @@ def main():
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--bwd-max-n", type=int, default=32768, help="time forward+backward up to this n")
     parser.add_argument("--configs", nargs="+", default=["paper", "default", "accurate_b256"])
+    parser.add_argument("--check-n", type=int, default=8192, help="pallas vs xla (same key) at this n; 0: skip")
     args = parser.parse_args()
     configs = {
         "paper": ha.HyperAttentionConfig.paper(),
@@ -70,7 +72,13 @@ def main():
         "shape": "B=1, N=K=32, H=64, bf16",
         "configs": {n: {f: getattr(c, f) for f in c.__dataclass_fields__} for n, c in configs.items()},
         "timings_ms": {},
+        "checks": {},
     }
+    for name, config in configs.items():  # correctness on the device before any timing
+        for causal in (False, True) if args.check_n else ():
+            check = check_against_xla(args.check_n, 64, causal, config, jax.random.key(0))
+            results["checks"][f"{name}/{args.check_n}/{'causal' if causal else 'noncausal'}"] = check
+            print("pallas vs xla", name, args.check_n, "causal" if causal else "noncausal", check, flush=True)
     for n in args.n:
         shape = (1, n, 32, 64)
         q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(3))

@@ -128,21 +128,22 @@ def test_flash_matches_exact_reference(rng, t, s, causal, segment):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
 
+_COLUMN_MASS = {"sample_distribution": "column_mass", "sample_scheme": "systematic"}  # the default's sampling
+
+
 @pytest.mark.parametrize(
     ("causal", "options", "b", "t", "s"),
     [
-        (False, False, 1, 128, 80),  # 5 key blocks of 16, 26 queries per block: sorted copies (pre-gathered kernel)
-        (False, False, 2, 128, 128),  # 8 blocks of 16 queries and keys: rows gathered in the kernel
-        (True, False, 2, 256, 256),  # 8 segments of 32, three recursion levels (stacked problem order matters)
-        (False, True, 1, 128, 80),
+        (False, {}, 1, 128, 80),  # 5 key blocks of 16, 26 queries per block: sorted copies (pre-gathered kernel)
+        (False, {}, 2, 128, 128),  # 8 blocks of 16 queries and keys: rows gathered in the kernel
+        (True, {}, 2, 256, 256),  # 8 segments of 32, three recursion levels (stacked problem order matters)
+        # sink + heavy global keys (a shared tile), importance-sampled residual (per-sample log-weights), probe kernels
+        (False, {"num_sink_keys": 4, "num_heavy_keys": 8, **_COLUMN_MASS}, 1, 128, 80),
+        (True, _COLUMN_MASS, 2, 256, 256),  # every level probed by the kernels, on its own chunks
     ],
 )
 def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options, b, t, s):
-    # options: sink + heavy global keys (a shared tile) and importance-sampled residual (per-sample log-weights)
-    extra = {"num_sink_keys": 4, "num_heavy_keys": 8} if options else {}
-    cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=32, **extra)
-    if options:
-        cfg = cfg.replace(sample_distribution="column_mass", sample_scheme="systematic")
+    cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=32, **options)
     n = 2 if causal else 4
     if causal:  # run by the kernels' own causal function (its backward merges the levels' gradients itself)
         assert recursion_shape(t, 16, cfg)[:2] == (3, 32)
@@ -224,3 +225,28 @@ def test_causal_backward_in_head_chunks_equals_one_pass(rng, monkeypatch):
     jax.clear_caches()
     for a, b in zip(grads(), whole, strict=True):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize(("chunks", "halves"), [(1, False), (4, True)])  # non-causal; a causal level's 4 problems
+def test_probe_kernels_match_jnp_probe(rng, chunks, halves):
+    from hyperattn_jax.kernels.gpu.probe import probe_column_mass_pallas, probe_queries
+
+    b, t, n, kv, h = 2, 256, 4, 2, 16
+    q, k, _ = random_qkv(rng, b=b, t=t, n=n, kv=kv, h=h)
+    q, k = 3 * q, 3 * k  # peaked rows: the mass varies over orders of magnitude
+    span = t // chunks
+    queries, keys = (slice(span // 2, span), slice(0, span // 2)) if halves else (slice(0, span), slice(0, span))
+    # the problems the kernels cut, as grouped arrays `[C * B, ...]` (chunk-major) for the jnp probe
+    q_problems = jnp.concatenate([q[:, c * span : (c + 1) * span][:, queries] for c in range(chunks)])
+    k_problems = jnp.concatenate([k[:, c * span : (c + 1) * span][:, keys] for c in range(chunks)])
+    probe_key = jax.random.key(int(rng.integers(1 << 30)))
+    expected = ops.probe_column_mass(
+        ops.group_queries(q_problems, kv), ops.heads_major(k_problems), key=probe_key, num_probes=5, scale=0.3
+    )
+    index = ops.probe_index(probe_key, n // kv * q_problems.shape[1], 5)
+    probes = probe_queries(q, index, num_kv_heads=kv, chunks=chunks, halves=halves)
+    mass = probe_column_mass_pallas(probes, k, chunks=chunks, halves=halves, scale=0.3, interpret=True)
+    mass = jnp.moveaxis(mass, 1, 0).reshape(expected.shape)
+    assert float(jnp.max(expected)) > 30 * float(jnp.min(expected))
+    np.testing.assert_allclose(mass, expected, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(jnp.sum(mass, -1), 1.0, rtol=1e-5)

@@ -54,6 +54,12 @@ class SortLSHPlan:
         return dataclasses.replace(self, **changes)
 
 
+def probe_index(key, num_rows: int, num_probes: int):
+    """Which of a problem's `num_rows` = G * T grouped query rows (row g * T + t) the column-mass probe reads: int32
+    `[min(num_probes, num_rows)]`, shared by every batch element and kv head."""
+    return jax.random.randint(key, (min(num_probes, num_rows),), 0, num_rows)
+
+
 def probe_column_mass(q, k, *, key, num_probes: int, scale: float, key_valid=None):
     """Estimated attention mass of each key `[B, K, S]` (sums to 1 per row), from `num_probes` random queries.
 
@@ -63,21 +69,23 @@ def probe_column_mass(q, k, *, key, num_probes: int, scale: float, key_valid=Non
     """
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     rows = q.reshape(*q.shape[:2], -1, q.shape[-1])
-    index = jax.random.randint(key, (min(num_probes, rows.shape[2]),), 0, rows.shape[2])
+    index = probe_index(key, rows.shape[2], num_probes)
     s = jnp.einsum("bkrh,bksh->bkrs", rows[:, :, index], k, preferred_element_type=jnp.float32) * scale
     if key_valid is not None:
         s = jnp.where(key_valid[:, :, None, :], s, -jnp.inf)
     return jnp.mean(jax.nn.softmax(s, axis=-1), axis=2)
 
 
-def _global_key_mask(q, k, mass_key, config, scale, key_valid):
+def _global_key_mask(q, k, mass_key, config, scale, key_valid, probe):
     """Which keys are attended exactly by every query: the first sinks plus the probed heaviest columns."""
     s = k.shape[2]
     num_sinks = min(config.num_sink_keys, s)
     num_heavy = min(config.num_heavy_keys, s - num_sinks)
     is_global = jnp.broadcast_to(jnp.arange(s) < num_sinks, k.shape[:3])
     mass = None
-    if config.needs_probe:
+    if config.needs_probe and probe is not None:
+        mass = probe(mass_key)
+    elif config.needs_probe:
         mass = probe_column_mass(
             q, k, key=mass_key, num_probes=config.num_probe_queries, scale=scale, key_valid=key_valid
         )
@@ -145,6 +153,7 @@ def make_plan(
     v=None,
     scale=None,
     ranks=None,
+    probe=None,
 ) -> SortLSHPlan:
     """Hash queries `[B, K, G, T, H]` and keys `[B, K, S, H]`, sort them, pick global keys and draw the samples.
 
@@ -154,7 +163,8 @@ def make_plan(
     (default 1/sqrt(H)) for the column-mass probe. `ranks` (query_rank `[B, K, G, T]`, key_rank `[B, K, S]`), when
     given, are `lsh_rank` of q and k under `plan_projections(key, H, config, hash_key)`, computed by the caller (the
     kernels hash all causal levels in one pass over the unsorted inputs); q and k are then read only for their shapes
-    and for the column-mass probe.
+    and for the column-mass probe. `probe`, when given, replaces `probe_column_mass`: a function of the probe's
+    random key returning the column mass `[B, K, S]` of the same probe rows (`probe_index`), e.g. the kernels'.
     """
     batch, _, _, t, head_dim = q.shape
     s = k.shape[2]
@@ -176,7 +186,7 @@ def make_plan(
         return _paper_plan(q, key_rank, key_valid, num_valid, query_order, sample_key, config, sample_index)
 
     mass_key, sample_key = jax.random.split(sample_key)
-    is_global, num_global, mass = _global_key_mask(q, k, mass_key, config, scale, key_valid)
+    is_global, num_global, mass = _global_key_mask(q, k, mass_key, config, scale, key_valid, probe)
     is_normal = key_valid & ~is_global
     # Global keys sort first (rank 0), then the hashed keys, then padding: blocks are cut from the middle part.
     key_rank = jnp.where(is_global, 0, jnp.where(key_valid, key_rank + 1, config.num_buckets + 1))

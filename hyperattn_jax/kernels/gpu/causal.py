@@ -29,6 +29,7 @@ from hyperattn_jax.kernels.gpu.hyper import (
     estimate_backward,
     estimate_forward_rows,
     grouped_inputs,
+    kernel_probe,
     output_delta,
     power_of_two,
     public_grads,
@@ -82,6 +83,12 @@ def _level_rows(x, which: int, level: int):
     return jnp.moveaxis(x, x.ndim - 3, 0).reshape(chunks * batch, *lead, half, h)
 
 
+def _stack_level_problems(x, level: int):
+    """`[B, C, ...]` per chunk (C = 2**level, in sequence order) -> `[C * B, ...]` in `_level_rows`' problem order."""
+    x = _bit_reverse_chunks(x, 1, level)
+    return jnp.moveaxis(x, 1, 0).reshape(-1, *x.shape[2:])
+
+
 def _chunk_major(part, batch: int, level: int):
     """Inverse of `_level_rows`' stacking: `[chunks * B, ..., half, H]` -> `[B, ..., chunks, half, H]`."""
     chunks = 2**level
@@ -133,7 +140,19 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     ):
         ql, kl, vl = _level_problem(q5, k4, v4, level)
         ranks = _level_rows(query_rank[..., None], 1, level)[..., 0], _level_rows(key_rank[..., None], 0, level)[..., 0]
-        plan = make_plan(ql, kl, key=level_key, config=config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks)
+        probe = kernel_probe(
+            q,
+            k,
+            config,
+            scale=scale,
+            interpret=interpret,
+            chunks=2**level,
+            halves=True,
+            arrange=functools.partial(_stack_level_problems, level=level),
+        )
+        plan = make_plan(
+            ql, kl, key=level_key, config=config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks, probe=probe
+        )
         out, lse = estimate_forward_rows(
             q_rows,
             k,

@@ -21,6 +21,7 @@ from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.kernels.gpu._common import MIN_DOT
 from hyperattn_jax.kernels.gpu.gathered import gathered_tiled_forward
+from hyperattn_jax.kernels.gpu.probe import probe_column_mass_pallas, probe_key_chunk, probe_queries
 from hyperattn_jax.kernels.gpu.tiled_attention import (
     TiledKernelConfig,
     fused_tiled_attention,
@@ -32,6 +33,7 @@ from hyperattn_jax.ops.sortlsh import (
     hyper_attention_tiles,
     make_plan,
     plan_projections,
+    probe_index,
     unblock_query_layout,
 )
 
@@ -152,6 +154,26 @@ def public_layout_ranks(q, k, projection_sets):
     ]
 
 
+def kernel_probe(q, k, config, *, scale, interpret, chunks=1, halves=False, arrange=None):
+    """A `make_plan(probe=...)` function that runs the column-mass probe kernels (`probe.py`) on public-layout q, k
+    for the problems `chunks` and `halves` cut from them, or None where no probe is configured or the shapes do not
+    fit the kernels (make_plan then probes in jnp). `arrange` maps the kernels' mass `[B, C, K, L]` to the plan's
+    problems `[P, K, L]` (default: the single problem, C = 1)."""
+    h, kv_heads = q.shape[-1], k.shape[2]
+    halving = 2 if halves else 1
+    if not config.needs_probe or probe_key_chunk(k.shape[1] // (chunks * halving), h) is None:
+        return None
+    rows = q.shape[2] // kv_heads * (q.shape[1] // (chunks * halving))
+
+    def probe(mass_key):
+        index = probe_index(mass_key, rows, config.num_probe_queries)
+        probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=chunks, halves=halves)
+        mass = probe_column_mass_pallas(probes, k, chunks=chunks, halves=halves, scale=scale, interpret=interpret)
+        return mass[:, 0] if arrange is None else arrange(mass)
+
+    return probe
+
+
 def grouped_inputs(q, k, v):
     """Public layout -> grouped (`_layout.py`); XLA fuses these transposes into their consumers where it can."""
     return group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
@@ -180,6 +202,7 @@ def _hyper_fwd(q, k, v, key, kv_length, hash_key, static):
         v=v4,
         scale=scale,
         ranks=public_layout_ranks(q, k, [plan_projections(key, q.shape[-1], config, hash_key)])[0],
+        probe=None if kv_length is not None else kernel_probe(q, k, config, scale=scale, interpret=interpret),
     )
     if can_gather_in_kernel(q.shape[-1], plan):
         b, t, n, h = q.shape

@@ -1,0 +1,122 @@
+"""The column-mass probe (`ops.sortlsh.probe_column_mass`) as two Pallas Triton kernels on the public layout.
+
+The jnp probe writes a float32 score matrix `[B, K, probes, S]` and reads it back three times (max, exp-sum, mean);
+in the causal recursion it also reads a transposed copy of k per level. Here k is read twice, in place, in the public
+`[B, S, K, H]` layout: a first pass writes each probe query's max and exp-sum per key chunk, XLA combines those into
+each probe's lse (a few KB), and a second pass recomputes the chunk's scores and writes only the mean softmax weight
+per key. Same probe rows and natural-log arithmetic as the jnp twin, so the two agree to float32 round-off.
+
+Problems come as `chunks` equal slices of the sequence: one (non-causal: every query over every key), or a causal
+recursion level's 2**level chunks, whose problems are the second-half queries of each chunk over its first-half keys.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from hyperattn_jax.kernels.gpu._common import MIN_DOT, div, next_power_of_two, rem, triton_params
+
+_KEY_CHUNKS = (512, 256, 128, 64, 32, 16)
+
+
+def _dot_t(a, b):
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale):
+    s = _dot_t(probe_ref[...], k_ref[...]) * scale  # [probes, chunk]
+    row_max = jnp.max(s, axis=1)
+    max_ref[...] = row_max
+    sum_ref[...] = jnp.sum(jnp.exp(s - row_max[:, None]), axis=1)
+
+
+def _mass_kernel(probe_ref, k_ref, lse_ref, mass_ref, *, scale, num_probes):
+    s = _dot_t(probe_ref[...], k_ref[...]) * scale
+    p = jnp.exp(s - lse_ref[...][:, None])
+    real = lax.broadcasted_iota(jnp.int32, p.shape, 0) < num_probes  # zero-padded probe rows do not count
+    mass_ref[...] = jnp.sum(jnp.where(real, p, 0.0), axis=0) / num_probes
+
+
+def probe_key_chunk(length: int, head_dim: int) -> int | None:
+    """Keys per program for a problem of `length` keys, or None where the kernels cannot take the shape."""
+    if head_dim < MIN_DOT or head_dim & (head_dim - 1):
+        return None
+    return next((c for c in _KEY_CHUNKS if length % c == 0), None)
+
+
+def probe_queries(q, index, *, num_kv_heads: int, chunks: int, halves: bool):
+    """The probe rows `[B, C, K, R, H]` of public-layout q `[B, T, N, H]`: row r of a problem's grouped queries
+    `[G, T', H]` (r = g * T' + t, as `probe_column_mass` numbers them) for each of the C problems."""
+    _, t, n, _ = q.shape
+    groups = n // num_kv_heads
+    span = t // chunks
+    queries = span // 2 if halves else span
+    offset = queries if halves else 0
+    group, position = index // queries, index % queries
+    rows = jnp.arange(chunks)[:, None] * span + offset + position[None, :]  # [C, R]
+    heads = jnp.arange(num_kv_heads)[:, None] * groups + group[None, :]  # [K, R]
+    return q[:, rows[:, None, :], heads[None, :, :]]
+
+
+def probe_column_mass_pallas(probes, k, *, chunks: int, halves: bool, scale: float, interpret: bool = False):
+    """Column mass `[B, C, K, L]` (each problem's row sums to 1) of every problem's keys under its probe rows.
+
+    probes `[B, C, K, R, H]` (from `probe_queries`); k `[B, S, K, H]` public layout, cut into C chunks (keys: the
+    first half of each chunk when `halves`, else the whole chunk). Not differentiated; shapes must pass
+    `probe_key_chunk`.
+    """
+    b, c, kv_heads, num_probes, h = probes.shape
+    s = k.shape[1]
+    stride = 2 if halves else 1
+    length = s // (chunks * stride)
+    block = probe_key_chunk(length, h)
+    if block is None or s != length * chunks * stride:
+        raise ValueError(f"probe kernels cannot take {chunks} chunks of {s} keys with head dim {h}")
+    padded = next_power_of_two(num_probes, MIN_DOT)
+    probes = jnp.pad(lax.stop_gradient(probes), [(0, 0)] * 3 + [(0, padded - num_probes), (0, 0)])
+    k = lax.stop_gradient(k).reshape(b, chunks * stride, length, kv_heads, h)  # free: slices of the public layout
+    steps = length // block
+    grid = (b * c * kv_heads, steps)
+
+    def unpack(i):  # program -> (batch, chunk, kv head)
+        return div(i, c * kv_heads), rem(div(i, kv_heads), c), rem(i, kv_heads)
+
+    def probe_map(i, j):
+        batch, chunk, head = unpack(i)
+        return batch, chunk, head, 0, 0
+
+    def key_map(i, j):
+        batch, chunk, head = unpack(i)
+        return batch, chunk * stride, j, head, 0
+
+    probe_spec = pl.BlockSpec((None, None, None, padded, h), probe_map)
+    key_spec = pl.BlockSpec((None, None, block, None, h), key_map)
+    stat_spec = pl.BlockSpec((None, None, padded), lambda i, j: (i, j, 0))
+    params = triton_params(num_warps=4, num_stages=2)
+    chunk_max, chunk_sum = pl.pallas_call(
+        functools.partial(_stats_kernel, scale=scale),
+        grid=grid,
+        in_specs=[probe_spec, key_spec],
+        out_specs=[stat_spec, stat_spec],
+        out_shape=[jax.ShapeDtypeStruct((b * c * kv_heads, steps, padded), jnp.float32)] * 2,
+        compiler_params=params,
+        interpret=interpret,
+        name="hyper_probe_stats",
+    )(probes, k)
+    top = jnp.max(chunk_max, axis=1)
+    lse = top + jnp.log(jnp.sum(chunk_sum * jnp.exp(chunk_max - top[:, None]), axis=1))
+    return pl.pallas_call(
+        functools.partial(_mass_kernel, scale=scale, num_probes=num_probes),
+        grid=grid,
+        in_specs=[probe_spec, key_spec, pl.BlockSpec((None, padded), lambda i, j: (i, 0))],
+        out_specs=pl.BlockSpec((None, None, None, block), lambda i, j: (*unpack(i), j)),
+        out_shape=jax.ShapeDtypeStruct((b, c, kv_heads, length), jnp.float32),
+        compiler_params=params,
+        interpret=interpret,
+        name="hyper_probe_mass",
+    )(probes, k, lse)
