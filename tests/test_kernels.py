@@ -205,33 +205,84 @@ def test_in_kernel_gathers_match_pregathered_kernel(rng, t):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)
 
 
-def test_causal_backward_in_head_chunks_equals_one_pass(rng, monkeypatch):
-    # Long sequences run the causal backward a few kv heads at a time (memory); the result must not change.
-    from hyperattn_jax.kernels.gpu import causal
+@pytest.mark.parametrize("options", [{}, _COLUMN_MASS])  # samples with repeats (uniform); per-sample log-weights
+def test_in_place_backward_matches_blocked_backward(rng, options):
+    # The backward kernels that read rows by index and add into float32 accumulators give the blocked backward's
+    # gradients (float32, so the two agree to round-off), for 2 batch elements, GQA, and a shared sample tile.
+    from hyperattn_jax.kernels.gpu import hyper
 
-    cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=32)
-    q, k, v = random_qkv(rng, b=1, t=128, n=4, kv=2, h=16, dtype=jnp.bfloat16)
-    key = jax.random.key(int(rng.integers(1 << 30)))
+    cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=24, min_seq_len=0, **options)
+    b, t, n, kv, h = 2, 128, 4, 2, 16
+    q, k, v = random_qkv(rng, b=b, t=t, n=n, kv=kv, h=h)
+    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    lse, delta = (jnp.asarray(rng.standard_normal((b, kv, n // kv, t)), jnp.float32) for _ in range(2))
+    lse = lse + 4.0  # P = w e^{s - lse} stays moderate
+    q5, k4, v4 = _grouped(q, k, v)
+    plan = ops.make_plan(q5, k4, key=jax.random.key(int(rng.integers(1 << 30))), config=cfg, v=v4)
+    assert hyper.can_backward_in_place(plan, t, t)
+    expected = hyper.public_grads(
+        *hyper.estimate_backward(
+            q5, k4, v4, plan, ops.group_queries(d_out, kv), lse, delta, scale=0.3, tuning=None, interpret=True
+        )
+    )
+    rows = (b, t, kv, n // kv, h)
+    start = (jnp.asarray(rng.standard_normal(rows), jnp.float32), *(jnp.asarray(rng.standard_normal(k.shape)),) * 2)
+    got = hyper.estimate_backward_rows(
+        q.reshape(rows),
+        k,
+        v,
+        d_out.reshape(rows),
+        lse,
+        delta,
+        plan,
+        hyper.row_positions(q5.shape),
+        hyper.row_positions(k4.shape),
+        start,
+        scale=0.3,
+        tuning=hyper.TiledKernelConfig(),
+        interpret=True,
+    )
+    for total, before, want in zip(got, start, expected, strict=True):
+        added = (total - before).reshape(want.shape)
+        assert float(jnp.max(jnp.abs(want))) > 0.1
+        np.testing.assert_allclose(added, want, rtol=1e-4, atol=1e-4)
 
-    def grads():
-        def loss(q, k, v):
-            out = ha.hyper_attention(q, k, v, key=key, config=cfg, causal=True, implementation="pallas_triton")
-            return jnp.sum(out.astype(jnp.float32) * jnp.cos(q.astype(jnp.float32)))
 
-        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernels_lower_to_triton_for_an_h100(monkeypatch, causal):
+    # CI has no GPU: lower the forward and backward for CUDA (compute capability 9.0) so that indexing the Triton
+    # lowering rejects is caught here, not on the device.
+    import types
 
-    whole = grads()
-    monkeypatch.setattr(causal, "_head_chunks", lambda num_elements, kv_heads: 2)
-    jax.clear_caches()
-    for a, b in zip(grads(), whole, strict=True):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    from jax._src.pallas.triton import pallas_call_registration
 
+    monkeypatch.setattr(
+        pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: types.SimpleNamespace(compute_capability="9.0")
+    )
+    shape = (1, 8192, 4, 64)
+    q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
 
-@pytest.mark.parametrize(("chunks", "halves"), [(1, False), (4, True)])  # non-causal; a causal level's 4 problems
-def test_probe_kernels_match_jnp_probe(rng, chunks, halves):
+    def loss(q, k, v):
+        out = ha.hyper_attention(q, k, v, key=jax.random.key(0), causal=causal, implementation="pallas_triton")
+        return jnp.sum(out.astype(jnp.float32))
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # kernels, not the interpreter
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    expected = {"hyper_gathered_attention_fwd", "hyper_gathered_attention_dq", "hyper_gathered_attention_dkdv"}
+    expected |= {"hyper_probe_stats", "hyper_probe_mass"} | ({"hyper_flash_dq"} if causal else set())
+    assert all(name in text for name in expected), [name for name in expected if name not in text]
+@pytest.mark.parametrize(
+    ("t", "chunks", "halves"),
+    [
+        (256, 1, False),  # non-causal, one program per head
+        (8192, 1, False),  # two programs per head, each looping over 16 key chunks
+        (256, 4, True),  # a causal level's 4 problems: second-half queries over first-half keys
+    ],
+)
+def test_probe_kernels_match_jnp_probe(rng, t, chunks, halves):
     from hyperattn_jax.kernels.gpu.probe import probe_column_mass_pallas, probe_queries
 
-    b, t, n, kv, h = 2, 256, 4, 2, 16
+    b, n, kv, h = 2, 4, 2, 16
     q, k, _ = random_qkv(rng, b=b, t=t, n=n, kv=kv, h=h)
     q, k = 3 * q, 3 * k  # peaked rows: the mass varies over orders of magnitude
     span = t // chunks

@@ -10,8 +10,9 @@ on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`):
   per level reads their rows straight from q, k, v by index and merges its result into the accumulator rows in place:
   no copy of q, k, v per level, no output per level, and one cast at the end.
 Backward: every part's backward kernels run with the FINAL lse and delta (see `fused_tiled_attention_backward`), so no
-part keeps its own output and nothing is differentiated through the merge; each level's dq, dk, dv are added into
-float32 accumulators at that level's rows (on the grouped layout, a few kv heads at a time for very long inputs).
+part keeps its own output and nothing is differentiated through the merge. The base case's kernels write float32
+gradient accumulators on the public layout; each level's kernels read q, dO, k, v rows by index and add their dq, dk,
+dv rows into them in place (`gathered_backward.py`): no grouped or sorted copies, one cast at the end.
 Residuals: q, k, v, out, lse and the plans (int32 orders and samples).
 """
 
@@ -21,18 +22,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from hyperattn_jax._layout import group_queries
-from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention_backward, flash_forward_rows
+from hyperattn_jax._numerics import finite_or_zero
+from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_backward_rows, flash_forward_rows
 from hyperattn_jax.kernels.gpu.hyper import (
-    estimate_backward,
+    estimate_backward_rows,
     estimate_forward_rows,
     grouped_inputs,
     kernel_probe,
     output_delta,
     power_of_two,
-    public_grads,
     public_layout_ranks,
     row_positions,
 )
@@ -42,11 +41,11 @@ from hyperattn_jax.ops.sortlsh import make_plan, plan_projections
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
     """(levels, base segment length, flash tuning) of the recursion over t positions, or None where this module does
-    not apply and the ops recursion (with kernels inside) must run: sinks or a local window (extra exact tiles the
-    ops recursion adds), no recursion at all, and shapes the in-place kernels cannot take: odd lengths on the way
-    down, segments not a multiple of the block size (every query slot of every level must hold a real row), head
-    dims or blocks that are not powers of two."""
-    if config.num_sink_keys or config.local_window:
+    not apply and the ops recursion (with kernels inside) must run: global keys or a local window (extra exact tiles,
+    and sorted blocks with padding slots), no recursion at all, and shapes the in-place kernels cannot take: odd
+    lengths on the way down, segments not a multiple of the block size (every query and key slot of every level must
+    hold a real row), head dims or blocks that are not powers of two."""
+    if config.num_sink_keys or config.num_heavy_keys or config.local_window:
         return None
     if not (power_of_two(head_dim) and power_of_two(config.block_size)):
         return None
@@ -87,25 +86,6 @@ def _stack_level_problems(x, level: int):
     """`[B, C, ...]` per chunk (C = 2**level, in sequence order) -> `[C * B, ...]` in `_level_rows`' problem order."""
     x = _bit_reverse_chunks(x, 1, level)
     return jnp.moveaxis(x, 1, 0).reshape(-1, *x.shape[2:])
-
-
-def _chunk_major(part, batch: int, level: int):
-    """Inverse of `_level_rows`' stacking: `[chunks * B, ..., half, H]` -> `[B, ..., chunks, half, H]`."""
-    chunks = 2**level
-    part = part.reshape(chunks, batch, *part.shape[1:])
-    return _bit_reverse_chunks(jnp.moveaxis(part, 0, part.ndim - 3), part.ndim - 3, level)
-
-
-def _add_at_rows(total, part, which: int, level: int):
-    """total `[B, ..., T, H]` (float32) plus part at the rows `_level_rows(total, which, level)` names, updated in
-    place (a dynamic-update-slice of that half)."""
-    batch, lead, h = total.shape[0], total.shape[1:-2], total.shape[-1]
-    chunks = 2**level
-    view = total.reshape(batch, *lead, chunks, 2, -1, h)
-    axis = view.ndim - 3
-    current = lax.slice_in_dim(view, which, which + 1, axis=axis)
-    update = current + jnp.expand_dims(_chunk_major(part, batch, level).astype(total.dtype), axis)
-    return lax.dynamic_update_slice_in_dim(view, update, which, axis=axis).reshape(total.shape)
 
 
 def _level_problem(q, k, v, level: int):
@@ -171,83 +151,38 @@ def _causal_fwd(q, k, v, key, hash_key, static):
 
 
 def _causal_bwd(static, residuals, cotangents):
+    _, scale, tuning, interpret, (_, segment, flash_tuning) = static
     q, k, v, out, lse, plans = residuals
     d_out, d_lse = cotangents
     delta = output_delta(out, d_out, d_lse)
+    lse = finite_or_zero(lse)
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    chunks = _head_chunks(b * t * n * h, kv_heads)
-    width = kv_heads // chunks
-    q_rows, d_out_rows = (x.reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out))
-    grads = []
-    for chunk in range(chunks):
-        heads = slice(chunk * width, (chunk + 1) * width)
-        inputs = (
-            q_rows[:, :, heads].reshape(b, t, -1, h),
-            k[:, :, heads],
-            v[:, :, heads],
-            d_out_rows[:, :, heads].reshape(b, t, -1, h),
-            lse[:, heads],
-            delta[:, heads],
-            [jax.tree.map(lambda x, heads=heads: x[:, heads] if x.ndim >= 2 else x, plan) for plan in plans],
-        )
-        if grads:  # one head chunk after the other: the barrier makes this chunk's inputs wait for the last's grads
-            grads[-1], inputs = lax.optimization_barrier((grads[-1], inputs))
-        grads.append(_backward_heads(static, *inputs))
-    if chunks == 1:
-        return (*grads[0], None, None)
-    dq = jnp.concatenate([g[0].reshape(b, t, width, -1, h) for g in grads], axis=2).reshape(q.shape)
-    dk, dv = (jnp.concatenate([g[i] for g in grads], axis=2) for i in (1, 2))
-    return dq, dk, dv, None, None
-
-
-def _head_chunks(num_elements: int, kv_heads: int, limit: int = 2**29) -> int:
-    """How many kv-head chunks the backward runs one after another: enough that each chunk's arrays (grouped copies,
-    float32 gradient accumulators, the first level's sorted blocks) stay under `limit` elements of q, which is what
-    lets 1M tokens x 32 heads x 64 fit on one 80 GB GPU. 1 up to 2**29 elements (the benchmark's 131k x 32 x 64 is
-    2**28), so those runs are unaffected."""
-    chunks = 1
-    while num_elements // chunks > limit and kv_heads % (2 * chunks) == 0:
-        chunks *= 2
-    return chunks
-
-
-def _backward_heads(static, q, k, v, d_out, lse, delta, plans):
-    """dq, dk, dv (public layout) of the causal function for some heads, from the final lse and delta."""
-    _, scale, tuning, interpret, (_, segment, flash_tuning) = static
-    q5, k4, v4 = grouped_inputs(q, k, v)
-    d_out = group_queries(d_out.astype(q.dtype), k.shape[2])
-    grads = flash_attention_backward(
-        q5,
-        k4,
-        v4,
-        d_out,
-        lse,
-        delta,
-        scale=scale,
-        causal=True,
-        segment=segment,
-        tuning=flash_tuning,
-        interpret=interpret,
+    q_rows, do_rows = (x.astype(q.dtype).reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out))
+    # The base case's kernels write the float32 accumulators; every level's kernels add their rows into them.
+    grads = flash_backward_rows(
+        q_rows, k, v, do_rows, lse, delta, scale=scale, segment=segment, tuning=flash_tuning, interpret=interpret
     )
-    dq, dk, dv = (g.astype(jnp.float32) for g in grads)
-    stats = jnp.stack([lse, delta], axis=-1)
+    query_positions = row_positions((b, kv_heads, n // kv_heads, t, 1))
+    key_positions = row_positions((b, kv_heads, t, 1))
     for level, plan in enumerate(plans):
-        level_lse, level_delta = jnp.moveaxis(_level_rows(stats, 1, level), -1, 0)
-        dql, dkl, dvl = estimate_backward(
-            *_level_problem(q5, k4, v4, level),
+        grads = estimate_backward_rows(
+            q_rows,
+            k,
+            v,
+            do_rows,
+            lse,
+            delta,
             plan,
-            _level_rows(d_out, 1, level),
-            level_lse,
-            level_delta,
+            _level_rows(query_positions, 1, level),
+            _level_rows(key_positions, 0, level),
+            grads,
             scale=scale,
             tuning=tuning,
             interpret=interpret,
         )
-        dq = _add_at_rows(dq, dql, 1, level)
-        dk = _add_at_rows(dk, dkl, 0, level)
-        dv = _add_at_rows(dv, dvl, 0, level)
-    return public_grads(dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+    dq, dk, dv = grads
+    return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _causal.defvjp(_causal_fwd, _causal_bwd)

@@ -144,7 +144,11 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, *, shape
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, shape: _Shape, scale: float):
+def _dkdv_kernel(
+    q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, shape: _Shape, scale: float, rows_major=False
+):
+    """dk, dv of one key chunk. q_ref, do_ref hold every head of the group: `[G, T, H]`, or `[T, G * H]` when
+    `rows_major` (the public layout's rows)."""
     k, v = k_ref[...], v_ref[...]
     chunk = k.shape[0]
     k_start = pl.program_id(1) * chunk
@@ -161,7 +165,11 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref
         head = div(index, per_head)
         q_start = pl.multiple_of((first + rem(index, per_head)) * chunk, chunk)
         queries = pl.ds(q_start, chunk)
-        q, do = q_ref[head, queries, :], do_ref[head, queries, :]
+        if rows_major:
+            columns = pl.ds(pl.multiple_of(head * shape.head_dim_padded, shape.head_dim_padded), shape.head_dim_padded)
+            q, do = q_ref[queries, columns], do_ref[queries, columns]
+        else:
+            q, do = q_ref[head, queries, :], do_ref[head, queries, :]
         s = _dot_t(q, k) * qk_scale
         if masked:
             s = _mask(shape, s, q_start, k_start)
@@ -420,3 +428,55 @@ def flash_forward_rows(q_rows, k, v, *, scale: float, segment: int, tuning: Flas
         interpret=interpret,
         name="hyper_flash_fwd",
     )(q_rows, k, v)
+
+
+def flash_backward_rows(
+    q_rows, k, v, do_rows, lse, delta, *, scale: float, segment: int, tuning: FlashConfig, interpret
+):
+    """`flash_attention_backward` of segment-causal attention on the public layout, with float32 gradients: the first
+    part of a merged attention's gradient accumulators (see `gathered_tiled_backward`), no transposes in or out.
+
+    q_rows, do_rows `[B, T, K, G, H]`, k, v `[B, T, K, H]`, lse (finite), delta float32 `[B, K, G, T]`; shapes as for
+    `flash_forward_rows`. Returns dq `[B, T, K, G, H]`, dk, dv `[B, T, K, H]`, float32.
+    """
+    b, t, kv_heads, g, h = q_rows.shape
+    shape, tuning = _sizes(t, t, h, g, True, segment, tuning)
+    if shape.padded_queries != t or shape.head_dim_padded != h:
+        raise ValueError(f"flash_backward_rows needs T a multiple of {tuning.block_q} and H a power of two >= 16")
+    rows, chunk = tuning.block_q, tuning.block_bwd
+    params = triton_params(tuning.num_warps, tuning.num_stages)
+
+    def batch_of(i):
+        return div(i, kv_heads)
+
+    def head_of(i):
+        return rem(i, kv_heads)
+
+    q_spec = pl.BlockSpec((None, rows, None, None, h), lambda i, j, c: (batch_of(i), c, head_of(i), j, 0))
+    row_spec = pl.BlockSpec((None, None, None, rows), lambda i, j, c: (batch_of(i), head_of(i), j, c))
+    kv_full = pl.BlockSpec((None, t, None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, shape=shape, block_k=tuning.block_k, scale=float(scale)),
+        grid=(b * kv_heads, g, t // rows),
+        in_specs=[q_spec, q_spec, row_spec, row_spec, kv_full, kv_full],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q_rows.shape, jnp.float32),
+        compiler_params=params,
+        interpret=interpret,
+        name="hyper_flash_dq",
+    )(q_rows, do_rows, lse, delta, k, v)
+    q_full = pl.BlockSpec((None, t, None, g * h), lambda i, c: (batch_of(i), 0, head_of(i), 0))
+    rows_full = pl.BlockSpec((None, None, g, t), lambda i, c: (batch_of(i), head_of(i), 0, 0))
+    kv_spec = pl.BlockSpec((None, chunk, None, h), lambda i, c: (batch_of(i), c, head_of(i), 0))
+    q_flat, do_flat = (x.reshape(b, t, kv_heads, g * h) for x in (q_rows, do_rows))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, shape=shape, scale=float(scale), rows_major=True),
+        grid=(b * kv_heads, t // chunk),
+        in_specs=[q_full, q_full, rows_full, rows_full, kv_spec, kv_spec],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
+        compiler_params=params,
+        interpret=interpret,
+        name="hyper_flash_dkdv",
+    )(q_flat, do_flat, lse, delta, k, v)
+    return dq, dk, dv

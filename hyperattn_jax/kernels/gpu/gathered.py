@@ -34,6 +34,62 @@ def _dot_t(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def tile_loaders(kinds, lengths, refs):
+    """(load_keys(keys) -> (k, v), w_ref, length) of every tile, from the refs `tile_operands` laid out."""
+    loaders, position = [], 0
+    for kind, length in zip(kinds, lengths, strict=True):
+        if kind == "indexed":
+            k_index_ref, k_ref, v_ref, w_ref = refs[position : position + 4]
+            position += 4
+
+            def load_keys(keys, k_index_ref=k_index_ref, k_ref=k_ref, v_ref=v_ref):
+                index = jnp.maximum(k_index_ref[keys], 0)
+                return k_ref[index, :], v_ref[index, :]
+
+        else:
+            k_ref, v_ref, w_ref = refs[position : position + 3]
+            position += 3
+
+            def load_keys(keys, k_ref=k_ref, v_ref=v_ref):
+                return k_ref[keys, :], v_ref[keys, :]
+
+        loaders.append((load_keys, w_ref, length))
+    return loaders
+
+
+def tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int, splits: int, batch_of, head_of):
+    """BlockSpecs, arrays, kinds and lengths of the key tiles for a grid (problem x kv head i, query head j, query
+    chunk c) whose query chunks are `splits` per block: an "indexed" tile passes its key index and all of k, v (rows
+    loaded in the kernel), a "gathered" one its own k, v; both pass their log-weights."""
+    kv_heads, h = k.shape[2], k.shape[3]
+    pk, nb = problems * kv_heads, num_blocks
+    full_kv = pl.BlockSpec((None, k.shape[1], None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), 0))
+    in_specs, args, kinds, lengths = [], [], [], []
+    for tile, key_index in zip(tiles, tile_key_index, strict=True):
+        length = tile.log_weight.shape[-1] if key_index is None else key_index.shape[-1]
+        w = jnp.asarray(tile.log_weight, jnp.float32)
+        w = w.reshape((1,) * (4 - w.ndim) + w.shape)
+        per_block_weight = w.shape[2] == nb and nb > 1
+        w = jnp.broadcast_to(w, (problems, kv_heads, nb if per_block_weight else 1, length))
+        w_map = (lambda i, j, c: (i, c // splits, 0)) if per_block_weight else (lambda i, j, c: (i, 0, 0))
+        w_spec = pl.BlockSpec((None, None, length), w_map)
+        if key_index is not None:
+            kinds.append("indexed")
+            in_specs += [pl.BlockSpec((None, None, length), lambda i, j, c: (i, c // splits, 0)), full_kv, full_kv]
+            args += [key_index.reshape(pk, nb, length), k, v]
+        else:
+            kinds.append("gathered")
+            shared = tile.k.shape[2] == 1
+            kv_map = (lambda i, j, c: (i, 0, 0, 0)) if shared else (lambda i, j, c: (i, c // splits, 0, 0))
+            kv_spec = pl.BlockSpec((None, None, length, h), kv_map)
+            in_specs += [kv_spec, kv_spec]
+            args += [tile.k.reshape(pk, tile.k.shape[2], length, h), tile.v.reshape(pk, tile.k.shape[2], length, h)]
+        in_specs.append(w_spec)
+        args.append(w.reshape(pk, -1, length))
+        lengths.append(length)
+    return in_specs, args, tuple(kinds), tuple(lengths)
+
+
 def _gathered_forward_kernel(
     q_index_ref,
     q_ref,
@@ -68,25 +124,13 @@ def _gathered_forward_kernel(
             jnp.zeros((rows,), jnp.float32),
             jnp.zeros((rows, q.shape[1]), jnp.float32),
         )
-    position = 0
-    for kind, length in zip(kinds, lengths, strict=True):
-        if kind == "indexed":
-            k_index_ref, k_ref, v_ref, w_ref = refs[position : position + 4]
-            position += 4
-        else:
-            k_index_ref = None
-            k_ref, v_ref, w_ref = refs[position : position + 3]
-            position += 3
+    for load_keys, w_ref, length in tile_loaders(kinds, lengths, refs):
         chunk = min(block_k, length)
 
-        def body(step, carry, k_index_ref=k_index_ref, k_ref=k_ref, v_ref=v_ref, w_ref=w_ref, chunk=chunk):
+        def body(step, carry, load_keys=load_keys, w_ref=w_ref, chunk=chunk):
             row_max, row_sum, acc = carry
             keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
-            if k_index_ref is None:
-                k, v = k_ref[keys, :], v_ref[keys, :]
-            else:
-                index = jnp.maximum(k_index_ref[keys], 0)
-                k, v = k_ref[index, :], v_ref[index, :]
+            k, v = load_keys(keys)
             s = _dot_t(q, k) * qk_scale + w_ref[keys][None, :] * LOG2_E
             new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
             p = jnp.exp2(s - new_max[:, None])
@@ -154,32 +198,11 @@ def gathered_tiled_forward(
         return rem(i, kv_heads)
 
     q_spec = pl.BlockSpec((None, t, None, None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), j, 0))
-    full_kv = pl.BlockSpec((None, k.shape[1], None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), 0))
-    in_specs = [pl.BlockSpec((None, None, rows), lambda i, j, c: (i, j, c)), q_spec]
-    args = [query_index.reshape(pk, g, nb * bq), q_rows]
-    kinds, lengths = [], []
-    for tile, key_index in zip(tiles, tile_key_index, strict=True):
-        length = tile.log_weight.shape[-1] if key_index is None else key_index.shape[-1]
-        w = jnp.asarray(tile.log_weight, jnp.float32)
-        w = w.reshape((1,) * (4 - w.ndim) + w.shape)
-        per_block_weight = w.shape[2] == nb and nb > 1
-        w = jnp.broadcast_to(w, (problems, kv_heads, nb if per_block_weight else 1, length))
-        w_map = (lambda i, j, c: (i, c // splits, 0)) if per_block_weight else (lambda i, j, c: (i, 0, 0))
-        w_spec = pl.BlockSpec((None, None, length), w_map)
-        if key_index is not None:
-            kinds.append("indexed")
-            in_specs += [pl.BlockSpec((None, None, length), lambda i, j, c: (i, c // splits, 0)), full_kv, full_kv]
-            args += [key_index.reshape(pk, nb, length), k, v]
-        else:
-            kinds.append("gathered")
-            shared = tile.k.shape[2] == 1
-            kv_map = (lambda i, j, c: (i, 0, 0, 0)) if shared else (lambda i, j, c: (i, c // splits, 0, 0))
-            kv_spec = pl.BlockSpec((None, None, length, h), kv_map)
-            in_specs += [kv_spec, kv_spec]
-            args += [tile.k.reshape(pk, tile.k.shape[2], length, h), tile.v.reshape(pk, tile.k.shape[2], length, h)]
-        in_specs.append(w_spec)
-        args.append(w.reshape(pk, -1, length))
-        lengths.append(length)
+    tile_specs, tile_args, kinds, lengths = tile_operands(
+        k, v, tiles, tile_key_index, problems=problems, num_blocks=nb, splits=splits, batch_of=batch_of, head_of=head_of
+    )
+    in_specs = [pl.BlockSpec((None, None, rows), lambda i, j, c: (i, j, c)), q_spec, *tile_specs]
+    args = [query_index.reshape(pk, g, nb * bq), q_rows, *tile_args]
     o_spec = pl.BlockSpec((None, t_out, None, None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), j, 0))
     lse_spec = pl.BlockSpec((None, None, None, t_out), lambda i, j, c: (batch_of(i), head_of(i), j, 0))
     aliases = {}
@@ -193,8 +216,8 @@ def gathered_tiled_forward(
     out, lse = pl.pallas_call(
         functools.partial(
             _gathered_forward_kernel,
-            kinds=tuple(kinds),
-            lengths=tuple(lengths),
+            kinds=kinds,
+            lengths=lengths,
             block_k=tuning.block_k,
             scale=scale,
             rows=rows,

@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
+from hyperattn_jax._numerics import finite_or_zero
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.kernels.gpu._common import MIN_DOT
 from hyperattn_jax.kernels.gpu.gathered import gathered_tiled_forward
+from hyperattn_jax.kernels.gpu.gathered_backward import gathered_tiled_backward
 from hyperattn_jax.kernels.gpu.probe import probe_column_mass_pallas, probe_key_chunk, probe_queries
 from hyperattn_jax.kernels.gpu.tiled_attention import (
     TiledKernelConfig,
@@ -76,6 +78,23 @@ def _rows_of(x, index, batch: int):
     return x[problem_batch, jnp.maximum(index, 0), head]
 
 
+def _row_tiles(k, v, plan, key_positions, batch: int):
+    """The plan's tiles for row-indexed kernels: per-block tiles without k, v (their rows are loaded by index in the
+    kernel), shared tiles (samples, global keys) gathered here; with each tile's int32 rows `[P, K, nb | 1, t]`
+    (-1 = padding) and which of them the kernel loads by index (None for the gathered ones)."""
+    tiles, rows, in_kernel = [], [], []
+    for tile in hyper_attention_tiles(key_positions, key_positions, plan):
+        index = tile.k[..., 0].astype(jnp.int32) - 1  # [P, K, nb | 1, t]
+        rows.append(index)
+        if index.shape[2] == plan.num_blocks > 1 and power_of_two(index.shape[3]):
+            tiles.append(tile._replace(k=None, v=None))
+            in_kernel.append(index)
+        else:
+            tiles.append(tile._replace(k=_rows_of(k, index, batch), v=_rows_of(v, index, batch)))
+            in_kernel.append(None)
+    return tiles, rows, in_kernel
+
+
 def estimate_forward_rows(
     q_rows, k, v, plan, query_positions, key_positions, *, scale, tuning, interpret, accumulator=None
 ):
@@ -89,15 +108,7 @@ def estimate_forward_rows(
     """
     batch = q_rows.shape[0]
     query_index = block_query_layout(query_positions, plan)[..., 0].astype(jnp.int32) - 1
-    tiles, key_index = [], []
-    for tile in hyper_attention_tiles(key_positions, key_positions, plan):
-        index = tile.k[..., 0].astype(jnp.int32) - 1  # [P, K, nb | 1, t]
-        if index.shape[2] == plan.num_blocks > 1 and power_of_two(index.shape[3]):
-            tiles.append(tile._replace(k=None, v=None))
-            key_index.append(index)
-        else:
-            tiles.append(tile._replace(k=_rows_of(k, index, batch), v=_rows_of(v, index, batch)))
-            key_index.append(None)
+    tiles, _, key_index = _row_tiles(k, v, plan, key_positions, batch)
     return gathered_tiled_forward(
         q_rows,
         k,
@@ -109,6 +120,44 @@ def estimate_forward_rows(
         tuning=tuning,
         interpret=interpret,
         accumulator=accumulator,
+    )
+
+
+def can_backward_in_place(plan, num_queries: int, num_keys: int) -> bool:
+    """Whether `estimate_backward_rows` takes the plan: every query slot and every sorted-block key slot holds a
+    real row (no padding: its gradient rows would collide), problems of `num_queries` x `num_keys`."""
+    return (
+        plan.num_global == 0
+        and plan.num_blocks * plan.query_block == num_queries
+        and plan.num_blocks * plan.key_block == num_keys
+        and (plan.num_blocks == 1 or power_of_two(plan.key_block))
+    )
+
+
+def estimate_backward_rows(
+    q_rows, k, v, do_rows, lse, delta, plan, query_positions, key_positions, grads, *, scale, tuning, interpret
+):
+    """The estimator's backward for the problems `estimate_forward_rows` cut, as one part of a merged attention with
+    final lse and delta `[B, K, G, T]`: its dq, dk, dv added into the float32 accumulators `grads` (dq
+    `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`), reading every row by index (`gathered_tiled_backward`). Needs
+    `can_backward_in_place`."""
+    batch = q_rows.shape[0]
+    query_index = block_query_layout(query_positions, plan)[..., 0].astype(jnp.int32) - 1
+    tiles, rows, _ = _row_tiles(k, v, plan, key_positions, batch)
+    return gathered_tiled_backward(
+        q_rows,
+        k,
+        v,
+        do_rows,
+        lse,
+        delta,
+        query_index,
+        tiles,
+        rows,
+        grads,
+        scale=scale,
+        tuning=tuning,
+        interpret=interpret,
     )
 
 
@@ -229,6 +278,27 @@ def _hyper_bwd(static, residuals, cotangents):
     q, k, v, plan, out, lse = residuals
     d_out, d_lse = cotangents
     delta = output_delta(out, d_out, d_lse)
+    b, t, n, h = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    if can_gather_in_kernel(h, plan) and can_backward_in_place(plan, t, s):
+        q_rows, do_rows = (x.astype(q.dtype).reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out))
+        zeros = (jnp.zeros(q_rows.shape, jnp.float32), *(jnp.zeros(k.shape, jnp.float32),) * 2)
+        dq, dk, dv = estimate_backward_rows(
+            q_rows,
+            k,
+            v,
+            do_rows,
+            finite_or_zero(lse),
+            delta,
+            plan,
+            row_positions((b, kv_heads, n // kv_heads, t, 1)),
+            row_positions((b, kv_heads, s, 1)),
+            zeros,
+            scale=scale,
+            tuning=tuning,
+            interpret=interpret,
+        )
+        return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
     grads = estimate_backward(
         *grouped_inputs(q, k, v),
         plan,

@@ -19,31 +19,47 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from hyperattn_jax.kernels.gpu._common import MIN_DOT, div, next_power_of_two, rem, triton_params
+from hyperattn_jax.kernels.gpu._common import MIN_DOT, NEG_START, div, next_power_of_two, rem, triton_params
 
-_KEY_CHUNKS = (512, 256, 128, 64, 32, 16)
+_KEY_CHUNKS = (256, 128, 64, 32, 16)
+_CHUNKS_PER_PROGRAM = 16  # a loop over several chunks per program keeps loads in flight (num_stages)
 
 
 def _dot_t(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale):
-    s = _dot_t(probe_ref[...], k_ref[...]) * scale  # [probes, chunk]
-    row_max = jnp.max(s, axis=1)
+def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale, chunk):
+    probes = probe_ref[...]
+
+    def body(step, carry):  # online max and exp-sum of every probe row over this program's keys
+        row_max, row_sum = carry
+        s = _dot_t(probes, k_ref[pl.ds(pl.multiple_of(step * chunk, chunk), chunk), :]) * scale
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+        row_sum = row_sum * jnp.exp(row_max - new_max) + jnp.sum(jnp.exp(s - new_max[:, None]), axis=1)
+        return new_max, row_sum
+
+    start = (jnp.full((probes.shape[0],), NEG_START, jnp.float32), jnp.zeros((probes.shape[0],), jnp.float32))
+    row_max, row_sum = lax.fori_loop(0, k_ref.shape[0] // chunk, body, start)
     max_ref[...] = row_max
-    sum_ref[...] = jnp.sum(jnp.exp(s - row_max[:, None]), axis=1)
+    sum_ref[...] = row_sum
 
 
-def _mass_kernel(probe_ref, k_ref, lse_ref, mass_ref, *, scale, num_probes):
-    s = _dot_t(probe_ref[...], k_ref[...]) * scale
-    p = jnp.exp(s - lse_ref[...][:, None])
-    real = lax.broadcasted_iota(jnp.int32, p.shape, 0) < num_probes  # zero-padded probe rows do not count
-    mass_ref[...] = jnp.sum(jnp.where(real, p, 0.0), axis=0) / num_probes
+def _mass_kernel(probe_ref, k_ref, lse_ref, mass_ref, *, scale, chunk, num_probes):
+    probes, lse = probe_ref[...], lse_ref[...]
+    real = lax.broadcasted_iota(jnp.int32, (probes.shape[0], chunk), 0) < num_probes  # padded probes do not count
+
+    def body(step, carry):
+        keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
+        p = jnp.exp(_dot_t(probes, k_ref[keys, :]) * scale - lse[:, None])
+        mass_ref[keys] = jnp.sum(jnp.where(real, p, 0.0), axis=0) / num_probes
+        return carry
+
+    lax.fori_loop(0, k_ref.shape[0] // chunk, body, 0)
 
 
 def probe_key_chunk(length: int, head_dim: int) -> int | None:
-    """Keys per program for a problem of `length` keys, or None where the kernels cannot take the shape."""
+    """Keys per inner step for a problem of `length` keys, or None where the kernels cannot take the shape."""
     if head_dim < MIN_DOT or head_dim & (head_dim - 1):
         return None
     return next((c for c in _KEY_CHUNKS if length % c == 0), None)
@@ -74,36 +90,38 @@ def probe_column_mass_pallas(probes, k, *, chunks: int, halves: bool, scale: flo
     s = k.shape[1]
     stride = 2 if halves else 1
     length = s // (chunks * stride)
-    block = probe_key_chunk(length, h)
-    if block is None or s != length * chunks * stride:
+    chunk = probe_key_chunk(length, h)  # keys per inner step
+    if chunk is None or s != length * chunks * stride:
         raise ValueError(f"probe kernels cannot take {chunks} chunks of {s} keys with head dim {h}")
     padded = next_power_of_two(num_probes, MIN_DOT)
     probes = jnp.pad(lax.stop_gradient(probes), [(0, 0)] * 3 + [(0, padded - num_probes), (0, 0)])
     k = lax.stop_gradient(k).reshape(b, chunks * stride, length, kv_heads, h)  # free: slices of the public layout
-    steps = length // block
-    grid = (b * c * kv_heads, steps)
+    steps = length // chunk
+    span = chunk * next(d for d in range(min(_CHUNKS_PER_PROGRAM, steps), 0, -1) if steps % d == 0)  # per program
+    programs = length // span
+    grid = (b * c * kv_heads, programs)
 
-    def unpack(i):  # program -> (batch, chunk, kv head)
+    def unpack(i):  # program -> (batch, problem, kv head)
         return div(i, c * kv_heads), rem(div(i, kv_heads), c), rem(i, kv_heads)
 
     def probe_map(i, j):
-        batch, chunk, head = unpack(i)
-        return batch, chunk, head, 0, 0
+        batch, problem, head = unpack(i)
+        return batch, problem, head, 0, 0
 
     def key_map(i, j):
-        batch, chunk, head = unpack(i)
-        return batch, chunk * stride, j, head, 0
+        batch, problem, head = unpack(i)
+        return batch, problem * stride, j, head, 0
 
     probe_spec = pl.BlockSpec((None, None, None, padded, h), probe_map)
-    key_spec = pl.BlockSpec((None, None, block, None, h), key_map)
+    key_spec = pl.BlockSpec((None, None, span, None, h), key_map)
     stat_spec = pl.BlockSpec((None, None, padded), lambda i, j: (i, j, 0))
-    params = triton_params(num_warps=4, num_stages=2)
+    params = triton_params(num_warps=4, num_stages=3)
     chunk_max, chunk_sum = pl.pallas_call(
-        functools.partial(_stats_kernel, scale=scale),
+        functools.partial(_stats_kernel, scale=scale, chunk=chunk),
         grid=grid,
         in_specs=[probe_spec, key_spec],
         out_specs=[stat_spec, stat_spec],
-        out_shape=[jax.ShapeDtypeStruct((b * c * kv_heads, steps, padded), jnp.float32)] * 2,
+        out_shape=[jax.ShapeDtypeStruct((b * c * kv_heads, programs, padded), jnp.float32)] * 2,
         compiler_params=params,
         interpret=interpret,
         name="hyper_probe_stats",
@@ -111,10 +129,10 @@ def probe_column_mass_pallas(probes, k, *, chunks: int, halves: bool, scale: flo
     top = jnp.max(chunk_max, axis=1)
     lse = top + jnp.log(jnp.sum(chunk_sum * jnp.exp(chunk_max - top[:, None]), axis=1))
     return pl.pallas_call(
-        functools.partial(_mass_kernel, scale=scale, num_probes=num_probes),
+        functools.partial(_mass_kernel, scale=scale, chunk=chunk, num_probes=num_probes),
         grid=grid,
         in_specs=[probe_spec, key_spec, pl.BlockSpec((None, padded), lambda i, j: (i, 0))],
-        out_specs=pl.BlockSpec((None, None, None, block), lambda i, j: (*unpack(i), j)),
+        out_specs=pl.BlockSpec((None, None, None, span), lambda i, j: (*unpack(i), j)),
         out_shape=jax.ShapeDtypeStruct((b, c, kv_heads, length), jnp.float32),
         compiler_params=params,
         interpret=interpret,

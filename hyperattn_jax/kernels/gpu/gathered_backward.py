@@ -1,0 +1,362 @@
+"""Backward kernels with the sort gathers fused in: the gradients of `gathered_tiled_forward`'s attention, added into
+float32 accumulators in the public layout, in place.
+
+The backward of the tiled kernels (`tiled_attention.py`) needs q, dO, lse and delta in sorted blocks and gives dq, dk,
+dv in sorted blocks, so XLA gathers four arrays into that order per call and scatters three back, on top of the
+transposes to the grouped layout (about a quarter of the causal forward+backward at 131k tokens, H100). Here every
+program loads its rows by index straight from the public `[B, T, N, H]` arrays, like the forward (`gathered.py`), and
+read-modify-writes its gradient rows in the accumulators (input/output aliasing), so the parts of a merged attention
+(a causal recursion's base case and levels) sum their gradients without any copy:
+
+- dq: a program owns `rows` queries of one query block and head, loops over every tile's keys like the forward;
+- dk, dv of a per-block tile (the sorted blocks): a program owns a chunk of one block's keys and loops over that
+  block's queries of every head of the group; a key row sits in exactly one block, so the writes never collide;
+- dk, dv of a shared tile (samples, global keys): partial sums over runs of query blocks, summed and scattered into
+  the accumulators by XLA (a few hundred rows per problem; a sampled key may be drawn twice).
+
+Like `fused_tiled_attention_backward`, the kernels take the FINAL lse and delta of the merged attention, so the result
+is this part's share of the merged gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from hyperattn_jax.kernels.gpu._common import LOG2_E, div, rem, triton_params
+from hyperattn_jax.kernels.gpu.gathered import tile_loaders, tile_operands
+from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _dot_t(a, b):
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dq_kernel(q_index_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, kinds, lengths, block_k: int, scale: float):
+    dq_in_ref, dq_ref = refs[-2:]
+    index = q_index_ref[...]
+    q, do = q_ref[index, :], do_ref[index, :]
+    lse2 = lse_ref[index] * LOG2_E
+    delta = delta_ref[index]
+    qk_scale = scale * LOG2_E
+    dq = jnp.zeros(q.shape, jnp.float32)
+    for load_keys, w_ref, length in tile_loaders(kinds, lengths, refs):
+        chunk = min(block_k, length)
+
+        def body(step, dq, load_keys=load_keys, w_ref=w_ref, chunk=chunk):
+            keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
+            k, v = load_keys(keys)
+            p = jnp.exp2(_dot_t(q, k) * qk_scale + w_ref[keys][None, :] * LOG2_E - lse2[:, None])
+            ds = p * (_dot_t(do, v) - delta[:, None])
+            return dq + _dot(ds.astype(k.dtype), k)
+
+        dq = lax.fori_loop(0, length // chunk, body, dq)
+    dq_ref[index, :] = dq_in_ref[index, :] + dq * scale
+
+
+def _key_chunk_grads(
+    q_index_ref, q_ref, do_ref, lse_ref, delta_ref, k, v, weight, *, steps, first_step, rows, shape, scale
+):
+    """dk, dv float32 of keys k, v over `steps` chunks of `rows` queries named by q_index_ref, starting at chunk
+    `first_step`; `weight(step)` gives the keys' log-weights (base 2) seen by that query chunk. Query chunks run
+    block by block, head by head within a block (the index layout `_blocks_then_heads` makes)."""
+    groups, query_block, head_dim, num_queries = shape
+    qk_scale = scale * LOG2_E
+
+    def body(step, carry):
+        dk, dv = carry
+        step = first_step + step
+        head = rem(div(step, query_block // rows), groups)
+        index = q_index_ref[pl.ds(pl.multiple_of(step * rows, rows), rows)]
+        columns = pl.ds(pl.multiple_of(head * head_dim, head_dim), head_dim)
+        q, do = q_ref[index, columns], do_ref[index, columns]
+        stat = head * num_queries + index
+        p = jnp.exp2(_dot_t(q, k) * qk_scale + weight(step)[None, :] - (lse_ref[stat] * LOG2_E)[:, None])
+        dv = dv + _dot_tn(p.astype(do.dtype), do)
+        ds = p * (_dot_t(do, v) - delta_ref[stat][:, None])
+        return dk + _dot_tn(ds.astype(q.dtype), q), dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
+    return dk * scale, dv
+
+
+def _block_dkdv_kernel(
+    k_index_ref,
+    q_index_ref,
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    k_ref,
+    v_ref,
+    w_ref,
+    dk_in,
+    dv_in,
+    dk_ref,
+    dv_ref,
+    *,
+    rows: int,
+    shape,
+    scale: float,
+):
+    """dk, dv of a chunk of one sorted block's keys (rows named by k_index_ref), added into the accumulators."""
+    groups, query_block = shape[:2]
+    key_index = k_index_ref[...]
+    k, v = k_ref[key_index, :], v_ref[key_index, :]
+    w = w_ref[...] * LOG2_E
+    dk, dv = _key_chunk_grads(
+        q_index_ref,
+        q_ref,
+        do_ref,
+        lse_ref,
+        delta_ref,
+        k,
+        v,
+        lambda step: w,
+        steps=groups * query_block // rows,
+        first_step=0,
+        rows=rows,
+        shape=shape,
+        scale=scale,
+    )
+    dk_ref[key_index, :] = dk_in[key_index, :] + dk
+    dv_ref[key_index, :] = dv_in[key_index, :] + dv
+
+
+def _shared_dkdv_kernel(
+    q_index_ref,
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    k_ref,
+    v_ref,
+    w_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    rows: int,
+    shape,
+    scale: float,
+    blocks_per_split: int,
+    per_block: bool,
+):
+    """Partial dk, dv of a chunk of a shared tile's keys over a run of `blocks_per_split` query blocks."""
+    groups, query_block = shape[:2]
+    steps_per_block = groups * query_block // rows
+    k, v = k_ref[...], v_ref[...]
+    if per_block:  # every query block has its own log-weights for these keys (e.g. samples inside its own block)
+
+        def weight(step):
+            return w_ref[div(step, steps_per_block), :] * LOG2_E
+
+    else:
+        fixed = w_ref[...] * LOG2_E
+
+        def weight(step):
+            return fixed
+
+    dk, dv = _key_chunk_grads(
+        q_index_ref,
+        q_ref,
+        do_ref,
+        lse_ref,
+        delta_ref,
+        k,
+        v,
+        weight,
+        steps=blocks_per_split * steps_per_block,
+        first_step=pl.program_id(2) * blocks_per_split * steps_per_block,
+        rows=rows,
+        shape=shape,
+        scale=scale,
+    )
+    dk_ref[...] = dk
+    dv_ref[...] = dv
+
+
+def _blocks_then_heads(query_index):
+    """`[P, K, G, nb, bq]` -> `[P * K, nb, G * bq]`: a block's query rows of every head, head by head."""
+    p, kv_heads, g, nb, bq = query_index.shape
+    return jnp.swapaxes(query_index, 2, 3).reshape(p * kv_heads, nb, g * bq)
+
+
+def gathered_tiled_backward(
+    q_rows,
+    k,
+    v,
+    do_rows,
+    lse,
+    delta,
+    query_index,
+    tiles,
+    tile_key_index,
+    grads,
+    *,
+    scale,
+    tuning=None,
+    interpret=False,
+):
+    """Add the gradients of `gathered_tiled_forward`'s attention (one part of a merged attention with final `lse` and
+    `delta`) into float32 accumulators, reading every row by index.
+
+    Args:
+      q_rows, do_rows: `[B, T, K, G, H]` (public layout split by kv head), q's dtype.
+      k, v: `[B, S, K, H]` public layout.
+      lse, delta: float32 `[B, K, G, T]`, the merged attention's (lse finite).
+      query_index: int32 `[P, K, G, nb, bq]` as for the forward; every slot must hold a real row, each row at most once.
+      tiles, tile_key_index: as for the forward, except that every tile's rows are given: `tile_key_index[i]` int32
+        `[P, K, nb | 1, t]`; per-block tiles (nb > 1) are loaded by it in the kernel and must hold every row at most
+        once (no -1 padding); shared tiles use their own k, v and may repeat rows or hold -1 (log-weight -inf).
+      grads: (dq `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`) float32 accumulators.
+
+    Returns:
+      the accumulators with this part's dq, dk, dv added (updated in place where XLA can).
+    """
+    tuning = TiledKernelConfig() if tuning is None else tuning
+    dq, dk, dv = grads
+    b, t, kv_heads, g, h = q_rows.shape
+    problems, nb, bq = query_index.shape[0], query_index.shape[3], query_index.shape[4]
+    pk = problems * kv_heads
+    rows = min(tuning.block_q, bq)
+    splits = bq // rows
+    params = triton_params(tuning.num_warps, tuning.num_stages)
+
+    def batch_of(i):
+        return rem(div(i, kv_heads), b)
+
+    def head_of(i):
+        return rem(i, kv_heads)
+
+    # dq: the forward's grid and operands; shared tiles read their own (pre-gathered) k, v.
+    indexed = [index if tile.k is None else None for tile, index in zip(tiles, tile_key_index, strict=True)]
+    tile_specs, tile_args, kinds, lengths = tile_operands(
+        k, v, tiles, indexed, problems=problems, num_blocks=nb, splits=splits, batch_of=batch_of, head_of=head_of
+    )
+    q_spec = pl.BlockSpec((None, t, None, None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), j, 0))
+    row_spec = pl.BlockSpec((None, None, None, t), lambda i, j, c: (batch_of(i), head_of(i), j, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, kinds=kinds, lengths=lengths, block_k=tuning.block_k, scale=scale),
+        grid=(pk, g, nb * splits),
+        in_specs=[
+            pl.BlockSpec((None, None, rows), lambda i, j, c: (i, j, c)),
+            q_spec,
+            q_spec,
+            row_spec,
+            row_spec,
+            *tile_specs,
+            q_spec,
+        ],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(dq.shape, jnp.float32),
+        input_output_aliases={5 + len(tile_args): 0},
+        compiler_params=params,
+        interpret=interpret,
+        name="hyper_gathered_attention_dq",
+    )(query_index.reshape(pk, g, nb * bq), q_rows, do_rows, lse, delta, *tile_args, dq)
+
+    # dk, dv: queries of a block, all heads of the group, read as [T, G * H] rows; row stats as [G * T].
+    rows_bwd = min(tuning.block_q_bwd, bq)
+    shape = (g, bq, h, t)
+    by_block = _blocks_then_heads(query_index)
+    q_flat, do_flat = (x.reshape(b, t, kv_heads, g * h) for x in (q_rows, do_rows))
+    lse_flat, delta_flat = (x.reshape(b, kv_heads, g * t) for x in (lse, delta))
+    for tile, key_index in zip(tiles, tile_key_index, strict=True):
+        length = key_index.shape[-1]
+        chunk = min(tuning.block_k_bwd, length)
+        w = jnp.asarray(tile.log_weight, jnp.float32)
+        w = w.reshape((1,) * (4 - w.ndim) + w.shape)
+        per_block = w.shape[2] == nb and nb > 1
+        w = jnp.broadcast_to(w, (problems, kv_heads, nb if per_block else 1, length)).reshape(pk, -1, length)
+        if tile.k is None:  # per-block tile: rows loaded and accumulated by index
+            k_index = key_index.reshape(pk, nb, length)
+            full = pl.BlockSpec((None, t, None, g * h), lambda i, n, c: (batch_of(i), 0, head_of(i), 0))
+            stat = pl.BlockSpec((None, None, g * t), lambda i, n, c: (batch_of(i), head_of(i), 0))
+            full_kv = pl.BlockSpec((None, k.shape[1], None, h), lambda i, n, c: (batch_of(i), 0, head_of(i), 0))
+            w_map = (lambda i, n, c: (i, n, c)) if per_block else (lambda i, n, c: (i, 0, c))
+            dk, dv = pl.pallas_call(
+                functools.partial(_block_dkdv_kernel, rows=rows_bwd, shape=shape, scale=scale),
+                grid=(pk, nb, length // chunk),
+                in_specs=[
+                    pl.BlockSpec((None, None, chunk), lambda i, n, c: (i, n, c)),
+                    pl.BlockSpec((None, None, g * bq), lambda i, n, c: (i, n, 0)),
+                    full,
+                    full,
+                    stat,
+                    stat,
+                    full_kv,
+                    full_kv,
+                    pl.BlockSpec((None, None, chunk), w_map),
+                    full_kv,
+                    full_kv,
+                ],
+                out_specs=[full_kv, full_kv],
+                out_shape=[jax.ShapeDtypeStruct(dk.shape, jnp.float32)] * 2,
+                input_output_aliases={9: 0, 10: 1},
+                compiler_params=params,
+                interpret=interpret,
+                name="hyper_gathered_attention_dkdv",
+            )(k_index, by_block, q_flat, do_flat, lse_flat, delta_flat, k, v, w, dk, dv)
+            continue
+        # shared tile: partial sums over runs of query blocks, then one scatter-add of its rows
+        split_count = max(d for d in range(1, min(nb, tuning.shared_splits) + 1) if nb % d == 0)
+        full = pl.BlockSpec((None, t, None, g * h), lambda i, c, r: (batch_of(i), 0, head_of(i), 0))
+        stat = pl.BlockSpec((None, None, g * t), lambda i, c, r: (batch_of(i), head_of(i), 0))
+        kv_spec = pl.BlockSpec((None, None, chunk, h), lambda i, c, r: (i, 0, c, 0))
+        w_spec = pl.BlockSpec(
+            (None, w.shape[1], chunk) if per_block else (None, None, chunk), lambda i, c, r: (i, 0, c)
+        )
+        part_spec = pl.BlockSpec((None, None, chunk, h), lambda i, c, r: (i, r, c, 0))
+        tile_k, tile_v = (x.reshape(pk, 1, length, h) for x in (tile.k, tile.v))
+        part_k, part_v = pl.pallas_call(
+            functools.partial(
+                _shared_dkdv_kernel,
+                rows=rows_bwd,
+                shape=shape,
+                scale=scale,
+                blocks_per_split=nb // split_count,
+                per_block=per_block,
+            ),
+            grid=(pk, length // chunk, split_count),
+            in_specs=[
+                pl.BlockSpec((None, nb * g * bq), lambda i, c, r: (i, 0)),
+                full,
+                full,
+                stat,
+                stat,
+                kv_spec,
+                kv_spec,
+                w_spec,
+            ],
+            out_specs=[part_spec, part_spec],
+            out_shape=[jax.ShapeDtypeStruct((pk, split_count, length, h), jnp.float32)] * 2,
+            compiler_params=params,
+            interpret=interpret,
+            name="hyper_gathered_attention_shared_dkdv",
+        )(by_block.reshape(pk, -1), q_flat, do_flat, lse_flat, delta_flat, tile_k, tile_v, w)
+        dk = _add_rows(dk, jnp.sum(part_k, axis=1), key_index, b)
+        dv = _add_rows(dv, jnp.sum(part_v, axis=1), key_index, b)
+    return dq, dk, dv
+
+
+def _add_rows(total, part, index, batch: int):
+    """total `[B, S, K, H]` plus part `[P * K, t, H]` at rows index `[P, K, 1, t]` (problem p: batch p % B; -1 reads
+    as row 0, whose part is zero there: a -inf log-weight)."""
+    problems, kv_heads = index.shape[:2]
+    index = jnp.maximum(index.reshape(problems, kv_heads, -1), 0)
+    problem_batch = (jnp.arange(problems) % batch)[:, None, None]
+    head = jnp.arange(kv_heads)[None, :, None]
+    return total.at[problem_batch, index, head].add(part.reshape(problems, kv_heads, *part.shape[1:]))
