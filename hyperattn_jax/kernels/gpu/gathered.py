@@ -58,12 +58,12 @@ def tile_loaders(kinds, lengths, refs):
 
 
 def tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int, splits: int, batch_of, head_of):
-    """BlockSpecs, arrays, kinds and lengths of the key tiles for a grid (problem x kv head i, query head j, query
-    chunk c) whose query chunks are `splits` per block: an "indexed" tile passes its key index and all of k, v (rows
+    """BlockSpecs, arrays, kinds and lengths of the key tiles for a grid (query chunk c, query head j, problem x kv
+    head i) whose query chunks are `splits` per block: an "indexed" tile passes its key index and all of k, v (rows
     loaded in the kernel), a "gathered" one its own k, v; both pass their log-weights."""
     kv_heads, h = k.shape[2], k.shape[3]
     pk, nb = problems * kv_heads, num_blocks
-    full_kv = pl.BlockSpec((None, k.shape[1], None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), 0))
+    full_kv = pl.BlockSpec((None, k.shape[1], None, h), lambda c, j, i: (batch_of(i), 0, head_of(i), 0))
     in_specs, args, kinds, lengths = [], [], [], []
     for tile, key_index in zip(tiles, tile_key_index, strict=True):
         length = tile.log_weight.shape[-1] if key_index is None else key_index.shape[-1]
@@ -71,16 +71,16 @@ def tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int
         w = w.reshape((1,) * (4 - w.ndim) + w.shape)
         per_block_weight = w.shape[2] == nb and nb > 1
         w = jnp.broadcast_to(w, (problems, kv_heads, nb if per_block_weight else 1, length))
-        w_map = (lambda i, j, c: (i, c // splits, 0)) if per_block_weight else (lambda i, j, c: (i, 0, 0))
+        w_map = (lambda c, j, i: (i, c // splits, 0)) if per_block_weight else (lambda c, j, i: (i, 0, 0))
         w_spec = pl.BlockSpec((None, None, length), w_map)
         if key_index is not None:
             kinds.append("indexed")
-            in_specs += [pl.BlockSpec((None, None, length), lambda i, j, c: (i, c // splits, 0)), full_kv, full_kv]
+            in_specs += [pl.BlockSpec((None, None, length), lambda c, j, i: (i, c // splits, 0)), full_kv, full_kv]
             args += [key_index.reshape(pk, nb, length), k, v]
         else:
             kinds.append("gathered")
             shared = tile.k.shape[2] == 1
-            kv_map = (lambda i, j, c: (i, 0, 0, 0)) if shared else (lambda i, j, c: (i, c // splits, 0, 0))
+            kv_map = (lambda c, j, i: (i, 0, 0, 0)) if shared else (lambda c, j, i: (i, c // splits, 0, 0))
             kv_spec = pl.BlockSpec((None, None, length, h), kv_map)
             in_specs += [kv_spec, kv_spec]
             args += [tile.k.reshape(pk, tile.k.shape[2], length, h), tile.v.reshape(pk, tile.k.shape[2], length, h)]
@@ -197,14 +197,14 @@ def gathered_tiled_forward(
     def head_of(i):
         return rem(i, kv_heads)
 
-    q_spec = pl.BlockSpec((None, t, None, None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), j, 0))
+    q_spec = pl.BlockSpec((None, t, None, None, h), lambda c, j, i: (batch_of(i), 0, head_of(i), j, 0))
     tile_specs, tile_args, kinds, lengths = tile_operands(
         k, v, tiles, tile_key_index, problems=problems, num_blocks=nb, splits=splits, batch_of=batch_of, head_of=head_of
     )
-    in_specs = [pl.BlockSpec((None, None, rows), lambda i, j, c: (i, j, c)), q_spec, *tile_specs]
+    in_specs = [pl.BlockSpec((None, None, rows), lambda c, j, i: (i, j, c)), q_spec, *tile_specs]
     args = [query_index.reshape(pk, g, nb * bq), q_rows, *tile_args]
-    o_spec = pl.BlockSpec((None, t_out, None, None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), j, 0))
-    lse_spec = pl.BlockSpec((None, None, None, t_out), lambda i, j, c: (batch_of(i), head_of(i), j, 0))
+    o_spec = pl.BlockSpec((None, t_out, None, None, h), lambda c, j, i: (batch_of(i), 0, head_of(i), j, 0))
+    lse_spec = pl.BlockSpec((None, None, None, t_out), lambda c, j, i: (batch_of(i), head_of(i), j, 0))
     aliases = {}
     if accumulator is not None:
         if padded_rows or math.prod(query_index.shape) % (nb * bq):
@@ -223,7 +223,8 @@ def gathered_tiled_forward(
             rows=rows,
             accumulate=accumulator is not None,
         ),
-        grid=(pk, g, nb * splits),
+        # query chunks vary fastest: programs that run together share a problem's key blocks and samples in L2
+        grid=(nb * splits, g, pk),
         in_specs=in_specs,
         out_specs=[o_spec, lse_spec],
         out_shape=[

@@ -44,8 +44,12 @@ def _dot_tn(a, b):
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _dq_kernel(q_index_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, kinds, lengths, block_k: int, scale: float):
-    dq_in_ref, dq_ref = refs[-2:]
+def _dq_kernel(
+    q_index_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, kinds, lengths, block_k: int, scale: float, accumulate: bool
+):
+    """dq of `rows` queries over every tile, stored at their rows, or added there (`accumulate`: the last input is the
+    accumulator, aliased to the output)."""
+    dq_ref = refs[-1]
     index = q_index_ref[...]
     q, do = q_ref[index, :], do_ref[index, :]
     lse2 = lse_ref[index] * LOG2_E
@@ -63,7 +67,8 @@ def _dq_kernel(q_index_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, kinds, len
             return dq + _dot(ds.astype(k.dtype), k)
 
         dq = lax.fori_loop(0, length // chunk, body, dq)
-    dq_ref[index, :] = dq_in_ref[index, :] + dq * scale
+    dq = dq * scale
+    dq_ref[index, :] = refs[-2][index, :] + dq if accumulate else dq
 
 
 def _key_chunk_grads(
@@ -103,16 +108,15 @@ def _block_dkdv_kernel(
     k_ref,
     v_ref,
     w_ref,
-    dk_in,
-    dv_in,
-    dk_ref,
-    dv_ref,
-    *,
+    *refs,
     rows: int,
     shape,
     scale: float,
+    accumulate: bool,
 ):
-    """dk, dv of a chunk of one sorted block's keys (rows named by k_index_ref), added into the accumulators."""
+    """dk, dv of a chunk of one sorted block's keys (rows named by k_index_ref), stored at their rows or added there
+    (`accumulate`: refs start with the two accumulators, aliased to the outputs)."""
+    dk_ref, dv_ref = refs[-2:]
     groups, query_block = shape[:2]
     key_index = k_index_ref[...]
     k, v = k_ref[key_index, :], v_ref[key_index, :]
@@ -132,8 +136,10 @@ def _block_dkdv_kernel(
         shape=shape,
         scale=scale,
     )
-    dk_ref[key_index, :] = dk_in[key_index, :] + dk
-    dv_ref[key_index, :] = dv_in[key_index, :] + dv
+    if accumulate:
+        dk, dv = refs[0][key_index, :] + dk, refs[1][key_index, :] + dv
+    dk_ref[key_index, :] = dk
+    dv_ref[key_index, :] = dv
 
 
 def _shared_dkdv_kernel(
@@ -179,7 +185,7 @@ def _shared_dkdv_kernel(
         v,
         weight,
         steps=blocks_per_split * steps_per_block,
-        first_step=pl.program_id(2) * blocks_per_split * steps_per_block,
+        first_step=pl.program_id(1) * blocks_per_split * steps_per_block,
         rows=rows,
         shape=shape,
         scale=scale,
@@ -221,13 +227,16 @@ def gathered_tiled_backward(
       tiles, tile_key_index: as for the forward, except that every tile's rows are given: `tile_key_index[i]` int32
         `[P, K, nb | 1, t]`; per-block tiles (nb > 1) are loaded by it in the kernel and must hold every row at most
         once (no -1 padding); shared tiles use their own k, v and may repeat rows or hold -1 (log-weight -inf).
-      grads: (dq `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`) float32 accumulators.
+      grads: (dq `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`) float32 accumulators, or None when this is the first
+        part: its kernels then write the gradients instead of adding (every row must be in query_index and in the
+        per-block tiles, as for a single non-causal problem).
 
     Returns:
       the accumulators with this part's dq, dk, dv added (updated in place where XLA can).
     """
     tuning = TiledKernelConfig() if tuning is None else tuning
-    dq, dk, dv = grads
+    accumulate = grads is not None
+    dq, dk, dv = grads if accumulate else (None, None, None)
     b, t, kv_heads, g, h = q_rows.shape
     problems, nb, bq = query_index.shape[0], query_index.shape[3], query_index.shape[4]
     pk = problems * kv_heads
@@ -246,27 +255,29 @@ def gathered_tiled_backward(
     tile_specs, tile_args, kinds, lengths = tile_operands(
         k, v, tiles, indexed, problems=problems, num_blocks=nb, splits=splits, batch_of=batch_of, head_of=head_of
     )
-    q_spec = pl.BlockSpec((None, t, None, None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), j, 0))
-    row_spec = pl.BlockSpec((None, None, None, t), lambda i, j, c: (batch_of(i), head_of(i), j, 0))
+    q_spec = pl.BlockSpec((None, t, None, None, h), lambda c, j, i: (batch_of(i), 0, head_of(i), j, 0))
+    row_spec = pl.BlockSpec((None, None, None, t), lambda c, j, i: (batch_of(i), head_of(i), j, 0))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, kinds=kinds, lengths=lengths, block_k=tuning.block_k, scale=scale),
-        grid=(pk, g, nb * splits),
+        functools.partial(
+            _dq_kernel, kinds=kinds, lengths=lengths, block_k=tuning.block_k, scale=scale, accumulate=accumulate
+        ),
+        grid=(nb * splits, g, pk),
         in_specs=[
-            pl.BlockSpec((None, None, rows), lambda i, j, c: (i, j, c)),
+            pl.BlockSpec((None, None, rows), lambda c, j, i: (i, j, c)),
             q_spec,
             q_spec,
             row_spec,
             row_spec,
             *tile_specs,
-            q_spec,
+            *[q_spec] * accumulate,
         ],
         out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(dq.shape, jnp.float32),
-        input_output_aliases={5 + len(tile_args): 0},
+        out_shape=jax.ShapeDtypeStruct(q_rows.shape, jnp.float32),
+        input_output_aliases={5 + len(tile_args): 0} if accumulate else {},
         compiler_params=params,
         interpret=interpret,
         name="hyper_gathered_attention_dq",
-    )(query_index.reshape(pk, g, nb * bq), q_rows, do_rows, lse, delta, *tile_args, dq)
+    )(query_index.reshape(pk, g, nb * bq), q_rows, do_rows, lse, delta, *tile_args, *[dq] * accumulate)
 
     # dk, dv: queries of a block, all heads of the group, read as [T, G * H] rows; row stats as [G * T].
     rows_bwd = min(tuning.block_q_bwd, bq)
@@ -274,7 +285,8 @@ def gathered_tiled_backward(
     by_block = _blocks_then_heads(query_index)
     q_flat, do_flat = (x.reshape(b, t, kv_heads, g * h) for x in (q_rows, do_rows))
     lse_flat, delta_flat = (x.reshape(b, kv_heads, g * t) for x in (lse, delta))
-    for tile, key_index in zip(tiles, tile_key_index, strict=True):
+    # per-block tiles first: without accumulators they write every key row, and the shared tiles add into those
+    for tile, key_index in sorted(zip(tiles, tile_key_index, strict=True), key=lambda pair: pair[0].k is not None):
         length = key_index.shape[-1]
         chunk = min(tuning.block_k_bwd, length)
         w = jnp.asarray(tile.log_weight, jnp.float32)
@@ -283,16 +295,18 @@ def gathered_tiled_backward(
         w = jnp.broadcast_to(w, (problems, kv_heads, nb if per_block else 1, length)).reshape(pk, -1, length)
         if tile.k is None:  # per-block tile: rows loaded and accumulated by index
             k_index = key_index.reshape(pk, nb, length)
-            full = pl.BlockSpec((None, t, None, g * h), lambda i, n, c: (batch_of(i), 0, head_of(i), 0))
-            stat = pl.BlockSpec((None, None, g * t), lambda i, n, c: (batch_of(i), head_of(i), 0))
-            full_kv = pl.BlockSpec((None, k.shape[1], None, h), lambda i, n, c: (batch_of(i), 0, head_of(i), 0))
-            w_map = (lambda i, n, c: (i, n, c)) if per_block else (lambda i, n, c: (i, 0, c))
+            full = pl.BlockSpec((None, t, None, g * h), lambda c, n, i: (batch_of(i), 0, head_of(i), 0))
+            stat = pl.BlockSpec((None, None, g * t), lambda c, n, i: (batch_of(i), head_of(i), 0))
+            full_kv = pl.BlockSpec((None, k.shape[1], None, h), lambda c, n, i: (batch_of(i), 0, head_of(i), 0))
+            w_map = (lambda c, n, i: (i, n, c)) if per_block else (lambda c, n, i: (i, 0, c))
             dk, dv = pl.pallas_call(
-                functools.partial(_block_dkdv_kernel, rows=rows_bwd, shape=shape, scale=scale),
-                grid=(pk, nb, length // chunk),
+                functools.partial(
+                    _block_dkdv_kernel, rows=rows_bwd, shape=shape, scale=scale, accumulate=dk is not None
+                ),
+                grid=(length // chunk, nb, pk),
                 in_specs=[
-                    pl.BlockSpec((None, None, chunk), lambda i, n, c: (i, n, c)),
-                    pl.BlockSpec((None, None, g * bq), lambda i, n, c: (i, n, 0)),
+                    pl.BlockSpec((None, None, chunk), lambda c, n, i: (i, n, c)),
+                    pl.BlockSpec((None, None, g * bq), lambda c, n, i: (i, n, 0)),
                     full,
                     full,
                     stat,
@@ -300,26 +314,27 @@ def gathered_tiled_backward(
                     full_kv,
                     full_kv,
                     pl.BlockSpec((None, None, chunk), w_map),
-                    full_kv,
-                    full_kv,
+                    *[full_kv, full_kv] * (dk is not None),
                 ],
                 out_specs=[full_kv, full_kv],
-                out_shape=[jax.ShapeDtypeStruct(dk.shape, jnp.float32)] * 2,
-                input_output_aliases={9: 0, 10: 1},
+                out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
+                input_output_aliases={9: 0, 10: 1} if dk is not None else {},
                 compiler_params=params,
                 interpret=interpret,
                 name="hyper_gathered_attention_dkdv",
-            )(k_index, by_block, q_flat, do_flat, lse_flat, delta_flat, k, v, w, dk, dv)
+            )(k_index, by_block, q_flat, do_flat, lse_flat, delta_flat, k, v, w, *[dk, dv] * (dk is not None))
             continue
-        # shared tile: partial sums over runs of query blocks, then one scatter-add of its rows
-        split_count = max(d for d in range(1, min(nb, tuning.shared_splits) + 1) if nb % d == 0)
-        full = pl.BlockSpec((None, t, None, g * h), lambda i, c, r: (batch_of(i), 0, head_of(i), 0))
-        stat = pl.BlockSpec((None, None, g * t), lambda i, c, r: (batch_of(i), head_of(i), 0))
-        kv_spec = pl.BlockSpec((None, None, chunk, h), lambda i, c, r: (i, 0, c, 0))
-        w_spec = pl.BlockSpec(
-            (None, w.shape[1], chunk) if per_block else (None, None, chunk), lambda i, c, r: (i, 0, c)
+        # shared tile: partial sums over runs of (at least 8) query blocks, then one scatter-add of its rows
+        split_count = max(
+            d for d in range(1, min(nb, tuning.shared_splits) + 1) if nb % d == 0 and nb // d >= min(nb, 8)
         )
-        part_spec = pl.BlockSpec((None, None, chunk, h), lambda i, c, r: (i, r, c, 0))
+        full = pl.BlockSpec((None, t, None, g * h), lambda c, r, i: (batch_of(i), 0, head_of(i), 0))
+        stat = pl.BlockSpec((None, None, g * t), lambda c, r, i: (batch_of(i), head_of(i), 0))
+        kv_spec = pl.BlockSpec((None, None, chunk, h), lambda c, r, i: (i, 0, c, 0))
+        w_spec = pl.BlockSpec(
+            (None, w.shape[1], chunk) if per_block else (None, None, chunk), lambda c, r, i: (i, 0, c)
+        )
+        part_spec = pl.BlockSpec((None, None, chunk, h), lambda c, r, i: (i, r, c, 0))
         tile_k, tile_v = (x.reshape(pk, 1, length, h) for x in (tile.k, tile.v))
         part_k, part_v = pl.pallas_call(
             functools.partial(
@@ -330,9 +345,9 @@ def gathered_tiled_backward(
                 blocks_per_split=nb // split_count,
                 per_block=per_block,
             ),
-            grid=(pk, length // chunk, split_count),
+            grid=(length // chunk, split_count, pk),
             in_specs=[
-                pl.BlockSpec((None, nb * g * bq), lambda i, c, r: (i, 0)),
+                pl.BlockSpec((None, nb * g * bq), lambda c, r, i: (i, 0)),
                 full,
                 full,
                 stat,
@@ -347,6 +362,8 @@ def gathered_tiled_backward(
             interpret=interpret,
             name="hyper_gathered_attention_shared_dkdv",
         )(by_block.reshape(pk, -1), q_flat, do_flat, lse_flat, delta_flat, tile_k, tile_v, w)
+        if dk is None:  # no per-block tile wrote them
+            dk, dv = (jnp.zeros(k.shape, jnp.float32) for _ in range(2))
         dk = _add_rows(dk, jnp.sum(part_k, axis=1), key_index, b)
         dv = _add_rows(dv, jnp.sum(part_v, axis=1), key_index, b)
     return dq, dk, dv

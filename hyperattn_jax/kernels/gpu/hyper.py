@@ -139,8 +139,8 @@ def estimate_backward_rows(
 ):
     """The estimator's backward for the problems `estimate_forward_rows` cut, as one part of a merged attention with
     final lse and delta `[B, K, G, T]`: its dq, dk, dv added into the float32 accumulators `grads` (dq
-    `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`), reading every row by index (`gathered_tiled_backward`). Needs
-    `can_backward_in_place`."""
+    `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`; None: written, for a plan covering every row), reading every row by
+    index (`gathered_tiled_backward`). Needs `can_backward_in_place`."""
     batch = q_rows.shape[0]
     query_index = block_query_layout(query_positions, plan)[..., 0].astype(jnp.int32) - 1
     tiles, rows, _ = _row_tiles(k, v, plan, key_positions, batch)
@@ -282,7 +282,6 @@ def _hyper_bwd(static, residuals, cotangents):
     s, kv_heads = k.shape[1], k.shape[2]
     if can_gather_in_kernel(h, plan) and can_backward_in_place(plan, t, s):
         q_rows, do_rows = (x.astype(q.dtype).reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out))
-        zeros = (jnp.zeros(q_rows.shape, jnp.float32), *(jnp.zeros(k.shape, jnp.float32),) * 2)
         dq, dk, dv = estimate_backward_rows(
             q_rows,
             k,
@@ -293,7 +292,7 @@ def _hyper_bwd(static, residuals, cotangents):
             plan,
             row_positions((b, kv_heads, n // kv_heads, t, 1)),
             row_positions((b, kv_heads, s, 1)),
-            zeros,
+            None,  # the only part: its kernels write every row
             scale=scale,
             tuning=tuning,
             interpret=interpret,
