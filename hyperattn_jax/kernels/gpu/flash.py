@@ -32,13 +32,11 @@ from hyperattn_jax.kernels.gpu._common import (
 
 
 class FlashConfig(NamedTuple):
-    """Static tuning (hashable). block_k must divide block_q. The dk/dv kernel owns `block_bwd_k` keys (default
-    block_bwd) and steps through the queries `block_bwd` at a time; block_bwd must divide block_bwd_k."""
+    """Static tuning (hashable). block_k must divide block_q; backward blocks are equal-sized query/key chunks."""
 
     block_q: int = 128
     block_k: int = 64
     block_bwd: int = 64
-    block_bwd_k: int | None = None
     num_warps: int = 4
     num_stages: int = 3  # 3 beat 2 by 9% fwd, 7% fwd+bwd on the causal base case at 131k (H100)
 
@@ -147,38 +145,26 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, *, shape
 
 
 def _dkdv_kernel(
-    q_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    k_ref,
-    v_ref,
-    dk_ref,
-    dv_ref,
-    *,
-    shape: _Shape,
-    scale: float,
-    rows: int,
-    rows_major=False,
+    q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, shape: _Shape, scale: float, rows_major=False
 ):
-    """dk, dv of one key chunk over every query (of every head of the group) that sees it, `rows` queries a step.
-    q_ref, do_ref hold the group's heads: `[G, T, H]`, or `[T, G * H]` when `rows_major` (the public layout's rows)."""
+    """dk, dv of one key chunk. q_ref, do_ref hold every head of the group: `[G, T, H]`, or `[T, G * H]` when
+    `rows_major` (the public layout's rows)."""
     k, v = k_ref[...], v_ref[...]
     chunk = k.shape[0]
     k_start = pl.program_id(1) * chunk
     qk_scale = scale * LOG2_E
     if shape.causal:
-        first = div(k_start, rows)  # the query step holding the chunk's first key: the diagonal starts there
-        end = (div(k_start, shape.segment) + 1) * (shape.segment // rows)
+        first = div(k_start, chunk)  # the diagonal query chunk (query and key chunks are equal-sized)
+        end = (div(k_start, shape.segment) + 1) * (shape.segment // chunk)
     else:
-        first, end = 0, shape.padded_queries // rows
+        first, end = 0, shape.padded_queries // chunk
     per_head = end - first
 
     def step(index, carry, masked):
         dk, dv = carry
         head = div(index, per_head)
-        q_start = pl.multiple_of((first + rem(index, per_head)) * rows, rows)
-        queries = pl.ds(q_start, rows)
+        q_start = pl.multiple_of((first + rem(index, per_head)) * chunk, chunk)
+        queries = pl.ds(q_start, chunk)
         if rows_major:
             columns = pl.ds(pl.multiple_of(head * shape.head_dim_padded, shape.head_dim_padded), shape.head_dim_padded)
             q, do = q_ref[queries, columns], do_ref[queries, columns]
@@ -194,17 +180,15 @@ def _dkdv_kernel(
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     total = shape.groups * per_head
-    if shape.causal:  # mask only the query steps that cross the diagonal; the rest lie wholly below it
-        diagonal = chunk // rows
+    if shape.causal:  # mask only the diagonal chunk of each head; the rest lie wholly below the diagonal
         carry = (zeros, zeros)
         for head in range(shape.groups):
-            for index in range(diagonal):
-                carry = step(head * per_head + index, carry, masked=True)
+            carry = step(head * per_head, carry, masked=True)
 
             def rest(index, carry, head=head):
                 return step(head * per_head + index, carry, masked=False)
 
-            carry = lax.fori_loop(diagonal, per_head, rest, carry)
+            carry = lax.fori_loop(1, per_head, rest, carry)
         dk, dv = carry
     else:
         dk, dv = lax.fori_loop(0, total, functools.partial(step, masked=False), (zeros, zeros))
@@ -220,10 +204,7 @@ def _sizes(t, s, h, groups, causal: bool, segment: int | None, tuning: FlashConf
     block_q = min(tuning.block_q, next_power_of_two(t, MIN_DOT))
     block_k = min(tuning.block_k, block_q)
     block_bwd = min(tuning.block_bwd, block_q)
-    block_bwd_k = min(tuning.block_bwd_k or block_bwd, next_power_of_two(t, MIN_DOT))
-    if block_bwd_k % block_bwd:
-        raise ValueError(f"block_bwd={block_bwd} must divide block_bwd_k={block_bwd_k}")
-    unit = max(block_q, block_bwd_k)
+    unit = max(block_q, block_bwd)
     if causal:
         segment = t if segment is None else segment
         if t % segment:
@@ -236,7 +217,7 @@ def _sizes(t, s, h, groups, causal: bool, segment: int | None, tuning: FlashConf
     else:
         segment = 0
         padded_q = -(-t // unit) * unit
-        padded_k = -(-s // max(block_k, block_bwd_k)) * max(block_k, block_bwd_k)
+        padded_k = -(-s // max(block_k, block_bwd)) * max(block_k, block_bwd)
     shape = _Shape(
         groups=groups,
         num_queries=t,
@@ -248,7 +229,7 @@ def _sizes(t, s, h, groups, causal: bool, segment: int | None, tuning: FlashConf
         causal=causal,
         segment=segment,
     )
-    return shape, tuning._replace(block_q=block_q, block_k=block_k, block_bwd=block_bwd, block_bwd_k=block_bwd_k)
+    return shape, tuning._replace(block_q=block_q, block_k=block_k, block_bwd=block_bwd)
 
 
 def _q_in(x, shape):
@@ -295,12 +276,12 @@ def _backward(q, k, v, do, lse, delta, shape: _Shape, scale, tuning: FlashConfig
         interpret=interpret,
         name="hyper_flash_dq",
     )(q, do, lse, delta, k, v)
-    chunk = tuning.block_bwd_k
+    chunk = tuning.block_bwd
     q_full = pl.BlockSpec((None, g, tp, hp), lambda b, c: (b, 0, 0, 0))
     rows_full = pl.BlockSpec((None, g, tp), lambda b, c: (b, 0, 0))
     kv_spec = pl.BlockSpec((None, chunk, hp), lambda b, c: (b, c, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, shape=shape, scale=scale, rows=tuning.block_bwd),
+        functools.partial(_dkdv_kernel, shape=shape, scale=scale),
         grid=(bk, shape.padded_keys // chunk),
         in_specs=[q_full, q_full, rows_full, rows_full, kv_spec, kv_spec],
         out_specs=[kv_spec, kv_spec],
@@ -462,7 +443,7 @@ def flash_backward_rows(
     shape, tuning = _sizes(t, t, h, g, True, segment, tuning)
     if shape.padded_queries != t or shape.head_dim_padded != h:
         raise ValueError(f"flash_backward_rows needs T a multiple of {tuning.block_q} and H a power of two >= 16")
-    rows, chunk = tuning.block_q, tuning.block_bwd_k
+    rows, chunk = tuning.block_q, tuning.block_bwd
     params = triton_params(tuning.num_warps, tuning.num_stages)
 
     def batch_of(i):
@@ -489,7 +470,7 @@ def flash_backward_rows(
     kv_spec = pl.BlockSpec((None, chunk, None, h), lambda i, c: (batch_of(i), c, head_of(i), 0))
     q_flat, do_flat = (x.reshape(b, t, kv_heads, g * h) for x in (q_rows, do_rows))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, shape=shape, scale=float(scale), rows=tuning.block_bwd, rows_major=True),
+        functools.partial(_dkdv_kernel, shape=shape, scale=float(scale), rows_major=True),
         grid=(b * kv_heads, t // chunk),
         in_specs=[q_full, q_full, rows_full, rows_full, kv_spec, kv_spec],
         out_specs=[kv_spec, kv_spec],
