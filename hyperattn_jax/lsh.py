@@ -16,9 +16,10 @@ def lsh_projections(key, head_dim: int, num_projections: int, dtype=jnp.float32)
 
 
 def _hyperplane_scores(x, projections):
-    # Hash in float32 whatever the input dtype, so bf16/fp16 inputs land in the buckets their float32 values would.
+    # Hash in float32 whatever the input dtype, so bf16/fp16 inputs land in the buckets their float32 values would
+    # (full float32 products: GPUs would otherwise round to tf32, and the hash kernel matches float32).
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    return jnp.einsum("...h,hp->...p", x.astype(acc), projections.astype(acc))
+    return jnp.einsum("...h,hp->...p", x.astype(acc), projections.astype(acc), precision=jax.lax.Precision.HIGHEST)
 
 
 def _codes(scores):

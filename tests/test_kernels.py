@@ -269,8 +269,10 @@ def test_kernels_lower_to_triton_for_an_h100(monkeypatch, causal):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # kernels, not the interpreter
     text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
     expected = {"hyper_gathered_attention_fwd", "hyper_gathered_attention_dq", "hyper_gathered_attention_dkdv"}
-    expected |= {"hyper_probe_stats", "hyper_probe_mass"} | ({"hyper_flash_dq"} if causal else set())
+    expected |= {"hyper_lsh_hash", "hyper_probe_stats", "hyper_probe_mass"} | ({"hyper_flash_dq"} if causal else set())
     assert all(name in text for name in expected), [name for name in expected if name not in text]
+
+
 @pytest.mark.parametrize(
     ("t", "chunks", "halves"),
     [
@@ -301,3 +303,19 @@ def test_probe_kernels_match_jnp_probe(rng, t, chunks, halves):
     assert float(jnp.max(expected)) > 30 * float(jnp.min(expected))
     np.testing.assert_allclose(mass, expected, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(jnp.sum(mass, -1), 1.0, rtol=1e-5)
+
+
+def test_hash_kernel_matches_lsh_ranks(rng):
+    from hyperattn_jax.kernels.gpu.hash import lsh_ranks_pallas
+    from hyperattn_jax.lsh import lsh_projections, lsh_ranks
+
+    x = jnp.asarray(rng.standard_normal((2, 256, 4, 16)), jnp.bfloat16)
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 5)
+    projection_sets = [lsh_projections(key, 16, 7) for key in keys]  # five causal levels' hyperplanes
+    got = lsh_ranks_pallas(x, projection_sets, interpret=True)
+    for rank, want in zip(got, lsh_ranks(x, projection_sets), strict=True):
+        want = jnp.swapaxes(want, 1, 2)  # [B, T, N] -> the kernel's [B, N, T]
+        assert rank.dtype == jnp.int32 and rank.shape == want.shape
+        assert int(jnp.max(want)) > 64  # ranks use all 7 bits
+        # a sign bit may differ only within ~2^-16 of a hyperplane: at most a handful of 2048 ranks
+        assert int(jnp.sum(rank != want)) <= 3

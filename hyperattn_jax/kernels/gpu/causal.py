@@ -116,7 +116,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     projections = [plan_projections(level_key, h, config, hash_key) for level_key in level_keys]
     plans = []
     for level, (level_key, (query_rank, key_rank)) in enumerate(
-        zip(level_keys, public_layout_ranks(q, k, projections), strict=True)
+        zip(level_keys, public_layout_ranks(q, k, projections, interpret=interpret), strict=True)
     ):
         ql, kl, vl = _level_problem(q5, k4, v4, level)
         ranks = _level_rows(query_rank[..., None], 1, level)[..., 0], _level_rows(key_rank[..., None], 0, level)[..., 0]

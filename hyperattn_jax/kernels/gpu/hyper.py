@@ -23,6 +23,7 @@ from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.kernels.gpu._common import MIN_DOT
 from hyperattn_jax.kernels.gpu.gathered import gathered_tiled_forward
 from hyperattn_jax.kernels.gpu.gathered_backward import gathered_tiled_backward
+from hyperattn_jax.kernels.gpu.hash import hash_rows, lsh_ranks_pallas
 from hyperattn_jax.kernels.gpu.probe import probe_column_mass_pallas, probe_key_chunk, probe_queries
 from hyperattn_jax.kernels.gpu.tiled_attention import (
     TiledKernelConfig,
@@ -192,11 +193,17 @@ def output_delta(out, d_out, d_lse):
     return jnp.swapaxes(delta, 1, 2).reshape(d_lse.shape) - d_lse.astype(jnp.float32)
 
 
-def public_layout_ranks(q, k, projection_sets):
+def public_layout_ranks(q, k, projection_sets, *, interpret):
     """LSH ranks of q `[B, T, N, H]` and k `[B, S, K, H]` under each projection set, hashed in one pass over the
-    public layout (no transposed copies of q, k) and returned grouped: [(query_rank `[B, K, G, T]`, key_rank
-    `[B, K, S]`), ...], as `make_plan(ranks=...)` takes them."""
-    kv_heads = k.shape[2]
+    public layout (the hash kernel where the shapes allow; no transposed copies of q, k either way) and returned
+    grouped: [(query_rank `[B, K, G, T]`, key_rank `[B, K, S]`), ...], as `make_plan(ranks=...)` takes them."""
+    kv_heads, width = k.shape[2], projection_sets[0].shape[1]
+    if all(hash_rows(x.shape[1], x.shape[3], x.dtype, width) for x in (q, k)):
+        query_ranks, key_ranks = (lsh_ranks_pallas(x, projection_sets, interpret=interpret) for x in (q, k))
+        return [
+            (query_rank.reshape(q.shape[0], kv_heads, -1, q.shape[1]), key_rank)
+            for query_rank, key_rank in zip(query_ranks, key_ranks, strict=True)
+        ]
     return [
         (group_queries(query_rank[..., None], kv_heads)[..., 0], heads_major(key_rank[..., None])[..., 0])
         for query_rank, key_rank in zip(lsh_ranks(q, projection_sets), lsh_ranks(k, projection_sets), strict=True)
@@ -250,7 +257,7 @@ def _hyper_fwd(q, k, v, key, kv_length, hash_key, static):
         hash_key=hash_key,
         v=v4,
         scale=scale,
-        ranks=public_layout_ranks(q, k, [plan_projections(key, q.shape[-1], config, hash_key)])[0],
+        ranks=public_layout_ranks(q, k, [plan_projections(key, q.shape[-1], config, hash_key)], interpret=interpret)[0],
         probe=None if kv_length is not None else kernel_probe(q, k, config, scale=scale, interpret=interpret),
     )
     if can_gather_in_kernel(q.shape[-1], plan):
