@@ -41,7 +41,7 @@ def _hash_kernel(x_ref, high_ref, low_ref, powers_ref, *rank_refs, width: int):
     codes = _dot(powers_ref[...], bits)  # [levels (padded), rows]: sums of distinct powers of two, exact
     level_of_row = lax.broadcasted_iota(jnp.int32, codes.shape, 0)
     for level, rank_ref in enumerate(rank_refs):
-        code = jnp.sum(jnp.where(level_of_row == level, codes, 0.0), axis=0).astype(jnp.int32)
+        code = (jnp.sum(jnp.where(level_of_row == level, codes, 0.0), axis=0) + 0.5).astype(jnp.int32)
         rank_ref[...] = gray_rank(code, width)
 
 
@@ -74,10 +74,10 @@ def lsh_ranks_pallas(x, projection_sets, *, interpret: bool = False):
     high = projections.astype(x.dtype)
     low = (projections - high.astype(jnp.float32)).astype(x.dtype)
     # powers[l, l * width + j] = 2**j: level l's code from its hyperplanes' sign bits
-    plane = jnp.arange(padded_planes)
+    plane = jnp.arange(padded_planes, dtype=jnp.int32)
     powers = jnp.where(
         (plane[None, :] // width == jnp.arange(padded_levels)[:, None]) & (plane[None, :] < planes),
-        jnp.exp2((plane % width).astype(jnp.float32))[None, :],
+        jnp.left_shift(1, plane % width).astype(jnp.float32)[None, :],  # exact powers of two (exp2 may round)
         0.0,
     )
     plane_spec = pl.BlockSpec((padded_planes, h), lambda c, j, i: (0, 0))
