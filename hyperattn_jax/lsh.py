@@ -15,9 +15,23 @@ def lsh_projections(key, head_dim: int, num_projections: int, dtype=jnp.float32)
     return jax.random.normal(key, (head_dim, num_projections), dtype)
 
 
+def split_hyperplanes(projections, dtype):
+    """float32 hyperplanes `[H, P]` as a high and a low part in a half-precision `dtype`: for x exact in that dtype,
+    x . high + x . low (float32 accumulation) is x . w to ~2^-16 relative, with no float32 matrix product."""
+    projections = projections.astype(jnp.float32)
+    high = projections.astype(dtype)
+    return high, (projections - high.astype(jnp.float32)).astype(dtype)
+
+
 def _hyperplane_scores(x, projections):
-    # Hash in float32 whatever the input dtype, so bf16/fp16 inputs land in the buckets their float32 values would
-    # (full float32 products: GPUs would otherwise round to tf32, and the hash kernel matches float32).
+    # The scores are float32 whatever the input dtype, so bf16/fp16 inputs land in the buckets their float32 values
+    # would. Half-precision inputs take two half-precision products against the split hyperplanes: exact products,
+    # float32 sums, the same on every backend (a float32 product may be rounded to tf32 on GPUs) and what the hash
+    # kernel computes; float32 inputs take one full-precision product.
+    if x.dtype in (jnp.bfloat16, jnp.float16):
+        high, low = split_hyperplanes(projections, x.dtype)
+        scores = (jnp.einsum("...h,hp->...p", x, part, preferred_element_type=jnp.float32) for part in (high, low))
+        return sum(scores)
     acc = jnp.promote_types(x.dtype, jnp.float32)
     return jnp.einsum("...h,hp->...p", x.astype(acc), projections.astype(acc), precision=jax.lax.Precision.HIGHEST)
 

@@ -6,9 +6,9 @@ forward on an H100. Here a program hashes `rows` positions of one head: the scor
 of each level's hyperplanes become its code through a small matrix product with powers of two, and the Gray rank of
 each level is stored `[B, N, T]`, which is the grouped `[B, K, G, T]` layout the plans take (a free reshape).
 
-Precision: x (bf16/fp16) times float32 hyperplanes is computed as two half-precision products, with the hyperplanes
-split into a high and a low half-precision part, accumulated in float32: the scores carry ~2^-16 relative error, so
-a bucket bit can differ from the float32 twin only for a vector within that angle of a hyperplane.
+Precision: x (bf16/fp16) times float32 hyperplanes is computed as two half-precision products against the hyperplanes
+split into a high and a low half-precision part (`lsh.split_hyperplanes`), accumulated in float32, exactly as the jnp
+hash does for half-precision inputs: the two agree up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from hyperattn_jax.kernels.gpu._common import MIN_DOT, next_power_of_two, triton_params
-from hyperattn_jax.lsh import gray_rank
+from hyperattn_jax.lsh import gray_rank, split_hyperplanes
 
 _ROWS = (128, 64, 32, 16)
 
@@ -70,9 +70,8 @@ def lsh_ranks_pallas(x, projection_sets, *, interpret: bool = False):
     padded_planes = next_power_of_two(planes, MIN_DOT)
     padded_levels = next_power_of_two(levels, MIN_DOT)
     projections = jnp.concatenate([p.astype(jnp.float32) for p in projection_sets], axis=1)
-    projections = jnp.pad(projections, [(0, 0), (0, padded_planes - planes)]).T  # [hyperplanes, H]
-    high = projections.astype(x.dtype)
-    low = (projections - high.astype(jnp.float32)).astype(x.dtype)
+    projections = jnp.pad(projections, [(0, 0), (0, padded_planes - planes)])
+    high, low = (part.T for part in split_hyperplanes(projections, x.dtype))  # [hyperplanes, H] each
     # powers[l, l * width + j] = 2**j: level l's code from its hyperplanes' sign bits
     plane = jnp.arange(padded_planes, dtype=jnp.int32)
     powers = jnp.where(
