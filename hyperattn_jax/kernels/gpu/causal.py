@@ -4,7 +4,8 @@ Same estimator and same random draws as `ops.grouped_causal_attention` (its jnp 
 on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`):
 - the diagonal problems of the last level are one segment-causal flash call on the unsplit sequence, writing a float32
   output accumulator and the lse;
-- every level's hash is one matrix product over the unsorted q and k (each level has its own hyperplanes);
+- every level's hash comes from one kernel over the unsorted q and k (each level has its own hyperplanes), and the
+  default config's column-mass probe from two kernels per level that read k in place;
 - each level's lower-left problems (second-half queries of every chunk over its first-half keys) are planned on
   strided views, in the batch order the ops recursion stacks them (chunk index bit-reversed), and ONE kernel launch
   per level reads their rows straight from q, k, v by index and merges its result into the accumulator rows in place:
@@ -106,7 +107,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     out, lse = flash_forward_rows(
         q_rows, k, v, scale=scale, segment=segment, tuning=flash_tuning, out_dtype=jnp.float32, interpret=interpret
     )
-    q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the column-mass probe when configured)
+    q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the jnp probe where the probe kernels do not fit)
     query_positions, key_positions = row_positions((*q5.shape[:-1], 1)), row_positions((*k4.shape[:-1], 1))
     level_keys, level_key = [], key
     for _ in range(depth):

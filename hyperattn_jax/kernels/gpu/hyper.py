@@ -2,12 +2,13 @@
 `[B, S, K, H]`).
 
 The plan (LSH hash, int32 packed-key sort, samples) and the tiles come from `ops`, unchanged, so any tile kind the
-jnp path has (sorted blocks, sampled residual, global keys) runs here too; only the attention over the tiles is the
-fused kernel instead of `ops.tiled_attention`. The forward reads q, k, v in the public layout and gathers rows by
-index inside the kernel where the shapes allow (`gathered.py`): no transposed or sorted copies; it keeps only the
-plan, out and lse. The backward gathers the sorted blocks (grouped layout) and runs the backward kernels with the
-output's lse and delta (`estimate_backward`), which is also how the causal recursion (`causal.py`) differentiates
-each of its levels.
+jnp path has (sorted blocks, sampled residual, global keys) runs here too; only the hash (`hash.py`), the column-mass
+probe (`probe.py`) and the attention over the tiles are kernels. The forward reads q, k, v in the public layout and
+gathers rows by index inside the kernel where the shapes allow (`gathered.py`): no transposed or sorted copies; it
+keeps only the plan, out and lse. The backward runs the row-gathering backward kernels with that out and lse
+(`estimate_backward_rows`, `gathered_backward.py`) where every slot holds a real row, else gathers the sorted blocks
+(grouped layout) for the tiled backward (`estimate_backward`). The causal recursion (`causal.py`) differentiates each
+of its levels the same way.
 """
 
 from __future__ import annotations
