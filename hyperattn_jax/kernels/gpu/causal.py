@@ -31,7 +31,6 @@ from hyperattn_jax.kernels.gpu.hyper import (
     estimate_forward_rows,
     grouped_inputs,
     kernel_probe,
-    output_delta,
     power_of_two,
     public_layout_ranks,
     row_positions,
@@ -155,15 +154,15 @@ def _causal_bwd(static, residuals, cotangents):
     _, scale, tuning, interpret, (_, segment, flash_tuning) = static
     q, k, v, out, lse, plans = residuals
     d_out, d_lse = cotangents
-    delta = output_delta(out, d_out, d_lse)
     lse = finite_or_zero(lse)
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    q_rows, do_rows = (x.astype(q.dtype).reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out))
-    # The base case's kernels write the float32 accumulators; every level's kernels add their rows into them.
-    grads = flash_backward_rows(
-        q_rows, k, v, do_rows, lse, delta, scale=scale, segment=segment, tuning=flash_tuning, interpret=interpret
-    )
+    q_rows, do_rows, out_rows = (x.astype(q.dtype).reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out, out))
+    # The base case's kernels write the float32 accumulators (and delta); every level's kernels add their rows.
+    grads, delta = flash_backward_rows(
+        q_rows, k, v, do_rows, lse, out_rows, d_lse, scale=scale, segment=segment, tuning=flash_tuning,
+        interpret=interpret,
+    )  # fmt: skip
     query_positions = row_positions((b, kv_heads, n // kv_heads, t, 1))
     key_positions = row_positions((b, kv_heads, t, 1))
     for level, plan in enumerate(plans):

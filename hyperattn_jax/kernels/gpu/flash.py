@@ -118,12 +118,20 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, shape: _Shape, block
     lse_ref[...] = jnp.where(has_keys, (row_max + jnp.log2(safe_sum)) * LN_2, -jnp.inf)
 
 
-def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, *, shape: _Shape, block_k: int, scale: float):
+def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, shape: _Shape, block_k: int, scale: float):
+    """dq of `rows` queries. With two more refs (out, delta_out), delta_ref holds dlse and this kernel computes
+    delta = rowsum(dO * O) - dlse, which it uses and stores for the kernels that run after it."""
+    dq_ref = refs[-1]
     q, do = q_ref[...], do_ref[...]
     rows = q.shape[0]
     q_start = pl.program_id(2) * rows
     lse2 = lse_ref[...] * LOG2_E
-    delta = delta_ref[...]
+    if len(refs) == 3:
+        o_ref, delta_out_ref = refs[:2]
+        delta = jnp.sum(do.astype(jnp.float32) * o_ref[...].astype(jnp.float32), axis=1) - delta_ref[...]
+        delta_out_ref[...] = delta
+    else:
+        delta = delta_ref[...]
     qk_scale = scale * LOG2_E
 
     def step(index, dq, masked):
@@ -431,13 +439,15 @@ def flash_forward_rows(q_rows, k, v, *, scale: float, segment: int, tuning: Flas
 
 
 def flash_backward_rows(
-    q_rows, k, v, do_rows, lse, delta, *, scale: float, segment: int, tuning: FlashConfig, interpret
+    q_rows, k, v, do_rows, lse, out_rows, d_lse, *, scale: float, segment: int, tuning: FlashConfig, interpret
 ):
     """`flash_attention_backward` of segment-causal attention on the public layout, with float32 gradients: the first
     part of a merged attention's gradient accumulators (see `gathered_tiled_backward`), no transposes in or out.
 
-    q_rows, do_rows `[B, T, K, G, H]`, k, v `[B, T, K, H]`, lse (finite), delta float32 `[B, K, G, T]`; shapes as for
-    `flash_forward_rows`. Returns dq `[B, T, K, G, H]`, dk, dv `[B, T, K, H]`, float32.
+    q_rows, do_rows, out_rows (the merged attention's output) `[B, T, K, G, H]`, k, v `[B, T, K, H]`, lse (finite) and
+    d_lse float32 `[B, K, G, T]`; shapes as for `flash_forward_rows`. The dq kernel also computes the merged
+    attention's delta = rowsum(dO * O) - dlse (it reads every row once anyway). Returns (dq `[B, T, K, G, H]`, dk, dv
+    `[B, T, K, H]`, float32) and delta `[B, K, G, T]` float32, for the other parts' backward.
     """
     b, t, kv_heads, g, h = q_rows.shape
     shape, tuning = _sizes(t, t, h, g, True, segment, tuning)
@@ -455,16 +465,16 @@ def flash_backward_rows(
     q_spec = pl.BlockSpec((None, rows, None, None, h), lambda i, j, c: (batch_of(i), c, head_of(i), j, 0))
     row_spec = pl.BlockSpec((None, None, None, rows), lambda i, j, c: (batch_of(i), head_of(i), j, c))
     kv_full = pl.BlockSpec((None, t, None, h), lambda i, j, c: (batch_of(i), 0, head_of(i), 0))
-    dq = pl.pallas_call(
+    delta, dq = pl.pallas_call(
         functools.partial(_dq_kernel, shape=shape, block_k=tuning.block_k, scale=float(scale)),
         grid=(b * kv_heads, g, t // rows),
-        in_specs=[q_spec, q_spec, row_spec, row_spec, kv_full, kv_full],
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q_rows.shape, jnp.float32),
+        in_specs=[q_spec, q_spec, row_spec, row_spec, kv_full, kv_full, q_spec],
+        out_specs=[row_spec, q_spec],
+        out_shape=[jax.ShapeDtypeStruct(lse.shape, jnp.float32), jax.ShapeDtypeStruct(q_rows.shape, jnp.float32)],
         compiler_params=params,
         interpret=interpret,
         name="hyper_flash_dq",
-    )(q_rows, do_rows, lse, delta, k, v)
+    )(q_rows, do_rows, lse, d_lse.astype(jnp.float32), k, v, out_rows)
     q_full = pl.BlockSpec((None, t, None, g * h), lambda i, c: (batch_of(i), 0, head_of(i), 0))
     rows_full = pl.BlockSpec((None, None, g, t), lambda i, c: (batch_of(i), head_of(i), 0, 0))
     kv_spec = pl.BlockSpec((None, chunk, None, h), lambda i, c: (batch_of(i), c, head_of(i), 0))
@@ -479,4 +489,4 @@ def flash_backward_rows(
         interpret=interpret,
         name="hyper_flash_dkdv",
     )(q_flat, do_flat, lse, delta, k, v)
-    return dq, dk, dv
+    return (dq, dk, dv), delta
