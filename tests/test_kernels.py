@@ -269,7 +269,9 @@ def test_kernels_lower_to_triton_for_an_h100(monkeypatch, causal):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # kernels, not the interpreter
     text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
     expected = {"hyper_gathered_attention_fwd", "hyper_gathered_attention_dq", "hyper_gathered_attention_dkdv"}
-    expected |= {"hyper_lsh_hash", "hyper_probe_stats", "hyper_probe_mass"} | ({"hyper_flash_dq"} if causal else set())
+    expected |= {"hyper_lsh_hash", "hyper_probe_mass"}
+    # non-causal, the probe's first pass runs inside the hash kernel
+    expected |= {"hyper_flash_dq", "hyper_probe_stats"} if causal else set()
     assert all(name in text for name in expected), [name for name in expected if name not in text]
 
 
@@ -319,3 +321,9 @@ def test_hash_kernel_matches_lsh_ranks(rng):
         assert int(jnp.max(want)) > 64  # ranks use all 7 bits
         # a sign bit may differ only within ~2^-16 of a hyperplane: at most a handful of 2048 ranks
         assert int(jnp.sum(rank != want)) <= 3
+    # with probe queries, the same call also gives each probe's lse over all positions (the probe's first pass)
+    probes = jnp.asarray(rng.standard_normal((2, 4, 5, 16)), jnp.bfloat16)
+    ranks, lse = lsh_ranks_pallas(x, projection_sets, interpret=True, probes=probes, scale=0.3)
+    scores = jnp.einsum("bnrh,btnh->bnrt", probes.astype(jnp.float32), x.astype(jnp.float32)) * 0.3
+    np.testing.assert_allclose(lse, jax.nn.logsumexp(scores, axis=-1), rtol=1e-5)
+    assert all(bool(jnp.all(a == b)) for a, b in zip(ranks, got, strict=True))

@@ -136,6 +136,17 @@ def _draw_sorted_positions(key, probability_sorted, m: int, scheme: str):
     return jnp.minimum(position, last_positive[..., None])
 
 
+def _option_keys(sample_key):
+    """(probe key, draw key) of a plan with accuracy options, from its sample key."""
+    return tuple(jax.random.split(sample_key))
+
+
+def probe_key(key):
+    """The random key with which `make_plan(key=key)` picks the column-mass probe rows (`probe_index`), for callers
+    that probe before planning (the kernels fuse the probe's first pass into the hash)."""
+    return _option_keys(jax.random.split(key)[1])[0]
+
+
 def plan_projections(key, head_dim: int, config: HyperAttentionConfig, hash_key=None):
     """The LSH hyperplanes `[H, P]` that `make_plan(key=key, hash_key=hash_key)` uses."""
     own_hash_key, _ = jax.random.split(key)
@@ -186,7 +197,7 @@ def make_plan(
     if not uses_options and paper_sampling:
         return _paper_plan(q, key_rank, key_valid, num_valid, query_order, sample_key, config, sample_index)
 
-    mass_key, sample_key = jax.random.split(sample_key)
+    mass_key, sample_key = _option_keys(sample_key)
     is_global, num_global, mass = _global_key_mask(q, k, mass_key, config, scale, key_valid, probe)
     is_normal = key_valid & ~is_global
     # Global keys sort first (rank 0), then the hashed keys, then padding: blocks are cut from the middle part.

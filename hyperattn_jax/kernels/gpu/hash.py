@@ -21,6 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from hyperattn_jax.kernels.gpu._common import MIN_DOT, next_power_of_two, triton_params
+from hyperattn_jax.kernels.gpu.probe import probe_lse
 from hyperattn_jax.lsh import gray_rank, split_hyperplanes
 
 _ROWS = (128, 64, 32, 16)
@@ -34,8 +35,17 @@ def _dot_t(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _hash_kernel(x_ref, high_ref, low_ref, powers_ref, *rank_refs, width: int):
+def _hash_kernel(x_ref, high_ref, low_ref, powers_ref, *refs, width: int, levels: int, scale: float | None):
+    """Ranks of `rows` positions of one head. With `scale` (keys with probe queries), refs start with the probes
+    `[R, H]` and end with the probes' max and exp-sum over these keys: the probe's first pass (`probe.py`), done
+    while the keys are loaded for the hash."""
     x = x_ref[...]  # [rows, H]
+    rank_refs = refs[1 : 1 + levels] if scale is not None else refs
+    if scale is not None:
+        s = _dot_t(refs[0][...], x) * scale  # [probes, rows]
+        row_max = jnp.max(s, axis=1)
+        refs[-2][...] = row_max
+        refs[-1][...] = jnp.sum(jnp.exp(s - row_max[:, None]), axis=1)
     scores = _dot_t(high_ref[...], x) + _dot_t(low_ref[...], x)  # [hyperplanes, rows]
     bits = (scores > 0).astype(jnp.float32)
     codes = _dot(powers_ref[...], bits)  # [levels (padded), rows]: sums of distinct powers of two, exact
@@ -55,9 +65,13 @@ def hash_rows(length: int, head_dim: int, dtype, width: int) -> int | None:
     return next((r for r in _ROWS if length % r == 0), None)
 
 
-def lsh_ranks_pallas(x, projection_sets, *, interpret: bool = False):
+def lsh_ranks_pallas(x, projection_sets, *, interpret: bool = False, probes=None, scale: float | None = None):
     """`lsh.lsh_ranks` of public-layout x `[B, T, N, H]` under each projection set (`[H, P]`, equal P): a list of
-    int32 ranks `[B, N, T]`, one per set. Shapes must pass `hash_rows`."""
+    int32 ranks `[B, N, T]`, one per set. Shapes must pass `hash_rows`.
+
+    With `probes` `[B, N, R, H]` (x the keys, N their heads) and `scale`, also returns each probe query's natural-log
+    lse over all T keys `[B, N, R]` float32: the column-mass probe's first pass, fused into the hash's read of x.
+    """
     b, t, n, h = x.shape
     width = projection_sets[0].shape[1]
     if any(p.shape != (h, width) for p in projection_sets):
@@ -81,19 +95,31 @@ def lsh_ranks_pallas(x, projection_sets, *, interpret: bool = False):
     )
     plane_spec = pl.BlockSpec((padded_planes, h), lambda c, j, i: (0, 0))
     rank_spec = pl.BlockSpec((None, None, rows), lambda c, j, i: (i, j, c))
-    ranks = pl.pallas_call(
-        functools.partial(_hash_kernel, width=width),
+    in_specs = [
+        pl.BlockSpec((None, rows, None, h), lambda c, j, i: (i, c, j, 0)),
+        plane_spec,
+        plane_spec,
+        pl.BlockSpec((padded_levels, padded_planes), lambda c, j, i: (0, 0)),
+    ]
+    out_specs, out_shape, args = [rank_spec] * levels, [jax.ShapeDtypeStruct((b, n, t), jnp.int32)] * levels, []
+    if probes is not None:
+        num_probes = probes.shape[2]
+        padded = next_power_of_two(num_probes, MIN_DOT)
+        args = [jnp.pad(lax.stop_gradient(probes), [(0, 0), (0, 0), (0, padded - num_probes), (0, 0)])]
+        in_specs.append(pl.BlockSpec((None, None, padded, h), lambda c, j, i: (i, j, 0, 0)))
+        stat_spec = pl.BlockSpec((None, None, None, padded), lambda c, j, i: (i, j, c, 0))
+        out_specs += [stat_spec, stat_spec]
+        out_shape += [jax.ShapeDtypeStruct((b, n, t // rows, padded), jnp.float32)] * 2
+    outputs = pl.pallas_call(
+        functools.partial(_hash_kernel, width=width, levels=levels, scale=None if probes is None else float(scale)),
         grid=(t // rows, n, b),
-        in_specs=[
-            pl.BlockSpec((None, rows, None, h), lambda c, j, i: (i, c, j, 0)),
-            plane_spec,
-            plane_spec,
-            pl.BlockSpec((padded_levels, padded_planes), lambda c, j, i: (0, 0)),
-        ],
-        out_specs=[rank_spec] * levels,
-        out_shape=[jax.ShapeDtypeStruct((b, n, t), jnp.int32)] * levels,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=triton_params(num_warps=4, num_stages=2),
         interpret=interpret,
         name="hyper_lsh_hash",
-    )(x, high, low, powers)
-    return list(ranks)
+    )(x, high, low, powers, *args)
+    if probes is None:
+        return list(outputs)
+    return list(outputs[:levels]), probe_lse(outputs[levels], outputs[levels + 1])[..., :num_probes]

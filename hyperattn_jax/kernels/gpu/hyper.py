@@ -38,6 +38,7 @@ from hyperattn_jax.ops.sortlsh import (
     make_plan,
     plan_projections,
     probe_index,
+    probe_key,
     unblock_query_layout,
 )
 
@@ -231,6 +232,29 @@ def kernel_probe(q, k, config, *, scale, interpret, chunks=1, halves=False, arra
     return probe
 
 
+def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed: bool):
+    """The non-causal plan's ranks and `make_plan(probe=...)` function. Where the hash and probe kernels both take
+    the shapes, the probe's first pass (each probe query's lse over all keys) runs inside the hash of k, which reads
+    every key row anyway; its probe rows are those `make_plan` would pick (`probe_key`)."""
+    projections = [plan_projections(key, q.shape[-1], config, hash_key)]
+    probe = kernel_probe(q, k, config, scale=scale, interpret=interpret) if probe_allowed else None
+    kv_heads, width = k.shape[2], projections[0].shape[1]
+    if probe is None or not all(hash_rows(x.shape[1], x.shape[3], x.dtype, width) for x in (q, k)):
+        return public_layout_ranks(q, k, projections, interpret=interpret)[0], probe
+    index = probe_index(probe_key(key), q.shape[2] // kv_heads * q.shape[1], config.num_probe_queries)
+    probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=1, halves=False)
+    (query_rank,) = lsh_ranks_pallas(q, projections, interpret=interpret)
+    (key_rank,), lse = lsh_ranks_pallas(k, projections, interpret=interpret, probes=probes[:, 0], scale=scale)
+
+    def probe_with_known_lse(mass_key):  # mass_key == probe_key(key): the probes above
+        mass = probe_column_mass_pallas(
+            probes, k, chunks=1, halves=False, scale=scale, interpret=interpret, lse=lse[:, None]
+        )
+        return mass[:, 0]
+
+    return (query_rank.reshape(q.shape[0], kv_heads, -1, q.shape[1]), key_rank), probe_with_known_lse
+
+
 def grouped_inputs(q, k, v):
     """Public layout -> grouped (`_layout.py`); XLA fuses these transposes into their consumers where it can."""
     return group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
@@ -249,18 +273,11 @@ def _hyper(q, k, v, key, kv_length, hash_key, static):
 def _hyper_fwd(q, k, v, key, kv_length, hash_key, static):
     config, scale, tuning, interpret = static
     q5, k4, v4 = grouped_inputs(q, k, v)
+    ranks, probe = _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, kv_length is None)
     plan = make_plan(
-        q5,
-        k4,
-        key=key,
-        config=config,
-        kv_length=kv_length,
-        hash_key=hash_key,
-        v=v4,
-        scale=scale,
-        ranks=public_layout_ranks(q, k, [plan_projections(key, q.shape[-1], config, hash_key)], interpret=interpret)[0],
-        probe=None if kv_length is not None else kernel_probe(q, k, config, scale=scale, interpret=interpret),
-    )
+        q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale, ranks=ranks,
+        probe=probe,
+    )  # fmt: skip
     if can_gather_in_kernel(q.shape[-1], plan):
         b, t, n, h = q.shape
         out, lse = estimate_forward_rows(

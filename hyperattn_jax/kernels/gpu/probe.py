@@ -79,12 +79,19 @@ def probe_queries(q, index, *, num_kv_heads: int, chunks: int, halves: bool):
     return q[:, rows[:, None, :], heads[None, :, :]]
 
 
-def probe_column_mass_pallas(probes, k, *, chunks: int, halves: bool, scale: float, interpret: bool = False):
+def probe_lse(chunk_max, chunk_sum):
+    """Each probe's lse `[..., R]` from per-key-run maxima and exp-sums `[..., runs, R]` (the first pass)."""
+    top = jnp.max(chunk_max, axis=-2)
+    return top + jnp.log(jnp.sum(chunk_sum * jnp.exp(chunk_max - top[..., None, :]), axis=-2))
+
+
+def probe_column_mass_pallas(probes, k, *, chunks: int, halves: bool, scale: float, interpret: bool = False, lse=None):
     """Column mass `[B, C, K, L]` (each problem's row sums to 1) of every problem's keys under its probe rows.
 
     probes `[B, C, K, R, H]` (from `probe_queries`); k `[B, S, K, H]` public layout, cut into C chunks (keys: the
-    first half of each chunk when `halves`, else the whole chunk). Not differentiated; shapes must pass
-    `probe_key_chunk`.
+    first half of each chunk when `halves`, else the whole chunk); `lse` `[B, C, K, R]`, when the probes' lse over
+    their problem's keys is known (the hash kernel computes it with the non-causal hash), skips the first pass. Not
+    differentiated; shapes must pass `probe_key_chunk`.
     """
     b, c, kv_heads, num_probes, h = probes.shape
     s = k.shape[1]
@@ -116,18 +123,20 @@ def probe_column_mass_pallas(probes, k, *, chunks: int, halves: bool, scale: flo
     key_spec = pl.BlockSpec((None, None, span, None, h), key_map)
     stat_spec = pl.BlockSpec((None, None, padded), lambda i, j: (i, j, 0))
     params = triton_params(num_warps=4, num_stages=3)
-    chunk_max, chunk_sum = pl.pallas_call(
-        functools.partial(_stats_kernel, scale=scale, chunk=chunk),
-        grid=grid,
-        in_specs=[probe_spec, key_spec],
-        out_specs=[stat_spec, stat_spec],
-        out_shape=[jax.ShapeDtypeStruct((b * c * kv_heads, programs, padded), jnp.float32)] * 2,
-        compiler_params=params,
-        interpret=interpret,
-        name="hyper_probe_stats",
-    )(probes, k)
-    top = jnp.max(chunk_max, axis=1)
-    lse = top + jnp.log(jnp.sum(chunk_sum * jnp.exp(chunk_max - top[:, None]), axis=1))
+    if lse is None:
+        chunk_max, chunk_sum = pl.pallas_call(
+            functools.partial(_stats_kernel, scale=scale, chunk=chunk),
+            grid=grid,
+            in_specs=[probe_spec, key_spec],
+            out_specs=[stat_spec, stat_spec],
+            out_shape=[jax.ShapeDtypeStruct((b * c * kv_heads, programs, padded), jnp.float32)] * 2,
+            compiler_params=params,
+            interpret=interpret,
+            name="hyper_probe_stats",
+        )(probes, k)
+        lse = probe_lse(chunk_max, chunk_sum)
+    else:
+        lse = jnp.pad(lse.astype(jnp.float32), [(0, 0)] * 3 + [(0, padded - num_probes)]).reshape(-1, padded)
     return pl.pallas_call(
         functools.partial(_mass_kernel, scale=scale, chunk=chunk, num_probes=num_probes),
         grid=grid,
