@@ -27,6 +27,21 @@ def triton_params(num_warps: int, num_stages: int):
     return params(num_warps=num_warps, num_stages=num_stages)
 
 
+def dot(a, b):
+    """a @ b inside a kernel, float32 accumulation."""
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def dot_t(a, b):
+    """a @ b.T inside a kernel, float32 accumulation."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_tn(a, b):
+    """a.T @ b inside a kernel, float32 accumulation."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def next_power_of_two(x: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
 

@@ -24,6 +24,9 @@ from hyperattn_jax.kernels.gpu._common import (
     NEG_START,
     default_interpret,
     div,
+    dot,
+    dot_t,
+    dot_tn,
     next_power_of_two,
     pad_to,
     rem,
@@ -51,18 +54,6 @@ class _Shape(NamedTuple):
     head_dim_padded: int
     causal: bool
     segment: int  # causal problems of this many positions, laid end to end
-
-
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _dot_t(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _key_chunks(shape: _Shape, q_start, rows: int, chunk: int):
@@ -94,14 +85,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, shape: _Shape, block
         row_max, row_sum, acc = carry
         k_start = pl.multiple_of(index * block_k, block_k)
         keys = pl.ds(k_start, block_k)
-        s = _dot_t(q, k_ref[keys, :]) * qk_scale
+        s = dot_t(q, k_ref[keys, :]) * qk_scale
         if masked:
             s = _mask(shape, s, q_start, k_start)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         p = jnp.exp2(s - new_max[:, None])
         correction = jnp.exp2(row_max - new_max)
         v = v_ref[keys, :]
-        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
         return new_max, row_sum * correction + jnp.sum(p, axis=1), acc
 
     first, first_masked, end = _key_chunks(shape, q_start, rows, block_k)
@@ -138,12 +129,12 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, shape: _S
         k_start = pl.multiple_of(index * block_k, block_k)
         keys = pl.ds(k_start, block_k)
         k = k_ref[keys, :]
-        s = _dot_t(q, k) * qk_scale
+        s = dot_t(q, k) * qk_scale
         if masked:
             s = _mask(shape, s, q_start, k_start)
         p = jnp.exp2(s - lse2[:, None])
-        ds = p * (_dot_t(do, v_ref[keys, :]) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+        ds = p * (dot_t(do, v_ref[keys, :]) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k)
 
     first, first_masked, end = _key_chunks(shape, q_start, rows, block_k)
     dq = jnp.zeros(q.shape, jnp.float32)
@@ -178,13 +169,13 @@ def _dkdv_kernel(
             q, do = q_ref[queries, columns], do_ref[queries, columns]
         else:
             q, do = q_ref[head, queries, :], do_ref[head, queries, :]
-        s = _dot_t(q, k) * qk_scale
+        s = dot_t(q, k) * qk_scale
         if masked:
             s = _mask(shape, s, q_start, k_start)
         p = jnp.exp2(s - (lse_ref[head, queries] * LOG2_E)[:, None])
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot_t(do, v) - delta_ref[head, queries][:, None])
-        return dk + _dot_tn(ds.astype(q.dtype), q), dv
+        dv = dv + dot_tn(p.astype(do.dtype), do)
+        ds = p * (dot_t(do, v) - delta_ref[head, queries][:, None])
+        return dk + dot_tn(ds.astype(q.dtype), q), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     total = shape.groups * per_head

@@ -22,16 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from hyperattn_jax.kernels.gpu._common import LN_2, LOG2_E, NEG_START, div, rem, triton_params
+from hyperattn_jax.kernels.gpu._common import LN_2, LOG2_E, NEG_START, div, dot, dot_t, rem, triton_params
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
-
-
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _dot_t(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def tile_loaders(kinds, lengths, refs):
@@ -131,11 +123,11 @@ def _gathered_forward_kernel(
             row_max, row_sum, acc = carry
             keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
             k, v = load_keys(keys)
-            s = _dot_t(q, k) * qk_scale + w_ref[keys][None, :] * LOG2_E
+            s = dot_t(q, k) * qk_scale + w_ref[keys][None, :] * LOG2_E
             new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
             p = jnp.exp2(s - new_max[:, None])
             correction = jnp.exp2(row_max - new_max)
-            acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+            acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
             return new_max, row_sum * correction + jnp.sum(p, axis=1), acc
 
         carry = lax.fori_loop(0, length // chunk, body, carry)

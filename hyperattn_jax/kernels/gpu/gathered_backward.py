@@ -27,21 +27,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from hyperattn_jax.kernels.gpu._common import LOG2_E, div, rem, triton_params
+from hyperattn_jax.kernels.gpu._common import LOG2_E, div, dot, dot_t, dot_tn, rem, triton_params
 from hyperattn_jax.kernels.gpu.gathered import tile_loaders, tile_operands
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
-
-
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _dot_t(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _dq_kernel(
@@ -62,9 +50,9 @@ def _dq_kernel(
         def body(step, dq, load_keys=load_keys, w_ref=w_ref, chunk=chunk):
             keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
             k, v = load_keys(keys)
-            p = jnp.exp2(_dot_t(q, k) * qk_scale + w_ref[keys][None, :] * LOG2_E - lse2[:, None])
-            ds = p * (_dot_t(do, v) - delta[:, None])
-            return dq + _dot(ds.astype(k.dtype), k)
+            p = jnp.exp2(dot_t(q, k) * qk_scale + w_ref[keys][None, :] * LOG2_E - lse2[:, None])
+            ds = p * (dot_t(do, v) - delta[:, None])
+            return dq + dot(ds.astype(k.dtype), k)
 
         dq = lax.fori_loop(0, length // chunk, body, dq)
     dq = dq * scale
@@ -88,10 +76,10 @@ def _key_chunk_grads(
         columns = pl.ds(pl.multiple_of(head * head_dim, head_dim), head_dim)
         q, do = q_ref[index, columns], do_ref[index, columns]
         stat = head * num_queries + index
-        p = jnp.exp2(_dot_t(q, k) * qk_scale + weight(step)[None, :] - (lse_ref[stat] * LOG2_E)[:, None])
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot_t(do, v) - delta_ref[stat][:, None])
-        return dk + _dot_tn(ds.astype(q.dtype), q), dv
+        p = jnp.exp2(dot_t(q, k) * qk_scale + weight(step)[None, :] - (lse_ref[stat] * LOG2_E)[:, None])
+        dv = dv + dot_tn(p.astype(do.dtype), do)
+        ds = p * (dot_t(do, v) - delta_ref[stat][:, None])
+        return dk + dot_tn(ds.astype(q.dtype), q), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))

@@ -20,19 +20,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from hyperattn_jax.kernels.gpu._common import MIN_DOT, next_power_of_two, triton_params
+from hyperattn_jax.kernels.gpu._common import MIN_DOT, dot, dot_t, next_power_of_two, triton_params
 from hyperattn_jax.kernels.gpu.probe import probe_lse
 from hyperattn_jax.lsh import gray_rank, split_hyperplanes
 
 _ROWS = (128, 64, 32, 16)
-
-
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _dot_t(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _hash_kernel(x_ref, high_ref, low_ref, powers_ref, *refs, width: int, levels: int, scale: float | None):
@@ -42,13 +34,13 @@ def _hash_kernel(x_ref, high_ref, low_ref, powers_ref, *refs, width: int, levels
     x = x_ref[...]  # [rows, H]
     rank_refs = refs[1 : 1 + levels] if scale is not None else refs
     if scale is not None:
-        s = _dot_t(refs[0][...], x) * scale  # [probes, rows]
+        s = dot_t(refs[0][...], x) * scale  # [probes, rows]
         row_max = jnp.max(s, axis=1)
         refs[-2][...] = row_max
         refs[-1][...] = jnp.sum(jnp.exp(s - row_max[:, None]), axis=1)
-    scores = _dot_t(high_ref[...], x) + _dot_t(low_ref[...], x)  # [hyperplanes, rows]
+    scores = dot_t(high_ref[...], x) + dot_t(low_ref[...], x)  # [hyperplanes, rows]
     bits = (scores > 0).astype(jnp.float32)
-    codes = _dot(powers_ref[...], bits)  # [levels (padded), rows]: sums of distinct powers of two, exact
+    codes = dot(powers_ref[...], bits)  # [levels (padded), rows]: sums of distinct powers of two, exact
     level_of_row = lax.broadcasted_iota(jnp.int32, codes.shape, 0)
     for level, rank_ref in enumerate(rank_refs):
         code = (jnp.sum(jnp.where(level_of_row == level, codes, 0.0), axis=0) + 0.5).astype(jnp.int32)

@@ -19,14 +19,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from hyperattn_jax.kernels.gpu._common import MIN_DOT, NEG_START, div, next_power_of_two, rem, triton_params
+from hyperattn_jax.kernels.gpu._common import MIN_DOT, NEG_START, div, dot_t, next_power_of_two, rem, triton_params
 
 _KEY_CHUNKS = (256, 128, 64, 32, 16)
 _CHUNKS_PER_PROGRAM = 16  # a loop over several chunks per program keeps loads in flight (num_stages)
-
-
-def _dot_t(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale, chunk):
@@ -34,7 +30,7 @@ def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale, chunk):
 
     def body(step, carry):  # online max and exp-sum of every probe row over this program's keys
         row_max, row_sum = carry
-        s = _dot_t(probes, k_ref[pl.ds(pl.multiple_of(step * chunk, chunk), chunk), :]) * scale
+        s = dot_t(probes, k_ref[pl.ds(pl.multiple_of(step * chunk, chunk), chunk), :]) * scale
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         row_sum = row_sum * jnp.exp(row_max - new_max) + jnp.sum(jnp.exp(s - new_max[:, None]), axis=1)
         return new_max, row_sum
@@ -51,7 +47,7 @@ def _mass_kernel(probe_ref, k_ref, lse_ref, mass_ref, *, scale, chunk, num_probe
 
     def body(step, carry):
         keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
-        p = jnp.exp(_dot_t(probes, k_ref[keys, :]) * scale - lse[:, None])
+        p = jnp.exp(dot_t(probes, k_ref[keys, :]) * scale - lse[:, None])
         mass_ref[keys] = jnp.sum(jnp.where(real, p, 0.0), axis=0) / num_probes
         return carry
 

@@ -30,6 +30,9 @@ from hyperattn_jax.kernels.gpu._common import (
     NEG_START,
     default_interpret,
     div,
+    dot,
+    dot_t,
+    dot_tn,
     next_power_of_two,
     pad_to,
     rem,
@@ -67,20 +70,6 @@ class _Layout(NamedTuple):
     weight_per_block: tuple[bool, ...]  # log-weights differ between query blocks
 
 
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _dot_t(a, b):
-    """a @ b.T with float32 accumulation."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-    """a.T @ b with float32 accumulation."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 # ------------------------------------------------------------------------------------------------ forward kernel
 
 
@@ -102,12 +91,12 @@ def _forward_kernel(q_ref, *refs, layout: _Layout, block_k: int, scale: float):
         def body(step, carry, k_ref=k_ref, v_ref=v_ref, w_ref=w_ref, chunk=chunk):
             row_max, row_sum, acc = carry
             keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
-            s = _dot_t(q, k_ref[keys, :]) * qk_scale + w_ref[keys][None, :] * LOG2_E
+            s = dot_t(q, k_ref[keys, :]) * qk_scale + w_ref[keys][None, :] * LOG2_E
             new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
             p = jnp.exp2(s - new_max[:, None])
             correction = jnp.exp2(row_max - new_max)
             v = v_ref[keys, :]
-            acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+            acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
             return new_max, row_sum * correction + jnp.sum(p, axis=1), acc
 
         carry = lax.fori_loop(0, layout.tile_lengths_padded[tile] // chunk, body, carry)
@@ -169,10 +158,10 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, layout: _Layout, block_
         def body(step, dq, k_ref=k_ref, v_ref=v_ref, w_ref=w_ref, chunk=chunk):
             keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
             k = k_ref[keys, :]
-            s = _dot_t(q, k) * qk_scale + w_ref[keys][None, :] * LOG2_E
+            s = dot_t(q, k) * qk_scale + w_ref[keys][None, :] * LOG2_E
             p = jnp.exp2(s - lse2[:, None])
-            ds = p * (_dot_t(do, v_ref[keys, :]) - delta[:, None])
-            return dq + _dot(ds.astype(k.dtype), k)
+            ds = p * (dot_t(do, v_ref[keys, :]) - delta[:, None])
+            return dq + dot(ds.astype(k.dtype), k)
 
         dq = lax.fori_loop(0, layout.tile_lengths_padded[tile] // chunk, body, dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -234,11 +223,11 @@ def _dkdv_kernel(
         q = q_ref[head, queries, :]
         do = do_ref[head, queries, :]
         w = fixed_w if fixed_w is not None else w_ref[query_block, :] * LOG2_E
-        s = _dot_t(q, k) * qk_scale + w[None, :]
+        s = dot_t(q, k) * qk_scale + w[None, :]
         p = jnp.exp2(s - (lse_ref[head, queries] * LOG2_E)[:, None])
-        dv = dv + _dot_tn(p.astype(do.dtype), do)
-        ds = p * (_dot_t(do, v) - delta_ref[head, queries][:, None])
-        dk = dk + _dot_tn(ds.astype(q.dtype), q)
+        dv = dv + dot_tn(p.astype(do.dtype), do)
+        ds = p * (dot_t(do, v) - delta_ref[head, queries][:, None])
+        dk = dk + dot_tn(ds.astype(q.dtype), q)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
