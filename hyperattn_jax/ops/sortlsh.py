@@ -128,8 +128,10 @@ def _draw_sorted_positions(key, probability_sorted, m: int, scheme: str):
         u = (jnp.arange(m, dtype=jnp.float32) + offset) / m
     else:
         u = jax.random.uniform(key, (*cdf.shape[:2], m), jnp.float32)
-    # Unrolled: the default binary search is a loop, which on a GPU costs a host round trip per step (~17 steps).
-    search = jax.vmap(jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right", method="scan_unrolled")))
+    # The binary search is a loop, which on a GPU costs a host round trip per step (~17 steps): unrolled there. Not on
+    # the CPU, where XLA takes minutes to compile the unrolled search (same results either way).
+    method = "scan_unrolled" if jax.default_backend() == "gpu" else "scan"
+    search = jax.vmap(jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right", method=method)))
     position = search(cdf, u).astype(jnp.int32)
     # Round-off can put u past the last normalised cdf value; the last key with probability is the right draw then.
     last_positive = cdf.shape[-1] - 1 - jnp.argmax(jnp.flip(probability_sorted > 0, -1), axis=-1).astype(jnp.int32)
