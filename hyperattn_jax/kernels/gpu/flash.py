@@ -363,40 +363,12 @@ def flash_attention(
     return _flash(q, k, v, shape, float(scale), tuning, interpret)
 
 
-def flash_attention_backward(
-    q,
-    k,
-    v,
-    d_out,
-    lse,
-    delta,
-    *,
-    scale: float,
-    causal: bool = False,
-    segment: int | None = None,
-    tuning: FlashConfig | None = None,
-    interpret: bool | None = None,
-):
-    """The backward kernels of `flash_attention` with softmax statistics supplied by the caller: dq, dk, dv.
-
-    With the lse and delta_i = sum_h dO_ih O_ih - dlse_i of a merged attention of which this exact attention is one
-    part (see `fused_tiled_attention_backward`), the result is this part's share of the merged gradient.
-    d_out `[B, K, G, T, H]`; lse, delta float32 `[B, K, G, T]`; the other arguments as for `flash_attention`.
-    """
-    tuning = FlashConfig() if tuning is None else tuning
-    shape, tuning = _layout(q, k, causal, segment, tuning)
-    interpret = default_interpret() if interpret is None else bool(interpret)
-    q_in, k_in, v_in, do = _q_in(q, shape), _kv_in(k, shape), _kv_in(v, shape), _q_in(d_out.astype(q.dtype), shape)
-    lse, delta = (pad_to(x.astype(jnp.float32), 3, shape.padded_queries).reshape(do.shape[:3]) for x in (lse, delta))
-    return _unpadded_backward(q_in, k_in, v_in, do, lse, delta, q.shape, shape, float(scale), tuning, interpret)
-
-
 def flash_forward_rows(q_rows, k, v, *, scale: float, segment: int, tuning: FlashConfig, out_dtype, interpret=None):
     """Forward of segment-causal `flash_attention` on the public layout: no transposes in or out.
 
     q_rows `[B, T, K, G, H]` (public `[B, T, N, H]` split by kv head), k, v `[B, T, K, H]`; H a power of two >= 16 and
     T a multiple of the kernel blocks. Returns out `[B, T, K, G, H]` in `out_dtype` and lse `[B, K, G, T]` float32.
-    No gradient rule (`flash_attention_backward` gives the backward).
+    No gradient rule (`flash_backward_rows` gives the backward).
     """
     b, t, kv_heads, g, h = q_rows.shape
     shape, tuning = _sizes(t, t, h, g, True, segment, tuning)
@@ -432,7 +404,7 @@ def flash_forward_rows(q_rows, k, v, *, scale: float, segment: int, tuning: Flas
 def flash_backward_rows(
     q_rows, k, v, do_rows, lse, out_rows, d_lse, *, scale: float, segment: int, tuning: FlashConfig, interpret
 ):
-    """`flash_attention_backward` of segment-causal attention on the public layout, with float32 gradients: the first
+    """The backward kernels of segment-causal `flash_attention` on the public layout, with float32 gradients: the first
     part of a merged attention's gradient accumulators (see `gathered_tiled_backward`), no transposes in or out.
 
     q_rows, do_rows, out_rows (the merged attention's output) `[B, T, K, G, H]`, k, v `[B, T, K, H]`, lse (finite) and
