@@ -5,6 +5,7 @@ in the causal recursion it also reads a transposed copy of k per level. Here k i
 `[B, S, K, H]` layout: a first pass writes each probe query's max and exp-sum per key chunk, XLA combines those into
 each probe's lse (a few KB), and a second pass recomputes the chunk's scores and writes only the mean softmax weight
 per key. Same probe rows and natural-log arithmetic as the jnp twin, so the two agree to float32 round-off.
+Non-causal, the first pass runs inside the hash kernel's read of k instead (`hash.py`, `probe_lse` combines either).
 
 Problems come as `chunks` equal slices of the sequence: one (non-causal: every query over every key), or a causal
 recursion level's 2**level chunks, whose problems are the second-half queries of each chunk over its first-half keys.
