@@ -49,6 +49,15 @@ def tile_loaders(kinds, lengths, refs):
     return loaders
 
 
+def tile_log_weights(tile, *, problems: int, kv_heads: int, num_blocks: int, length: int):
+    """A tile's log-weights as float32 `[P * K, nb | 1, length]` and whether they differ between query blocks."""
+    w = jnp.asarray(tile.log_weight, jnp.float32)
+    w = w.reshape((1,) * (4 - w.ndim) + w.shape)
+    per_block = w.shape[2] == num_blocks and num_blocks > 1
+    w = jnp.broadcast_to(w, (problems, kv_heads, num_blocks if per_block else 1, length))
+    return w.reshape(problems * kv_heads, -1, length), per_block
+
+
 def tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int, splits: int, batch_of, head_of):
     """BlockSpecs, arrays, kinds and lengths of the key tiles for a grid (query chunk c, query head j, problem x kv
     head i) whose query chunks are `splits` per block: an "indexed" tile passes its key index and all of k, v (rows
@@ -59,10 +68,7 @@ def tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int
     in_specs, args, kinds, lengths = [], [], [], []
     for tile, key_index in zip(tiles, tile_key_index, strict=True):
         length = tile.log_weight.shape[-1] if key_index is None else key_index.shape[-1]
-        w = jnp.asarray(tile.log_weight, jnp.float32)
-        w = w.reshape((1,) * (4 - w.ndim) + w.shape)
-        per_block_weight = w.shape[2] == nb and nb > 1
-        w = jnp.broadcast_to(w, (problems, kv_heads, nb if per_block_weight else 1, length))
+        w, per_block_weight = tile_log_weights(tile, problems=problems, kv_heads=kv_heads, num_blocks=nb, length=length)
         w_map = (lambda c, j, i: (i, c // splits, 0)) if per_block_weight else (lambda c, j, i: (i, 0, 0))
         w_spec = pl.BlockSpec((None, None, length), w_map)
         if key_index is not None:
@@ -77,7 +83,7 @@ def tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int
             in_specs += [kv_spec, kv_spec]
             args += [tile.k.reshape(pk, tile.k.shape[2], length, h), tile.v.reshape(pk, tile.k.shape[2], length, h)]
         in_specs.append(w_spec)
-        args.append(w.reshape(pk, -1, length))
+        args.append(w)
         lengths.append(length)
     return in_specs, args, tuple(kinds), tuple(lengths)
 

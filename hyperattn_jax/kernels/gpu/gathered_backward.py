@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from hyperattn_jax.kernels.gpu._common import LOG2_E, div, dot, dot_t, dot_tn, rem, triton_params
-from hyperattn_jax.kernels.gpu.gathered import tile_loaders, tile_operands
+from hyperattn_jax.kernels.gpu.gathered import tile_loaders, tile_log_weights, tile_operands
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 
 
@@ -277,10 +277,7 @@ def gathered_tiled_backward(
     for tile, key_index in sorted(zip(tiles, tile_key_index, strict=True), key=lambda pair: pair[0].k is not None):
         length = key_index.shape[-1]
         chunk = min(tuning.block_k_bwd, length)
-        w = jnp.asarray(tile.log_weight, jnp.float32)
-        w = w.reshape((1,) * (4 - w.ndim) + w.shape)
-        per_block = w.shape[2] == nb and nb > 1
-        w = jnp.broadcast_to(w, (problems, kv_heads, nb if per_block else 1, length)).reshape(pk, -1, length)
+        w, per_block = tile_log_weights(tile, problems=problems, kv_heads=kv_heads, num_blocks=nb, length=length)
         if tile.k is None:  # per-block tile: rows loaded and accumulated by index
             k_index = key_index.reshape(pk, nb, length)
             full = pl.BlockSpec((None, t, None, g * h), lambda c, n, i: (batch_of(i), 0, head_of(i), 0))

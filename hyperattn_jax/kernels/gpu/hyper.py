@@ -81,10 +81,12 @@ def _rows_of(x, index, batch: int):
     return x[problem_batch, jnp.maximum(index, 0), head]
 
 
-def _row_tiles(k, v, plan, key_positions, batch: int):
-    """The plan's tiles for row-indexed kernels: per-block tiles without k, v (their rows are loaded by index in the
-    kernel), shared tiles (samples, global keys) gathered here; with each tile's int32 rows `[P, K, nb | 1, t]`
-    (-1 = padding) and which of them the kernel loads by index (None for the gathered ones)."""
+def _row_operands(k, v, plan, query_positions, key_positions, batch: int):
+    """What the row-indexed kernels take for a plan: the int32 query row of every blocked slot `[P, K, G, nb, bq]`
+    (-1 = padding); the tiles, per-block ones without k, v (their rows are loaded by index in the kernel), shared ones
+    (samples, global keys) gathered here; each tile's int32 rows `[P, K, nb | 1, t]`; and which of them the kernel
+    loads by index (None for the gathered ones)."""
+    query_index = block_query_layout(query_positions, plan)[..., 0].astype(jnp.int32) - 1
     tiles, rows, in_kernel = [], [], []
     for tile in hyper_attention_tiles(key_positions, key_positions, plan):
         index = tile.k[..., 0].astype(jnp.int32) - 1  # [P, K, nb | 1, t]
@@ -95,7 +97,7 @@ def _row_tiles(k, v, plan, key_positions, batch: int):
         else:
             tiles.append(tile._replace(k=_rows_of(k, index, batch), v=_rows_of(v, index, batch)))
             in_kernel.append(None)
-    return tiles, rows, in_kernel
+    return query_index, tiles, rows, in_kernel
 
 
 def estimate_forward_rows(
@@ -109,9 +111,7 @@ def estimate_forward_rows(
     tiles (samples, global keys) here. Returns out `[B, T, K, G, H]` and lse `[B, K, G, T]` at the problems' rows, or
     merged into `accumulator` (see `gathered_tiled_forward`).
     """
-    batch = q_rows.shape[0]
-    query_index = block_query_layout(query_positions, plan)[..., 0].astype(jnp.int32) - 1
-    tiles, _, key_index = _row_tiles(k, v, plan, key_positions, batch)
+    query_index, tiles, _, key_index = _row_operands(k, v, plan, query_positions, key_positions, q_rows.shape[0])
     return gathered_tiled_forward(
         q_rows,
         k,
@@ -144,9 +144,7 @@ def estimate_backward_rows(
     final lse and delta `[B, K, G, T]`: its dq, dk, dv added into the float32 accumulators `grads` (dq
     `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`; None: written, for a plan covering every row), reading every row by
     index (`gathered_tiled_backward`). Needs `can_backward_in_place`."""
-    batch = q_rows.shape[0]
-    query_index = block_query_layout(query_positions, plan)[..., 0].astype(jnp.int32) - 1
-    tiles, rows, _ = _row_tiles(k, v, plan, key_positions, batch)
+    query_index, tiles, rows, _ = _row_operands(k, v, plan, query_positions, key_positions, q_rows.shape[0])
     return gathered_tiled_backward(
         q_rows,
         k,
