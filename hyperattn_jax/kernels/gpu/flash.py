@@ -26,7 +26,6 @@ from hyperattn_jax.kernels.gpu._common import (
     div,
     dot,
     dot_t,
-    dot_tn,
     next_power_of_two,
     pad_to,
     rem,
@@ -65,11 +64,12 @@ def _key_chunks(shape: _Shape, q_start, rows: int, chunk: int):
     return first, div(q_start, chunk), div(q_start + rows, chunk)
 
 
-def _mask(shape: _Shape, s, q_start, k_start):
-    rows, cols = s.shape
-    key_pos = k_start + lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+def _mask(shape: _Shape, s, q_start, k_start, key_axis: int = 1):
+    """Mask scores s `[queries, keys]` (or `[keys, queries]` with key_axis=0) beyond the causal diagonal or the real
+    keys."""
+    key_pos = k_start + lax.broadcasted_iota(jnp.int32, s.shape, key_axis)
     if shape.causal:
-        allowed = key_pos <= q_start + lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
+        allowed = key_pos <= q_start + lax.broadcasted_iota(jnp.int32, s.shape, 1 - key_axis)
     else:
         allowed = key_pos < shape.num_keys
     return jnp.where(allowed, s, -jnp.inf)
@@ -147,7 +147,9 @@ def _dkdv_kernel(
     q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, shape: _Shape, scale: float, rows_major=False
 ):
     """dk, dv of one key chunk. q_ref, do_ref hold every head of the group: `[G, T, H]`, or `[T, G * H]` when
-    `rows_major` (the public layout's rows)."""
+    `rows_major` (the public layout's rows). Scores are formed keys-major (`[chunk keys, chunk queries]`), so every
+    product's left operand is already in registers in the layout the tensor cores take: with queries-major scores,
+    p and ds had to be transposed for dv += p^T dO and dk += ds^T q."""
     k, v = k_ref[...], v_ref[...]
     chunk = k.shape[0]
     k_start = pl.program_id(1) * chunk
@@ -169,13 +171,13 @@ def _dkdv_kernel(
             q, do = q_ref[queries, columns], do_ref[queries, columns]
         else:
             q, do = q_ref[head, queries, :], do_ref[head, queries, :]
-        s = dot_t(q, k) * qk_scale
+        s_t = dot_t(k, q) * qk_scale
         if masked:
-            s = _mask(shape, s, q_start, k_start)
-        p = jnp.exp2(s - (lse_ref[head, queries] * LOG2_E)[:, None])
-        dv = dv + dot_tn(p.astype(do.dtype), do)
-        ds = p * (dot_t(do, v) - delta_ref[head, queries][:, None])
-        return dk + dot_tn(ds.astype(q.dtype), q), dv
+            s_t = _mask(shape, s_t, q_start, k_start, key_axis=0)
+        p_t = jnp.exp2(s_t - (lse_ref[head, queries] * LOG2_E)[None, :])
+        dv = dv + dot(p_t.astype(do.dtype), do)
+        ds_t = p_t * (dot_t(v, do) - delta_ref[head, queries][None, :])
+        return dk + dot(ds_t.astype(q.dtype), q), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     total = shape.groups * per_head

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from hyperattn_jax.kernels.gpu._common import LOG2_E, div, dot, dot_t, dot_tn, rem, triton_params
+from hyperattn_jax.kernels.gpu._common import LOG2_E, div, dot, dot_t, rem, triton_params
 from hyperattn_jax.kernels.gpu.gathered import tile_loaders, tile_log_weights, tile_operands
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 
@@ -76,10 +76,11 @@ def _key_chunk_grads(
         columns = pl.ds(pl.multiple_of(head * head_dim, head_dim), head_dim)
         q, do = q_ref[index, columns], do_ref[index, columns]
         stat = head * num_queries + index
-        p = jnp.exp2(dot_t(q, k) * qk_scale + weight(step)[None, :] - (lse_ref[stat] * LOG2_E)[:, None])
-        dv = dv + dot_tn(p.astype(do.dtype), do)
-        ds = p * (dot_t(do, v) - delta_ref[stat][:, None])
-        return dk + dot_tn(ds.astype(q.dtype), q), dv
+        # Keys-major scores: p^T and ds^T are formed directly (see flash._dkdv_kernel).
+        p_t = jnp.exp2(dot_t(k, q) * qk_scale + weight(step)[:, None] - (lse_ref[stat] * LOG2_E)[None, :])
+        dv = dv + dot(p_t.astype(do.dtype), do)
+        ds_t = p_t * (dot_t(v, do) - delta_ref[stat][None, :])
+        return dk + dot(ds_t.astype(q.dtype), q), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
@@ -230,7 +231,7 @@ def gathered_tiled_backward(
     pk = problems * kv_heads
     rows = min(tuning.block_q, bq)
     splits = bq // rows
-    params = triton_params(tuning.num_warps, tuning.num_stages)
+    params = triton_params(tuning.num_warps, tuning.num_stages_bwd)
 
     def batch_of(i):
         return rem(div(i, kv_heads), b)
