@@ -2,10 +2,12 @@
 
 jax in this process has started with one CPU device, so the multi-device cases run in ONE subprocess with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` (one jax start-up), and each case function is reported here as
-its own test: it passes only if every parametrisation of it passed there.
+its own test: it passes only if every parametrisation of it passed there. Under pytest-xdist the workers share that
+one run (the first to need it runs it under a file lock; the others read its report): it takes minutes on 2 cores.
 """
 
 import ast
+import fcntl
 import os
 import pathlib
 import subprocess
@@ -31,15 +33,29 @@ CASE_NAMES = [
 ]
 
 
+def _run_cases_once(report):
+    """Run parallel_cases.py on 8 forced CPU devices into the junit `report`, unless another worker already did."""
+    with open(report.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if report.exists():
+            return
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES), f"--junitxml={report}"]
+        run = subprocess.run(command, cwd=CASES.parent.parent, env=env, capture_output=True, text=True, timeout=1200)
+        if not report.exists():
+            output = f"{run.stdout[-4000:]}{run.stderr}"
+            pytest.fail(f"the 8-device run produced no report (exit {run.returncode}):\n{output}")
+
+
 @pytest.fixture(scope="module")
 def multi_device_results(tmp_path_factory):
     """Run parallel_cases.py on 8 forced CPU devices; returns {case function: [(test id, failure text or None)]}."""
-    report = tmp_path_factory.mktemp("parallel") / "report.xml"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES), f"--junitxml={report}"]
-    run = subprocess.run(command, cwd=CASES.parent.parent, env=env, capture_output=True, text=True, timeout=1200)
-    if not report.exists():
-        pytest.fail(f"the 8-device run produced no report (exit {run.returncode}):\n{run.stdout[-4000:]}{run.stderr}")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # The parent of a worker's base temp dir belongs to this run alone and is shared by its workers.
+        report = tmp_path_factory.getbasetemp().parent / "parallel_report.xml"
+    else:
+        report = tmp_path_factory.mktemp("parallel") / "report.xml"
+    _run_cases_once(report)
     results = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         name = case.get("name")
