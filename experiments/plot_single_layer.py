@@ -90,7 +90,8 @@ def merge_runs(records):
     first = records[0]
     for other in records[1:]:
         if (other["device"], other["jax_version"]) != (first["device"], first["jax_version"]):
-            raise ValueError(f"runs on different machines: {first['device']=} {other['device']=}")
+            mismatch = f"{first['device']} jax {first['jax_version']} vs {other['device']} jax {other['jax_version']}"
+            raise ValueError(f"runs from different machines or jax versions cannot share a table: {mismatch}")
     return {**first, "timings": [row for record in records for row in record["timings"]]}
 
 
