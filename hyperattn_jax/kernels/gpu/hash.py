@@ -57,9 +57,12 @@ def hash_rows(length: int, head_dim: int, dtype, width: int) -> int | None:
     return next((r for r in _ROWS if length % r == 0), None)
 
 
-def lsh_ranks_pallas(x, projection_sets, *, interpret: bool = False, probes=None, scale: float | None = None):
+def lsh_ranks_pallas(
+    x, projection_sets, *, interpret: bool = False, probes=None, scale: float | None = None, rows=None, num_warps=4
+):
     """`lsh.lsh_ranks` of public-layout x `[B, T, N, H]` under each projection set (`[H, P]`, equal P): a list of
-    int32 ranks `[B, N, T]`, one per set. Shapes must pass `hash_rows`.
+    int32 ranks `[B, N, T]`, one per set. Shapes must pass `hash_rows`; `rows` (positions per program, default
+    `hash_rows`'s choice) and `num_warps` tune the launch.
 
     With `probes` `[B, N, R, H]` (x the keys, N their heads) and `scale`, also returns each probe query's natural-log
     lse over all T keys `[B, N, R]` float32: the column-mass probe's first pass, fused into the hash's read of x.
@@ -68,8 +71,8 @@ def lsh_ranks_pallas(x, projection_sets, *, interpret: bool = False, probes=None
     width = projection_sets[0].shape[1]
     if any(p.shape != (h, width) for p in projection_sets):
         raise ValueError("every projection set must be [H, P] with the same P")
-    rows = hash_rows(t, h, x.dtype, width)
-    if rows is None:
+    rows = hash_rows(t, h, x.dtype, width) if rows is None else rows
+    if rows is None or t % rows:
         raise ValueError(f"the hash kernel cannot take T={t}, H={h}, {width} hyperplanes, dtype {x.dtype}")
     levels = len(projection_sets)
     planes = levels * width
@@ -108,7 +111,7 @@ def lsh_ranks_pallas(x, projection_sets, *, interpret: bool = False, probes=None
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=triton_params(num_warps=4, num_stages=2),
+        compiler_params=triton_params(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="hyper_lsh_hash",
     )(x, high, low, powers, *args)

@@ -1,0 +1,102 @@
+"""Times the parts of the causal forward that have alternatives, alone, before they are wired in (issue 3).
+
+Command:  PYTHONPATH=. python3 experiments/probe_causal_parts.py --out $OUT/probe_causal_parts.json
+Hardware: one NVIDIA H200 (the project's lent GPU), jax 0.11.2; ~1 min.
+1. The exact base case of a causal call at --n (segments of --segment, B=1, N=32, H=64, bf16): our flash kernel
+   (`flash_forward_rows`, float32 and bf16 output) against cuDNN through jax's internal entry point with the lse
+   (`cudnn_segment_forward`); checks that both give the same output and natural-log lse before timing.
+2. The LSH hash kernel over --n positions with the five levels' hyperplanes, for several rows per program and warps.
+Writes JSON (device, jax version, date, every timing and check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
+from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_forward_rows
+from hyperattn_jax.kernels.gpu.hash import lsh_ranks_pallas
+from hyperattn_jax.lsh import lsh_projections
+
+HEADS, HEAD_DIM = 32, 64
+
+
+def median_ms(fn, *args, reps=30):
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=131072)
+    parser.add_argument("--segment", type=int, default=4096)
+    parser.add_argument("--out", default="experiments/results/probe_causal_parts.json")
+    args = parser.parse_args()
+    n, segment, scale = args.n, args.segment, HEAD_DIM**-0.5
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (1, n, HEADS, HEAD_DIM), jnp.bfloat16) for key in keys)
+    q_rows = q.reshape(1, n, HEADS, 1, HEAD_DIM)
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "config": {"n": n, "segment": segment, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
+    }
+    tuning = FlashConfig(block_q=128, block_k=64, block_bwd=64)
+
+    def flash(out_dtype):
+        return jax.jit(
+            lambda q, k, v: flash_forward_rows(
+                q, k, v, scale=scale, segment=segment, tuning=tuning, out_dtype=out_dtype, interpret=False
+            )
+        )
+
+    cudnn = jax.jit(lambda q, k, v: cudnn_segment_forward(q, k, v, scale=scale, segment=segment))
+    reference = flash(jnp.float32)(q_rows, k, v)
+    got = cudnn(q, k, v)
+    if got is None:
+        result["cudnn"] = "not available"
+    else:
+        out_error = jnp.max(jnp.abs(got[0].reshape(reference[0].shape).astype(jnp.float32) - reference[0]))
+        result["cudnn_check"] = {
+            "max_abs_out_diff": float(out_error),
+            "max_abs_lse_diff": float(jnp.max(jnp.abs(got[1].reshape(reference[1].shape) - reference[1]))),
+        }
+        result["cudnn_ms"] = median_ms(cudnn, q, k, v)
+    result["flash_f32_ms"] = median_ms(flash(jnp.float32), q_rows, k, v)
+    result["flash_bf16_ms"] = median_ms(flash(jnp.bfloat16), q_rows, k, v)
+    print(result, flush=True)
+
+    projection_sets = [lsh_projections(key, HEAD_DIM, 7) for key in jax.random.split(jax.random.key(1), 5)]
+    hashes = {}
+    for rows in (128, 256, 512, 1024):
+        for warps in (4, 8):
+            hash_fn = functools.partial(lsh_ranks_pallas, projection_sets=projection_sets, rows=rows, num_warps=warps)
+            fn = jax.jit(hash_fn)
+            try:
+                hashes[f"rows{rows}_warps{warps}"] = median_ms(fn, q)
+            except Exception as error:
+                hashes[f"rows{rows}_warps{warps}"] = f"{type(error).__name__}: {str(error)[:200]}"
+            print(rows, warps, hashes[f"rows{rows}_warps{warps}"], flush=True)
+    result["hash_ms"] = hashes
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
