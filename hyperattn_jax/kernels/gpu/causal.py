@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax._numerics import finite_or_zero
+from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_backward_rows, flash_forward_rows
 from hyperattn_jax.kernels.gpu.hyper import (
     estimate_backward_rows,
@@ -97,15 +98,53 @@ def _causal(q, k, v, key, hash_key, static):
     return _causal_fwd(q, k, v, key, hash_key, static)[0]
 
 
+def _unpack_second_halves(out, lse, level: int):
+    """A level's packed part (out `[B, T/2, K, G, H]`, lse `[B, K, G, T/2]`: the second halves of its 2**level
+    chunks) on all T rows, the first halves empty (zero output, lse -inf). Reshapes and a concatenation with
+    constants, which XLA fuses into the merge that reads them."""
+    chunks = 2**level
+    b, half_rows = out.shape[:2]
+    half = half_rows // chunks
+    out = out.reshape(b, chunks, 1, half, *out.shape[2:])
+    out = jnp.concatenate([jnp.zeros_like(out), out], axis=2).reshape(b, 2 * half_rows, *out.shape[4:])
+    lse = lse.reshape(*lse.shape[:-1], chunks, 1, half)
+    lse = jnp.concatenate([jnp.full_like(lse, -jnp.inf), lse], axis=-2).reshape(*lse.shape[:-3], 2 * half_rows)
+    return out, lse
+
+
+def _merge_parts(parts, dtype):
+    """One merge of every part (out `[B, T, K, G, H]`, lse `[B, K, G, T]`) by lse, in float32, cast once. The
+    first part (the base case) has a finite lse on every row: the running max never stays -inf."""
+    row_max = functools.reduce(jnp.maximum, [lse for _, lse in parts])
+    lse = row_max + jnp.log(sum(jnp.exp(part_lse - row_max) for _, part_lse in parts))
+    out = sum(
+        jnp.moveaxis(jnp.exp(part_lse - lse), 3, 1)[..., None] * part_out.astype(jnp.float32)
+        for part_out, part_lse in parts
+    )
+    return out.astype(dtype), lse
+
+
+def _base_case_forward(q, k, v, *, scale, segment, flash_tuning, interpret):
+    """out `[B, T, K, G, H]` (q's dtype), lse `[B, K, G, T]` of causal attention within every segment: cuDNN's flash
+    forward where it runs (faster on Hopper: probe_causal_parts_h200.json), else our flash kernel."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    cudnn = None if interpret else cudnn_segment_forward(q, k, v, scale=scale, segment=segment)
+    if cudnn is not None:
+        out, lse = cudnn
+        return out.reshape(b, t, kv_heads, n // kv_heads, h), lse.reshape(b, kv_heads, n // kv_heads, t)
+    q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    return flash_forward_rows(
+        q_rows, k, v, scale=scale, segment=segment, tuning=flash_tuning, out_dtype=q.dtype, interpret=interpret
+    )
+
+
 def _causal_fwd(q, k, v, key, hash_key, static):
     config, scale, tuning, interpret, (depth, segment, flash_tuning) = static
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    # The base case writes a float32 accumulator that every level's kernel then merges its rows into, in place.
-    out, lse = flash_forward_rows(
-        q_rows, k, v, scale=scale, segment=segment, tuning=flash_tuning, out_dtype=jnp.float32, interpret=interpret
-    )
+    parts = [_base_case_forward(q, k, v, scale=scale, segment=segment, flash_tuning=flash_tuning, interpret=interpret)]
     q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the jnp probe where the probe kernels do not fit)
     query_positions, key_positions = row_positions((*q5.shape[:-1], 1)), row_positions((*k4.shape[:-1], 1))
     level_keys, level_key = [], key
@@ -133,7 +172,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
         plan = make_plan(
             ql, kl, key=level_key, config=config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks, probe=probe
         )
-        out, lse = estimate_forward_rows(
+        part = estimate_forward_rows(
             q_rows,
             k,
             v,
@@ -143,10 +182,12 @@ def _causal_fwd(q, k, v, key, hash_key, static):
             scale=scale,
             tuning=tuning,
             interpret=interpret,
-            accumulator=(out, lse),
+            packed_half=t // 2 ** (level + 1),
         )
+        parts.append(_unpack_second_halves(*part, level))
         plans.append(plan)
-    out = out.reshape(q.shape).astype(q.dtype)
+    out, lse = _merge_parts(parts, q.dtype)
+    out = out.reshape(q.shape)
     return (out, lse), (q, k, v, out, lse, plans)
 
 

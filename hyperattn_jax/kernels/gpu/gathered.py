@@ -98,9 +98,11 @@ def _gathered_forward_kernel(
     scale: float,
     rows: int,
     accumulate: bool,
+    packed_half: int | None,
 ):
     """kinds[i] is "indexed" (refs: key index, k, v, w) or "gathered" (refs: k, v, w). With `accumulate`, two more
-    inputs (out, lse of earlier parts, aliased to the outputs) start the online softmax."""
+    inputs (out, lse of earlier parts, aliased to the outputs) start the online softmax. With `packed_half` h, every
+    query row r is in the second half of a chunk of 2h rows and is stored at (r // 2h) * h + r % h."""
     o_ref, lse_ref = refs[-2:]
     q_index = q_index_ref[...]
     load_index = jnp.maximum(q_index, 0)  # padding rows (-1) read row 0 and store to the spare last row
@@ -140,7 +142,10 @@ def _gathered_forward_kernel(
     row_max, row_sum, acc = carry
     has_keys = row_sum > 0
     safe_sum = jnp.where(has_keys, row_sum, 1.0)
-    store_index = jnp.where(q_index >= 0, q_index, o_ref.shape[0] - 1)
+    if packed_half:
+        store_index = div(q_index, 2 * packed_half) * packed_half + rem(q_index, packed_half)
+    else:
+        store_index = jnp.where(q_index >= 0, q_index, o_ref.shape[0] - 1)
     o_ref[store_index, :] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
     lse_ref[store_index] = jnp.where(has_keys, (row_max + jnp.log2(safe_sum)) * LN_2, -jnp.inf)
 
@@ -157,6 +162,7 @@ def gathered_tiled_forward(
     tuning=None,
     interpret=False,
     accumulator=None,
+    packed_half=None,
 ):
     """Forward of `ops.tiled_attention` for one or many problems cut from the same unsorted q, k, v, gathering rows
     in the kernel and storing outputs at their rows.
@@ -175,10 +181,14 @@ def gathered_tiled_forward(
       accumulator: optional (out `[B, T, K, G, H]` float32, lse `[B, K, G, T]` float32) of attention over other
         keys: each row's result is merged into it in place (the kernel starts its online softmax from it), so a
         sum of parts never needs a copy per part. Needs every slot to hold a real row (no -1).
+      packed_half: optional h for problems whose query rows are exactly the second halves of the T / 2h chunks of
+        2h rows (a causal recursion level): the outputs then hold only those rows, packed in sequence order
+        (`[B, T / 2, ...]`, row r at (r // 2h) * h + r % h). Needs every slot to hold a real row.
 
     Returns:
       out `[B, T, K, G, H]` (q's dtype, or float32 when accumulating) and lse `[B, K, G, T]` float32, at the rows
-      named by query_index (rows no problem names are unspecified unless accumulating). No gradient rule.
+      named by query_index (rows no problem names are unspecified unless accumulating; T / 2 rows if packed). No
+      gradient rule.
     """
     tuning = TiledKernelConfig() if tuning is None else tuning
     b, t, kv_heads, g, h = q_rows.shape
@@ -186,8 +196,13 @@ def gathered_tiled_forward(
     pk = problems * kv_heads
     rows = min(tuning.block_q, bq)
     splits = bq // rows
-    padded_rows = accumulator is None and math.prod(query_index.shape) != b * kv_heads * g * t
-    t_out = t + 1 if padded_rows else t  # padding slots store to a spare last row
+    if packed_half is not None:
+        if accumulator is not None or t % (2 * packed_half) or math.prod(query_index.shape) * 2 != b * kv_heads * g * t:
+            raise ValueError("packed outputs need no accumulator and a query slot for every second-half row")
+        padded_rows, t_out = False, t // 2
+    else:
+        padded_rows = accumulator is None and math.prod(query_index.shape) != b * kv_heads * g * t
+        t_out = t + 1 if padded_rows else t  # padding slots store to a spare last row
 
     def batch_of(i):
         return rem(div(i, kv_heads), b)
@@ -220,6 +235,7 @@ def gathered_tiled_forward(
             scale=scale,
             rows=rows,
             accumulate=accumulator is not None,
+            packed_half=packed_half,
         ),
         # query chunks vary fastest: programs that run together share a problem's key blocks and samples in L2
         grid=(nb * splits, g, pk),
@@ -234,4 +250,4 @@ def gathered_tiled_forward(
         interpret=interpret,
         name="hyper_gathered_attention_fwd",
     )(*args)
-    return out[:, :t], lse[..., :t]
+    return (out[:, :t], lse[..., :t]) if padded_rows else (out, lse)

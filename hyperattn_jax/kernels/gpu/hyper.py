@@ -101,15 +101,15 @@ def _row_operands(k, v, plan, query_positions, key_positions, batch: int):
 
 
 def estimate_forward_rows(
-    q_rows, k, v, plan, query_positions, key_positions, *, scale, tuning, interpret, accumulator=None
+    q_rows, k, v, plan, query_positions, key_positions, *, scale, tuning, interpret, accumulator=None, packed_half=None
 ):
     """The estimator's forward for problems cut from public-layout q_rows `[B, T, K, G, H]`, k, v `[B, S, K, H]`.
 
     `plan` was made for problems `[P, K, G, T', H]` x `[P, K, S', H]` (P = c * B; problem p reads batch element
     p % B); `query_positions` `[P, K, G, T', 1]` and `key_positions` `[P, K, S', 1]` (see `row_positions`) say at
     which row of q_rows, k each of the problems' rows sits. Per-block key tiles are gathered in the kernel, shared
-    tiles (samples, global keys) here. Returns out `[B, T, K, G, H]` and lse `[B, K, G, T]` at the problems' rows, or
-    merged into `accumulator` (see `gathered_tiled_forward`).
+    tiles (samples, global keys) here. Returns out `[B, T, K, G, H]` and lse `[B, K, G, T]` at the problems' rows,
+    merged into `accumulator`, or packed (`packed_half`; see `gathered_tiled_forward`).
     """
     query_index, tiles, _, key_index = _row_operands(k, v, plan, query_positions, key_positions, q_rows.shape[0])
     return gathered_tiled_forward(
@@ -123,6 +123,7 @@ def estimate_forward_rows(
         tuning=tuning,
         interpret=interpret,
         accumulator=accumulator,
+        packed_half=packed_half,
     )
 
 
