@@ -84,11 +84,12 @@ def gpu_kernel_times(fn, args, runs=3, top=40):
     events = events["traceEvents"] if isinstance(events, dict) else events
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
-    total = collections.Counter()
+    total, launches = collections.Counter(), 0
     for event in events:
         if event.get("ph") == "X" and event.get("pid") in gpu:
             total[event["name"]] += event.get("dur", 0) / 1e3 / runs
-    return {"sum_ms": sum(total.values()), "kernels": dict(total.most_common(top))}
+            launches += 1
+    return {"sum_ms": sum(total.values()), "launches": launches / runs, "kernels": dict(total.most_common(top))}
 
 
 def main():
@@ -135,7 +136,10 @@ def main():
                 record["profile"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
             entry = record["profile"][name]
             print(name, {key_: round(value, 3) for key_, value in entry.get("kernels", {}).items()}, flush=True)
-            print(f"{name}: wall {entry.get('wall_ms', float('nan')):.3f} ms, kernels {entry.get('sum_ms', 0):.3f} ms")
+            print(
+                f"{name}: wall {entry.get('wall_ms', float('nan')):.3f} ms, kernels {entry.get('sum_ms', 0):.3f} ms,"
+                f" {entry.get('launches', 0):.0f} launches"
+            )
             save()
     if args.skip_sweep:
         return

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import hyperattn_jax as ha
-from hyperattn_jax.ops import gather_rows, sort_order, sort_rows, unsort_rows
+from hyperattn_jax.ops import gather_rows, sort_order, sort_orders, sort_rows, unsort_rows
 
 
 @pytest.mark.parametrize("num_bits", [1, 3, 7, 10])
@@ -34,6 +34,16 @@ def test_sort_order_is_the_stable_argsort(rng, num_ranks):
     np.testing.assert_array_equal(
         np.take_along_axis(np.asarray(order.perm), np.asarray(order.inverse), -1), np.tile(np.arange(40), (3, 1))
     )
+
+
+@pytest.mark.parametrize("key_length", [40, 24])  # one joint sort (equal lengths) or one sort each
+def test_joint_sort_orders_equal_separate_sorts(rng, key_length):
+    query_rank = jnp.asarray(rng.integers(0, 9, (2, 3, 4, 40)), jnp.int32)  # [B, K, G, T]: many ties
+    key_rank = jnp.asarray(rng.integers(0, 9, (2, 3, key_length)), jnp.int32)
+    for joint, rank in zip(sort_orders([query_rank, key_rank], 9), (query_rank, key_rank), strict=True):
+        separate = sort_order(rank, 9)
+        np.testing.assert_array_equal(joint.perm, separate.perm)
+        np.testing.assert_array_equal(joint.inverse, separate.inverse)
 
 
 def test_permutation_gather_gradient_is_a_gather_not_a_scatter(rng):

@@ -7,7 +7,7 @@ Compose them to build variants: `make_plan` draws the hash order and samples; `b
 
 from hyperattn_jax._layout import group_queries, heads_major, ungroup_lse, ungroup_output
 from hyperattn_jax.ops.causal import grouped_causal_attention
-from hyperattn_jax.ops.sorting import SortOrder, gather_rows, sort_order, sort_rows, unsort_rows
+from hyperattn_jax.ops.sorting import SortOrder, gather_rows, sort_order, sort_orders, sort_rows, unsort_rows
 from hyperattn_jax.ops.sortlsh import (
     SortLSHPlan,
     block_diagonal_attention,
@@ -46,6 +46,7 @@ __all__ = [
     "sampled_residual_attention",
     "sampled_residual_tile",
     "sort_order",
+    "sort_orders",
     "sort_rows",
     "tiled_attention",
     "unblock_query_layout",

@@ -38,6 +38,24 @@ def sort_order(rank, num_ranks: int) -> SortOrder:
     return SortOrder(perm, inverse_permutation(perm))
 
 
+def sort_orders(ranks, num_ranks: int) -> list[SortOrder]:
+    """`[sort_order(rank, num_ranks) for rank in ranks]`, as one sort where the arrays share their last axis length
+    (e.g. the queries and keys of a self-attention plan): one sort and one inverse scatter instead of one each per
+    array, fewer small kernels between the attention kernels."""
+    lengths = {rank.shape[-1] for rank in ranks}
+    if len(ranks) == 1 or len(lengths) > 1:
+        return [sort_order(rank, num_ranks) for rank in ranks]
+    (length,) = lengths
+    joint = sort_order(jnp.concatenate([rank.reshape(-1, length) for rank in ranks]), num_ranks)
+    orders, start = [], 0
+    for rank in ranks:
+        rows = rank.size // length
+        part = (x[start : start + rows].reshape(rank.shape) for x in joint)
+        orders.append(SortOrder(*part))
+        start += rows
+    return orders
+
+
 def inverse_permutation(perm):
     """inverse[..., perm[..., i]] = i, as one scatter with unique indices (cheaper than a second sort)."""
     batch_index = jnp.indices(perm.shape, sparse=True)[:-1]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.lsh import lsh_projections, lsh_rank
-from hyperattn_jax.ops.sorting import SortOrder, sort_order, sort_rows, unsort_rows
+from hyperattn_jax.ops.sorting import SortOrder, sort_orders, sort_rows, unsort_rows
 from hyperattn_jax.ops.tiles import KeyTile, merge_partials, tiled_attention
 
 
@@ -193,18 +193,17 @@ def make_plan(
     else:
         num_valid = jnp.clip(kv_length.astype(jnp.int32), 1, s)
     key_valid = jnp.broadcast_to((jnp.arange(s) < num_valid[:, None])[:, None], k.shape[:3])
-    query_order = sort_order(query_rank, config.num_buckets)
     uses_options = config.num_sink_keys or config.num_heavy_keys or config.needs_probe
     paper_sampling = config.sample_distribution == "uniform" and config.sample_scheme == "independent"
     if not uses_options and paper_sampling:
-        return _paper_plan(q, key_rank, key_valid, num_valid, query_order, sample_key, config, sample_index)
+        return _paper_plan(q, query_rank, key_rank, key_valid, num_valid, sample_key, config, sample_index)
 
     mass_key, sample_key = _option_keys(sample_key)
     is_global, num_global, mass = _global_key_mask(q, k, mass_key, config, scale, key_valid, probe)
     is_normal = key_valid & ~is_global
     # Global keys sort first (rank 0), then the hashed keys, then padding: blocks are cut from the middle part.
     key_rank = jnp.where(is_global, 0, jnp.where(key_valid, key_rank + 1, config.num_buckets + 1))
-    key_order = sort_order(key_rank, config.num_buckets + 2)
+    query_order, key_order = sort_orders([query_rank, key_rank], config.num_buckets + 2)
     num_block_keys = jnp.sum(is_normal, axis=-1, dtype=jnp.int32)
     num_blocks = max(1, -(-(s - num_global) // config.block_size))
     sample_log_weight = None
@@ -236,13 +235,13 @@ def make_plan(
     )
 
 
-def _paper_plan(q, key_rank, key_valid, num_valid, query_order, sample_key, config, sample_index) -> SortLSHPlan:
+def _paper_plan(q, query_rank, key_rank, key_valid, num_valid, sample_key, config, sample_index) -> SortLSHPlan:
     """The published plan: every key hashed into blocks, m uniform samples with replacement (weight S/m)."""
     batch, kv_heads, _, t, _ = q.shape
     s = key_rank.shape[-1]
     # Padding keys get a rank past every bucket, so they sort to the end and fill the last blocks.
     key_rank = jnp.where(key_valid, key_rank, config.num_buckets)
-    key_order = sort_order(key_rank, config.num_buckets + 1)
+    query_order, key_order = sort_orders([query_rank, key_rank], config.num_buckets + 1)
     num_blocks = -(-s // config.block_size)
     if sample_index is not None:
         sample_index = sample_index.astype(jnp.int32)

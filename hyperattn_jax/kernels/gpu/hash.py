@@ -1,10 +1,12 @@
-"""LSH ranks (`lsh.lsh_ranks`) as one Pallas Triton kernel on the public layout: int32 ranks out, no float32 scores.
+"""LSH ranks (`lsh.lsh_ranks`) as one Pallas Triton kernel on the public layout: small integer ranks out, no float32 scores.
 
 The jnp hash writes the float32 hyperplane scores `[B, T, N, P]` (P = 35 for the five causal levels of a 131k-token
 call: 0.6 GB per input) and reads them back, transposed, to form each level's bucket codes: about 2 ms of the causal
 forward on an H100. Here a program hashes `rows` positions of one head: the scores stay in registers, the sign bits
-of each level's hyperplanes become its code through a small matrix product with powers of two, and the Gray rank of
-each level is stored `[B, N, T]`, which is the grouped `[B, K, G, T]` layout the plans take (a free reshape).
+of every level's hyperplanes become the levels' codes through one small matrix product with powers of two, and their
+Gray ranks are stored as one `[rows, levels]` tile of `[B, N, T, levels]` (uint8 for codes of <= 8 bits); each
+level's `[B, N, T]` column is the grouped `[B, K, G, T]` layout the plans take (a free reshape). The tile form was the
+fastest of the variants tried (`experiments/results/hash_variants_h200.json`).
 
 Precision: x (bf16/fp16) times float32 hyperplanes is computed as two half-precision products against the hyperplanes
 split into a high and a low half-precision part (`lsh.split_hyperplanes`), accumulated in float32, exactly as the jnp
@@ -27,24 +29,23 @@ from hyperattn_jax.lsh import gray_rank, split_hyperplanes
 _ROWS = (128, 64, 32, 16)
 
 
-def _hash_kernel(x_ref, high_ref, low_ref, powers_ref, *refs, width: int, levels: int, scale: float | None):
-    """Ranks of `rows` positions of one head. With `scale` (keys with probe queries), refs start with the probes
-    `[R, H]` and end with the probes' max and exp-sum over these keys: the probe's first pass (`probe.py`), done
-    while the keys are loaded for the hash."""
+def _hash_kernel(x_ref, high_ref, low_ref, powers_ref, *refs, width: int, scale: float | None):
+    """Ranks of `rows` positions of one head, as a `[rows, levels]` tile. With `scale` (keys with probe queries),
+    refs start with the probes `[R, H]` and end with the probes' max and exp-sum over these keys: the probe's first
+    pass (`probe.py`), done while the keys are loaded for the hash."""
     x = x_ref[...]  # [rows, H]
-    rank_refs = refs[1 : 1 + levels] if scale is not None else refs
+    rank_ref = refs[1] if scale is not None else refs[0]
     if scale is not None:
         s = dot_t(refs[0][...], x) * scale  # [probes, rows]
         row_max = jnp.max(s, axis=1)
         refs[-2][...] = row_max
         refs[-1][...] = jnp.sum(jnp.exp(s - row_max[:, None]), axis=1)
-    scores = dot_t(high_ref[...], x) + dot_t(low_ref[...], x)  # [hyperplanes, rows]
-    bits = (scores > 0).astype(jnp.float32)
-    codes = dot(powers_ref[...], bits)  # [levels (padded), rows]: sums of distinct powers of two, exact
-    level_of_row = lax.broadcasted_iota(jnp.int32, codes.shape, 0)
-    for level, rank_ref in enumerate(rank_refs):
-        code = (jnp.sum(jnp.where(level_of_row == level, codes, 0.0), axis=0) + 0.5).astype(jnp.int32)
-        rank_ref[...] = gray_rank(code, width)
+    scores = dot(x, high_ref[...]) + dot(x, low_ref[...])  # [rows, hyperplanes]
+    bits = (scores > 0).astype(x.dtype)  # 0 / 1, exact in half precision
+    # [rows, levels (padded)]: each level's code as a sum of distinct powers of two below 2**width, exact in float32;
+    # the Gray ranks follow elementwise, so no per-level reductions or selections
+    codes = dot(bits, powers_ref[...])
+    rank_ref[...] = gray_rank((codes + 0.5).astype(jnp.int32), width).astype(rank_ref.dtype)
 
 
 def hash_rows(length: int, head_dim: int, dtype, width: int) -> int | None:
@@ -80,34 +81,36 @@ def lsh_ranks_pallas(
     padded_levels = next_power_of_two(levels, MIN_DOT)
     projections = jnp.concatenate([p.astype(jnp.float32) for p in projection_sets], axis=1)
     projections = jnp.pad(projections, [(0, 0), (0, padded_planes - planes)])
-    high, low = (part.T for part in split_hyperplanes(projections, x.dtype))  # [hyperplanes, H] each
-    # powers[l, l * width + j] = 2**j: level l's code from its hyperplanes' sign bits
+    high, low = split_hyperplanes(projections, x.dtype)  # [H, hyperplanes] each
+    # powers[l * width + j, l] = 2**j (exact in half precision): level l's code from its hyperplanes' sign bits
     plane = jnp.arange(padded_planes, dtype=jnp.int32)
     powers = jnp.where(
-        (plane[None, :] // width == jnp.arange(padded_levels)[:, None]) & (plane[None, :] < planes),
-        jnp.left_shift(1, plane % width).astype(jnp.float32)[None, :],  # exact powers of two (exp2 may round)
+        (plane[:, None] // width == jnp.arange(padded_levels)[None, :]) & (plane[:, None] < planes),
+        jnp.left_shift(1, plane % width).astype(jnp.float32)[:, None],  # exact powers of two (exp2 may round)
         0.0,
-    )
-    plane_spec = pl.BlockSpec((padded_planes, h), lambda c, j, i: (0, 0))
-    rank_spec = pl.BlockSpec((None, None, rows), lambda c, j, i: (i, j, c))
+    ).astype(x.dtype)
+    # Heads vary fastest over the grid: programs that run together read whole rows of x (all heads of a position).
+    plane_spec = pl.BlockSpec((h, padded_planes), lambda j, c, i: (0, 0))
+    rank_dtype = jnp.uint8 if width <= 8 else jnp.int32
     in_specs = [
-        pl.BlockSpec((None, rows, None, h), lambda c, j, i: (i, c, j, 0)),
+        pl.BlockSpec((None, rows, None, h), lambda j, c, i: (i, c, j, 0)),
         plane_spec,
         plane_spec,
-        pl.BlockSpec((padded_levels, padded_planes), lambda c, j, i: (0, 0)),
+        pl.BlockSpec((padded_planes, padded_levels), lambda j, c, i: (0, 0)),
     ]
-    out_specs, out_shape, args = [rank_spec] * levels, [jax.ShapeDtypeStruct((b, n, t), jnp.int32)] * levels, []
+    out_specs = [pl.BlockSpec((None, None, rows, padded_levels), lambda j, c, i: (i, j, c, 0))]
+    out_shape, args = [jax.ShapeDtypeStruct((b, n, t, padded_levels), rank_dtype)], []
     if probes is not None:
         num_probes = probes.shape[2]
         padded = next_power_of_two(num_probes, MIN_DOT)
         args = [jnp.pad(lax.stop_gradient(probes), [(0, 0), (0, 0), (0, padded - num_probes), (0, 0)])]
-        in_specs.append(pl.BlockSpec((None, None, padded, h), lambda c, j, i: (i, j, 0, 0)))
-        stat_spec = pl.BlockSpec((None, None, None, padded), lambda c, j, i: (i, j, c, 0))
+        in_specs.append(pl.BlockSpec((None, None, padded, h), lambda j, c, i: (i, j, 0, 0)))
+        stat_spec = pl.BlockSpec((None, None, None, padded), lambda j, c, i: (i, j, c, 0))
         out_specs += [stat_spec, stat_spec]
         out_shape += [jax.ShapeDtypeStruct((b, n, t // rows, padded), jnp.float32)] * 2
     outputs = pl.pallas_call(
-        functools.partial(_hash_kernel, width=width, levels=levels, scale=None if probes is None else float(scale)),
-        grid=(t // rows, n, b),
+        functools.partial(_hash_kernel, width=width, scale=None if probes is None else float(scale)),
+        grid=(n, t // rows, b),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -115,6 +118,8 @@ def lsh_ranks_pallas(
         interpret=interpret,
         name="hyper_lsh_hash",
     )(x, high, low, powers, *args)
+    # one int32 rank array per level (XLA fuses the column slices into their consumers)
+    ranks = [outputs[0][..., level].astype(jnp.int32) for level in range(levels)]
     if probes is None:
-        return list(outputs)
-    return list(outputs[:levels]), probe_lse(outputs[levels], outputs[levels + 1])[..., :num_probes]
+        return ranks
+    return ranks, probe_lse(outputs[1], outputs[2])[..., :num_probes]
