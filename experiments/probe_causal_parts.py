@@ -83,15 +83,17 @@ def main():
 
     projection_sets = [lsh_projections(key, HEAD_DIM, 7) for key in jax.random.split(jax.random.key(1), 5)]
     hashes = {}
-    for rows in (128, 256, 512, 1024):
-        for warps in (4, 8):
-            hash_fn = functools.partial(lsh_ranks_pallas, projection_sets=projection_sets, rows=rows, num_warps=warps)
-            fn = jax.jit(hash_fn)
+    for chunks in (1, 2, 4, 8, 16):
+        for rows, warps in ((128, 4), (64, 4)):
+            name = f"rows{rows}_chunks{chunks}_warps{warps}"
+            hash_fn = functools.partial(
+                lsh_ranks_pallas, projection_sets=projection_sets, rows=rows, chunks=chunks, num_warps=warps
+            )
             try:
-                hashes[f"rows{rows}_warps{warps}"] = median_ms(fn, q)
+                hashes[name] = median_ms(jax.jit(hash_fn), q)
             except Exception as error:
-                hashes[f"rows{rows}_warps{warps}"] = f"{type(error).__name__}: {str(error)[:200]}"
-            print(rows, warps, hashes[f"rows{rows}_warps{warps}"], flush=True)
+                hashes[name] = f"{type(error).__name__}: {str(error)[:200]}"
+            print(name, hashes[name], flush=True)
     result["hash_ms"] = hashes
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

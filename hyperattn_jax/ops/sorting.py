@@ -26,32 +26,37 @@ def sort_order(rank, num_ranks: int) -> SortOrder:
     one int32 (the position breaks ties and is recovered as the permutation), or a stable argsort where that would
     not fit in int32.
     """
+    perm = _sort_permutation(rank, num_ranks)
+    return SortOrder(perm, inverse_permutation(perm))
+
+
+def _sort_permutation(rank, num_ranks: int):
     length = rank.shape[-1]
     axis = rank.ndim - 1
     position = jax.lax.broadcasted_iota(jnp.int32, rank.shape, axis)
     if num_ranks <= 256:
         _, perm = jax.lax.sort((rank.astype(jnp.uint8), position), dimension=axis, is_stable=True, num_keys=1)
-    elif num_ranks * length <= _INT32_MAX:
-        perm = jax.lax.sort(rank.astype(jnp.int32) * length + position, dimension=axis) % length
-    else:
-        perm = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
-    return SortOrder(perm, inverse_permutation(perm))
+        return perm
+    if num_ranks * length <= _INT32_MAX:
+        return jax.lax.sort(rank.astype(jnp.int32) * length + position, dimension=axis) % length
+    return jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
 
 
 def sort_orders(ranks, num_ranks: int) -> list[SortOrder]:
     """`[sort_order(rank, num_ranks) for rank in ranks]`, as one sort where the arrays share their last axis length
-    (e.g. the queries and keys of a self-attention plan): one sort and one inverse scatter instead of one each per
-    array, fewer small kernels between the attention kernels."""
+    (e.g. the queries and keys of a self-attention plan): fewer small kernels between the attention kernels. Each
+    array keeps its own inverse scatter, so XLA drops the ones a caller never reads (the fused forward reads only the
+    keys')."""
     lengths = {rank.shape[-1] for rank in ranks}
     if len(ranks) == 1 or len(lengths) > 1:
         return [sort_order(rank, num_ranks) for rank in ranks]
     (length,) = lengths
-    joint = sort_order(jnp.concatenate([rank.reshape(-1, length) for rank in ranks]), num_ranks)
+    joint = _sort_permutation(jnp.concatenate([rank.reshape(-1, length) for rank in ranks]), num_ranks)
     orders, start = [], 0
     for rank in ranks:
         rows = rank.size // length
-        part = (x[start : start + rows].reshape(rank.shape) for x in joint)
-        orders.append(SortOrder(*part))
+        perm = joint[start : start + rows].reshape(rank.shape)
+        orders.append(SortOrder(perm, inverse_permutation(perm)))
         start += rows
     return orders
 
