@@ -4,7 +4,7 @@ The tiled kernel (`tiled_attention.py`) reads queries and key blocks already gat
 outputs in sorted order, so XLA has to copy q, k, v into that order and the output back (about 1.5 ms of 6.5 ms at
 131k tokens, H100). Here each program loads its queries `q[query_index]` and its key block `k[key_index]` straight
 from the unsorted arrays, in the public `[B, T, N, H]` layout (no transposed copies either), and stores
-`out[query_index]`, `lse[query_index]` in place, optionally merging into an accumulator of earlier attention parts.
+`out[query_index]`, `lse[query_index]` (or packed, for a causal recursion level: `packed_half`).
 Tiles shared by all query blocks (samples, global keys) are small and stay pre-gathered.
 
 The row indices come from the ops layout functions applied to a position array, so whatever order and padding `ops`
@@ -97,33 +97,20 @@ def _gathered_forward_kernel(
     block_k: int,
     scale: float,
     rows: int,
-    accumulate: bool,
     packed_half: int | None,
 ):
-    """kinds[i] is "indexed" (refs: key index, k, v, w) or "gathered" (refs: k, v, w). With `accumulate`, two more
-    inputs (out, lse of earlier parts, aliased to the outputs) start the online softmax. With `packed_half` h, every
+    """kinds[i] is "indexed" (refs: key index, k, v, w) or "gathered" (refs: k, v, w). With `packed_half` h, every
     query row r is in the second half of a chunk of 2h rows and is stored at (r // 2h) * h + r % h."""
     o_ref, lse_ref = refs[-2:]
     q_index = q_index_ref[...]
     load_index = jnp.maximum(q_index, 0)  # padding rows (-1) read row 0 and store to the spare last row
     q = q_ref[load_index, :]
     qk_scale = scale * LOG2_E
-    if accumulate:
-        # An attention part with lse L and output O is the online-softmax state (max L, sum 1, acc O), base 2 here.
-        o_in_ref, lse_in_ref = refs[-4:-2]
-        earlier = lse_in_ref[load_index]
-        seen = earlier > -jnp.inf
-        carry = (
-            jnp.where(seen, earlier * LOG2_E, NEG_START),
-            seen.astype(jnp.float32),
-            jnp.where(seen[:, None], o_in_ref[load_index, :].astype(jnp.float32), 0.0),
-        )
-    else:
-        carry = (
-            jnp.full((rows,), NEG_START, jnp.float32),
-            jnp.zeros((rows,), jnp.float32),
-            jnp.zeros((rows, q.shape[1]), jnp.float32),
-        )
+    carry = (
+        jnp.full((rows,), NEG_START, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows, q.shape[1]), jnp.float32),
+    )
     for load_keys, w_ref, length in tile_loaders(kinds, lengths, refs):
         chunk = min(block_k, length)
 
@@ -161,7 +148,6 @@ def gathered_tiled_forward(
     scale,
     tuning=None,
     interpret=False,
-    accumulator=None,
     packed_half=None,
 ):
     """Forward of `ops.tiled_attention` for one or many problems cut from the same unsorted q, k, v, gathering rows
@@ -178,17 +164,13 @@ def gathered_tiled_forward(
         given: shared tiles, pre-gathered) or int32 `[P, K, nb, t]` rows of k, v (positions along S) of per-block
         tile i (t a power of two; -1 = padding, whose log-weight must be -inf; tile i's k, v are then unused).
       scale: softmax scale.
-      accumulator: optional (out `[B, T, K, G, H]` float32, lse `[B, K, G, T]` float32) of attention over other
-        keys: each row's result is merged into it in place (the kernel starts its online softmax from it), so a
-        sum of parts never needs a copy per part. Needs every slot to hold a real row (no -1).
       packed_half: optional h for problems whose query rows are exactly the second halves of the T / 2h chunks of
         2h rows (a causal recursion level): the outputs then hold only those rows, packed in sequence order
         (`[B, T / 2, ...]`, row r at (r // 2h) * h + r % h). Needs every slot to hold a real row.
 
     Returns:
-      out `[B, T, K, G, H]` (q's dtype, or float32 when accumulating) and lse `[B, K, G, T]` float32, at the rows
-      named by query_index (rows no problem names are unspecified unless accumulating; T / 2 rows if packed). No
-      gradient rule.
+      out `[B, T, K, G, H]` (q's dtype) and lse `[B, K, G, T]` float32, at the rows named by query_index (rows no
+      problem names are unspecified; T / 2 rows if packed). No gradient rule.
     """
     tuning = TiledKernelConfig() if tuning is None else tuning
     b, t, kv_heads, g, h = q_rows.shape
@@ -197,11 +179,11 @@ def gathered_tiled_forward(
     rows = min(tuning.block_q, bq)
     splits = bq // rows
     if packed_half is not None:
-        if accumulator is not None or t % (2 * packed_half) or math.prod(query_index.shape) * 2 != b * kv_heads * g * t:
-            raise ValueError("packed outputs need no accumulator and a query slot for every second-half row")
+        if t % (2 * packed_half) or math.prod(query_index.shape) * 2 != b * kv_heads * g * t:
+            raise ValueError("packed outputs need a query slot for every second-half row")
         padded_rows, t_out = False, t // 2
     else:
-        padded_rows = accumulator is None and math.prod(query_index.shape) != b * kv_heads * g * t
+        padded_rows = math.prod(query_index.shape) != b * kv_heads * g * t
         t_out = t + 1 if padded_rows else t  # padding slots store to a spare last row
 
     def batch_of(i):
@@ -218,14 +200,6 @@ def gathered_tiled_forward(
     args = [query_index.reshape(pk, g, nb * bq), q_rows, *tile_args]
     o_spec = pl.BlockSpec((None, t_out, None, None, h), lambda c, j, i: (batch_of(i), 0, head_of(i), j, 0))
     lse_spec = pl.BlockSpec((None, None, None, t_out), lambda c, j, i: (batch_of(i), head_of(i), j, 0))
-    aliases = {}
-    if accumulator is not None:
-        if padded_rows or math.prod(query_index.shape) % (nb * bq):
-            raise ValueError("accumulating needs every query slot to hold a real row")
-        aliases = {len(args): 0, len(args) + 1: 1}
-        in_specs += [o_spec, lse_spec]
-        args += [accumulator[0].astype(jnp.float32), accumulator[1].astype(jnp.float32)]
-    out_dtype = jnp.float32 if accumulator is not None else q_rows.dtype
     out, lse = pl.pallas_call(
         functools.partial(
             _gathered_forward_kernel,
@@ -234,7 +208,6 @@ def gathered_tiled_forward(
             block_k=tuning.block_k,
             scale=scale,
             rows=rows,
-            accumulate=accumulator is not None,
             packed_half=packed_half,
         ),
         # query chunks vary fastest: programs that run together share a problem's key blocks and samples in L2
@@ -242,10 +215,9 @@ def gathered_tiled_forward(
         in_specs=in_specs,
         out_specs=[o_spec, lse_spec],
         out_shape=[
-            jax.ShapeDtypeStruct((b, t_out, kv_heads, g, h), out_dtype),
+            jax.ShapeDtypeStruct((b, t_out, kv_heads, g, h), q_rows.dtype),
             jax.ShapeDtypeStruct((b, kv_heads, g, t_out), jnp.float32),
         ],
-        input_output_aliases=aliases,
         compiler_params=triton_params(tuning.num_warps, tuning.num_stages),
         interpret=interpret,
         name="hyper_gathered_attention_fwd",
