@@ -99,43 +99,30 @@ def _causal(q, k, v, key, hash_key, static):
     return _causal_fwd(q, k, v, key, hash_key, static)[0]
 
 
-def _second_halves(x, level: int, fill):
-    """x `[B, T/2, ...]` (the packed second halves of the 2**level chunks along axis 1) on all T rows, the first
-    halves `fill`: a reshape and a concatenation with a constant, which XLA fuses into the merge that reads it."""
+def _unpack_second_halves(out, lse, level: int):
+    """A level's packed part (out `[B, T/2, K, G, H]`, lse `[B, K, G, T/2]`: the second halves of its 2**level
+    chunks) on all T rows, the first halves empty (zero output, lse -inf). Reshapes and a concatenation with
+    constants, which XLA fuses into the merge that reads them."""
     chunks = 2**level
-    b, half_rows = x.shape[:2]
-    x = x.reshape(b, chunks, 1, half_rows // chunks, *x.shape[2:])
-    x = jnp.concatenate([jnp.full_like(x, fill), x], axis=2)
-    return x.reshape(b, 2 * half_rows, *x.shape[4:])
+    b, half_rows = out.shape[:2]
+    half = half_rows // chunks
+    out = out.reshape(b, chunks, 1, half, *out.shape[2:])
+    out = jnp.concatenate([jnp.zeros_like(out), out], axis=2).reshape(b, 2 * half_rows, *out.shape[4:])
+    lse = lse.reshape(*lse.shape[:-1], chunks, 1, half)
+    lse = jnp.concatenate([jnp.full_like(lse, -jnp.inf), lse], axis=-2).reshape(*lse.shape[:-3], 2 * half_rows)
+    return out, lse
 
 
-def _packed(x, level: int):
-    """The inverse of `_second_halves`: rows `[B, T, ...]` -> the second halves of the 2**level chunks, packed."""
-    b, t = x.shape[:2]
-    chunks = 2**level
-    return x.reshape(b, chunks, 2, t // chunks // 2, *x.shape[2:])[:, :, 1].reshape(b, t // 2, *x.shape[2:])
-
-
-def _merge_parts(base, levels, dtype):
-    """One merge by lse of the base case (out `[B, T, K, G, H]`, lse `[B, K, G, T]`) and the packed levels (out
-    `[B, T/2, K, G, H]`, lse `[B, K, G, T/2]`, level l's rows the second halves of its 2**l chunks), cast once.
-
-    The per-row weights e^{lse_part - lse} are formed first, on `[B, T, K, G]`, and kept out of the output's fusion:
-    fused, XLA recomputes each exponential for every one of the H output elements of a row, which made the merge
-    bound by the exponential unit rather than memory. The base case has a finite lse on every row (each query
-    attends to itself), so the running max is finite."""
-    base_out, base_lse = base
-    base_lse = jnp.moveaxis(base_lse, 3, 1)  # [B, T, K, G]: rows second, as in out
-    level_lse = [jnp.moveaxis(lse, 3, 1) for _, lse in levels]
-    full_lse = [base_lse] + [_second_halves(lse, level, -jnp.inf) for level, lse in enumerate(level_lse)]
-    row_max = functools.reduce(jnp.maximum, full_lse)
-    lse = row_max + jnp.log(sum(jnp.exp(part - row_max) for part in full_lse))
-    weights = [jnp.exp(base_lse - lse)] + [jnp.exp(part - _packed(lse, level)) for level, part in enumerate(level_lse)]
-    weights = jax.lax.optimization_barrier(weights)
-    out = weights[0][..., None] * base_out.astype(jnp.float32)
-    for level, ((level_out, _), weight) in enumerate(zip(levels, weights[1:], strict=True)):
-        out = out + _second_halves(weight[..., None] * level_out.astype(jnp.float32), level, 0.0)
-    return out.astype(dtype), jnp.moveaxis(lse, 1, 3)
+def _merge_parts(parts, dtype):
+    """One merge of every part (out `[B, T, K, G, H]`, lse `[B, K, G, T]`) by lse, in float32, cast once. The
+    first part (the base case) has a finite lse on every row: the running max never stays -inf."""
+    row_max = functools.reduce(jnp.maximum, [lse for _, lse in parts])
+    lse = row_max + jnp.log(sum(jnp.exp(part_lse - row_max) for _, part_lse in parts))
+    out = sum(
+        jnp.moveaxis(jnp.exp(part_lse - lse), 3, 1)[..., None] * part_out.astype(jnp.float32)
+        for part_out, part_lse in parts
+    )
+    return out.astype(dtype), lse
 
 
 def _base_case_forward(q, k, v, *, scale, segment, flash_tuning, interpret):
@@ -158,8 +145,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    base = _base_case_forward(q, k, v, scale=scale, segment=segment, flash_tuning=flash_tuning, interpret=interpret)
-    levels = []
+    parts = [_base_case_forward(q, k, v, scale=scale, segment=segment, flash_tuning=flash_tuning, interpret=interpret)]
     q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the jnp probe where the probe kernels do not fit)
     query_positions, key_positions = row_positions((*q5.shape[:-1], 1)), row_positions((*k4.shape[:-1], 1))
     level_keys, level_key = [], key
@@ -199,9 +185,9 @@ def _causal_fwd(q, k, v, key, hash_key, static):
             interpret=interpret,
             packed_half=t // 2 ** (level + 1),
         )
-        levels.append(part)
+        parts.append(_unpack_second_halves(*part, level))
         plans.append(plan)
-    out, lse = _merge_parts(base, levels, q.dtype)
+    out, lse = _merge_parts(parts, q.dtype)
     out = out.reshape(q.shape)
     return (out, lse), (q, k, v, out, lse, plans)
 
