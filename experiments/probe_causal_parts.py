@@ -5,8 +5,11 @@ Hardware: one NVIDIA H200 (the project's lent GPU), jax 0.11.2; ~1 min.
 1. The exact base case of a causal call at --n (segments of --segment, B=1, N=32, H=64, bf16): our flash kernel
    (`flash_forward_rows`, float32 and bf16 output) against cuDNN through jax's internal entry point with the lse
    (`cudnn_segment_forward`); checks that both give the same output and natural-log lse before timing.
-2. The LSH hash kernel over --n positions with the five levels' hyperplanes, for several rows per program and warps.
-Writes JSON (device, jax version, date, every timing and check).
+2. The LSH hash kernel over --n positions with the five levels' hyperplanes, for several rows per step and steps
+   (chunks) per program.
+Writes JSON (device, jax version, date, every timing and check). Expected result (2026-12-01, H200, n = 131072):
+cuDNN ~5.7 ms against ~6.9 ms (bf16 out) / ~7.1 ms (float32 out) for the flash kernel, lse within ~2e-6; the hash
+~0.50 ms with 8 chunks of 128 rows per program against ~0.57 ms with one (wall clock, dispatch included).
 """
 
 from __future__ import annotations

@@ -167,6 +167,15 @@ def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options
         assert _relative(a, b) < 2e-2, _relative(a, b)
 
 
+def test_cudnn_base_case_defers_to_the_flash_kernel_off_gpu(rng):
+    # On CPU (and in interpret mode) the causal base case must not reach cuDNN: it returns None and the caller runs
+    # our flash kernel; on the GPU the benchmark's device check covers the cuDNN path against the xla path.
+    from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
+
+    q, k, v = random_qkv(rng, b=1, t=64, n=2, h=16, dtype=jnp.bfloat16)
+    assert cudnn_segment_forward(q, k, v, scale=0.25, segment=32) is None
+
+
 def test_default_implementation_is_xla_off_gpu_and_for_float32(rng):
     cfg = ha.HyperAttentionConfig(block_size=32, sample_size=16, min_seq_len=0)
     q, k, v = random_qkv(rng, b=1, t=64, n=2, h=16)
