@@ -2,11 +2,11 @@
 
 The jnp hash writes the float32 hyperplane scores `[B, T, N, P]` (P = 35 for the five causal levels of a 131k-token
 call: 0.6 GB per input) and reads them back, transposed, to form each level's bucket codes: about 2 ms of the causal
-forward on an H100. Here a program hashes `rows` positions of one head: the scores stay in registers, the sign bits
-of every level's hyperplanes become the levels' codes through one small matrix product with powers of two, and their
-Gray ranks are stored as one `[rows, levels]` tile of `[B, N, T, levels]` (uint8 for codes of <= 8 bits); each
-level's `[B, N, T]` column is the grouped `[B, K, G, T]` layout the plans take (a free reshape). The tile form was the
-fastest of the variants tried (`experiments/results/hash_variants_h200.json`).
+forward on an H100. Here a program hashes runs of `rows` positions of one head in a loop: the scores stay in
+registers, the sign bits of every level's hyperplanes become the levels' codes through one small matrix product with
+powers of two, and their Gray ranks are stored as one `[rows, levels]` tile of `[B, N, T, levels]` (uint8 for codes
+of <= 8 bits); each level's `[B, N, T]` column is the grouped `[B, K, G, T]` layout the plans take (a free reshape).
+The tile form was the fastest of the variants tried (`experiments/results/hash_variants_h200.json`).
 
 Precision: x (bf16/fp16) times float32 hyperplanes is computed as two half-precision products against the hyperplanes
 split into a high and a low half-precision part (`lsh.split_hyperplanes`), accumulated in float32, exactly as the jnp
@@ -58,7 +58,7 @@ def _hash_kernel(x_ref, high_ref, low_ref, powers_ref, *refs, rows: int, width: 
 
 
 def hash_rows(length: int, head_dim: int, dtype, width: int) -> int | None:
-    """Positions per program for a sequence of `length`, or None where the kernel does not take the shape (codes of
+    """Positions per step for a sequence of `length`, or None where the kernel does not take the shape (codes of
     more than 20 hyperplanes would not sum exactly in the float32 code product)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or width > 20:
         return None
