@@ -18,11 +18,10 @@ import argparse
 import datetime
 import functools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from profile_single_layer import median_ms  # experiments/ is on the path when run as a script
 
 from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_forward_rows
@@ -30,17 +29,6 @@ from hyperattn_jax.kernels.gpu.hash import lsh_ranks_pallas
 from hyperattn_jax.lsh import lsh_projections
 
 HEADS, HEAD_DIM = 32, 64
-
-
-def median_ms(fn, *args, reps=30):
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main():
@@ -79,9 +67,9 @@ def main():
             "max_abs_out_diff": float(out_error),
             "max_abs_lse_diff": float(jnp.max(jnp.abs(got[1].reshape(reference[1].shape) - reference[1]))),
         }
-        result["cudnn_ms"] = median_ms(cudnn, q, k, v)
-    result["flash_f32_ms"] = median_ms(flash(jnp.float32), q_rows, k, v)
-    result["flash_bf16_ms"] = median_ms(flash(jnp.bfloat16), q_rows, k, v)
+        result["cudnn_ms"] = median_ms(cudnn, (q, k, v), reps=30)
+    result["flash_f32_ms"] = median_ms(flash(jnp.float32), (q_rows, k, v), reps=30)
+    result["flash_bf16_ms"] = median_ms(flash(jnp.bfloat16), (q_rows, k, v), reps=30)
     print(result, flush=True)
 
     projection_sets = [lsh_projections(key, HEAD_DIM, 7) for key in jax.random.split(jax.random.key(1), 5)]
@@ -93,7 +81,7 @@ def main():
                 lsh_ranks_pallas, projection_sets=projection_sets, rows=rows, chunks=chunks, num_warps=warps
             )
             try:
-                hashes[name] = median_ms(jax.jit(hash_fn), q)
+                hashes[name] = median_ms(jax.jit(hash_fn), (q,), reps=30)
             except Exception as error:
                 hashes[name] = f"{type(error).__name__}: {str(error)[:200]}"
             print(name, hashes[name], flush=True)

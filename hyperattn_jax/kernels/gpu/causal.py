@@ -125,16 +125,15 @@ def _merge_parts(parts, dtype):
     return out.astype(dtype), lse
 
 
-def _base_case_forward(q, k, v, *, scale, segment, flash_tuning, interpret):
-    """out `[B, T, K, G, H]` (q's dtype), lse `[B, K, G, T]` of causal attention within every segment: cuDNN's flash
-    forward where it runs (faster on Hopper: probe_causal_parts_h200.json), else our flash kernel."""
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+def _base_case_forward(q, q_rows, k, v, *, scale, segment, flash_tuning, interpret):
+    """out `[B, T, K, G, H]` (q's dtype), lse `[B, K, G, T]` of causal attention within every segment (q public,
+    q_rows its `[B, T, K, G, H]` view): cuDNN's flash forward where it runs (faster on Hopper:
+    probe_causal_parts_h200.json), else our flash kernel."""
     cudnn = None if interpret else cudnn_segment_forward(q, k, v, scale=scale, segment=segment)
     if cudnn is not None:
         out, lse = cudnn
-        return out.reshape(b, t, kv_heads, n // kv_heads, h), lse.reshape(b, kv_heads, n // kv_heads, t)
-    q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
+        b, t, kv_heads, g, _ = q_rows.shape
+        return out.reshape(q_rows.shape), lse.reshape(b, kv_heads, g, t)
     return flash_forward_rows(
         q_rows, k, v, scale=scale, segment=segment, tuning=flash_tuning, out_dtype=q.dtype, interpret=interpret
     )
@@ -145,7 +144,11 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    parts = [_base_case_forward(q, k, v, scale=scale, segment=segment, flash_tuning=flash_tuning, interpret=interpret)]
+    parts = [
+        _base_case_forward(
+            q, q_rows, k, v, scale=scale, segment=segment, flash_tuning=flash_tuning, interpret=interpret
+        )
+    ]
     q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the jnp probe where the probe kernels do not fit)
     query_positions, key_positions = row_positions((*q5.shape[:-1], 1)), row_positions((*k4.shape[:-1], 1))
     level_keys, level_key = [], key

@@ -11,6 +11,7 @@ rejects the shape while tracing. The backward never uses it: our flash kernels t
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -19,7 +20,9 @@ import jax.numpy as jnp
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+@functools.cache
 def _cudnn_module():
+    """The internal module with a `dot_product_attention` that can return the float32 lse, or None (looked up once)."""
     try:
         from jax._src.cudnn import fused_attention_stablehlo
     except ImportError:
