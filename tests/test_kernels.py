@@ -336,3 +336,23 @@ def test_hash_kernel_matches_lsh_ranks(rng):
     scores = jnp.einsum("bnrh,btnh->bnrt", probes.astype(jnp.float32), x.astype(jnp.float32)) * 0.3
     np.testing.assert_allclose(lse, jax.nn.logsumexp(scores, axis=-1), rtol=1e-5)
     assert all(bool(jnp.all(a == b)) for a, b in zip(ranks, got, strict=True))
+
+
+def test_causal_recursion_half_precision_error_within_twice_the_twins(rng):
+    # The levels merge into the base case's bf16 output in place (one rounding per level): the recursion's error
+    # against the float32 oracle (the xla path on the same values, same key: the same plans) stays within twice
+    # the bf16 twin's (the xla path in bf16).
+    cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=32)
+    q, k, v = random_qkv(rng, b=2, t=256, n=2, kv=1, h=16, dtype=jnp.bfloat16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+
+    def run(implementation, dtype):
+        q_, k_, v_ = (x.astype(dtype) for x in (q, k, v))
+        return ha.hyper_attention(
+            q_, k_, v_, key=key, config=cfg, causal=True, return_lse=True, implementation=implementation
+        )
+
+    oracle, twin, ours = run("xla", jnp.float32), run("xla", jnp.bfloat16), run("pallas_triton", jnp.bfloat16)
+    for a, b, ref in zip(ours, twin, oracle, strict=True):
+        our_error, twin_error = _relative(a, ref), _relative(b, ref)
+        assert our_error <= 2 * twin_error + 1e-6, (our_error, twin_error)

@@ -8,9 +8,8 @@ on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`):
   default config's column-mass probe from two kernels per level that read k in place;
 - each level's lower-left problems (second-half queries of every chunk over its first-half keys) are planned on
   strided views, in the batch order the ops recursion stacks them (chunk index bit-reversed), and ONE kernel launch
-  per level reads their rows straight from q, k, v by index and stores its output packed (only the level's T/2
-  rows): no copy of q, k, v per level;
-- one fusion merges the base case and every level by lse and casts (`_merge_parts`).
+  per level reads their rows straight from q, k, v by index and merges its part by lse into the running out and lse
+  at its T/2 rows, in place: no copy of q, k, v per level, no array per part, no separate merge pass.
 Backward: every part's backward kernels run with the FINAL lse and delta (see `fused_tiled_attention_backward`), so no
 part keeps its own output and nothing is differentiated through the merge. The base case's kernels write float32
 gradient accumulators on the public layout; each level's kernels read q, dO, k, v rows by index and add their dq, dk,
@@ -99,32 +98,6 @@ def _causal(q, k, v, key, hash_key, static):
     return _causal_fwd(q, k, v, key, hash_key, static)[0]
 
 
-def _unpack_second_halves(out, lse, level: int):
-    """A level's packed part (out `[B, T/2, K, G, H]`, lse `[B, K, G, T/2]`: the second halves of its 2**level
-    chunks) on all T rows, the first halves empty (zero output, lse -inf). Reshapes and a concatenation with
-    constants, which XLA fuses into the merge that reads them."""
-    chunks = 2**level
-    b, half_rows = out.shape[:2]
-    half = half_rows // chunks
-    out = out.reshape(b, chunks, 1, half, *out.shape[2:])
-    out = jnp.concatenate([jnp.zeros_like(out), out], axis=2).reshape(b, 2 * half_rows, *out.shape[4:])
-    lse = lse.reshape(*lse.shape[:-1], chunks, 1, half)
-    lse = jnp.concatenate([jnp.full_like(lse, -jnp.inf), lse], axis=-2).reshape(*lse.shape[:-3], 2 * half_rows)
-    return out, lse
-
-
-def _merge_parts(parts, dtype):
-    """One merge of every part (out `[B, T, K, G, H]`, lse `[B, K, G, T]`) by lse, in float32, cast once. The
-    first part (the base case) has a finite lse on every row: the running max never stays -inf."""
-    row_max = functools.reduce(jnp.maximum, [lse for _, lse in parts])
-    lse = row_max + jnp.log(sum(jnp.exp(part_lse - row_max) for _, part_lse in parts))
-    out = sum(
-        jnp.moveaxis(jnp.exp(part_lse - lse), 3, 1)[..., None] * part_out.astype(jnp.float32)
-        for part_out, part_lse in parts
-    )
-    return out.astype(dtype), lse
-
-
 def _base_case_forward(q, q_rows, k, v, *, scale, segment, flash_tuning, interpret):
     """out `[B, T, K, G, H]` (q's dtype), lse `[B, K, G, T]` of causal attention within every segment (q public,
     q_rows its `[B, T, K, G, H]` view): cuDNN's flash forward where it runs (faster on Hopper:
@@ -144,11 +117,9 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    parts = [
-        _base_case_forward(
-            q, q_rows, k, v, scale=scale, segment=segment, flash_tuning=flash_tuning, interpret=interpret
-        )
-    ]
+    out, lse = _base_case_forward(
+        q, q_rows, k, v, scale=scale, segment=segment, flash_tuning=flash_tuning, interpret=interpret
+    )
     q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the jnp probe where the probe kernels do not fit)
     query_positions, key_positions = row_positions((*q5.shape[:-1], 1)), row_positions((*k4.shape[:-1], 1))
     level_keys, level_key = [], key
@@ -176,7 +147,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
         plan = make_plan(
             ql, kl, key=level_key, config=config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks, probe=probe
         )
-        part = estimate_forward_rows(
+        out, lse = estimate_forward_rows(
             q_rows,
             k,
             v,
@@ -186,11 +157,9 @@ def _causal_fwd(q, k, v, key, hash_key, static):
             scale=scale,
             tuning=tuning,
             interpret=interpret,
-            packed_half=t // 2 ** (level + 1),
+            merge_into=(out, lse),
         )
-        parts.append(_unpack_second_halves(*part, level))
         plans.append(plan)
-    out, lse = _merge_parts(parts, q.dtype)
     out = out.reshape(q.shape)
     return (out, lse), (q, k, v, out, lse, plans)
 

@@ -4,7 +4,8 @@ The tiled kernel (`tiled_attention.py`) reads queries and key blocks already gat
 outputs in sorted order, so XLA has to copy q, k, v into that order and the output back (about 1.5 ms of 6.5 ms at
 131k tokens, H100). Here each program loads its queries `q[query_index]` and its key block `k[key_index]` straight
 from the unsorted arrays, in the public `[B, T, N, H]` layout (no transposed copies either), and stores
-`out[query_index]`, `lse[query_index]` (or packed, for a causal recursion level: `packed_half`).
+`out[query_index]`, `lse[query_index]`, or merges its part by lse into a partial result already at those rows
+(`merge_into`, a causal recursion level: its T/2 rows on top of the base case and the levels before it).
 Tiles shared by all query blocks (samples, global keys) are small and stay pre-gathered.
 
 The row indices come from the ops layout functions applied to a position array, so whatever order and padding `ops`
@@ -97,10 +98,10 @@ def _gathered_forward_kernel(
     block_k: int,
     scale: float,
     rows: int,
-    packed_half: int | None,
+    merge: bool,
 ):
-    """kinds[i] is "indexed" (refs: key index, k, v, w) or "gathered" (refs: k, v, w). With `packed_half` h, every
-    query row r is in the second half of a chunk of 2h rows and is stored at (r // 2h) * h + r % h."""
+    """kinds[i] is "indexed" (refs: key index, k, v, w) or "gathered" (refs: k, v, w). With `merge`, the refs before
+    the outputs are the partial out and lse they alias: the rows' own part is merged into them by lse."""
     o_ref, lse_ref = refs[-2:]
     q_index = q_index_ref[...]
     load_index = jnp.maximum(q_index, 0)  # padding rows (-1) read row 0 and store to the spare last row
@@ -127,12 +128,19 @@ def _gathered_forward_kernel(
 
         carry = lax.fori_loop(0, length // chunk, body, carry)
     row_max, row_sum, acc = carry
-    has_keys = row_sum > 0
-    safe_sum = jnp.where(has_keys, row_sum, 1.0)
-    if packed_half:
-        store_index = div(q_index, 2 * packed_half) * packed_half + rem(q_index, packed_half)
+    if merge:  # every slot is a real row; exp2(NEG_START - m) = 0 drops an empty side
+        earlier_out_ref, earlier_lse_ref = refs[-4:-2]
+        earlier_lse2 = earlier_lse_ref[q_index] * LOG2_E
+        new_max = jnp.maximum(row_max, earlier_lse2)
+        earlier_weight = jnp.exp2(earlier_lse2 - new_max)
+        own_weight = jnp.exp2(row_max - new_max)
+        row_sum = earlier_weight + row_sum * own_weight
+        acc = earlier_out_ref[q_index, :].astype(jnp.float32) * earlier_weight[:, None] + acc * own_weight[:, None]
+        row_max, store_index = new_max, q_index
     else:
         store_index = jnp.where(q_index >= 0, q_index, o_ref.shape[0] - 1)
+    has_keys = row_sum > 0
+    safe_sum = jnp.where(has_keys, row_sum, 1.0)
     o_ref[store_index, :] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
     lse_ref[store_index] = jnp.where(has_keys, (row_max + jnp.log2(safe_sum)) * LN_2, -jnp.inf)
 
@@ -148,7 +156,7 @@ def gathered_tiled_forward(
     scale,
     tuning=None,
     interpret=False,
-    packed_half=None,
+    merge_into=None,
 ):
     """Forward of `ops.tiled_attention` for one or many problems cut from the same unsorted q, k, v, gathering rows
     in the kernel and storing outputs at their rows.
@@ -164,13 +172,14 @@ def gathered_tiled_forward(
         given: shared tiles, pre-gathered) or int32 `[P, K, nb, t]` rows of k, v (positions along S) of per-block
         tile i (t a power of two; -1 = padding, whose log-weight must be -inf; tile i's k, v are then unused).
       scale: softmax scale.
-      packed_half: optional h for problems whose query rows are exactly the second halves of the T / 2h chunks of
-        2h rows (a causal recursion level): the outputs then hold only those rows, packed in sequence order
-        (`[B, T / 2, ...]`, row r at (r // 2h) * h + r % h). Needs every slot to hold a real row.
+      merge_into: optional (out, lse) of other parts of the same attention on all T rows (out q's dtype, lse
+        float32, shaped as returned). The kernel merges its part into them by lse at the rows it names and returns
+        them updated in place (aliased buffers): no array per part and no separate merge pass. Needs every query
+        slot to hold a real row (no padding).
 
     Returns:
       out `[B, T, K, G, H]` (q's dtype) and lse `[B, K, G, T]` float32, at the rows named by query_index (rows no
-      problem names are unspecified; T / 2 rows if packed). No gradient rule.
+      problem names are unspecified, or merge_into's). No gradient rule.
     """
     tuning = TiledKernelConfig() if tuning is None else tuning
     b, t, kv_heads, g, h = q_rows.shape
@@ -178,13 +187,8 @@ def gathered_tiled_forward(
     pk = problems * kv_heads
     rows = min(tuning.block_q, bq)
     splits = bq // rows
-    if packed_half is not None:
-        if t % (2 * packed_half) or math.prod(query_index.shape) * 2 != b * kv_heads * g * t:
-            raise ValueError("packed outputs need a query slot for every second-half row")
-        padded_rows, t_out = False, t // 2
-    else:
-        padded_rows = math.prod(query_index.shape) != b * kv_heads * g * t
-        t_out = t + 1 if padded_rows else t  # padding slots store to a spare last row
+    padded_rows = merge_into is None and math.prod(query_index.shape) != b * kv_heads * g * t
+    t_out = t + 1 if padded_rows else t  # padding slots store to a spare last row
 
     def batch_of(i):
         return rem(div(i, kv_heads), b)
@@ -200,6 +204,11 @@ def gathered_tiled_forward(
     args = [query_index.reshape(pk, g, nb * bq), q_rows, *tile_args]
     o_spec = pl.BlockSpec((None, t_out, None, None, h), lambda c, j, i: (batch_of(i), 0, head_of(i), j, 0))
     lse_spec = pl.BlockSpec((None, None, None, t_out), lambda c, j, i: (batch_of(i), head_of(i), j, 0))
+    aliases = {}
+    if merge_into is not None:
+        aliases = {len(args): 0, len(args) + 1: 1}
+        in_specs += [o_spec, lse_spec]
+        args += list(merge_into)
     out, lse = pl.pallas_call(
         functools.partial(
             _gathered_forward_kernel,
@@ -208,7 +217,7 @@ def gathered_tiled_forward(
             block_k=tuning.block_k,
             scale=scale,
             rows=rows,
-            packed_half=packed_half,
+            merge=merge_into is not None,
         ),
         # query chunks vary fastest: programs that run together share a problem's key blocks and samples in L2
         grid=(nb * splits, g, pk),
@@ -218,6 +227,7 @@ def gathered_tiled_forward(
             jax.ShapeDtypeStruct((b, t_out, kv_heads, g, h), q_rows.dtype),
             jax.ShapeDtypeStruct((b, kv_heads, g, t_out), jnp.float32),
         ],
+        input_output_aliases=aliases,
         compiler_params=triton_params(tuning.num_warps, tuning.num_stages),
         interpret=interpret,
         name="hyper_gathered_attention_fwd",

@@ -101,7 +101,7 @@ def _row_operands(k, v, plan, query_positions, key_positions, batch: int):
 
 
 def estimate_forward_rows(
-    q_rows, k, v, plan, query_positions, key_positions, *, scale, tuning, interpret, packed_half=None
+    q_rows, k, v, plan, query_positions, key_positions, *, scale, tuning, interpret, merge_into=None
 ):
     """The estimator's forward for problems cut from public-layout q_rows `[B, T, K, G, H]`, k, v `[B, S, K, H]`.
 
@@ -109,7 +109,7 @@ def estimate_forward_rows(
     p % B); `query_positions` `[P, K, G, T', 1]` and `key_positions` `[P, K, S', 1]` (see `row_positions`) say at
     which row of q_rows, k each of the problems' rows sits. Per-block key tiles are gathered in the kernel, shared
     tiles (samples, global keys) here. Returns out `[B, T, K, G, H]` and lse `[B, K, G, T]` at the problems' rows,
-    or packed (`packed_half`; see `gathered_tiled_forward`).
+    or merged into `merge_into` (see `gathered_tiled_forward`).
     """
     query_index, tiles, _, key_index = _row_operands(k, v, plan, query_positions, key_positions, q_rows.shape[0])
     return gathered_tiled_forward(
@@ -122,7 +122,7 @@ def estimate_forward_rows(
         scale=scale,
         tuning=tuning,
         interpret=interpret,
-        packed_half=packed_half,
+        merge_into=merge_into,
     )
 
 
