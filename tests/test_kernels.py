@@ -132,17 +132,18 @@ _COLUMN_MASS = {"sample_distribution": "column_mass", "sample_scheme": "systemat
 
 
 @pytest.mark.parametrize(
-    ("causal", "options", "b", "t", "s"),
+    ("causal", "options", "b", "t", "s", "kv_length"),
     [
-        (False, {}, 1, 128, 80),  # 5 key blocks of 16, 26 queries per block: sorted copies (pre-gathered kernel)
-        (False, {}, 2, 128, 128),  # 8 blocks of 16 queries and keys: rows gathered in the kernel
-        (True, {}, 2, 256, 256),  # 8 segments of 32, three recursion levels (stacked problem order matters)
+        (False, {}, 1, 128, 80, None),  # 5 key blocks of 16, 26 queries per block: sorted copies (pre-gathered kernel)
+        (False, {}, 2, 128, 128, None),  # 8 blocks of 16 queries and keys: rows gathered in the kernel, unweighted
+        (False, {}, 2, 128, 128, (100, 128)),  # the same with masked keys: the block tile's log-weights are read
+        (True, {}, 2, 256, 256, None),  # 8 segments of 32, three recursion levels (stacked problem order matters)
         # sink + heavy global keys (a shared tile), importance-sampled residual (per-sample log-weights), probe kernels
-        (False, {"num_sink_keys": 4, "num_heavy_keys": 8, **_COLUMN_MASS}, 1, 128, 80),
-        (True, _COLUMN_MASS, 2, 256, 256),  # every level probed by the kernels, on its own chunks
+        (False, {"num_sink_keys": 4, "num_heavy_keys": 8, **_COLUMN_MASS}, 1, 128, 80, None),
+        (True, _COLUMN_MASS, 2, 256, 256, None),  # every level probed by the kernels, on its own chunks
     ],
 )
-def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options, b, t, s):
+def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options, b, t, s, kv_length):
     cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=32, **options)
     n = 2 if causal else 4
     if causal:  # run by the kernels' own causal function (its backward merges the levels' gradients itself)
@@ -154,8 +155,9 @@ def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options
 
         def loss(q, k, v, implementation=implementation):
             out = ha.hyper_attention(
-                q, k, v, key=key, config=cfg, causal=causal, return_lse=True, implementation=implementation
-            )
+                q, k, v, key=key, config=cfg, causal=causal, return_lse=True, implementation=implementation,
+                kv_length=None if kv_length is None else jnp.array(kv_length),
+            )  # fmt: skip
             # lse enters the loss too: its cotangent takes a separate path through every backward
             weighted = jnp.sum(out[0].astype(jnp.float32) * jnp.cos(q.astype(jnp.float32)))
             return weighted + jnp.sum(jnp.sin(out[1])), out

@@ -62,10 +62,49 @@ def sort_orders(ranks, num_ranks: int) -> list[SortOrder]:
 
 
 def inverse_permutation(perm):
-    """inverse[..., perm[..., i]] = i, as one scatter with unique indices (cheaper than a second sort)."""
-    batch_index = jnp.indices(perm.shape, sparse=True)[:-1]
+    """inverse[..., perm[..., i]] = i, as one scatter with unique indices (cheaper than a second sort). Written as a
+    batched scatter promised in bounds: jnp indexing would build full index arrays for the leading axes and wrap
+    negative indices, arrays XLA materializes next to the scatter (a permutation needs neither)."""
+    batch = tuple(range(perm.ndim - 1))
+    dimensions = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(),
+        inserted_window_dims=(perm.ndim - 1,),
+        scatter_dims_to_operand_dims=(perm.ndim - 1,),
+        operand_batching_dims=batch,
+        scatter_indices_batching_dims=batch,
+    )
     position = jax.lax.broadcasted_iota(perm.dtype, perm.shape, perm.ndim - 1)
-    return jnp.zeros_like(perm).at[(*batch_index, perm)].set(position, unique_indices=True)
+    return jax.lax.scatter(
+        jnp.zeros_like(perm),
+        perm[..., None],
+        position,
+        dimensions,
+        unique_indices=True,
+        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+
+
+def _take_rows(x, index):
+    """`x[..., index, :]` along the second-to-last axis for int32 index `[..., L']` (leading dims broadcast with
+    x's): one gather promised in bounds, without the negative-index wrap jnp.take_along_axis adds."""
+    lead = jnp.broadcast_shapes(x.shape[:-2], index.shape[:-1])
+    x = jnp.broadcast_to(x, (*lead, *x.shape[-2:]))
+    index = jnp.broadcast_to(index, (*lead, index.shape[-1]))
+    batch = tuple(range(len(lead)))
+    dimensions = jax.lax.GatherDimensionNumbers(
+        offset_dims=(len(lead) + 1,),
+        collapsed_slice_dims=(len(lead),),
+        start_index_map=(len(lead),),
+        operand_batching_dims=batch,
+        start_indices_batching_dims=batch,
+    )
+    return jax.lax.gather(
+        x,
+        index[..., None],
+        dimensions,
+        slice_sizes=(*(1,) * len(lead), 1, x.shape[-1]),
+        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
 
 
 @jax.custom_vjp
@@ -75,7 +114,7 @@ def gather_rows(x, perm, inverse):
     x `[..., L, H]`, perm and inverse `[..., L]` (leading dims broadcastable to x's). The gradient is the gather by
     the inverse permutation: autodiff of a gather would transpose to a slow, nondeterministic scatter-add.
     """
-    return jnp.take_along_axis(x, perm[..., None], axis=-2)
+    return _take_rows(x, perm)
 
 
 def _gather_rows_fwd(x, perm, inverse):
@@ -83,7 +122,7 @@ def _gather_rows_fwd(x, perm, inverse):
 
 
 def _gather_rows_bwd(inverse, grad):
-    return jnp.take_along_axis(grad, inverse[..., None], axis=-2), None, None
+    return _take_rows(grad, inverse), None, None
 
 
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)

@@ -28,30 +28,41 @@ from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 
 
 def tile_loaders(kinds, lengths, refs):
-    """(load_keys(keys) -> (k, v), w_ref, length) of every tile, from the refs `tile_operands` laid out."""
+    """(load_keys(keys) -> (k, v), w_ref or None (log-weights all 0), length) of every tile, from the refs
+    `tile_operands` laid out."""
     loaders, position = [], 0
-    for kind, length in zip(kinds, lengths, strict=True):
-        if kind == "indexed":
-            k_index_ref, k_ref, v_ref, w_ref = refs[position : position + 4]
-            position += 4
+    for (source, weighted), length in zip(kinds, lengths, strict=True):
+        if source == "indexed":
+            k_index_ref, k_ref, v_ref = refs[position : position + 3]
+            position += 3
 
             def load_keys(keys, k_index_ref=k_index_ref, k_ref=k_ref, v_ref=v_ref):
                 index = jnp.maximum(k_index_ref[keys], 0)
                 return k_ref[index, :], v_ref[index, :]
 
         else:
-            k_ref, v_ref, w_ref = refs[position : position + 3]
-            position += 3
+            k_ref, v_ref = refs[position : position + 2]
+            position += 2
 
             def load_keys(keys, k_ref=k_ref, v_ref=v_ref):
                 return k_ref[keys, :], v_ref[keys, :]
 
+        w_ref = refs[position] if weighted else None
+        position += weighted
         loaders.append((load_keys, w_ref, length))
     return loaders
 
 
+def add_log_weights(logits, w_ref, keys):
+    """Base-2 logits `[rows, keys]` plus the keys' log-weights (none: all 0, one add per score saved)."""
+    return logits if w_ref is None else logits + w_ref[keys][None, :] * LOG2_E
+
+
 def tile_log_weights(tile, *, problems: int, kv_heads: int, num_blocks: int, length: int):
-    """A tile's log-weights as float32 `[P * K, nb | 1, length]` and whether they differ between query blocks."""
+    """A tile's log-weights as float32 `[P * K, nb | 1, length]` and whether they differ between query blocks; (None,
+    False) for a tile without log-weights (all 0)."""
+    if tile.log_weight is None:
+        return None, False
     w = jnp.asarray(tile.log_weight, jnp.float32)
     w = w.reshape((1,) * (4 - w.ndim) + w.shape)
     per_block = w.shape[2] == num_blocks and num_blocks > 1
@@ -62,29 +73,29 @@ def tile_log_weights(tile, *, problems: int, kv_heads: int, num_blocks: int, len
 def tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int, splits: int, batch_of, head_of):
     """BlockSpecs, arrays, kinds and lengths of the key tiles for a grid (query chunk c, query head j, problem x kv
     head i) whose query chunks are `splits` per block: an "indexed" tile passes its key index and all of k, v (rows
-    loaded in the kernel), a "gathered" one its own k, v; both pass their log-weights."""
+    loaded in the kernel), a "gathered" one its own k, v; both pass their log-weights unless they have none (an
+    indexed tile's `log_weight` None: every key counts once). A kind is (source, weighted)."""
     kv_heads, h = k.shape[2], k.shape[3]
     pk, nb = problems * kv_heads, num_blocks
     full_kv = pl.BlockSpec((None, k.shape[1], None, h), lambda c, j, i: (batch_of(i), 0, head_of(i), 0))
     in_specs, args, kinds, lengths = [], [], [], []
     for tile, key_index in zip(tiles, tile_key_index, strict=True):
         length = tile.log_weight.shape[-1] if key_index is None else key_index.shape[-1]
-        w, per_block_weight = tile_log_weights(tile, problems=problems, kv_heads=kv_heads, num_blocks=nb, length=length)
-        w_map = (lambda c, j, i: (i, c // splits, 0)) if per_block_weight else (lambda c, j, i: (i, 0, 0))
-        w_spec = pl.BlockSpec((None, None, length), w_map)
         if key_index is not None:
-            kinds.append("indexed")
             in_specs += [pl.BlockSpec((None, None, length), lambda c, j, i: (i, c // splits, 0)), full_kv, full_kv]
             args += [key_index.reshape(pk, nb, length), k, v]
         else:
-            kinds.append("gathered")
             shared = tile.k.shape[2] == 1
             kv_map = (lambda c, j, i: (i, 0, 0, 0)) if shared else (lambda c, j, i: (i, c // splits, 0, 0))
             kv_spec = pl.BlockSpec((None, None, length, h), kv_map)
             in_specs += [kv_spec, kv_spec]
             args += [tile.k.reshape(pk, tile.k.shape[2], length, h), tile.v.reshape(pk, tile.k.shape[2], length, h)]
-        in_specs.append(w_spec)
-        args.append(w)
+        w, per_block_weight = tile_log_weights(tile, problems=problems, kv_heads=kv_heads, num_blocks=nb, length=length)
+        if w is not None:
+            w_map = (lambda c, j, i: (i, c // splits, 0)) if per_block_weight else (lambda c, j, i: (i, 0, 0))
+            in_specs.append(pl.BlockSpec((None, None, length), w_map))
+            args.append(w)
+        kinds.append(("indexed" if key_index is not None else "gathered", w is not None))
         lengths.append(length)
     return in_specs, args, tuple(kinds), tuple(lengths)
 
@@ -100,7 +111,8 @@ def _gathered_forward_kernel(
     rows: int,
     merge: bool,
 ):
-    """kinds[i] is "indexed" (refs: key index, k, v, w) or "gathered" (refs: k, v, w). With `merge`, the refs before
+    """kinds[i] is ("indexed", weighted) (refs: key index, k, v, [w]) or ("gathered", weighted) (refs: k, v, [w]).
+    With `merge`, the refs before
     the outputs are the partial out and lse they alias: the rows' own part is merged into them by lse."""
     o_ref, lse_ref = refs[-2:]
     q_index = q_index_ref[...]
@@ -119,7 +131,7 @@ def _gathered_forward_kernel(
             row_max, row_sum, acc = carry
             keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
             k, v = load_keys(keys)
-            s = dot_t(q, k) * qk_scale + w_ref[keys][None, :] * LOG2_E
+            s = add_log_weights(dot_t(q, k) * qk_scale, w_ref, keys)
             new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
             p = jnp.exp2(s - new_max[:, None])
             correction = jnp.exp2(row_max - new_max)

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from hyperattn_jax.kernels.gpu._common import LOG2_E, div, dot, dot_t, rem, triton_params
-from hyperattn_jax.kernels.gpu.gathered import tile_loaders, tile_log_weights, tile_operands
+from hyperattn_jax.kernels.gpu.gathered import add_log_weights, tile_loaders, tile_log_weights, tile_operands
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 
 
@@ -50,7 +50,7 @@ def _dq_kernel(
         def body(step, dq, load_keys=load_keys, w_ref=w_ref, chunk=chunk):
             keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
             k, v = load_keys(keys)
-            p = jnp.exp2(dot_t(q, k) * qk_scale + w_ref[keys][None, :] * LOG2_E - lse2[:, None])
+            p = jnp.exp2(add_log_weights(dot_t(q, k) * qk_scale, w_ref, keys) - lse2[:, None])
             ds = p * (dot_t(do, v) - delta[:, None])
             return dq + dot(ds.astype(k.dtype), k)
 
@@ -63,8 +63,8 @@ def _key_chunk_grads(
     q_index_ref, q_ref, do_ref, lse_ref, delta_ref, k, v, weight, *, steps, first_step, rows, shape, scale
 ):
     """dk, dv float32 of keys k, v over `steps` chunks of `rows` queries named by q_index_ref, starting at chunk
-    `first_step`; `weight(step)` gives the keys' log-weights (base 2) seen by that query chunk. Query chunks run
-    block by block, head by head within a block (the index layout `_blocks_then_heads` makes)."""
+    `first_step`; `weight(step)` gives the keys' log-weights (base 2) seen by that query chunk (None: all 0). Query
+    chunks run block by block, head by head within a block (the index layout `_blocks_then_heads` makes)."""
     groups, query_block, head_dim, num_queries = shape
     qk_scale = scale * LOG2_E
 
@@ -77,7 +77,9 @@ def _key_chunk_grads(
         q, do = q_ref[index, columns], do_ref[index, columns]
         stat = head * num_queries + index
         # Keys-major scores: p^T and ds^T are formed directly (see flash._dkdv_kernel).
-        p_t = jnp.exp2(dot_t(k, q) * qk_scale + weight(step)[:, None] - (lse_ref[stat] * LOG2_E)[None, :])
+        logits = dot_t(k, q) * qk_scale - (lse_ref[stat] * LOG2_E)[None, :]
+        w = weight(step)
+        p_t = jnp.exp2(logits if w is None else logits + w[:, None])
         dv = dv + dot(p_t.astype(do.dtype), do)
         ds_t = p_t * (dot_t(v, do) - delta_ref[stat][None, :])
         return dk + dot(ds_t.astype(q.dtype), q), dv
@@ -96,20 +98,22 @@ def _block_dkdv_kernel(
     delta_ref,
     k_ref,
     v_ref,
-    w_ref,
     *refs,
     rows: int,
     shape,
     scale: float,
     accumulate: bool,
+    weighted: bool,
 ):
-    """dk, dv of a chunk of one sorted block's keys (rows named by k_index_ref), stored at their rows or added there
-    (`accumulate`: refs start with the two accumulators, aliased to the outputs)."""
+    """dk, dv of a chunk of one sorted block's keys (rows named by k_index_ref), stored at their rows or added there.
+    refs: the keys' log-weights (if `weighted`), the two accumulators (if `accumulate`, aliased to the outputs), the
+    outputs."""
     dk_ref, dv_ref = refs[-2:]
     groups, query_block = shape[:2]
     key_index = k_index_ref[...]
     k, v = k_ref[key_index, :], v_ref[key_index, :]
-    w = w_ref[...] * LOG2_E
+    w = refs[0][...] * LOG2_E if weighted else None
+    refs = refs[weighted:]
     dk, dv = _key_chunk_grads(
         q_index_ref,
         q_ref,
@@ -285,9 +289,17 @@ def gathered_tiled_backward(
             stat = pl.BlockSpec((None, None, g * t), lambda c, n, i: (batch_of(i), head_of(i), 0))
             full_kv = pl.BlockSpec((None, k.shape[1], None, h), lambda c, n, i: (batch_of(i), 0, head_of(i), 0))
             w_map = (lambda c, n, i: (i, n, c)) if per_block else (lambda c, n, i: (i, 0, c))
+            weights = [] if w is None else [w]
+            accumulators = [] if dk is None else [dk, dv]
+            first_accumulator = 8 + len(weights)
             dk, dv = pl.pallas_call(
                 functools.partial(
-                    _block_dkdv_kernel, rows=rows_bwd, shape=shape, scale=scale, accumulate=dk is not None
+                    _block_dkdv_kernel,
+                    rows=rows_bwd,
+                    shape=shape,
+                    scale=scale,
+                    accumulate=bool(accumulators),
+                    weighted=bool(weights),
                 ),
                 grid=(length // chunk, nb, pk),
                 in_specs=[
@@ -299,16 +311,16 @@ def gathered_tiled_backward(
                     stat,
                     full_kv,
                     full_kv,
-                    pl.BlockSpec((None, None, chunk), w_map),
-                    *[full_kv, full_kv] * (dk is not None),
+                    *[pl.BlockSpec((None, None, chunk), w_map)] * len(weights),
+                    *[full_kv] * len(accumulators),
                 ],
                 out_specs=[full_kv, full_kv],
                 out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
-                input_output_aliases={9: 0, 10: 1} if dk is not None else {},
+                input_output_aliases={first_accumulator: 0, first_accumulator + 1: 1} if accumulators else {},
                 compiler_params=params,
                 interpret=interpret,
                 name="hyper_gathered_attention_dkdv",
-            )(k_index, by_block, q_flat, do_flat, lse_flat, delta_flat, k, v, w, *[dk, dv] * (dk is not None))
+            )(k_index, by_block, q_flat, do_flat, lse_flat, delta_flat, k, v, *weights, *accumulators)
             continue
         # shared tile: partial sums over runs of (at least 8) query blocks, then one scatter-add of its rows
         split_count = max(

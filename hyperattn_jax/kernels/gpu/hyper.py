@@ -81,18 +81,26 @@ def _rows_of(x, index, batch: int):
     return x[problem_batch, jnp.maximum(index, 0), head]
 
 
-def _row_operands(k, v, plan, query_positions, key_positions, batch: int):
+def blocks_hold_valid_keys(plan, num_keys: int, kv_length) -> bool:
+    """Whether every sorted-block key slot of the plan holds a distinct valid key: no kv_length, no global keys
+    (they sort first and leave padding slots), no padding at the end. The block tile's log-weights are then all 0
+    and the row-indexed kernels skip them (`_row_operands(unweighted_blocks=True)`)."""
+    return kv_length is None and plan.num_global == 0 and plan.num_blocks * plan.key_block == num_keys
+
+
+def _row_operands(k, v, plan, query_positions, key_positions, batch: int, unweighted_blocks: bool):
     """What the row-indexed kernels take for a plan: the int32 query row of every blocked slot `[P, K, G, nb, bq]`
-    (-1 = padding); the tiles, per-block ones without k, v (their rows are loaded by index in the kernel), shared ones
-    (samples, global keys) gathered here; each tile's int32 rows `[P, K, nb | 1, t]`; and which of them the kernel
-    loads by index (None for the gathered ones)."""
+    (-1 = padding); the tiles, per-block ones without k, v (their rows are loaded by index in the kernel; without
+    log-weights if `unweighted_blocks`, see `blocks_hold_valid_keys`), shared ones (samples, global keys) gathered
+    here; each tile's int32 rows `[P, K, nb | 1, t]`; and which of them the kernel loads by index (None for the
+    gathered ones)."""
     query_index = block_query_layout(query_positions, plan)[..., 0].astype(jnp.int32) - 1
     tiles, rows, in_kernel = [], [], []
     for tile in hyper_attention_tiles(key_positions, key_positions, plan):
         index = tile.k[..., 0].astype(jnp.int32) - 1  # [P, K, nb | 1, t]
         rows.append(index)
         if index.shape[2] == plan.num_blocks > 1 and power_of_two(index.shape[3]):
-            tiles.append(tile._replace(k=None, v=None))
+            tiles.append(tile._replace(k=None, v=None, log_weight=None if unweighted_blocks else tile.log_weight))
             in_kernel.append(index)
         else:
             tiles.append(tile._replace(k=_rows_of(k, index, batch), v=_rows_of(v, index, batch)))
@@ -101,7 +109,18 @@ def _row_operands(k, v, plan, query_positions, key_positions, batch: int):
 
 
 def estimate_forward_rows(
-    q_rows, k, v, plan, query_positions, key_positions, *, scale, tuning, interpret, merge_into=None
+    q_rows,
+    k,
+    v,
+    plan,
+    query_positions,
+    key_positions,
+    *,
+    scale,
+    tuning,
+    interpret,
+    merge_into=None,
+    unweighted_blocks=False,
 ):
     """The estimator's forward for problems cut from public-layout q_rows `[B, T, K, G, H]`, k, v `[B, S, K, H]`.
 
@@ -109,9 +128,12 @@ def estimate_forward_rows(
     p % B); `query_positions` `[P, K, G, T', 1]` and `key_positions` `[P, K, S', 1]` (see `row_positions`) say at
     which row of q_rows, k each of the problems' rows sits. Per-block key tiles are gathered in the kernel, shared
     tiles (samples, global keys) here. Returns out `[B, T, K, G, H]` and lse `[B, K, G, T]` at the problems' rows,
-    or merged into `merge_into` (see `gathered_tiled_forward`).
+    or merged into `merge_into` (see `gathered_tiled_forward`). `unweighted_blocks`: the caller knows
+    `blocks_hold_valid_keys` (the kernels then skip the block tile's log-weights).
     """
-    query_index, tiles, _, key_index = _row_operands(k, v, plan, query_positions, key_positions, q_rows.shape[0])
+    query_index, tiles, _, key_index = _row_operands(
+        k, v, plan, query_positions, key_positions, q_rows.shape[0], unweighted_blocks
+    )
     return gathered_tiled_forward(
         q_rows,
         k,
@@ -138,13 +160,29 @@ def can_backward_in_place(plan, num_queries: int, num_keys: int) -> bool:
 
 
 def estimate_backward_rows(
-    q_rows, k, v, do_rows, lse, delta, plan, query_positions, key_positions, grads, *, scale, tuning, interpret
+    q_rows,
+    k,
+    v,
+    do_rows,
+    lse,
+    delta,
+    plan,
+    query_positions,
+    key_positions,
+    grads,
+    *,
+    scale,
+    tuning,
+    interpret,
+    unweighted_blocks=False,
 ):
     """The estimator's backward for the problems `estimate_forward_rows` cut, as one part of a merged attention with
     final lse and delta `[B, K, G, T]`: its dq, dk, dv added into the float32 accumulators `grads` (dq
     `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`; None: written, for a plan covering every row), reading every row by
-    index (`gathered_tiled_backward`). Needs `can_backward_in_place`."""
-    query_index, tiles, rows, _ = _row_operands(k, v, plan, query_positions, key_positions, q_rows.shape[0])
+    index (`gathered_tiled_backward`). Needs `can_backward_in_place`; `unweighted_blocks` as for the forward."""
+    query_index, tiles, rows, _ = _row_operands(
+        k, v, plan, query_positions, key_positions, q_rows.shape[0], unweighted_blocks
+    )
     return gathered_tiled_backward(
         q_rows,
         k,
@@ -288,17 +326,18 @@ def _hyper_fwd(q, k, v, key, kv_length, hash_key, static):
             scale=scale,
             tuning=tuning,
             interpret=interpret,
+            unweighted_blocks=blocks_hold_valid_keys(plan, k.shape[1], kv_length),
         )
         out = out.reshape(q.shape)
     else:
         out, lse = _pregathered_forward(q5, k4, v4, plan, scale, tuning, interpret)
         out = ungroup_output(out)
-    return (out, lse), (q, k, v, plan, out, lse)
+    return (out, lse), (q, k, v, kv_length, plan, out, lse)
 
 
 def _hyper_bwd(static, residuals, cotangents):
     _, scale, tuning, interpret = static
-    q, k, v, plan, out, lse = residuals
+    q, k, v, kv_length, plan, out, lse = residuals
     d_out, d_lse = cotangents
     delta = output_delta(out, d_out, d_lse)
     b, t, n, h = q.shape
@@ -319,6 +358,7 @@ def _hyper_bwd(static, residuals, cotangents):
             scale=scale,
             tuning=tuning,
             interpret=interpret,
+            unweighted_blocks=blocks_hold_valid_keys(plan, s, kv_length),
         )
         return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
     grads = estimate_backward(
