@@ -61,50 +61,33 @@ def sort_orders(ranks, num_ranks: int) -> list[SortOrder]:
     return orders
 
 
+def _flat_rows(index, lead_shape, length: int):
+    """index `[..., L']` into rows of length `length` (leading dims broadcast to lead_shape) as uint32 positions in
+    the flattened `[*lead, length]` array: row r's entries offset by r * length. Unsigned indices promised in bounds
+    keep jnp from wrapping negative ones and from building one index array per leading axis (XLA materialized those
+    next to every gather and scatter); the offsets fuse into the consumer."""
+    index = jnp.broadcast_to(index, (*lead_shape, index.shape[-1])).reshape(-1, index.shape[-1])
+    if index.shape[0] * length >= 2**31:  # jnp indexes in int32 below that
+        raise ValueError(f"at most 2**31 - 1 rows per gather, got {index.shape[0] * length}")
+    offset = jax.lax.broadcasted_iota(jnp.uint32, index.shape, 0) * jnp.uint32(length)
+    return (index.astype(jnp.uint32) + offset).reshape(-1)
+
+
 def inverse_permutation(perm):
-    """inverse[..., perm[..., i]] = i, as one scatter with unique indices (cheaper than a second sort). Written as a
-    batched scatter promised in bounds: jnp indexing would build full index arrays for the leading axes and wrap
-    negative indices, arrays XLA materializes next to the scatter (a permutation needs neither)."""
-    batch = tuple(range(perm.ndim - 1))
-    dimensions = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(),
-        inserted_window_dims=(perm.ndim - 1,),
-        scatter_dims_to_operand_dims=(perm.ndim - 1,),
-        operand_batching_dims=batch,
-        scatter_indices_batching_dims=batch,
-    )
-    position = jax.lax.broadcasted_iota(perm.dtype, perm.shape, perm.ndim - 1)
-    return jax.lax.scatter(
-        jnp.zeros_like(perm),
-        perm[..., None],
-        position,
-        dimensions,
-        unique_indices=True,
-        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-    )
+    """inverse[..., perm[..., i]] = i, as one scatter with unique indices (cheaper than a second sort)."""
+    position = jax.lax.broadcasted_iota(perm.dtype, perm.shape, perm.ndim - 1).reshape(-1)
+    flat = jnp.zeros(perm.size, perm.dtype).at[_flat_rows(perm, perm.shape[:-1], perm.shape[-1])]
+    return flat.set(position, unique_indices=True, mode="promise_in_bounds").reshape(perm.shape)
 
 
 def _take_rows(x, index):
     """`x[..., index, :]` along the second-to-last axis for int32 index `[..., L']` (leading dims broadcast with
-    x's): one gather promised in bounds, without the negative-index wrap jnp.take_along_axis adds."""
+    x's), as one gather of flattened rows."""
     lead = jnp.broadcast_shapes(x.shape[:-2], index.shape[:-1])
     x = jnp.broadcast_to(x, (*lead, *x.shape[-2:]))
-    index = jnp.broadcast_to(index, (*lead, index.shape[-1]))
-    batch = tuple(range(len(lead)))
-    dimensions = jax.lax.GatherDimensionNumbers(
-        offset_dims=(len(lead) + 1,),
-        collapsed_slice_dims=(len(lead),),
-        start_index_map=(len(lead),),
-        operand_batching_dims=batch,
-        start_indices_batching_dims=batch,
-    )
-    return jax.lax.gather(
-        x,
-        index[..., None],
-        dimensions,
-        slice_sizes=(*(1,) * len(lead), 1, x.shape[-1]),
-        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-    )
+    flat = _flat_rows(index, lead, x.shape[-2])
+    rows = x.reshape(-1, x.shape[-1]).at[flat].get(mode="promise_in_bounds")
+    return rows.reshape(*lead, index.shape[-1], x.shape[-1])
 
 
 @jax.custom_vjp
