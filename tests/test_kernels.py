@@ -216,10 +216,14 @@ def test_in_kernel_gathers_match_pregathered_kernel(rng, t):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("options", [{}, _COLUMN_MASS])  # samples with repeats (uniform); per-sample log-weights
-def test_in_place_backward_matches_blocked_backward(rng, options):
+@pytest.mark.parametrize(
+    ("options", "repeats"),
+    [({}, False), ({}, True), (_COLUMN_MASS, False)],  # uniform; a key drawn 3 and one 2 times; per-sample weights
+)
+def test_in_place_backward_matches_blocked_backward(rng, options, repeats):
     # The backward kernels that read rows by index and add into float32 accumulators give the blocked backward's
-    # gradients (float32, so the two agree to round-off), for 2 batch elements, GQA, and a shared sample tile.
+    # gradients (float32, so the two agree to round-off), for 2 batch elements, GQA, and a shared sample tile whose
+    # repeated keys are folded into one slot and written once (the blocked backward scatter-adds every draw).
     from hyperattn_jax.kernels.gpu import hyper
 
     cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=24, min_seq_len=0, **options)
@@ -229,7 +233,15 @@ def test_in_place_backward_matches_blocked_backward(rng, options):
     lse, delta = (jnp.asarray(rng.standard_normal((b, kv, n // kv, t)), jnp.float32) for _ in range(2))
     lse = lse + 4.0  # P = w e^{s - lse} stays moderate
     q5, k4, v4 = _grouped(q, k, v)
-    plan = ops.make_plan(q5, k4, key=jax.random.key(int(rng.integers(1 << 30))), config=cfg, v=v4)
+    sample_index = None
+    if repeats:
+        drawn = rng.permutation(t)[: b * kv * 24].reshape(b, kv, 24)  # distinct, then three forced repeats
+        drawn[..., 1] = drawn[..., 7] = drawn[..., 0]
+        drawn[..., 20] = drawn[..., 3]
+        sample_index = jnp.asarray(drawn, jnp.int32)
+    plan = ops.make_plan(
+        q5, k4, key=jax.random.key(int(rng.integers(1 << 30))), config=cfg, v=v4, sample_index=sample_index
+    )
     assert hyper.can_backward_in_place(plan, t, t)
     expected = hyper.public_grads(
         *hyper.estimate_backward(

@@ -11,8 +11,10 @@ read-modify-writes its gradient rows in the accumulators (input/output aliasing)
 - dq: a program owns `rows` queries of one query block and head, loops over every tile's keys like the forward;
 - dk, dv of a per-block tile (the sorted blocks): a program owns a chunk of one block's keys and loops over that
   block's queries of every head of the group; a key row sits in exactly one block, so the writes never collide;
-- dk, dv of a shared tile (samples, global keys): partial sums over runs of query blocks, summed and scattered into
-  the accumulators by XLA (a few hundred rows per problem; a sampled key may be drawn twice).
+- dk, dv of a shared tile (samples, global keys): partial sums over runs of query blocks, summed, and written into
+  the accumulators by one XLA gather and one scatter that SETS row + part (a few hundred rows per problem). A key
+  drawn c times is first folded into one slot of weight c w (`_fold_repeated_rows`: the same estimator, whose dk,
+  dv are the repeats' sum), so the written rows are distinct: no scatter-add, no atomics, a deterministic result.
 
 Like `fused_tiled_attention_backward`, the kernels take the FINAL lse and delta of the merged attention, so the result
 is this part's share of the merged gradient.
@@ -219,7 +221,8 @@ def gathered_tiled_backward(
       query_index: int32 `[P, K, G, nb, bq]` as for the forward; every slot must hold a real row, each row at most once.
       tiles, tile_key_index: as for the forward, except that every tile's rows are given: `tile_key_index[i]` int32
         `[P, K, nb | 1, t]`; per-block tiles (nb > 1) are loaded by it in the kernel and must hold every row at most
-        once (no -1 padding); shared tiles use their own k, v and may repeat rows or hold -1 (log-weight -inf).
+        once (no -1 padding); shared tiles use their own k, v and may hold -1 (log-weight -inf) or repeat a row
+        with the same log-weights (a key sampled twice). Problems of one batch element must not share key rows.
       grads: (dq `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`) float32 accumulators, or None when this is the first
         part: its kernels then write the gradients instead of adding (every row must be in query_index and in the
         per-block tiles, as for a single non-causal problem).
@@ -322,7 +325,8 @@ def gathered_tiled_backward(
                 name="hyper_gathered_attention_dkdv",
             )(k_index, by_block, q_flat, do_flat, lse_flat, delta_flat, k, v, *weights, *accumulators)
             continue
-        # shared tile: partial sums over runs of (at least 8) query blocks, then one scatter-add of its rows
+        # shared tile: partial sums over runs of (at least 8) query blocks, then its distinct rows written once
+        w, write_index = _fold_repeated_rows(w, key_index)
         split_count = max(
             d for d in range(1, min(nb, tuning.shared_splits) + 1) if nb % d == 0 and nb // d >= min(nb, 8)
         )
@@ -362,16 +366,35 @@ def gathered_tiled_backward(
         )(by_block.reshape(pk, -1), q_flat, do_flat, lse_flat, delta_flat, tile_k, tile_v, w)
         if dk is None:  # no per-block tile wrote them
             dk, dv = (jnp.zeros(k.shape, jnp.float32) for _ in range(2))
-        dk = _add_rows(dk, jnp.sum(part_k, axis=1), key_index, b)
-        dv = _add_rows(dv, jnp.sum(part_v, axis=1), key_index, b)
+        dk = _add_distinct_rows(dk, jnp.sum(part_k, axis=1), write_index, b)
+        dv = _add_distinct_rows(dv, jnp.sum(part_v, axis=1), write_index, b)
     return dq, dk, dv
 
 
-def _add_rows(total, part, index, batch: int):
-    """total `[B, S, K, H]` plus part `[P * K, t, H]` at rows index `[P, K, 1, t]` (problem p: batch p % B; -1 reads
-    as row 0, whose part is zero there: a -inf log-weight)."""
-    problems, kv_heads = index.shape[:2]
-    index = jnp.maximum(index.reshape(problems, kv_heads, -1), 0)
+def _fold_repeated_rows(w, index):
+    """A shared tile's log-weights w `[P * K, nb | 1, t]` with every repeated row of index `[P, K, 1, t]` folded
+    into its first slot: log-weight + log(count) there, -inf in the repeats, so the first slot's dk, dv are the
+    sum of all of them (P_ij = w_j e^{s_ij - lse_i} is linear in w_j). Needs the repeats of a row to carry the same
+    log-weights, which ops' tiles do (a sample's weight is a function of its key: 1 / (m p_key), blocks it is
+    excluded from by its key's block). Returns the weights and the rows to write, int32 `[P, K, t]`, -1 where
+    nothing is written (repeats and padding slots)."""
+    index = index[:, :, 0]
+    same = index[..., :, None] == index[..., None, :]
+    count = jnp.sum(same, axis=-1)
+    first = (index >= 0) & ~jnp.any(jnp.tril(same, -1), axis=-1)
+    fold = jnp.where(first, jnp.log(count.astype(jnp.float32)), -jnp.inf).reshape(w.shape[0], 1, -1)
+    return w + fold, jnp.where(first, index, -1)
+
+
+def _add_distinct_rows(total, part, index, batch: int):
+    """total `[B, S, K, H]` plus part `[P * K, t, H]` at the rows index `[P, K, t]` names (problem p: batch p % B;
+    -1: not written), as a gather and a scatter that sets: the named (batch, row, kv head) must be distinct, which
+    `_fold_repeated_rows` makes them within a problem and the callers' problems (disjoint key ranges of one batch
+    element, or different batch elements) make them across problems."""
+    problems, kv_heads, _ = index.shape
     problem_batch = (jnp.arange(problems) % batch)[:, None, None]
     head = jnp.arange(kv_heads)[None, :, None]
-    return total.at[problem_batch, index, head].add(part.reshape(problems, kv_heads, *part.shape[1:]))
+    current = total[problem_batch, jnp.maximum(index, 0), head]
+    target = jnp.where(index >= 0, index, total.shape[1])  # out of range: dropped
+    part = part.reshape(problems, kv_heads, *part.shape[1:])
+    return total.at[problem_batch, target, head].set(current + part, mode="drop")
