@@ -112,8 +112,8 @@ def _gathered_forward_kernel(
     merge: bool,
 ):
     """kinds[i] is ("indexed", weighted) (refs: key index, k, v, [w]) or ("gathered", weighted) (refs: k, v, [w]).
-    With `merge`, the refs before
-    the outputs are the partial out and lse they alias: the rows' own part is merged into them by lse."""
+    With `merge`, the refs before the outputs are the partial out and lse they alias: the rows' own part is merged
+    into them by lse."""
     o_ref, lse_ref = refs[-2:]
     q_index = q_index_ref[...]
     load_index = jnp.maximum(q_index, 0)  # padding rows (-1) read row 0 and store to the spare last row
