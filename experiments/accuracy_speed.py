@@ -31,21 +31,10 @@ import hyperattn_jax as ha
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_qkv import COLUMN_MASS, COLUMN_MASS_P16, DEFAULT_CANDIDATE
 from bench_single_layer import check_against_xla
+from timing import median_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "cudnn" if jax.default_backend() == "gpu" else None  # the "cudnn" rows are XLA attention off GPU
-
-
-def median_ms(fn, *args, budget_s: float = 1.0, max_reps: int = 30) -> float:
-    """Median latency of one call (dispatch, run, synchronise)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times, start = [], time.perf_counter()
-    while len(times) < 3 or (len(times) < max_reps and time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
 
 
 def pipelined_ms(fn, *args, calls: int = 10, reps: int = 7) -> float:
@@ -61,7 +50,7 @@ def pipelined_ms(fn, *args, calls: int = 10, reps: int = 7) -> float:
 
 
 def timings(fn, *args) -> dict[str, float]:
-    return {"latency": median_ms(fn, *args), "pipelined": pipelined_ms(fn, *args)}
+    return {"latency": median_ms(fn, *args, reps=30, budget_s=1.0), "pipelined": pipelined_ms(fn, *args)}
 
 
 def main():

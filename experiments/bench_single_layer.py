@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import statistics
-import time
 
 # JAX reserves 75% of GPU memory by default; the 1M-token causal fwd+bwd needs 67 GB of the H100's 80 (set before
 # jax starts; an explicit setting in the environment wins).
@@ -33,22 +32,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import call_times_ms  # experiments/ is on the path when run as a script
 
 import hyperattn_jax as ha
 
 NUM_HEADS = 32
-
-
-def _median_ms(fn, args, *, min_reps=5, max_reps=50, budget_s=1.5):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    jax.block_until_ready(fn(*args))
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), len(times)
 
 
 def _compiled_bytes(fn, args):
@@ -163,7 +151,8 @@ def main():
                     fwd, fwd_bwd = _make_fns(method, causal, config, key)
                     fn, fn_args = (fwd_bwd, (q, k, v, g)) if backward else (fwd, (q, k, v))
                     try:
-                        ms, reps = _median_ms(fn, fn_args)
+                        times = call_times_ms(fn, *fn_args, reps=50, budget_s=1.5, min_reps=5)
+                        ms, reps = statistics.median(times), len(times)
                         row[method] = {"ms": ms, "reps": reps, "compiled_bytes": _compiled_bytes(fn, fn_args)}
                     except Exception as error:  # out of memory at large n: record, go on
                         row[method] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}

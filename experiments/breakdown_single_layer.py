@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from timing import median_ms as timed_median_ms  # experiments/ is on the path when run as a script
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
@@ -27,17 +27,7 @@ from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig, fused_tiled_attention
 
 REPS = int(os.environ.get("BREAKDOWN_REPS", "20"))
-
-
-def median_ms(fn, *args, reps=REPS):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+median_ms = functools.partial(timed_median_ms, reps=REPS)
 
 
 def main():

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_ms  # experiments/ is on the path when run as a script
 from tqdm import tqdm
 
 import hyperattn_jax as ha
@@ -25,23 +25,13 @@ from hyperattn_jax.diagnostics import relative_error
 REAL_QKV = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "smollm2_qkv" / "hamlet_L15.npz"
 
 
-def median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
-
-
 def compare(q, k, v, *, causal, config, repeats, scale=None):
     exact = jax.jit(lambda q, k, v: ha.exact_attention(q, k, v, causal=causal, scale=scale))
     hyper = jax.jit(
         lambda q, k, v: ha.hyper_attention(q, k, v, key=jax.random.key(0), config=config, causal=causal, scale=scale)
     )
-    exact_ms = median_ms(exact, q, k, v, repeats=repeats)
-    hyper_ms = median_ms(hyper, q, k, v, repeats=repeats)
+    exact_ms = median_ms(exact, q, k, v, reps=repeats)
+    hyper_ms = median_ms(hyper, q, k, v, reps=repeats)
     error = float(relative_error(hyper(q, k, v), exact(q, k, v)))
     return dict(seq_len=q.shape[1], causal=causal, exact_ms=exact_ms, hyper_ms=hyper_ms, error=error)
 

@@ -21,7 +21,7 @@ import json
 
 import jax
 import jax.numpy as jnp
-from profile_single_layer import median_ms  # experiments/ is on the path when run as a script
+from timing import median_ms  # experiments/ is on the path when run as a script
 
 from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_forward_rows
@@ -67,9 +67,9 @@ def main():
             "max_abs_out_diff": float(out_error),
             "max_abs_lse_diff": float(jnp.max(jnp.abs(got[1].reshape(reference[1].shape) - reference[1]))),
         }
-        result["cudnn_ms"] = median_ms(cudnn, (q, k, v), reps=30)
-    result["flash_f32_ms"] = median_ms(flash(jnp.float32), (q_rows, k, v), reps=30)
-    result["flash_bf16_ms"] = median_ms(flash(jnp.bfloat16), (q_rows, k, v), reps=30)
+        result["cudnn_ms"] = median_ms(cudnn, q, k, v, reps=30)
+    result["flash_f32_ms"] = median_ms(flash(jnp.float32), q_rows, k, v, reps=30)
+    result["flash_bf16_ms"] = median_ms(flash(jnp.bfloat16), q_rows, k, v, reps=30)
     print(result, flush=True)
 
     projection_sets = [lsh_projections(key, HEAD_DIM, 7) for key in jax.random.split(jax.random.key(1), 5)]
@@ -81,7 +81,7 @@ def main():
                 lsh_ranks_pallas, projection_sets=projection_sets, rows=rows, chunks=chunks, num_warps=warps
             )
             try:
-                hashes[name] = median_ms(jax.jit(hash_fn), (q,), reps=30)
+                hashes[name] = median_ms(jax.jit(hash_fn), q, reps=30)
             except Exception as error:
                 hashes[name] = f"{type(error).__name__}: {str(error)[:200]}"
             print(name, hashes[name], flush=True)

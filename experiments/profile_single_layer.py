@@ -23,12 +23,11 @@ import glob
 import gzip
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
+from timing import median_ms  # experiments/ is on the path when run as a script
 
 import hyperattn_jax as ha
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
@@ -36,17 +35,6 @@ from hyperattn_jax.kernels.gpu.hyper import hyper_attention_pallas
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 
 HEADS, HEAD_DIM = 32, 64
-
-
-def median_ms(fn, args, reps=20):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def with_grad(forward):
@@ -64,7 +52,7 @@ def time_variant(row, forward, inputs, cotangent):
     """row with the median fwd and fwd+bwd milliseconds of `forward` (or the error that stopped them), printed."""
     for mode, fn, fn_args in (("fwd", jax.jit(forward), inputs), ("fwdbwd", with_grad(forward), (*inputs, cotangent))):
         try:
-            row[mode] = median_ms(fn, fn_args)
+            row[mode] = median_ms(fn, *fn_args)
         except Exception as error:
             row[mode] = f"{type(error).__name__}: {str(error)[:200]}"
     print(row, flush=True)
@@ -130,7 +118,7 @@ def main():
             if name not in args.modes.split(","):
                 continue
             try:
-                wall = median_ms(fn, fn_args)
+                wall = median_ms(fn, *fn_args)
                 record["profile"][name] = {"wall_ms": wall, **gpu_kernel_times(fn, fn_args)}
             except Exception as error:
                 record["profile"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
