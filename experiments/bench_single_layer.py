@@ -4,9 +4,9 @@ Command:  PYTHONPATH=. python3 experiments/bench_single_layer.py --out experimen
           then python3 experiments/plot_single_layer.py experiments/results/bench_single_layer.json (PNG + README table)
 Hardware: one NVIDIA H200 (the project's lent GPU; an H100 80GB before 2026-12), jax 0.11.2. Runtime: ~3 min for
 n <= 131k with --max-xla-n 8192 --check-n 8192, ~1.5 min for --n "" --n-hyper-only 262144,524288,1048576 --methods
-pallas_triton (compilation included, H200). Expected result (measured 2026-12-01 23:49 UTC on the H200): ratios
-cuDNN / ours that grow with n, at n = 131072 non-causal fwd ~96x, fwd+bwd ~99x, causal fwd ~11.5-11.8x, fwd+bwd ~11x;
-the causal forward beats cuDNN from 8k on; every mode runs up to 1M tokens (causal fwd+bwd at 1M in ~0.55 s).
+pallas_triton (compilation included, H200). Expected result (measured 2026-12-02 00:56 UTC on the H200): ratios
+cuDNN / ours that grow with n, at n = 131072 non-causal fwd ~102x, fwd+bwd ~101x, causal fwd ~12.5x, fwd+bwd ~11x;
+the causal forward beats cuDNN from 8k on; every mode runs up to 1M tokens (causal fwd+bwd at 1M in ~0.54 s).
 
 In ONE process: `jax.nn.dot_product_attention(implementation="cudnn")` (exact baseline), our `xla` path and our
 `pallas_triton` path, B=1, N=32, bf16, HyperAttentionConfig.paper() (block 256, sample 256, 7 projections,

@@ -158,7 +158,6 @@ def _causal_fwd(q, k, v, key, hash_key, static):
             tuning=tuning,
             interpret=interpret,
             merge_into=(out, lse),
-            unweighted_blocks=True,  # `recursion_shape`: every block slot holds a key of the level's problem
         )
         plans.append(plan)
     out = out.reshape(q.shape)
@@ -195,7 +194,6 @@ def _causal_bwd(static, residuals, cotangents):
             scale=scale,
             tuning=tuning,
             interpret=interpret,
-            unweighted_blocks=True,
         )
     dq, dk, dv = grads
     return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None

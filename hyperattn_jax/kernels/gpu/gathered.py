@@ -27,6 +27,22 @@ from hyperattn_jax.kernels.gpu._common import LN_2, LOG2_E, NEG_START, div, dot,
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 
 
+def row_coordinates(index, batch: int):
+    """The batch and kv-head index arrays that, with row index int32 `[P, K, ..., t]`, address rows
+    `x[p % B, row, kv head]` of a public-layout `[B, S, K, H]` array (problem p reads batch element p % B)."""
+    problems, kv_heads = index.shape[:2]
+    trailing = (1,) * (index.ndim - 2)
+    problem_batch = (jnp.arange(problems) % batch).reshape(problems, 1, *trailing)
+    return problem_batch, jnp.arange(kv_heads).reshape(1, kv_heads, *trailing)
+
+
+def rows_of(x, index, batch: int):
+    """Rows of a public-layout x `[B, S, K, H]` named by index int32 `[P, K, ..., t]` (`row_coordinates`; -1 reads
+    row 0: padding, masked by its log-weight): `[P, K, ..., t, H]`."""
+    problem_batch, head = row_coordinates(index, batch)
+    return x[problem_batch, jnp.maximum(index, 0), head]
+
+
 def tile_loaders(kinds, lengths, refs):
     """(load_keys(keys) -> (k, v), w_ref or None (log-weights all 0), length) of every tile, from the refs
     `tile_operands` laid out."""

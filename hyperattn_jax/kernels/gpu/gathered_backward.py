@@ -30,7 +30,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from hyperattn_jax.kernels.gpu._common import LOG2_E, div, dot, dot_t, rem, triton_params
-from hyperattn_jax.kernels.gpu.gathered import add_log_weights, tile_loaders, tile_log_weights, tile_operands
+from hyperattn_jax.kernels.gpu.gathered import (
+    add_log_weights,
+    row_coordinates,
+    rows_of,
+    tile_loaders,
+    tile_log_weights,
+    tile_operands,
+)
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 
 
@@ -391,10 +398,7 @@ def _add_distinct_rows(total, part, index, batch: int):
     -1: not written), as a gather and a scatter that sets: the named (batch, row, kv head) must be distinct, which
     `_fold_repeated_rows` makes them within a problem and the callers' problems (disjoint key ranges of one batch
     element, or different batch elements) make them across problems."""
-    problems, kv_heads, _ = index.shape
-    problem_batch = (jnp.arange(problems) % batch)[:, None, None]
-    head = jnp.arange(kv_heads)[None, :, None]
-    current = total[problem_batch, jnp.maximum(index, 0), head]
+    problem_batch, head = row_coordinates(index, batch)
     target = jnp.where(index >= 0, index, total.shape[1])  # out of range: dropped
-    part = part.reshape(problems, kv_heads, *part.shape[1:])
-    return total.at[problem_batch, target, head].set(current + part, mode="drop")
+    part = part.reshape(*index.shape, part.shape[-1])
+    return total.at[problem_batch, target, head].set(rows_of(total, index, batch) + part, mode="drop")

@@ -22,7 +22,7 @@ from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
 from hyperattn_jax._numerics import finite_or_zero
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.kernels.gpu._common import MIN_DOT
-from hyperattn_jax.kernels.gpu.gathered import gathered_tiled_forward
+from hyperattn_jax.kernels.gpu.gathered import gathered_tiled_forward, rows_of
 from hyperattn_jax.kernels.gpu.gathered_backward import gathered_tiled_backward
 from hyperattn_jax.kernels.gpu.hash import hash_rows, lsh_ranks_pallas
 from hyperattn_jax.kernels.gpu.probe import probe_column_mass_pallas, probe_key_chunk, probe_queries
@@ -71,29 +71,19 @@ def can_gather_in_kernel(head_dim: int, plan) -> bool:
     return power_of_two(head_dim) and power_of_two(plan.query_block)
 
 
-def _rows_of(x, index, batch: int):
-    """Rows `x[p % B, index, kv head]` of a public-layout x `[B, S, K, H]` for index int32 `[P, K, ..., t]` (-1 reads
-    row 0: padding, masked by its log-weight): `[P, K, ..., t, H]`."""
-    problems, kv_heads = index.shape[:2]
-    trailing = (1,) * (index.ndim - 2)
-    problem_batch = (jnp.arange(problems) % batch).reshape(problems, 1, *trailing)
-    head = jnp.arange(kv_heads).reshape(1, kv_heads, *trailing)
-    return x[problem_batch, jnp.maximum(index, 0), head]
-
-
-def blocks_hold_valid_keys(plan, num_keys: int, kv_length) -> bool:
+def _blocks_hold_valid_keys(plan, num_keys: int, kv_length) -> bool:
     """Whether every sorted-block key slot of the plan holds a distinct valid key: no kv_length, no global keys
-    (they sort first and leave padding slots), no padding at the end. The block tile's log-weights are then all 0
-    and the row-indexed kernels skip them (`_row_operands(unweighted_blocks=True)`)."""
+    (they sort first and leave padding slots), no padding at the end. The block tile's log-weights are then all 0."""
     return kv_length is None and plan.num_global == 0 and plan.num_blocks * plan.key_block == num_keys
 
 
-def _row_operands(k, v, plan, query_positions, key_positions, batch: int, unweighted_blocks: bool):
+def _row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_length):
     """What the row-indexed kernels take for a plan: the int32 query row of every blocked slot `[P, K, G, nb, bq]`
     (-1 = padding); the tiles, per-block ones without k, v (their rows are loaded by index in the kernel; without
-    log-weights if `unweighted_blocks`, see `blocks_hold_valid_keys`), shared ones (samples, global keys) gathered
-    here; each tile's int32 rows `[P, K, nb | 1, t]`; and which of them the kernel loads by index (None for the
-    gathered ones)."""
+    log-weights where all are 0, `_blocks_hold_valid_keys`: one add per score fewer), shared ones (samples, global
+    keys) gathered here; each tile's int32 rows `[P, K, nb | 1, t]`; and which of them the kernel loads by index
+    (None for the gathered ones)."""
+    unweighted_blocks = _blocks_hold_valid_keys(plan, key_positions.shape[-2], kv_length)
     query_index = block_query_layout(query_positions, plan)[..., 0].astype(jnp.int32) - 1
     tiles, rows, in_kernel = [], [], []
     for tile in hyper_attention_tiles(key_positions, key_positions, plan):
@@ -103,7 +93,7 @@ def _row_operands(k, v, plan, query_positions, key_positions, batch: int, unweig
             tiles.append(tile._replace(k=None, v=None, log_weight=None if unweighted_blocks else tile.log_weight))
             in_kernel.append(index)
         else:
-            tiles.append(tile._replace(k=_rows_of(k, index, batch), v=_rows_of(v, index, batch)))
+            tiles.append(tile._replace(k=rows_of(k, index, batch), v=rows_of(v, index, batch)))
             in_kernel.append(None)
     return query_index, tiles, rows, in_kernel
 
@@ -120,7 +110,7 @@ def estimate_forward_rows(
     tuning,
     interpret,
     merge_into=None,
-    unweighted_blocks=False,
+    kv_length=None,
 ):
     """The estimator's forward for problems cut from public-layout q_rows `[B, T, K, G, H]`, k, v `[B, S, K, H]`.
 
@@ -128,11 +118,10 @@ def estimate_forward_rows(
     p % B); `query_positions` `[P, K, G, T', 1]` and `key_positions` `[P, K, S', 1]` (see `row_positions`) say at
     which row of q_rows, k each of the problems' rows sits. Per-block key tiles are gathered in the kernel, shared
     tiles (samples, global keys) here. Returns out `[B, T, K, G, H]` and lse `[B, K, G, T]` at the problems' rows,
-    or merged into `merge_into` (see `gathered_tiled_forward`). `unweighted_blocks`: the caller knows
-    `blocks_hold_valid_keys` (the kernels then skip the block tile's log-weights).
+    or merged into `merge_into` (see `gathered_tiled_forward`). `kv_length`: the one the plan was made with.
     """
     query_index, tiles, _, key_index = _row_operands(
-        k, v, plan, query_positions, key_positions, q_rows.shape[0], unweighted_blocks
+        k, v, plan, query_positions, key_positions, q_rows.shape[0], kv_length
     )
     return gathered_tiled_forward(
         q_rows,
@@ -174,15 +163,13 @@ def estimate_backward_rows(
     scale,
     tuning,
     interpret,
-    unweighted_blocks=False,
+    kv_length=None,
 ):
     """The estimator's backward for the problems `estimate_forward_rows` cut, as one part of a merged attention with
     final lse and delta `[B, K, G, T]`: its dq, dk, dv added into the float32 accumulators `grads` (dq
     `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`; None: written, for a plan covering every row), reading every row by
-    index (`gathered_tiled_backward`). Needs `can_backward_in_place`; `unweighted_blocks` as for the forward."""
-    query_index, tiles, rows, _ = _row_operands(
-        k, v, plan, query_positions, key_positions, q_rows.shape[0], unweighted_blocks
-    )
+    index (`gathered_tiled_backward`). Needs `can_backward_in_place`; `kv_length` as for the forward."""
+    query_index, tiles, rows, _ = _row_operands(k, v, plan, query_positions, key_positions, q_rows.shape[0], kv_length)
     return gathered_tiled_backward(
         q_rows,
         k,
@@ -326,7 +313,7 @@ def _hyper_fwd(q, k, v, key, kv_length, hash_key, static):
             scale=scale,
             tuning=tuning,
             interpret=interpret,
-            unweighted_blocks=blocks_hold_valid_keys(plan, k.shape[1], kv_length),
+            kv_length=kv_length,
         )
         out = out.reshape(q.shape)
     else:
@@ -358,7 +345,7 @@ def _hyper_bwd(static, residuals, cotangents):
             scale=scale,
             tuning=tuning,
             interpret=interpret,
-            unweighted_blocks=blocks_hold_valid_keys(plan, s, kv_length),
+            kv_length=kv_length,
         )
         return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
     grads = estimate_backward(
