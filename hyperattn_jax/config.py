@@ -161,6 +161,15 @@ class HyperAttentionConfig:
         """Nominal keys each query attends away from the exact base case: b + m + sinks + heavy + window."""
         return self.block_size + self.sample_size + self.num_sink_keys + self.num_heavy_keys + self.local_window
 
+    def attends_exactly(self, num_keys: int) -> bool:
+        """Whether a call over `num_keys` keys is computed exactly, causal or not: `num_keys <= min_seq_len` (or a single
+        block holds every key, where the estimate is exact anyway).
+
+        >>> HyperAttentionConfig(min_seq_len=4096).attends_exactly(4096)
+        True
+        """
+        return num_keys <= max(self.min_seq_len, self.block_size)
+
     def replace(self, **changes) -> HyperAttentionConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
