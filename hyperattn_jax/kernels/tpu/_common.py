@@ -59,3 +59,9 @@ def dot_t(a, b):
 def dot_tn(a, b):
     """a.T @ b inside a kernel, float32 accumulation."""
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def div(x, y):
+    """x // y for non-negative ints inside kernels and index maps (jnp's floor division lowers through `sign`, whose
+    TPU lowering asks for the chip generation, which a CPU export does not know)."""
+    return jax.lax.div(jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32))

@@ -29,6 +29,7 @@ from hyperattn_jax.kernels.tpu._common import (
     ROW_MULTIPLE,
     compiler_params,
     default_interpret,
+    div,
     dot,
     dot_t,
     interpret_arg,
@@ -120,11 +121,11 @@ def _needed(qi, kj, layout: _Layout):
 
 def _last_key_block(qi, layout: _Layout):
     """The last key block query block qi sees: the index map repeats it for the skipped ones (no refetch)."""
-    return ((qi + 1) * layout.block_q - 1) // layout.block_k
+    return div((qi + 1) * layout.block_q - 1, layout.block_k)
 
 
 def _first_query_block(kj, layout: _Layout):
-    return (kj * layout.block_k) // layout.block_q
+    return div(kj * layout.block_k, layout.block_q)
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -170,7 +171,7 @@ def _query_major_specs(layout: _Layout):
     rows = pl.BlockSpec((None, None, bq, h), lambda b, g, qi, kj: (b, g, qi, 0))
     stats = pl.BlockSpec((None, None, bq, 1), lambda b, g, qi, kj: (b, g, qi, 0))
     keys = pl.BlockSpec((None, bk, h), lambda b, g, qi, kj: (b, key_block(qi, kj), 0))
-    bias = pl.BlockSpec((None, 1, bk), lambda b, g, qi, kj: (b // kv_heads, 0, key_block(qi, kj)))
+    bias = pl.BlockSpec((None, 1, bk), lambda b, g, qi, kj: (div(b, kv_heads), 0, key_block(qi, kj)))
     return rows, stats, keys, bias
 
 
@@ -271,7 +272,7 @@ def _backward(q, k, v, bias, out, lse, do, d_lse, layout: _Layout, scale: float,
     rows_k = pl.BlockSpec((None, None, bq, h), lambda b, kj, g, qi: (b, g, query_block(kj, qi), 0))
     stats_k = pl.BlockSpec((None, None, bq, 1), lambda b, kj, g, qi: (b, g, query_block(kj, qi), 0))
     keys_k = pl.BlockSpec((None, bk, h), lambda b, kj, g, qi: (b, kj, 0))
-    bias_k = pl.BlockSpec((None, 1, bk), lambda b, kj, g, qi: (b // kv_heads, 0, kj))
+    bias_k = pl.BlockSpec((None, 1, bk), lambda b, kj, g, qi: (div(b, kv_heads), 0, kj))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, layout=layout, scale=scale),
         grid=(q.shape[0], layout.padded_keys // bk, layout.groups, layout.padded_queries // bq),

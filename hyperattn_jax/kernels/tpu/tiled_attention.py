@@ -12,8 +12,8 @@ reuse the tiles already in VMEM (GQA without repeated k, v and without refetchin
 
 Backward (FlashAttention-2 with per-key weights, P_ij = w_j e^{s_ij - lse_i}, dS = P (dP - delta), computed with
 the final lse and delta = rowsum(dO O) - dlse): a dq kernel on the forward's grid, and per tile a dk/dv kernel on the
-grid (B*K, key block, key chunk, query block) that loops over the G heads of its query block and accumulates in VMEM
-scratch; a tile shared by all blocks reduces over the query-block axis ("arbitrary"), so no scatter-add anywhere.
+grid (B*K, key block, key chunk, query head, row chunk) that accumulates in VMEM scratch over the heads and the row
+chunks that see its keys (one query block's for a per-block tile, every block's for a shared tile): no scatter-add.
 The log-weights are constants of the plan: their cotangent is zero.
 """
 
@@ -35,6 +35,7 @@ from hyperattn_jax.kernels.tpu._common import (
     ROW_MULTIPLE,
     compiler_params,
     default_interpret,
+    div,
     dot,
     dot_t,
     interpret_arg,
@@ -153,16 +154,15 @@ def forward_budget(layout: _Layout, *, with_grads: bool = False) -> VmemBudget:
 
 
 def dkdv_budget(layout: _Layout, tile: int) -> VmemBudget:
-    """One step of a tile's dk/dv kernel: all G heads of one query block against one key chunk."""
-    g, bqp, h, dt = layout.groups, layout.query_block_padded, layout.head_dim, layout.dtype
+    """One step of a tile's dk/dv kernel: one row chunk of one query head against one key chunk."""
+    rows, h, dt = layout.rows, layout.head_dim, layout.dtype
     chunk = layout.key_chunks_bwd[tile]
-    head_rows = tile_bytes((g, bqp, h), dt)
-    stats = tile_bytes((g, bqp, 1), jnp.float32)
-    key_block = tile_bytes((chunk, h), dt)
-    blocks = {"q": head_rows, "do": head_rows, "lse": stats, "delta": stats, "k": key_block, "v": key_block}
+    row_block, key_block = tile_bytes((rows, h), dt), tile_bytes((chunk, h), dt)
+    stat = tile_bytes((rows, 1), jnp.float32)
+    blocks = {"q": row_block, "do": row_block, "lse": stat, "delta": stat, "k": key_block, "v": key_block}
     blocks |= {"w": tile_bytes((1, chunk), jnp.float32), "dk": key_block, "dv": key_block}
     scratch = {"dk, dv accumulators": 2 * tile_bytes((chunk, h), jnp.float32)}
-    temporaries = {"scores, probabilities, dP, dS": 4 * tile_bytes((bqp, chunk), jnp.float32)}
+    temporaries = {"scores, probabilities, dP, dS": 4 * tile_bytes((rows, chunk), jnp.float32)}
     return VmemBudget(f"tiled attention dk/dv (tile {tile})", blocks, scratch, temporaries)
 
 
@@ -281,67 +281,57 @@ def _dq_call(q, do, lse, delta, flat_tiles, layout: _Layout, *, scale: float, in
     )(q, do, lse, delta, *flat_tiles)
 
 
-def _dkdv_kernel(
-    q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, w_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, groups, scale
-):
-    """dk, dv of one key chunk of one tile, accumulated over the G heads of one query block per step."""
-    step = pl.program_id(3)
+def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, w_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, scale):
+    """dk, dv of one key chunk of one tile, accumulated over the query heads and row chunks that see it."""
+    g, step = pl.program_id(3), pl.program_id(4)
 
-    @pl.when(step == 0)
+    @pl.when((g == 0) & (step == 0))
     def _zero():
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    k, v, w = k_ref[...], v_ref[...], w_ref[...]
+    q, do, k = q_ref[...], do_ref[...], k_ref[...]
+    p = jnp.exp(dot_t(q, k) * scale + w_ref[...] - lse_ref[...])  # (rows, chunk)
+    dv_acc[...] += dot(p.astype(do.dtype).T, do)
+    ds = p * (dot_t(do, v_ref[...]) - delta_ref[...])
+    dk_acc[...] += dot(ds.astype(q.dtype).T, q)
 
-    def head(g, carry):
-        dk, dv = carry
-        q, do = q_ref[g], do_ref[g]
-        p = jnp.exp(dot_t(q, k) * scale + w - lse_ref[g])  # (bqp, chunk)
-        dv = dv + dot(p.astype(do.dtype).T, do)
-        ds = p * (dot_t(do, v) - delta_ref[g])
-        dk = dk + dot(ds.astype(q.dtype).T, q)
-        return dk, dv
-
-    dk, dv = jax.lax.fori_loop(0, groups, head, (dk_acc[...], dv_acc[...]))
-    dk_acc[...] = dk
-    dv_acc[...] = dv
-
-    @pl.when(step == pl.num_programs(3) - 1)
+    @pl.when((g == pl.num_programs(3) - 1) & (step == pl.num_programs(4) - 1))
     def _write():
         dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
 def _dkdv_call(q, do, lse, delta, k, v, w, tile: int, layout: _Layout, *, scale: float, interpret: bool):
-    """dk, dv `[BK, nb|1, tp, H]` of one tile. Grid (bk, key block i, key chunk c, query step r): a per-block tile's
-    keys are seen by query block i alone (one step); a shared tile's by every query block r (a reduction)."""
+    """dk, dv `[BK, nb|1, tp, H]` of one tile. Grid (bk, key block i, key chunk c, head g, row chunk r), the last two
+    a reduction: a per-block tile's keys are seen by the row chunks of query block i alone, a shared tile's by every
+    row chunk of every query block. Per-step VMEM depends on neither G nor the query block length."""
     dkdv_budget(layout, tile).check()
-    bk, g, _, h = q.shape
+    bk, _, _, h = q.shape
     shared, per_block = layout.tile_shared[tile], layout.weight_per_block[tile]
-    chunk, bqp = layout.key_chunks_bwd[tile], layout.query_block_padded
+    chunk, rows, splits = layout.key_chunks_bwd[tile], layout.rows, layout.splits
     nb = layout.num_blocks
-    key_blocks, query_steps = (1, nb) if shared else (nb, 1)
+    key_blocks, row_steps = (1, nb * splits) if shared else (nb, splits)
 
-    def query_block(i, r):
-        return r if shared else i
+    def row_chunk(i, r):
+        return r if shared else i * splits + r
 
-    rows_spec = pl.BlockSpec((None, g, bqp, h), lambda b, i, c, r: (b, 0, query_block(i, r), 0))
-    stat_spec = pl.BlockSpec((None, g, bqp, 1), lambda b, i, c, r: (b, 0, query_block(i, r), 0))
-    kv_spec = pl.BlockSpec((None, None, chunk, h), lambda b, i, c, r: (b, i, c, 0))
-    if per_block:
-        w_spec = pl.BlockSpec((None, None, 1, chunk), lambda b, i, c, r: (b, query_block(i, r), 0, c))
+    rows_spec = pl.BlockSpec((None, None, rows, h), lambda b, i, c, g, r: (b, g, row_chunk(i, r), 0))
+    stat_spec = pl.BlockSpec((None, None, rows, 1), lambda b, i, c, g, r: (b, g, row_chunk(i, r), 0))
+    kv_spec = pl.BlockSpec((None, None, chunk, h), lambda b, i, c, g, r: (b, i, c, 0))
+    if per_block:  # the weights of the query block that holds this row chunk
+        w_spec = pl.BlockSpec((None, None, 1, chunk), lambda b, i, c, g, r: (b, div(row_chunk(i, r), splits), 0, c))
     else:
-        w_spec = pl.BlockSpec((None, None, 1, chunk), lambda b, i, c, r: (b, 0, 0, c))
+        w_spec = pl.BlockSpec((None, None, 1, chunk), lambda b, i, c, g, r: (b, 0, 0, c))
     length = layout.tile_lengths_padded[tile]
     return pl.pallas_call(
-        functools.partial(_dkdv_kernel, groups=g, scale=scale),
-        grid=(bk, key_blocks, length // chunk, query_steps),
+        functools.partial(_dkdv_kernel, scale=scale),
+        grid=(bk, key_blocks, length // chunk, layout.groups, row_steps),
         in_specs=[rows_spec, rows_spec, stat_spec, stat_spec, kv_spec, kv_spec, w_spec],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
         scratch_shapes=[pltpu.VMEM((chunk, h), jnp.float32)] * 2,
-        compiler_params=compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=compiler_params(("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
         interpret=interpret_arg(interpret),
         name="hyper_tiled_attention_dkdv_tpu",
     )(q, do, lse, delta, k, v, w)

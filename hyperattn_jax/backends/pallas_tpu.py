@@ -1,0 +1,100 @@
+"""The Pallas TPU (Mosaic) kernels (`kernels/tpu/`): bf16/fp32 on TPUs, head dims 64, 128, 256.
+
+Same plan and random draws as the xla backend for the same key (`ops.make_plan` with the same arguments), so the two
+agree up to rounding: the estimate is `ops.block_query_layout` + `ops.hyper_attention_tiles` (XLA gathers into
+sorted copies) + the fused tiled kernel in place of `ops.tiled_attention`; exact attention (S <= min_seq_len, the
+causal base case, sinks and windows) is the TPU flash kernel with its float32 lse; `ops.grouped_attention` picks
+between them and runs the causal recursion, merging levels by lse (differentiated through the kernels' lse vjp).
+`interpret=True` runs every kernel in TPU interpret mode on the CPU.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
+from hyperattn_jax.kernels.tpu.flash import FlashTiling, flash_attention_tpu, flash_budgets
+from hyperattn_jax.kernels.tpu.flash import _make_layout as _flash_layout
+from hyperattn_jax.kernels.tpu.tiled_attention import TpuTiling, layout_budgets, make_layout, tiled_attention_tpu
+from hyperattn_jax.ops import (
+    AttentionParts,
+    block_query_layout,
+    grouped_attention,
+    hyper_attention_tiles,
+    make_plan,
+    unblock_query_layout,
+)
+
+NAME = "pallas_tpu"
+PLATFORMS = ("tpu",)
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def config_tile_lengths(config, *, causal: bool) -> tuple[int, ...]:
+    """Key-tile lengths of the estimate under `config`: the sortLSH block, the global keys (sinks, heavy keys) and
+    the samples. Causal quarters are estimated without sinks (the recursion takes them out first)."""
+    num_global = config.num_heavy_keys + (0 if causal else config.num_sink_keys)
+    return tuple(t for t in (config.block_size, num_global, config.sample_size) if t)
+
+
+def kernel_budgets(*, dtype, head_dim: int, config, causal: bool):
+    """The VMEM budgets of every kernel configuration a call runs, at the largest row block (`TpuTiling.block_q`
+    rows: per-step VMEM depends on neither the sequence length, nor the number of blocks or heads)."""
+    tiling, flash_tiling = TpuTiling(), FlashTiling()
+    tiles = [((1, 1, 2, t, head_dim), (1, 1, 2, t)) for t in config_tile_lengths(config, causal=causal)]
+    layout = make_layout((1, 1, 1, 2, tiling.block_q, head_dim), dtype, tiles, tiling)
+    flash = _flash_layout((1, 1, 1, 4096, head_dim), (1, 1, 4096, head_dim), dtype, causal, flash_tiling)
+    return [*layout_budgets(layout), *flash_budgets(flash)]
+
+
+def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
+    """Why the TPU kernels cannot take a call (None when they can)."""
+    if jnp.dtype(dtype) not in DTYPES:
+        return f"the TPU kernels take bfloat16/float32 inputs, got {jnp.dtype(dtype)}"
+    if head_dim not in HEAD_DIMS:
+        return f"the TPU kernels take head dims {HEAD_DIMS}, got {head_dim=}"
+    for budget in kernel_budgets(dtype=dtype, head_dim=head_dim, config=config, causal=causal):
+        reason = budget.reason_over_limit()
+        if reason is not None:
+            return reason
+    return None
+
+
+def parts(*, scale: float, hash_key, interpret: bool) -> AttentionParts:
+    """The TPU kernels as `ops.AttentionParts` (grouped layout)."""
+
+    def estimate(q, k, v, *, key, config, kv_length):
+        plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v, scale=scale)
+        tiles = hyper_attention_tiles(k, v, plan)
+        out, lse = tiled_attention_tpu(block_query_layout(q, plan), tiles, scale=scale, interpret=interpret)
+        t = q.shape[3]
+        out = unblock_query_layout(out, plan, t)
+        lse = unblock_query_layout(lse[..., None], plan, t)[..., 0]
+        return out, lse
+
+    def exact(q, k, v, *, causal, kv_length):
+        return flash_attention_tpu(q, k, v, scale=scale, causal=causal, kv_length=kv_length, interpret=interpret)
+
+    return AttentionParts(estimate=estimate, exact=exact)
+
+
+def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False):
+    """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]` (q's dtype where exact, float32
+    where levels merge), lse `[B, K, G, T]` float32.
+
+    >>> import jax
+    >>> from hyperattn_jax.config import HyperAttentionConfig
+    >>> q = k = v = jax.random.normal(jax.random.key(1), (1, 512, 2, 64))
+    >>> cfg = HyperAttentionConfig.paper(block_size=128, sample_size=128, min_seq_len=256)
+    >>> out, lse = attention(q, k, v, jax.random.key(0), None, None, config=cfg, causal=False, scale=0.125,
+    ...                      interpret=True)
+    >>> out.shape, lse.shape
+    ((1, 512, 2, 64), (1, 2, 1, 512))
+    """
+    own_parts = parts(scale=scale, hash_key=hash_key, interpret=interpret)
+    q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
+    out, lse = grouped_attention(
+        q5, k4, v4, key=key, config=config, causal=causal, parts=own_parts, kv_length=kv_length
+    )
+    return ungroup_output(out), lse
