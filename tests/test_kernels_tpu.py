@@ -87,18 +87,26 @@ def test_tiled_kernel_matches_its_twin(rng, dtype):
         _assert_close(a, b_, dtype)
 
 
-@pytest.mark.parametrize("dtype, causal, kv_length", [(jnp.bfloat16, True, None), (jnp.float32, False, (45, 29))])
+@pytest.mark.parametrize("dtype, causal, kv_length", [(jnp.bfloat16, True, None), (jnp.float32, False, (131, 70))])
 def test_flash_kernel_matches_its_twin(rng, dtype, causal, kv_length):
-    """Odd length 45 over 16-row query blocks (so several query blocks and causal skipping), GQA, key padding."""
+    """Odd length 131 in blocks of 64 queries and 128 keys: three query blocks, two key blocks, so causal runs skip
+    (and do not refetch) the key block above the diagonal; GQA; key padding (kv_length) when not causal."""
     from hyperattn_jax.kernels.tpu.flash import FlashTiling
 
-    q = _normal(rng, (2, 1, 2, 45, 64), dtype)
-    k, v = (_normal(rng, (2, 1, 45, 64), dtype) for _ in range(2))
+    q = _normal(rng, (2, 1, 2, 131, 64), dtype)
+    k, v = (_normal(rng, (2, 1, 131, 64), dtype) for _ in range(2))
     lengths = None if kv_length is None else jnp.asarray(kv_length, jnp.int32)
 
     def kernel(q, k, v):
         return flash_attention_tpu(
-            q, k, v, scale=0.2, causal=causal, kv_length=lengths, tiling=FlashTiling(block_q=16), interpret=True
+            q,
+            k,
+            v,
+            scale=0.2,
+            causal=causal,
+            kv_length=lengths,
+            tiling=FlashTiling(block_q=64, block_k=128),
+            interpret=True,
         )
 
     def twin(q, k, v):
