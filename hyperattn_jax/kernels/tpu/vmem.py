@@ -6,10 +6,10 @@ output block costs twice its VMEM footprint; scratch accumulators cost once; the
 (sublane, 128-lane) tiles, so a block's footprint rounds its last dim up to 128 lanes (a head dim of 64 costs as much
 as 128) and its second-to-last up to 8 rows of 32 bits (16 rows of bf16).
 
-The limit: every kernel requests `VMEM_LIMIT_BYTES` = 32 MiB of scoped VMEM. Mosaic's default scoped limit is 16 MiB
-on v5e and 32 MiB on v6e; the physical VMEM is 128 MiB (v5e, v6e) and 64 MiB (v5p, v7x per TensorCore), so 32 MiB is
-granted on every generation the tiling targets, with half of the smallest VMEM left to the compiler's own scratch.
-v4 and older have 16 MiB of VMEM in all and are not targeted.
+The limit: every kernel requests `VMEM_LIMIT_BYTES` = 32 MiB of scoped VMEM rather than inheriting Mosaic's default
+(part of the physical VMEM, differing by generation). The physical VMEM is 128 MiB (v5e, v6e) and 64 MiB (v5p, v7x
+per TensorCore; `pltpu.get_tpu_info_for_chip`), so 32 MiB is granted on every generation the tiling targets, with
+half of the smallest VMEM left to the compiler's own scratch. v4 and older have 16 MiB of VMEM and are not targeted.
 """
 
 from __future__ import annotations
