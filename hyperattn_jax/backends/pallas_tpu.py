@@ -13,8 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
-from hyperattn_jax.kernels.tpu.flash import FlashTiling, flash_attention_tpu, flash_budgets
-from hyperattn_jax.kernels.tpu.flash import _make_layout as _flash_layout
+from hyperattn_jax.kernels.tpu import flash
 from hyperattn_jax.kernels.tpu.tiled_attention import TpuTiling, layout_budgets, make_layout, tiled_attention_tpu
 from hyperattn_jax.ops import (
     AttentionParts,
@@ -41,11 +40,11 @@ def config_tile_lengths(config, *, causal: bool) -> tuple[int, ...]:
 def kernel_budgets(*, dtype, head_dim: int, config, causal: bool):
     """The VMEM budgets of every kernel configuration a call runs, at the largest row block (`TpuTiling.block_q`
     rows: per-step VMEM depends on neither the sequence length, nor the number of blocks or heads)."""
-    tiling, flash_tiling = TpuTiling(), FlashTiling()
+    tiling, flash_tiling = TpuTiling(), flash.FlashTiling()
     tiles = [((1, 1, 2, t, head_dim), (1, 1, 2, t)) for t in config_tile_lengths(config, causal=causal)]
     layout = make_layout((1, 1, 1, 2, tiling.block_q, head_dim), dtype, tiles, tiling)
-    flash = _flash_layout((1, 1, 1, 4096, head_dim), (1, 1, 4096, head_dim), dtype, causal, flash_tiling)
-    return [*layout_budgets(layout), *flash_budgets(flash)]
+    exact = flash.make_layout((1, 1, 1, 4096, head_dim), (1, 1, 4096, head_dim), dtype, causal, flash_tiling)
+    return [*layout_budgets(layout), *flash.flash_budgets(exact)]
 
 
 def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
@@ -74,14 +73,14 @@ def parts(*, scale: float, hash_key, interpret: bool) -> AttentionParts:
         return out, lse
 
     def exact(q, k, v, *, causal, kv_length):
-        return flash_attention_tpu(q, k, v, scale=scale, causal=causal, kv_length=kv_length, interpret=interpret)
+        return flash.flash_attention_tpu(q, k, v, scale=scale, causal=causal, kv_length=kv_length, interpret=interpret)
 
     return AttentionParts(estimate=estimate, exact=exact)
 
 
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False):
-    """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]` (q's dtype where exact, float32
-    where levels merge), lse `[B, K, G, T]` float32.
+    """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]` (q's dtype, or float32 where the
+    causal recursion merges levels), lse `[B, K, G, T]` float32.
 
     >>> import jax
     >>> from hyperattn_jax.config import HyperAttentionConfig

@@ -68,7 +68,7 @@ class _Layout(NamedTuple):
         return round_up(self.num_keys, self.block_k)
 
 
-def _make_layout(q_shape, k_shape, dtype, causal: bool, tiling: FlashTiling) -> _Layout:
+def make_layout(q_shape, k_shape, dtype, causal: bool, tiling: FlashTiling) -> _Layout:
     batch, kv_heads, groups, t, h = q_shape
     s = k_shape[2]
     if causal and t != s:
@@ -238,9 +238,9 @@ def _dkdv_kernel(
     def _step():
         q, do = q_ref[...], do_ref[...]
         p = jnp.exp(_scores(q, k_ref[...], bias_ref[...], qi, kj, layout, scale) - lse_ref[...])
-        dv_acc[...] += dot(p.astype(do.dtype).T, do)
+        dv_acc[...] += dot(p.T.astype(do.dtype), do)
         ds = p * (dot_t(do, v_ref[...]) - delta_ref[...])
-        dk_acc[...] += dot(ds.astype(q.dtype).T, q)
+        dk_acc[...] += dot(ds.T.astype(q.dtype), q)
 
     @pl.when(last)
     def _write():
@@ -341,7 +341,7 @@ def flash_attention_tpu(
     """
     tiling = FlashTiling() if tiling is None else tiling
     interpret = default_interpret() if interpret is None else bool(interpret)
-    layout = _make_layout(q.shape, k.shape, q.dtype, causal, tiling)
+    layout = make_layout(q.shape, k.shape, q.dtype, causal, tiling)
     for budget in flash_budgets(layout):
         budget.check()
     b, kv_heads, g, t, h = q.shape

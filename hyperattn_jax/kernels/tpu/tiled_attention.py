@@ -292,9 +292,9 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, w_ref, dk_ref,
 
     q, do, k = q_ref[...], do_ref[...], k_ref[...]
     p = jnp.exp(dot_t(q, k) * scale + w_ref[...] - lse_ref[...])  # (rows, chunk)
-    dv_acc[...] += dot(p.astype(do.dtype).T, do)
+    dv_acc[...] += dot(p.T.astype(do.dtype), do)
     ds = p * (dot_t(do, v_ref[...]) - delta_ref[...])
-    dk_acc[...] += dot(ds.astype(q.dtype).T, q)
+    dk_acc[...] += dot(ds.T.astype(q.dtype), q)
 
     @pl.when((g == pl.num_programs(3) - 1) & (step == pl.num_programs(4) - 1))
     def _write():
