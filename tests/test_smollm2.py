@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("gguf")
-from hyperattn_jax.data.fetch import SMOLLM2_GGUF_NAME, cache_dir  # noqa: E402
+from hyperattn_jax.data.fetch import SMOLLM2_GGUF_NAME, cache_dir
 
 GGUF = cache_dir() / SMOLLM2_GGUF_NAME
 pytestmark = pytest.mark.skipif(not GGUF.is_file(), reason=f"{GGUF} not fetched (python3 -m hyperattn_jax.data fetch)")
