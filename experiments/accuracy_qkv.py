@@ -9,7 +9,8 @@ Expected: the published algorithm ("paper", min_seq_len 1024) has mean relative 
           column-mass systematic sampling, window) ~0.04 and ~0.36 at the same number of keys per query.
           Writes experiments/results/accuracy_qkv.json; accuracy_report.py draws the PNG and tables.
 
-Inputs: real post-RoPE q/k/v of SmolLM2-135M on the first 8192 tokens of Hamlet (shared/data/smollm2_qkv, layers 2,
+Inputs: real post-RoPE q/k/v of SmolLM2-135M on the first 8192 tokens of Hamlet (hyperattn_jax.data.capture_qkv,
+layers 2,
 8, 15, 22, 29; 9 query heads, 3 kv heads, head dim 64). For every layer, causal and non-causal, every config and every
 seed: the relative Frobenius error ||out_h - exact_h|| / ||exact_h|| per head, averaged over the 9 heads. "uniform" is
 plain uniform attention (mean of v, causal: running mean), the trivial baseline the issue asks to beat on every layer.
@@ -32,7 +33,6 @@ import numpy as np
 import hyperattn_jax as ha
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIRS = [ROOT / ".carry" / "accuracy" / "smollm2_qkv", ROOT.parent / "shared" / "data" / "smollm2_qkv"]
 RESULTS = ROOT / "experiments" / "results"
 LAYERS = (22, 15, 29, 2, 8)  # sink-heavy layers first, so that a cut-short run still has them
 MIN_SEQ_LEN = 1024  # as in the issue's measurement of the published algorithm at 8192 tokens
@@ -81,10 +81,10 @@ def candidate_configs() -> dict[str, ha.HyperAttentionConfig]:
 
 def load_layer(layer: int):
     """q `[1, T, 9, 64]`, k and v `[1, T, 3, 64]` float32, and the model's softmax scale."""
-    data_dir = next(d for d in DATA_DIRS if d.is_dir())
-    z = np.load(data_dir / f"hamlet_L{layer}.npz")
-    q, k, v = (jnp.asarray(z[name].astype(np.float32).transpose(1, 0, 2))[None] for name in ("q", "k", "v"))
-    return q, k, v, float(z["scale"])
+    from hyperattn_jax.data import capture_qkv  # cached after the first run (python3 -m hyperattn_jax.data)
+
+    captured = capture_qkv("shakespeare/hamlet", [layer], 8192)[layer]
+    return jnp.asarray(captured.q), jnp.asarray(captured.k), jnp.asarray(captured.v), captured.scale
 
 
 def exact_reference(layer: int, q, k, v, scale: float, causal: bool):
@@ -127,7 +127,7 @@ def main():
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,
-        "data": "SmolLM2-135M-Instruct q/k/v, Hamlet first 8192 tokens (shared/data/smollm2_qkv)",
+        "data": "SmolLM2-135M-Instruct q/k/v, Hamlet first 8192 tokens (hyperattn_jax.data.capture_qkv)",
         "metric": "relative Frobenius error per head vs exact float32 attention, mean over 9 heads",
         "seeds": args.seeds,
         "configs": {
