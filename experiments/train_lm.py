@@ -3,7 +3,7 @@
 Command (GPU run behind experiments/results/train_lm.json, train_lm.png and train_lm_gpu.log):
     PYTHONPATH=$PWD python3 experiments/train_lm.py --preset gpu --data .carry/train --out $OUT \
         --checkpoint-dir /tmp/ckpt --checkpoint-every 500 --max-train-seconds 190 --quiet
-    (.carry/train holds the long stdlib modules: `lm_data.copy_stdlib_corpus(".carry/train")`.)
+    (.carry/train holds the long stdlib modules: `hyperattn_jax.data.byte_corpus.copy_stdlib_corpus(".carry/train")`.)
 Hardware: one NVIDIA H100 80GB, jax 0.11.2, flax 0.12.10. Runtime: about 100 s (two 8192-byte-context trainings
 of 1500 steps, batch 4, a 4-layer d=256 GQA model; four held-out evaluations; compilation included).
 Expected result: both runs fall from 8 to about 1.0 train bits/byte with near-identical curves; held-out bits/byte
@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from lm_data import WindowSampler, eval_windows, load_corpus
-from lm_model import ByteLM, LMConfig
 from tqdm import tqdm
 
 from hyperattn_jax.config import HyperAttentionConfig
+from hyperattn_jax.data.byte_corpus import WindowSampler, eval_windows, load_corpus
+from hyperattn_jax.models.byte_lm import ByteLM, LMConfig
 from hyperattn_jax.nn.linen import LSH_COLLECTION, RNG_STREAM
 
 PRESETS = {

@@ -1,6 +1,7 @@
 """A small byte-level decoder-only LM (RMSNorm, RoPE, GQA, SwiGLU) on `hyperattn_jax.nn.linen.HyperAttention`.
 
-The attention kind is a module attribute, so one set of parameters runs with exact attention ("exact"/"cudnn") or
+Needs flax (`pip install "hyperattn_jax[flax]"`). The attention kind is a module attribute, so one set of parameters
+runs with exact attention ("exact"/"cudnn") or
 HyperAttention ("hyper"): that is how `train_lm.py` trains both and cross-evaluates them.
 """
 

@@ -1,4 +1,5 @@
-"""Byte-level long-document corpus for `train_lm.py`: Python source files, split by file into train and held-out.
+"""Byte-level long-document corpus for `hyperattn_jax.models.byte_lm` (experiments/train_lm.py): Python source
+files, split by file into train and held-out.
 
 Python's standard library is on every machine and its larger modules are long real documents (10k-800k bytes), so it
 needs no download. `copy_stdlib_corpus` freezes a selection into a folder (for the GPU run, which carries it along).
