@@ -1,98 +1,294 @@
-"""hyperattn_jax.parallel: the single-device contracts here, and the 8-device cases of `parallel_cases.py`.
+"""hyperattn_jax.parallel on 8 CPU devices (tests/conftest.py sets `jax_num_cpu_devices=8` before jax starts), and
+its single-device contracts."""
 
-jax in this process has started with one CPU device, so the multi-device cases run in ONE subprocess with
-`XLA_FLAGS=--xla_force_host_platform_device_count=8` (one jax start-up), and each case function is reported here as
-its own test: it passes only if every parametrisation of it passed there. Under pytest-xdist the workers share that
-one run (the first to need it runs it under a file lock; the others read its report): it takes minutes on 2 cores.
-"""
+import functools
 
-import ast
-import fcntl
-import os
-import pathlib
-import subprocess
-import sys
-import xml.etree.ElementTree as ET
-
+import flax.linen as flax_nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import random_qkv
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
-from hyperattn_jax.ops.sortlsh import plan_projections
-from hyperattn_jax.parallel import sharded_hyper_attention
-from hyperattn_jax.parallel._randomness import check_paper_plan, plan_sample_index
+from hyperattn_jax.parallel import hyper_attention_shard, sharded_hyper_attention
+from hyperattn_jax.parallel._randomness import check_paper_plan, plan_sample_index, sample_slice
+from hyperattn_jax.parallel.columnsort import column_sort, route, unroute
 
-CASES = pathlib.Path(__file__).with_name("parallel_cases.py")
-CASE_NAMES = [
-    node.name
-    for node in ast.parse(CASES.read_text()).body
-    if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
-]
+TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-def _run_cases_once(report):
-    """Run parallel_cases.py on 8 forced CPU devices into the junit `report`, unless another worker already did."""
-    with open(report.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if report.exists():
-            return
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES), f"--junitxml={report}"]
-        run = subprocess.run(command, cwd=CASES.parent.parent, env=env, capture_output=True, text=True, timeout=1200)
-        if not report.exists():
-            output = f"{run.stdout[-4000:]}{run.stderr}"
-            pytest.fail(f"the 8-device run produced no report (exit {run.returncode}):\n{output}")
-
-
-@pytest.fixture(scope="module")
-def multi_device_results(tmp_path_factory):
-    """Run parallel_cases.py on 8 forced CPU devices; returns {case function: [(test id, failure text or None)]}."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # The parent of a worker's base temp dir belongs to this run alone and is shared by its workers.
-        report = tmp_path_factory.getbasetemp().parent / "parallel_report.xml"
-    else:
-        report = tmp_path_factory.mktemp("parallel") / "report.xml"
-    _run_cases_once(report)
-    results = {}
-    for case in ET.parse(report).getroot().iter("testcase"):
-        name = case.get("name")
-        problems = [child for child in case if child.tag in ("failure", "error", "skipped")]
-        text = "\n".join(f"{p.tag}: {p.get('message')}\n{p.text or ''}" for p in problems) or None
-        results.setdefault(name.split("[")[0], []).append((name, text))
-    return results
-
-
-@pytest.mark.parametrize("case", CASE_NAMES)
-def test_on_eight_devices(multi_device_results, case):
-    outcomes = multi_device_results.get(case)
-    assert outcomes, f"{case} did not run in the 8-device subprocess"
-    failed = [f"{name}:\n{text}" for name, text in outcomes if text is not None]
-    assert not failed, "\n\n".join(failed)
-
-
-def _paper_config(**fields):
+def paper_config(**fields):
+    """The published plan with small sizes (explicit, so that changed library defaults do not change the tests)."""
     paper = getattr(ha.HyperAttentionConfig, "paper", None)
     return paper(**fields) if paper is not None else ha.HyperAttentionConfig(**fields)
 
 
+# 1024 positions on 8 devices: 128 per device, four 32-key blocks each, above Columnsort's minimum of 98 rows.
+CFG = paper_config(block_size=32, sample_size=16, num_projections=4, min_seq_len=64)
+
+
+def test_conftest_gave_eight_devices():
+    assert jax.device_count() == 8, "tests/conftest.py sets jax_num_cpu_devices=8 before jax starts its backends"
+
+
+def single_device(q, k, v, key, *, causal, config=CFG):
+    return ha.hyper_attention(q, k, v, key=key, config=config, causal=causal, return_lse=True)
+
+
+def assert_same(a, b, tol=TOL):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "p", "heads", "t"),
+    [
+        ("all_to_all", 4, (8, 4), 256),
+        ("bucket_dispatch", 2, (4, 2), 256),
+        ("bucket_dispatch", 8, (4, 1), 1024),  # MQA: one kv head on 8 devices, impossible for a head split
+    ],
+)
+def test_noncausal_equals_single_device(rng, strategy, p, heads, t):
+    n, kv = heads
+    q, k, v = random_qkv(rng, b=1, t=t, n=n, kv=kv, h=16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    mesh = jax.make_mesh((p,), ("seq",))
+    out, lse = sharded_hyper_attention(
+        q, k, v, key=key, config=CFG, mesh=mesh, seq_axis="seq", strategy=strategy, return_lse=True
+    )
+    ref_out, ref_lse = single_device(q, k, v, key, causal=False)
+    assert_same(out, ref_out)
+    assert_same(lse, ref_lse)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "seq")), out.ndim)
+    assert lse.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "seq")), lse.ndim)
+    # The estimate is not exact attention: equality above is a property of the same plan, not of an easy problem.
+    assert float(jnp.max(jnp.abs(out - ha.exact_attention(q, k, v)))) > 1e-2
+
+
+@pytest.mark.parametrize(("strategy", "causal"), [("all_to_all", True), ("bucket_dispatch", False)])
+def test_data_and_sequence_mesh(rng, strategy, causal):
+    # 2 x 4 mesh: the batch split over "data", the sequence over "seq"; each batch shard must see its own samples.
+    q, k, v = random_qkv(rng, b=2, t=256 if causal else 512, n=4, kv=4, h=16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    mesh = jax.make_mesh((2, 4), ("data", "seq"))
+    out, lse = sharded_hyper_attention(
+        q, k, v, key=key, config=CFG, mesh=mesh, seq_axis="seq", batch_axis="data", causal=causal, strategy=strategy,
+        return_lse=True,
+    )  # fmt: skip
+    ref_out, ref_lse = single_device(q, k, v, key, causal=causal)
+    assert_same(out, ref_out)
+    assert_same(lse, ref_lse)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "seq")), out.ndim)
+
+
+@pytest.mark.parametrize(("strategy", "causal", "p"), [("all_to_all", True, 8), ("bucket_dispatch", False, 4)])
+def test_values_and_gradients_equal_single_device(rng, strategy, causal, p):
+    n, kv = (8, 8) if strategy == "all_to_all" else (4, 2)
+    q, k, v = random_qkv(rng, b=1, t=256 if causal else 512, n=n, kv=kv, h=16)
+    weight = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    mesh = jax.make_mesh((p,), ("seq",))
+
+    def loss_sharded(q, k, v):
+        out = sharded_hyper_attention(
+            q, k, v, key=key, config=CFG, mesh=mesh, seq_axis="seq", causal=causal, strategy=strategy
+        )
+        return jnp.sum(out * weight), out
+
+    def loss_single(q, k, v):
+        out = ha.hyper_attention(q, k, v, key=key, config=CFG, causal=causal)
+        return jnp.sum(out * weight), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss_sharded, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, ref_out), ref = jax.jit(jax.value_and_grad(loss_single, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    assert_same(out, ref_out)
+    for g, r in zip(grads, ref, strict=True):
+        scale = float(jnp.max(jnp.abs(r)))
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_user_jit_and_user_shard_map(rng):
+    q, k, v = random_qkv(rng, b=1, t=256, n=4, kv=2, h=16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    mesh = jax.make_mesh((4,), ("seq",))
+    rows = NamedSharding(mesh, P(None, "seq"))
+    hash_key = jax.random.key(int(rng.integers(1 << 30)))  # fixed per-layer hyperplanes, as the Flax layers use
+    ref_out = ha.hyper_attention(q, k, v, key=key, hash_key=hash_key, config=CFG)
+
+    # 1. Under the user's jit with explicit in/out shardings.
+    @functools.partial(jax.jit, in_shardings=(rows, rows, rows), out_shardings=rows)
+    def step(q, k, v):
+        return sharded_hyper_attention(
+            q, k, v, key=key, hash_key=hash_key, config=CFG, mesh=mesh, seq_axis="seq", strategy="bucket_dispatch"
+        )
+
+    out = step(*(jax.device_put(x, rows) for x in (q, k, v)))
+    assert out.sharding.is_equivalent_to(rows, out.ndim)
+    assert_same(out, ref_out)
+
+    # 2. Inside the user's own shard_map, on local shards.
+    def local(q, k, v, key, hash_key):
+        return hyper_attention_shard(
+            q, k, v, key=key, hash_key=hash_key, config=CFG, seq_axis="seq", strategy="bucket_dispatch"
+        )
+
+    spec = P(None, "seq")
+    mapped = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(), P()), out_specs=spec))
+    assert_same(mapped(*(jax.device_put(x, rows) for x in (q, k, v)), key, hash_key), ref_out)
+
+
+def test_each_shard_gets_its_slice_of_the_single_device_samples(rng):
+    # Heads over "seq" (4) and batch over "data" (2): every device must hold a different slice of make_plan's draw.
+    b, kv, t = 4, 8, 128
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    q, k, _ = random_qkv(rng, b=b, t=t, n=kv, kv=kv, h=16)
+    plan = ops.make_plan(ops.group_queries(q, kv), ops.heads_major(k), key=key, config=CFG)
+    mesh = jax.make_mesh((2, 4), ("data", "seq"))
+
+    def draw(key):
+        return sample_slice(
+            key,
+            local_batch=b // 2,
+            batch_shards=2,
+            batch_index=jax.lax.axis_index("data"),
+            kv_heads=kv // 4,
+            head_shards=4,
+            head_index=jax.lax.axis_index("seq"),
+            num_keys=t,
+            config=CFG,
+        )
+
+    drawn = jax.jit(jax.shard_map(draw, mesh=mesh, in_specs=P(), out_specs=P("data", "seq")))(key)
+    np.testing.assert_array_equal(np.asarray(drawn), np.asarray(plan.sample_index))
+    blocks = np.asarray(drawn).reshape(2, b // 2, 4, kv // 4, -1).transpose(0, 2, 1, 3, 4).reshape(8, -1)
+    assert len({row.tobytes() for row in blocks}) == 8  # eight devices, eight different sample sets
+
+    # Had every head shard drawn its own [B, K/P, m] from the same key, the answer would differ from one device's.
+    q, k, v = random_qkv(rng, b=1, t=128, n=4, kv=4, h=16)
+    naive = jnp.concatenate(
+        [ha.hyper_attention(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], key=key, config=CFG)
+         for i in range(4)], axis=2,
+    )  # fmt: skip
+    assert float(jnp.max(jnp.abs(naive - single_device(q, k, v, key, causal=False)[0]))) > 1e-3
+
+
+def test_short_sequences_are_exact_attention(rng):
+    # Below min_seq_len the single-device call is exact attention; bucket_dispatch then gathers k and v instead.
+    q, k, v = random_qkv(rng, b=1, t=256, n=4, kv=2, h=16)
+    mesh = jax.make_mesh((2,), ("seq",))
+    exact = ha.exact_attention(q, k, v)
+    for strategy in ("all_to_all", "bucket_dispatch"):
+        out = sharded_hyper_attention(
+            q, k, v, key=jax.random.key(0), config=CFG.replace(min_seq_len=512), mesh=mesh, seq_axis="seq",
+            strategy=strategy,
+        )  # fmt: skip
+        assert_same(out, exact)
+
+
+def test_column_sort_sorts_and_routes_back(rng):
+    p, r = 8, 104  # r >= 2 (p - 1)^2 = 98, even, divisible by p
+    mesh = jax.make_mesh((p,), ("seq",))
+    # Adversarial keys: few distinct ranks (long runs of ties broken by position), and one batch row reversed.
+    ranks = rng.integers(0, 3, (2, p * r)).astype(np.int32)
+    ranks[1] = np.arange(p * r)[::-1] // 7
+    packed = jnp.asarray(ranks * (p * r) + np.arange(p * r), jnp.int32)
+    data = jnp.asarray(rng.standard_normal((2, p * r, 3)), jnp.float32)
+
+    def body(keys, x):
+        sorted_keys, network = column_sort(keys, "seq")
+        routed = route(x, network, "seq")
+        return sorted_keys, routed, unroute(routed, network, "seq")
+
+    specs = (P(None, "seq"), P(None, "seq"))
+    rows = NamedSharding(mesh, P(None, "seq"))
+    mapped = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=specs + specs[:1]))
+    sorted_keys, routed, back = mapped(jax.device_put(packed, rows), jax.device_put(data, rows))
+    order = np.argsort(np.asarray(packed), axis=-1, kind="stable")
+    np.testing.assert_array_equal(np.asarray(sorted_keys), np.take_along_axis(np.asarray(packed), order, -1))
+    np.testing.assert_array_equal(np.asarray(routed), np.take_along_axis(np.asarray(data), order[..., None], 1))
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(data))
+
+
+def test_clear_errors(rng):
+    mesh = jax.make_mesh((4,), ("seq",))
+    key = jax.random.key(0)
+    q, k, v = random_qkv(rng, b=1, t=512, n=4, kv=2, h=16)
+    call = functools.partial(sharded_hyper_attention, key=key, config=CFG, mesh=mesh, seq_axis="seq")
+    with pytest.raises(ValueError, match=r"K=2 divisible by 4"):
+        call(q, k, v, strategy="all_to_all")
+    with pytest.raises(ValueError, match="causal=True is not supported"):
+        call(q, k, v, strategy="bucket_dispatch", causal=True)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        call(q[:, :384], k[:, :384], v[:, :384], strategy="bucket_dispatch", config=CFG.replace(block_size=64))
+    with pytest.raises(ValueError, match="Columnsort's minimum"):
+        call(q, k, v, strategy="bucket_dispatch", mesh=jax.make_mesh((8,), ("seq",)))  # 64 rows per device < 98
+    with pytest.raises(ValueError, match="not one of the mesh's axes"):
+        call(q, k, v, seq_axis="sequence")
+
+
+def test_flax_training_step_on_a_sequence_mesh(rng):
+    # Auto axes: Flax's Dense layers leave the activations' sharding to the compiler.
+    mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+
+    def attention_fn(sharded):
+        def attend(query, key_, value, **unused):
+            if sharded:
+                return sharded_hyper_attention(
+                    query, key_, value, key=key, config=CFG, mesh=mesh, seq_axis="seq", batch_axis="data", causal=True
+                )
+            return ha.hyper_attention(query, key_, value, key=key, config=CFG, causal=True)
+
+        return attend
+
+    class Block(flax_nn.Module):
+        sharded: bool
+
+        @flax_nn.compact
+        def __call__(self, x):
+            attention = flax_nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=attention_fn(self.sharded))
+            return flax_nn.Dense(1)(x + attention(x))
+
+    x = jnp.asarray(rng.standard_normal((2, 128, 32)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal((2, 128, 1)), jnp.float32)
+    params = Block(sharded=False).init(jax.random.key(0), x)
+    tx = optax.sgd(0.1)
+
+    def train_step(model, params, opt_state, x, target):
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean((model.apply(p, x) - target) ** 2))(params)
+        updates, opt_state = tx.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rows = NamedSharding(mesh, P("data", "seq"))
+    sharded_step = jax.jit(functools.partial(train_step, Block(sharded=True)))
+    single_step = jax.jit(functools.partial(train_step, Block(sharded=False)))
+    new_params, _, loss = sharded_step(params, tx.init(params), jax.device_put(x, rows), jax.device_put(target, rows))
+    ref_params, _, ref_loss = single_step(params, tx.init(params), x, target)
+    assert_same(loss, ref_loss, dict(rtol=1e-5, atol=1e-6))
+    for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(ref_params), strict=True):
+        assert_same(a, b, dict(rtol=1e-4, atol=1e-6))
+
+
 def test_sharded_draws_are_make_plans_draws(rng):
     # The sharded strategies re-draw make_plan's hyperplanes and samples; if make_plan changes its draws, this fails.
-    cfg = _paper_config(block_size=32, sample_size=24, num_projections=5, min_seq_len=0)
+    cfg = paper_config(block_size=32, sample_size=24, num_projections=5, min_seq_len=0)
     q, k, _ = random_qkv(rng, b=3, t=200, s=160, n=4, kv=2, h=16)
     key = jax.random.key(int(rng.integers(1 << 30)))
     plan = ops.make_plan(ops.group_queries(q, 2), ops.heads_major(k), key=key, config=cfg)
     samples = plan_sample_index(key, batch=3, kv_heads=2, num_keys=160, config=cfg)
     np.testing.assert_array_equal(np.asarray(samples), np.asarray(plan.sample_index))
-    key_rank = ha.lsh_rank(ops.heads_major(k), plan_projections(key, 16, cfg))
+    key_rank = ha.lsh_rank(ops.heads_major(k), ops.plan_projections(key, 16, cfg))
     expected = np.argsort(np.asarray(key_rank), axis=-1, kind="stable")
     np.testing.assert_array_equal(np.asarray(plan.key_order.perm), expected)
 
 
 def test_one_device_mesh_equals_hyper_attention(rng):
-    cfg = _paper_config(block_size=32, sample_size=16, num_projections=4, min_seq_len=64)
+    cfg = paper_config(block_size=32, sample_size=16, num_projections=4, min_seq_len=64)
     q, k, v = random_qkv(rng, b=1, t=256, n=2, kv=1, h=16)
     key = jax.random.key(int(rng.integers(1 << 30)))
     mesh = jax.make_mesh((1,), ("seq",))
@@ -103,12 +299,12 @@ def test_one_device_mesh_equals_hyper_attention(rng):
 
 
 def test_accuracy_options_are_refused_by_name():
-    check_paper_plan(_paper_config(), "here")  # the published plan passes
+    check_paper_plan(paper_config(), "here")  # the published plan passes
     fields = ha.HyperAttentionConfig.__dataclass_fields__
     options = {"num_sink_keys": 4, "local_window": 8}
     for name, value in options.items():
         if name in fields:  # the accuracy options may not have landed in this checkout
-            config = _paper_config(**{name: value})
+            config = paper_config(**{name: value})
             with pytest.raises(ValueError, match=f"reproduces the published plan only.*{name}={value!r}"):
                 check_paper_plan(config, "here")
 
@@ -117,6 +313,6 @@ def test_bad_strategy_is_named(rng):
     q, k, v = random_qkv(rng, b=1, t=64, n=2, h=16)
     with pytest.raises(ValueError, match="strategy='ring'"):
         sharded_hyper_attention(
-            q, k, v, key=jax.random.key(0), config=_paper_config(), mesh=jax.make_mesh((1,), ("seq",)),
+            q, k, v, key=jax.random.key(0), config=paper_config(), mesh=jax.make_mesh((1,), ("seq",)),
             seq_axis="seq", strategy="ring",
         )  # fmt: skip
