@@ -1,4 +1,5 @@
-"""CPU smoke run of experiments/train_lm.py: the loss falls, checkpoints resume, nothing recompiles, and gradients
+"""CPU smoke run of experiments/studies/train_lm.py: the loss falls, checkpoints resume, nothing recompiles,
+    and gradients
 reach every parameter of the scanned, rematerialised model."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "studies"))
 
 import train_lm
 

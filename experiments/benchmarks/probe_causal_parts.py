@@ -1,6 +1,6 @@
 """Times the parts of the causal forward that have alternatives, alone, before they are wired in (issue 3).
 
-Command:  PYTHONPATH=. python3 experiments/probe_causal_parts.py --out $OUT/probe_causal_parts.json
+Command:  PYTHONPATH=. python3 experiments/benchmarks/probe_causal_parts.py --out $OUT/probe_causal_parts.json
 Hardware: one NVIDIA H200 (the project's lent GPU), jax 0.11.2; ~1 min.
 1. The exact base case of a causal call at --n (segments of --segment, B=1, N=32, H=64, bf16): our flash kernel
    (`flash_forward_rows`, float32 and bf16 output) against cuDNN through jax's internal entry point with the lse

@@ -1,6 +1,6 @@
 """Where the time goes in one HyperAttention layer on the GPU: a per-kernel profile and a sweep of kernel tunings.
 
-Command:  PYTHONPATH=. python3 experiments/profile_single_layer.py --out $OUT/profile_single_layer.json
+Command:  PYTHONPATH=. python3 experiments/benchmarks/profile_single_layer.py --out $OUT/profile_single_layer.json
 Hardware: one NVIDIA H100 80GB (the project's lent GPU), jax 0.11.2. Runtime: ~70 s with --skip-sweep, ~110 s for
 the sweep alone (measured, compilation included). Expected result (2026-11-25 06:48 UTC, n = 131072): GPU kernel time
 4.3 ms non-causal fwd, 15.7 ms fwd+bwd, 19.3 ms causal fwd (6.6 of it the exact base case), 71.0 ms causal fwd+bwd;

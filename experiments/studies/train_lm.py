@@ -1,7 +1,7 @@
 """Train one byte-level LM twice, with exact attention and with HyperAttention, then cross-evaluate them.
 
 Command (GPU run behind experiments/results/train_lm.json, train_lm.png and train_lm_gpu.log):
-    PYTHONPATH=$PWD python3 experiments/train_lm.py --preset gpu --data .carry/train --out $OUT \
+    PYTHONPATH=$PWD python3 experiments/studies/train_lm.py --preset gpu --data .carry/train --out $OUT \
         --checkpoint-dir /tmp/ckpt --checkpoint-every 500 --max-train-seconds 190 --quiet
     (.carry/train holds the long stdlib modules: `hyperattn_jax.data.byte_corpus.copy_stdlib_corpus(".carry/train")`.)
 Hardware: one NVIDIA H100 80GB, jax 0.11.2, flax 0.12.10. Runtime: about 100 s (two 8192-byte-context trainings
@@ -11,7 +11,8 @@ near 1.2 for both, each model losing about 0.03 bits/byte when evaluated with th
 (implementation=None, which resolved to the Pallas Triton kernels for bf16) about 1.15x the step time of cuDNN
 flash attention at this length.
 
-CPU smoke version (seconds; tests/test_train_lm.py runs it): `python3 experiments/train_lm.py --preset smoke --out DIR`.
+CPU smoke version (seconds; tests/test_train_lm.py runs it): `python3 experiments/studies/train_lm.py --preset
+    smoke --out DIR`.
 
 Both runs see identical batches (a pure function of seed and step), start from identical parameters, and use the
 same optimizer and step budget. Checkpoints (orbax) go to `--checkpoint-dir`; `--resume` continues a run from its

@@ -1,6 +1,6 @@
 """Where the time of one HyperAttention layer goes (pallas_triton path), and kernel block-size variants.
 
-Command:  PYTHONPATH=. python3 experiments/breakdown_single_layer.py
+Command:  PYTHONPATH=. python3 experiments/benchmarks/breakdown_single_layer.py
           --out experiments/results/bench_single_layer_breakdown.json
 Hardware: one NVIDIA H100 80GB, jax 0.11.2. Runtime: under 3 minutes (measured 230 s together with a two-size
 bench_single_layer.py run). Expected result: a table of median milliseconds per

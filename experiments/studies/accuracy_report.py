@@ -1,6 +1,6 @@
 """Tables (markdown) and figures (PNG) from the accuracy experiments' JSON.
 
-Command:  python3 experiments/accuracy_report.py
+Command:  python3 experiments/studies/accuracy_report.py
 Hardware: any CPU; runtime: a few seconds.
 Expected: prints the markdown tables used in docs/accuracy.md and the README section, and writes
           experiments/results/accuracy_qkv.png and accuracy_perplexity.png from accuracy_qkv.json and
@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
 
 
 def qkv_table(data: dict, rows: list[str] | None = None) -> str:

@@ -1,6 +1,6 @@
 """GPU speed of the default config (and other accuracy variants) vs the paper config, cuDNN timed in the same run.
 
-Command:  python3 experiments/accuracy_speed.py --n 32768 131072 [--implementation pallas_triton]
+Command:  python3 experiments/benchmarks/accuracy_speed.py --n 32768 131072 [--implementation pallas_triton]
 Hardware: one NVIDIA H100 (the project's lent GPU), jax 0.11.2. Runtime: ~3-4 minutes (compilation included).
 Expected: the default config (column-mass systematic sampling, 16 probe queries) within ~15% of the paper config's
           time (block 256, 256 uniform samples), forward and forward+backward, causal and non-causal.
@@ -29,11 +29,12 @@ import jax.numpy as jnp
 import hyperattn_jax as ha
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))  # accuracy_qkv's configs
 from accuracy_qkv import COLUMN_MASS, COLUMN_MASS_P16, DEFAULT_CANDIDATE
 from bench_single_layer import check_against_xla
 from timing import median_ms
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 BASELINE = "cudnn" if jax.default_backend() == "gpu" else None  # the "cudnn" rows are XLA attention off GPU
 
 

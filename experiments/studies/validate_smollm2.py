@@ -1,6 +1,7 @@
 """Validate hyperattn_jax.models.smollm2 (pure JAX) against transformers' own loading of the same GGUF file.
 
-Run from the repository root, in three steps (step 0, Python 3.12: `python3 experiments/validate_smollm2.py prepare`;
+Run from the repository root, in three steps (step 0, Python 3.12: `python3
+    experiments/studies/validate_smollm2.py prepare`;
 then) (torch is only needed for step 1; a CPU build of it exists for 3.11):
     cd experiments
     PYENV_VERSION=3.11.7 python -m pip install torch==2.13.0 transformers gguf accelerate
@@ -33,7 +34,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 REFERENCE_FILE = HERE / ".cache" / "smollm2_transformers_reference.npz"  # git-ignored
-RESULT_FILE = HERE / "results" / "smollm2_validation.json"
+RESULT_FILE = HERE.parent / "results" / "smollm2_validation.json"
 LOGIT_TOKENS = 256  # logits compared one by one on this many tokens
 CE_TOKENS = 2048  # cross-entropies compared on this many tokens
 DOCUMENTED_CE_8192 = 3.4864  # transformers on the same GGUF

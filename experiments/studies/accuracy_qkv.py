@@ -1,6 +1,6 @@
 """Accuracy of HyperAttention variants on real LM attention inputs, at matched cost.
 
-Command:  python3 experiments/accuracy_qkv.py [--layers 2 8 15 22 29] [--seeds 3] [--configs NAME ...] [--quick]
+Command:  python3 experiments/studies/accuracy_qkv.py [--layers 2 8 15 22 29] [--seeds 3] [--configs NAME ...] [--quick]
 Hardware: CPU (2 cores are enough); any jax >= 0.11.2.
 Runtime:  on 2 CPU cores shared with other work, 2 seeds: 3-18 minutes per layer for the full config list (the exact
           reference, cached under .carry/accuracy/exact after the first run, and the causal rows dominate).
@@ -32,7 +32,7 @@ import numpy as np
 
 import hyperattn_jax as ha
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "results"
 LAYERS = (22, 15, 29, 2, 8)  # sink-heavy layers first, so that a cut-short run still has them
 MIN_SEQ_LEN = 1024  # as in the issue's measurement of the published algorithm at 8192 tokens

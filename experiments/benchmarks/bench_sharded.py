@@ -1,10 +1,11 @@
 """Communication, memory (and, on real devices, time) of sequence-sharded HyperAttention, per device.
 
 Command (CPU, 8 forced host devices; compile-only byte and memory counts, no timing):
-    python3 experiments/bench_sharded.py --cpu-devices 8 --lengths 4096 16384 65536 262144 --shards 1 2 4 8 \
+    python3 experiments/benchmarks/bench_sharded.py --cpu-devices 8 --lengths 4096 16384 65536 262144 --shards 1 2 4 8 \
         --out experiments/results/bench_sharded_cpu.json
 Command (GPU, several devices of one host, with timing; adds the cuDNN exact baseline on one device):
-    python3 experiments/bench_sharded.py --lengths 16384 65536 131072 262144 --shards 1 2 4 --dtype bfloat16 \
+    python3 experiments/benchmarks/bench_sharded.py --lengths 16384 65536 131072 262144 --shards 1 2 4 --dtype \
+        bfloat16 \
         --heads 32 --kv-heads 8 --head-dim 128 --time --out experiments/results/bench_sharded_gpu.json
 Hardware: any jax backend; the CPU run needs no accelerator. Runtime: 9 minutes measured for the CPU command above on
 a busy 2-core machine (56 compilations; nothing is executed unless --time is given). The GPU command is untested.
@@ -58,7 +59,7 @@ ARGS = parse_args()
 if ARGS.cpu_devices:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ARGS.cpu_devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax  # noqa: E402  (XLA_FLAGS must be set before jax starts)
 import jax.numpy as jnp  # noqa: E402
@@ -238,7 +239,7 @@ def main():
                     print(json.dumps({k: v for k, v in row.items() if k != "bytes_sent_by_kind"}), flush=True)
 
     result = dict(
-        script="experiments/bench_sharded.py",
+        script="experiments/benchmarks/bench_sharded.py",
         argv=sys.argv[1:],
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         jax_version=jax.__version__,

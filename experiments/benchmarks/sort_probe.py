@@ -1,6 +1,6 @@
 """Speed of the LSH sort order on the GPU: packed int32 keys vs stable (uint8 rank, int32 position) pairs.
 
-Command:  PYTHONPATH=. python3 experiments/sort_probe.py --out $OUT/sort_probe.json
+Command:  PYTHONPATH=. python3 experiments/benchmarks/sort_probe.py --out $OUT/sort_probe.json
 Hardware: one NVIDIA H100 80GB, jax 0.11.2; ~30 s. Result (2026-11-25): the uint8 pair sort is 1.3-1.9x faster than
 the packed int32 sort from 4096 to 131072 ranks per row (XLA runs it as a one-byte cub radix sort), which is why
 `ops.sorting.sort_order` uses it for up to 256 ranks.

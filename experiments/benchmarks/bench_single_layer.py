@@ -1,7 +1,9 @@
 """Single-layer speed of HyperAttention (fused Pallas Triton kernels) against exact cuDNN attention, paper config.
 
-Command:  PYTHONPATH=. python3 experiments/bench_single_layer.py --out experiments/results/bench_single_layer.json
-          then python3 experiments/plot_single_layer.py experiments/results/bench_single_layer.json (PNG + README table)
+Command:  PYTHONPATH=. python3 experiments/benchmarks/bench_single_layer.py --out \
+    experiments/results/bench_single_layer.json
+          then python3 experiments/benchmarks/plot_single_layer.py experiments/results/bench_single_layer.json \
+              (PNG + README table)
 Hardware: one NVIDIA H200 (the project's lent GPU; an H100 80GB before 2026-12), jax 0.11.2. Runtime: ~3 min for
 n <= 131k with --max-xla-n 8192 --check-n 8192, ~1.5 min for --n "" --n-hyper-only 262144,524288,1048576 --methods
 pallas_triton (compilation included, H200). Expected result (measured 2026-12-02 00:56 UTC on the H200): ratios

@@ -1,6 +1,6 @@
 """End-to-end perplexity of SmolLM2-135M with HyperAttention in its last n layers: paper config vs our default.
 
-Command:  python3 experiments/accuracy_perplexity.py [--documents 3] [--sweep-documents 1] [--tokens 8192]
+Command:  python3 experiments/studies/accuracy_perplexity.py [--documents 3] [--sweep-documents 1] [--tokens 8192]
 Hardware: CPU, 2 cores, ~6 GB RAM; needs `pip install -e '.[experiments]'` (hyperattn_jax.models.smollm2 and
           hyperattn_jax.data fetch the GGUF and the texts on first use).
 Runtime:  an exact 8192-token forward takes ~1-3 minutes on 2 shared CPU cores and a HyperAttention layer ~5-15 s;
@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 import hyperattn_jax as ha
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # accuracy_qkv beside this file
 RESULTS = ROOT / "experiments" / "results"
 REPLACED = (30, 25, 20, 15, 10, 5)
 
