@@ -34,6 +34,9 @@ from accuracy_qkv import COLUMN_MASS, COLUMN_MASS_P16, DEFAULT_CANDIDATE
 from bench_single_layer import check_against_xla
 from timing import median_ms
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
+
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 BASELINE = "cudnn" if jax.default_backend() == "gpu" else None  # the "cudnn" rows are XLA attention off GPU
 
@@ -129,7 +132,7 @@ def main():
             print(n, mode, {key: round(value, 3) for key, value in entry.items()}, flush=True)
             out_dir = Path(args.results_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / f"{args.output}.json").write_text(json.dumps(results, indent=1))
+            (out_dir / f"{args.output}.json").write_text(json.dumps(with_run_record(results), indent=1))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
 
 def parse_args():
@@ -68,6 +69,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import hyperattn_jax as ha  # noqa: E402
 from hyperattn_jax.parallel import sharded_hyper_attention  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record  # noqa: E402
 
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4}
 DTYPE_BYTES |= {"s64": 8, "u64": 8, "f64": 8}
@@ -251,7 +255,7 @@ def main():
     )
     out = pathlib.Path(ARGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(with_run_record(result), indent=1))
     print(f"wrote {out}")
     plot(result, pathlib.Path(ARGS.plot) if ARGS.plot else out.with_suffix(".png"))
 

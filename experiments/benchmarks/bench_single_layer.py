@@ -26,6 +26,8 @@ import datetime
 import json
 import os
 import statistics
+import sys
+from pathlib import Path
 
 # JAX reserves 75% of GPU memory by default; the 1M-token causal fwd+bwd needs 67 GB of the H100's 80 (set before
 # jax starts; an explicit setting in the environment wins).
@@ -37,6 +39,9 @@ import numpy as np
 from timing import call_times_ms  # experiments/ is on the path when run as a script
 
 import hyperattn_jax as ha
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
 
 NUM_HEADS = 32
 
@@ -123,7 +128,7 @@ def main():
     def save():
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
         with open(out_path, "w") as f:
-            json.dump(record, f, indent=1)
+            json.dump(with_run_record(record), f, indent=1)
 
     head_dims = [int(x) for x in args.head_dims.split(",")]
     for head_dim in head_dims:

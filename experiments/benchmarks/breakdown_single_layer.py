@@ -16,6 +16,8 @@ import datetime
 import functools
 import json
 import os
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,9 @@ import hyperattn_jax as ha
 from hyperattn_jax import ops
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig, fused_tiled_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
 
 REPS = int(os.environ.get("BREAKDOWN_REPS", "20"))
 median_ms = functools.partial(timed_median_ms, reps=REPS)
@@ -165,7 +170,7 @@ def main():
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
+        json.dump(with_run_record(record), f, indent=1)
     for name, ms in rows.items():
         print(f"{ms:9.3f} ms  {name}")
 

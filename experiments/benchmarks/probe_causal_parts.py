@@ -18,6 +18,8 @@ import argparse
 import datetime
 import functools
 import json
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,9 @@ from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_forward_rows
 from hyperattn_jax.kernels.gpu.hash import lsh_ranks_pallas
 from hyperattn_jax.lsh import lsh_projections
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
 
 HEADS, HEAD_DIM = 32, 64
 
@@ -87,7 +92,7 @@ def main():
             print(name, hashes[name], flush=True)
     result["hash_ms"] = hashes
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump(with_run_record(result), f, indent=1)
     print(json.dumps(result, indent=1))
 
 

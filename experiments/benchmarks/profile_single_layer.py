@@ -23,7 +23,9 @@ import glob
 import gzip
 import json
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,9 @@ import hyperattn_jax as ha
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
 from hyperattn_jax.kernels.gpu.hyper import hyper_attention_pallas
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
 
 HEADS, HEAD_DIM = 32, 64
 
@@ -107,7 +112,7 @@ def main():
     def save():
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
+            json.dump(with_run_record(record), f, indent=1)
 
     for causal in (False, True):
         forward = jax.jit(

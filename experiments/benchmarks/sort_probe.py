@@ -12,11 +12,16 @@ import argparse
 import datetime
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
 
 SHAPES = ((32, 32768), (32, 65536), (32, 131072), (64, 32768), (128, 16384), (256, 8192), (512, 4096), (64, 65536))
 
@@ -78,7 +83,7 @@ def main():
         print(row, flush=True)
         record["rows"].append(row)
     with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
+        json.dump(with_run_record(record), f, indent=1)
 
 
 if __name__ == "__main__":

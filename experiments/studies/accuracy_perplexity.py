@@ -32,6 +32,9 @@ from tqdm import tqdm
 
 import hyperattn_jax as ha
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # accuracy_qkv beside this file
 RESULTS = ROOT / "experiments" / "results"
@@ -165,7 +168,7 @@ def main():
             entry[f"{name}/last{replaced}"]["ratio_to_exact"] = float(np.exp(ce - entry["exact"]["cross_entropy"]))
         tqdm.write(f"{doc} {name} last{replaced}: ppl {np.exp(ce):.3f} ({time.time() - start:.0f}s)")
         RESULTS.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=1))
+        out_path.write_text(json.dumps(with_run_record(results), indent=1))
     print(f"wrote {out_path}")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import hyperattn_jax as ha
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "results"
@@ -158,7 +162,7 @@ def main():
             print(f"L{layer} {mode} ({time.time() - start:.0f}s): {summary}", flush=True)
         results["layers"][str(layer)] = layer_result
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.output}.json").write_text(json.dumps(results, indent=1))
+        (RESULTS / f"{args.output}.json").write_text(json.dumps(with_run_record(results), indent=1))
     print(f"wrote {RESULTS / (args.output + '.json')}")
 
 

@@ -27,7 +27,9 @@ import datetime
 import json
 import math
 import os
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,9 @@ from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.data.byte_corpus import WindowSampler, eval_windows, load_corpus
 from hyperattn_jax.models.byte_lm import ByteLM, LMConfig
 from hyperattn_jax.nn.linen import LSH_COLLECTION, RNG_STREAM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
 
 PRESETS = {
     "smoke": dict(
@@ -393,7 +398,7 @@ def main(argv=None):
         exact, hyper = results["runs"]["exact"], results["runs"]["hyper"]
         results["hyper_over_exact_median_step_time"] = hyper["median_step_s"] / exact["median_step_s"]
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+        json.dump(with_run_record(results), f, indent=1, default=str)
     if not (args.no_plot or args.no_eval):
         plot(results, os.path.join(args.out, f"{args.name}.png"))
     return results

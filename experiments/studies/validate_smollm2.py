@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 REFERENCE_FILE = HERE / ".cache" / "smollm2_transformers_reference.npz"  # git-ignored
@@ -191,7 +194,7 @@ def compare() -> None:
         "jax_backend": jax.default_backend(),
     }
     RESULT_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULT_FILE.write_text(json.dumps(result, indent=2) + "\n")
+    RESULT_FILE.write_text(json.dumps(with_run_record(result), indent=2) + "\n")
     print(f"wrote {RESULT_FILE}")
 
 
