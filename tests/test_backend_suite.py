@@ -1,0 +1,96 @@
+"""One API-invariant suite run over every backend (the tokamax pattern): kernels in the Pallas interpreter on CPU.
+
+Tiny shapes (interpret mode is slow). Each test is parametrised over `BACKENDS`; adding a backend adds its name here.
+"""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_qkv
+
+import hyperattn_jax as ha
+
+BACKENDS = ["xla", "pallas_triton"]
+CFG = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=128)
+# Kernels take half precision; the xla path is tested in float32 (the api runs float32 kernel calls on xla).
+DTYPE = {"xla": jnp.float32, "pallas_triton": jnp.bfloat16}
+_HAS_INTERPRET = "interpret" in inspect.signature(ha.hyper_attention).parameters
+
+
+def attend(backend, q, k, v, *, key, config=CFG, causal=False, **kw):
+    """hyper_attention on `backend`; kernels in the Pallas interpreter (implicit on CPU before `interpret=` landed)."""
+    if _HAS_INTERPRET and backend != "xla":
+        kw["interpret"] = True
+    return ha.hyper_attention(q, k, v, key=key, config=config, causal=causal, implementation=backend, **kw)
+
+
+def inputs(rng, backend, t=256, b=1):
+    return random_qkv(rng, b=b, t=t, n=4, kv=2, h=32, dtype=DTYPE[backend])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_key_is_bit_identical_and_another_key_differs(rng, backend, causal):
+    q, k, v = inputs(rng, backend)
+    run = lambda seed: np.asarray(attend(backend, q, k, v, key=jax.random.key(seed), causal=causal), np.float32)
+    np.testing.assert_array_equal(run(1), run(1))
+    assert not np.array_equal(run(1), run(2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_equals_a_loop_and_jit_traces_once(rng, backend):
+    q, k, v = inputs(rng, backend, b=2)
+    keys = jax.random.split(jax.random.key(0), 2)
+    traces = []
+
+    @jax.jit
+    def one(q, k, v, key):
+        traces.append(1)
+        return attend(backend, q[None], k[None], v[None], key=key)[0]
+
+    batched = jax.vmap(one)(q, k, v, keys)
+    looped = [one(q[i], k[i], v[i], keys[i]) for i in range(2)]
+    traced = len(traces)
+    for i in range(2):  # repeated calls with new values, same shapes: no new trace
+        one(q[i] + 1, k[i], v[i], keys[1 - i])
+    assert len(traces) == traced
+    tol = 1e-6 if backend == "xla" else 2e-2
+    np.testing.assert_allclose(np.asarray(batched, np.float32), np.stack(looped[:2]).astype(np.float32), atol=tol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_finite_survive_checkpoint_and_equal_xla(rng, backend, causal):
+    q, k, v = inputs(rng, backend)
+    weight = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(q, k, v, backend=backend):
+        out = attend(backend, q, k, v, key=jax.random.key(0), causal=causal)
+        return jnp.sum(out.astype(jnp.float32) * weight)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    remat = jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2))(q, k, v)
+    xla = jax.grad(lambda *a: loss(*a, backend="xla"), argnums=(0, 1, 2))(q, k, v)
+    for g, r, x in zip(grads, remat, xla, strict=True):
+        g, r, x = (np.asarray(a, np.float32) for a in (g, r, x))
+        assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
+        np.testing.assert_allclose(r, g, rtol=1e-5, atol=1e-6 * np.abs(g).max())
+        # Same plan for the same key: the kernels differ from the jnp path only by rounding.
+        tol = 1e-6 if backend == "xla" else 3e-2
+        np.testing.assert_allclose(g, x, atol=tol * np.abs(x).max())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_at_min_seq_len_and_close_just_above(rng, backend, causal):
+    t = CFG.min_seq_len
+    assert CFG.attends_exactly(t) and not CFG.attends_exactly(t + 1)
+    q, k, v = inputs(rng, backend, t=t)
+    out = attend(backend, q, k, v, key=jax.random.key(0), causal=causal)
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    exact = ha.exact_attention(q32, k32, v32, causal=causal)
+    tol = 2e-5 if backend == "xla" else 2e-2
+    np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=tol)
