@@ -8,7 +8,9 @@
 
 from hyperattn_jax import diagnostics, ops, parallel
 from hyperattn_jax.api import hyper_attention, merge_attention
+from hyperattn_jax.backends import explain
 from hyperattn_jax.config import HyperAttentionConfig
+from hyperattn_jax.dot_product import dot_product_attention
 from hyperattn_jax.lsh import gray_rank, lsh_codes, lsh_projections, lsh_rank
 from hyperattn_jax.reference import exact_attention
 
@@ -17,7 +19,9 @@ __version__ = "0.1.0"
 __all__ = [
     "HyperAttentionConfig",
     "diagnostics",
+    "dot_product_attention",
     "exact_attention",
+    "explain",
     "gray_rank",
     "hyper_attention",
     "lsh_codes",

@@ -1,4 +1,5 @@
-"""The public entry points: `hyper_attention` (with backend dispatch) and `merge_attention`."""
+"""The public entry points: `hyper_attention` (validation, then the backend the registry picks) and
+`merge_attention`."""
 
 from __future__ import annotations
 
@@ -6,27 +7,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hyperattn_jax._checks import check_qkv, default_scale
-from hyperattn_jax._layout import group_queries, heads_major, ungroup_lse, ungroup_output
+from hyperattn_jax._layout import ungroup_lse
+from hyperattn_jax.backends.registry import choose, get_backend
 from hyperattn_jax.config import HyperAttentionConfig
-from hyperattn_jax.ops.causal import grouped_causal_attention, noncausal_is_exact
-from hyperattn_jax.ops.sortlsh import grouped_hyper_attention
-from hyperattn_jax.ops.tiles import merge_partials
-from hyperattn_jax.reference import grouped_exact_attention
-
-IMPLEMENTATIONS = ("xla", "pallas_triton")
-
-
-def _resolve_implementation(implementation, dtype):
-    """None -> the fastest path on this backend: the fused Pallas kernels on GPU for bf16/fp16, xla otherwise.
-
-    The kernels take half-precision inputs only; float32/float64 always run on the xla path.
-    """
-    half = dtype in (jnp.bfloat16, jnp.float16)
-    if implementation is None:
-        return "pallas_triton" if half and jax.default_backend() == "gpu" else "xla"
-    return implementation if half else "xla"
+from hyperattn_jax.ops.merge import merge_partials
 
 
 def _check_key(key):
@@ -45,37 +32,33 @@ def _check_key(key):
 
 def _check_kv_length(kv_length, batch: int):
     if kv_length is None:
-        return
-    if (
-        not hasattr(kv_length, "shape")
-        or kv_length.shape != (batch,)
-        or not jnp.issubdtype(kv_length.dtype, jnp.integer)
-    ):
+        return None
+    kv_length = jnp.asarray(kv_length)
+    if kv_length.shape != (batch,) or not jnp.issubdtype(kv_length.dtype, jnp.integer):
         raise ValueError(f"kv_length must be an int array of shape ({batch},), got {kv_length!r}")
+    return kv_length
 
 
-@functools.partial(jax.jit, static_argnames=("config", "causal", "scale", "implementation"))
-def _hyper_attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, implementation):
-    """Public layout in and out: out `[B, T, N, H]`, lse `[B, K, G, T]`. The kernels take the public layout as it is
-    (no transposes); the jnp path works on the grouped layout."""
-    if implementation == "pallas_triton":
-        from hyperattn_jax.kernels.gpu.dispatch import attention_pallas  # kernels import ops, not the reverse
+def check_causal(causal) -> bool:
+    """`causal` as a Python bool; a traced or non-boolean value is an error (it selects the algorithm statically)."""
+    if isinstance(causal, jax.core.Tracer):
+        raise ValueError("causal must be a Python bool, got a traced value: it selects the algorithm at trace time")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ValueError(f"causal must be a bool, got {causal!r} ({type(causal).__name__})")
+    return bool(causal)
 
-        return attention_pallas(q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale)
 
-    def noncausal(q, k, v, *, key, kv_length=None, config=config):  # causal recursion may pass a config (sinks off)
-        if noncausal_is_exact(k.shape[2], config):
-            return grouped_exact_attention(q, k, v, scale=scale, kv_length=kv_length)
-        return grouped_hyper_attention(
-            q, k, v, key=key, config=config, scale=scale, kv_length=kv_length, hash_key=hash_key
-        )
-
-    q, k, v = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
-    if causal:
-        out, lse = grouped_causal_attention(q, k, v, key=key, config=config, scale=scale, noncausal_fn=noncausal)
-    else:
-        out, lse = noncausal(q, k, v, key=key, kv_length=kv_length)
-    return ungroup_output(out), lse
+@functools.partial(jax.jit, static_argnames=("config", "causal", "scale", "implementation", "interpret"))
+def _hyper_attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, implementation, interpret):
+    """out `[B, T, N, H]`, lse `[B, K, G, T]` from the chosen backend; rows without keys (kv_length 0) are zeros."""
+    out, lse = get_backend(implementation).attention(
+        q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale, interpret=interpret
+    )
+    if kv_length is not None:  # no keys: zeros and lse -inf, as exact attention gives
+        has_keys = kv_length > 0
+        out = jnp.where(has_keys[:, None, None, None], out, 0)
+        lse = jnp.where(has_keys[:, None, None, None], lse, -jnp.inf)
+    return out, lse
 
 
 def hyper_attention(
@@ -91,6 +74,7 @@ def hyper_attention(
     implementation: str | None = None,
     kv_length=None,
     hash_key=None,
+    interpret: bool = False,
 ):
     """HyperAttention (arXiv:2310.05869): near-linear-time approximate softmax attention.
 
@@ -101,14 +85,18 @@ def hyper_attention(
       key: PRNG key for the LSH hyperplanes and the residual samples. Same key -> bit-identical output.
       config: `HyperAttentionConfig` (static); default `HyperAttentionConfig()`: the paper's blocks and sample count
         with column-mass sampling (`HyperAttentionConfig.paper()` is the published algorithm).
-      causal: query i attends keys j <= i, via the paper's recursion (exact at or below `config.min_seq_len`).
+      causal: a Python bool; query i attends keys j <= i, via the paper's recursion. Causal or not, a call over
+        S <= `config.min_seq_len` keys is exact (`config.attends_exactly(S)`).
       scale: softmax scale, default `1 / sqrt(H)`.
       return_lse: also return the natural-log normaliser `[B, N, T]`, float32 (float64 for float64 inputs).
-      implementation: None (fastest available: "pallas_triton" on GPU for bf16/fp16, else "xla"), "xla" (pure jnp)
-        or "pallas_triton" (fused Pallas GPU kernels; float32 inputs fall back to "xla").
-      kv_length: optional int `[B]` (non-causal): keys at positions >= kv_length[b] are padding.
+      implementation: None (the fastest backend that takes the call on this platform: "pallas_triton" on GPU for
+        bf16/fp16, else "xla"), "xla" (pure jnp, anywhere), "pallas_triton" (fused Pallas GPU kernels; float32
+        inputs run on "xla") or "pallas_tpu". A kernel backend on a platform it does not target raises ValueError
+        unless `interpret=True`. `hyperattn_jax.explain(...)` says which runs and why.
+      kv_length: optional int `[B]` (non-causal): keys at positions >= kv_length[b] are padding; 0 gives zeros.
       hash_key: optional PRNG key for the LSH hyperplanes alone (e.g. fixed per layer); `key` then draws only the
         samples. Default: both from `key`.
+      interpret: run a kernel backend's Pallas kernels in the interpreter (any platform; slow: for tests).
 
     Returns:
       out `[B, T, N, H]` in q's dtype, and lse `[B, N, T]` if `return_lse`.
@@ -121,16 +109,19 @@ def hyper_attention(
     config = HyperAttentionConfig() if config is None else config
     if not isinstance(config, HyperAttentionConfig):
         raise ValueError(f"config must be a HyperAttentionConfig, got {type(config).__name__}")
-    if implementation not in (None, *IMPLEMENTATIONS):
-        raise ValueError(f"{implementation=} is not one of None, {', '.join(map(repr, IMPLEMENTATIONS))}")
+    causal = check_causal(causal)
     check_qkv(q, k, v, causal=causal)
     _check_key(key)
-    _check_kv_length(kv_length, q.shape[0])
+    kv_length = _check_kv_length(kv_length, q.shape[0])
     if hash_key is not None:
         _check_key(hash_key)
     if causal and kv_length is not None:
         raise ValueError("kv_length (key padding) is supported for non-causal attention only")
     scale = default_scale(q.shape[-1], scale)
+    choice = choose(
+        implementation=implementation, dtype=q.dtype, head_dim=q.shape[-1], config=config, causal=causal,
+        interpret=bool(interpret),
+    )  # fmt: skip
     out, lse = _hyper_attention(
         q,
         k,
@@ -139,9 +130,10 @@ def hyper_attention(
         kv_length,
         hash_key,
         config=config,
-        causal=bool(causal),
+        causal=causal,
         scale=scale,
-        implementation=_resolve_implementation(implementation, q.dtype),
+        implementation=choice.name,
+        interpret=choice.interpret,
     )
     out = out.astype(q.dtype)
     if not return_lse:

@@ -162,7 +162,7 @@ class HyperAttentionConfig:
         return self.block_size + self.sample_size + self.num_sink_keys + self.num_heavy_keys + self.local_window
 
     def attends_exactly(self, num_keys: int) -> bool:
-        """Whether a call over `num_keys` keys is computed exactly, causal or not: `num_keys <= min_seq_len` (or a single
+        """Whether a call over `num_keys` keys is computed exactly, causal or not: `num_keys <= min_seq_len` (or one
         block holds every key, where the estimate is exact anyway).
 
         >>> HyperAttentionConfig(min_seq_len=4096).attends_exactly(4096)

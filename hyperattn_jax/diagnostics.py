@@ -20,7 +20,7 @@ from hyperattn_jax._checks import check_qkv, default_scale
 from hyperattn_jax._layout import group_queries, heads_major, merge_query_chunks, split_query_chunks, ungroup_lse
 from hyperattn_jax._numerics import masked_logsumexp
 from hyperattn_jax.config import HyperAttentionConfig
-from hyperattn_jax.ops.sortlsh import make_plan
+from hyperattn_jax.ops.plan import make_plan
 
 
 class Hardness(NamedTuple):

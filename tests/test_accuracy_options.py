@@ -9,6 +9,7 @@ from helpers import dense_estimator, dense_estimator_weights, random_qkv
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
+from hyperattn_jax.backends import xla as xla_backend
 
 OPTION_CONFIGS = {
     "sinks+heavy+column_mass+systematic": dict(
@@ -160,7 +161,7 @@ def test_causal_sinks_and_window_equal_the_dense_definition_with_gradients(rng):
         jax.lax.slice_in_dim(x, g, t, axis=axis), [(0, g) if a == axis else (0, 0) for a in range(x.ndim)]
     )
     sq, sk, sv = shift(gq, 3), shift(gk, 2), shift(gv, 2)
-    key_low, _ = jax.random.split(key)
+    key_low, _ = ops.split_level(key)
     plan = ops.make_plan(
         sq[..., half:, :],
         sk[:, :, :half],
@@ -184,10 +185,8 @@ def test_causal_sinks_and_window_equal_the_dense_definition_with_gradients(rng):
         return jnp.sum(out**2) + jnp.sum(jnp.sin(lse)), out
 
     def hyper(q, k, v):
-        def noncausal(q, k, v, *, key, kv_length=None, config=cfg):
-            return ops.grouped_hyper_attention(q, k, v, key=key, config=config, scale=scale, kv_length=kv_length)
-
-        return ops.grouped_causal_attention(q, k, v, key=key, config=cfg, scale=scale, noncausal_fn=noncausal)
+        parts = xla_backend.parts(scale=scale, hash_key=None)
+        return ops.grouped_causal_attention(q, k, v, key=key, config=cfg, parts=parts)
 
     value_and_grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2), has_aux=True))
     (_, out), grads = value_and_grad(hyper)(gq, gk, gv)

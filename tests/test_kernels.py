@@ -156,6 +156,7 @@ def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options
         def loss(q, k, v, implementation=implementation):
             out = ha.hyper_attention(
                 q, k, v, key=key, config=cfg, causal=causal, return_lse=True, implementation=implementation,
+                interpret=True,
                 kv_length=None if kv_length is None else jnp.array(kv_length),
             )  # fmt: skip
             # lse enters the loss too: its cotangent takes a separate path through every backward
@@ -184,7 +185,11 @@ def test_default_implementation_is_xla_off_gpu_and_for_float32(rng):
     key = jax.random.key(0)
     default = ha.hyper_attention(q, k, v, key=key, config=cfg)
     xla = ha.hyper_attention(q, k, v, key=key, config=cfg, implementation="xla")
-    pallas = ha.hyper_attention(q, k, v, key=key, config=cfg, implementation="pallas_triton")  # float32 -> xla
+    pallas = ha.hyper_attention(
+        q, k, v, key=key, config=cfg, implementation="pallas_triton", interpret=True
+    )  # f32 -> xla
+    with pytest.raises(ValueError, match="targets gpu"):
+        ha.hyper_attention(q, k, v, key=key, config=cfg, implementation="pallas_triton")
     np.testing.assert_array_equal(default, xla)
     np.testing.assert_array_equal(pallas, xla)
 
@@ -363,10 +368,99 @@ def test_causal_recursion_half_precision_error_within_twice_the_twins(rng):
     def run(implementation, dtype):
         q_, k_, v_ = (x.astype(dtype) for x in (q, k, v))
         return ha.hyper_attention(
-            q_, k_, v_, key=key, config=cfg, causal=True, return_lse=True, implementation=implementation
+            q_,
+            k_,
+            v_,
+            key=key,
+            config=cfg,
+            causal=True,
+            return_lse=True,
+            implementation=implementation,
+            interpret=implementation != "xla",
         )
 
     oracle, twin, ours = run("xla", jnp.float32), run("xla", jnp.bfloat16), run("pallas_triton", jnp.bfloat16)
     for a, b, ref in zip(ours, twin, oracle, strict=True):
         our_error, twin_error = _relative(a, ref), _relative(b, ref)
         assert our_error <= 2 * twin_error + 1e-6, (our_error, twin_error)
+
+
+def _row_problem(rng, t, dtype=jnp.float32, **options):
+    """A plan over one problem with its kernel operands (`hyper._row_operands`): public-layout q rows, k, v."""
+    from hyperattn_jax.kernels.gpu import hyper
+
+    cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=24, min_seq_len=0, **options)
+    b, n, kv, h = 2, 4, 2, 16
+    q, k, v = random_qkv(rng, b=b, t=t, n=n, kv=kv, h=h, dtype=dtype)
+    q5, k4, v4 = _grouped(q, k, v)
+    plan = ops.make_plan(q5, k4, key=jax.random.key(int(rng.integers(1 << 30))), config=cfg, v=v4)
+    operands = hyper._row_operands(k, v, plan, hyper.row_positions(q5.shape), hyper.row_positions(k4.shape), b, None)
+    return q.reshape(b, t, kv, n // kv, h), k, v, operands
+
+
+@pytest.mark.parametrize(("t", "merge"), [(128, False), (61, False), (128, True)])
+def test_indexed_forward_matches_its_twin(rng, t, merge):
+    # 61 queries in 4 blocks of 16: padding slots; merge: the level kernels' in-place lse merge into earlier parts.
+    from hyperattn_jax.kernels.gpu import indexed_forward as kernel
+
+    q_rows, k, v, (query_index, tiles, _, key_index) = _row_problem(rng, t)
+    merge_into = None
+    if merge:
+        merge_into = (jnp.asarray(rng.standard_normal(q_rows.shape), jnp.float32), jnp.asarray(
+            rng.standard_normal((q_rows.shape[0], *q_rows.shape[2:4], t)) + 3.0, jnp.float32))  # fmt: skip
+    args = (q_rows, k, v, query_index, tiles, key_index)
+    got = kernel.indexed_tiled_forward(*args, scale=0.3, interpret=True, merge_into=merge_into)
+    want = kernel.indexed_tiled_forward_reference(*args, scale=0.3, merge_into=merge_into)
+    for a, b in zip(got, want, strict=True):
+        assert float(jnp.max(jnp.abs(b))) > 0.1
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_indexed_backward_matches_its_twin(rng):
+    from hyperattn_jax.kernels.gpu import indexed_backward as kernel
+
+    t = 128
+    q_rows, k, v, (query_index, tiles, rows, _) = _row_problem(rng, t)
+    do_rows = jnp.asarray(rng.standard_normal(q_rows.shape), jnp.float32)
+    stats = (q_rows.shape[0], *q_rows.shape[2:4], t)
+    lse = jnp.asarray(rng.standard_normal(stats), jnp.float32) + 4.0
+    delta = jnp.asarray(rng.standard_normal(stats), jnp.float32)
+    args = (q_rows, k, v, do_rows, lse, delta, query_index, tiles, rows, None)
+    got = kernel.indexed_tiled_backward(*args, scale=0.3, interpret=True)
+    want = kernel.indexed_tiled_backward_reference(*args, scale=0.3)
+    for a, b in zip(got, want, strict=True):
+        assert float(jnp.max(jnp.abs(b))) > 0.1
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_flash_rows_match_their_twins(rng):
+    from hyperattn_jax.kernels.gpu import flash
+
+    b, t, n, kv, h, segment = 1, 64, 4, 2, 16, 32
+    q, k, v = random_qkv(rng, b=b, t=t, n=n, kv=kv, h=h)
+    q_rows = q.reshape(b, t, kv, n // kv, h)
+    tuning = FlashConfig(block_q=16, block_k=16, block_bwd=16)
+    out, lse = flash.flash_forward_rows(
+        q_rows, k, v, scale=0.3, segment=segment, tuning=tuning, out_dtype=jnp.float32, interpret=True
+    )
+    want_out, want_lse = flash.flash_forward_rows_reference(
+        q_rows, k, v, scale=0.3, segment=segment, out_dtype=jnp.float32
+    )
+    np.testing.assert_allclose(out, want_out, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(lse, want_lse, rtol=2e-5, atol=2e-5)
+    do_rows = jnp.asarray(rng.standard_normal(q_rows.shape), jnp.float32)
+    d_lse = jnp.asarray(rng.standard_normal(lse.shape), jnp.float32)
+    got = flash.flash_backward_rows(
+        q_rows, k, v, do_rows, lse, out, d_lse, scale=0.3, segment=segment, tuning=tuning, interpret=True
+    )
+    want = flash.flash_backward_rows_reference(q_rows, k, v, do_rows, lse, out, d_lse, scale=0.3, segment=segment)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+    # the twin is the exact gradient of segment-causal attention when this is the only part
+    def loss(q_rows, k, v):
+        o, lse_ = flash.flash_forward_rows_reference(q_rows, k, v, scale=0.3, segment=segment, out_dtype=jnp.float32)
+        return jnp.sum(o * do_rows) + jnp.sum(lse_ * d_lse)
+
+    for a, b in zip(want[0], jax.grad(loss, (0, 1, 2))(q_rows, k, v), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

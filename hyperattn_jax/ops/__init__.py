@@ -1,54 +1,72 @@
-"""Pure-jnp building blocks of HyperAttention, in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, S, H]`).
-
-Compose them to build variants: `make_plan` draws the hash order and samples; `block_diagonal_tile` and
-`sampled_residual_tile` give the key tiles; `tiled_attention` attends a blocked query layout over any list of tiles;
-`merge_partials` combines partial attentions by lse. `group_queries` and friends convert from `[B, T, N, H]`.
+"""Pure-jnp building blocks of HyperAttention in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, S, H]`), in
+pipeline order: hash (`hyperattn_jax.lsh`) -> plan (`make_plan`: sort order, global keys, samples; random keys from
+`plan_keys`) -> tiles (`hyper_attention_tiles`) -> estimate (`tiled_attention`) -> merge (`merge_partials`) -> causal
+recursion (`grouped_causal_attention`). `grouped_attention` picks exact, estimate or recursion on a backend's parts.
+`group_queries` and friends convert from `[B, T, N, H]`.
 """
 
 from hyperattn_jax._layout import group_queries, heads_major, ungroup_lse, ungroup_output
-from hyperattn_jax.ops.causal import grouped_causal_attention
-from hyperattn_jax.ops.sorting import SortOrder, gather_rows, sort_order, sort_orders, sort_rows, unsort_rows
-from hyperattn_jax.ops.sortlsh import (
-    SortLSHPlan,
+from hyperattn_jax.ops.causal import AttentionParts, grouped_attention, grouped_causal_attention, quarter_is_exact
+from hyperattn_jax.ops.estimate import (
     block_diagonal_attention,
-    block_diagonal_tile,
-    block_query_layout,
     grouped_hyper_attention,
     grouped_hyper_attention_merged,
-    hyper_attention_tiles,
-    make_plan,
-    probe_column_mass,
-    probe_index,
     sampled_residual_attention,
+    tiled_attention,
+    tiled_attention_backward,
+)
+from hyperattn_jax.ops.keys import PlanKeys, level_keys, plan_keys, split_level
+from hyperattn_jax.ops.merge import merge_partials
+from hyperattn_jax.ops.plan import SortLSHPlan, make_plan, plan_projections, probe_column_mass, probe_index
+from hyperattn_jax.ops.sorting import SortOrder, gather_rows, sort_order, sort_orders, sort_rows, unsort_rows
+from hyperattn_jax.ops.tiles import (
+    KeyTile,
+    TileRows,
+    block_diagonal_tile,
+    block_query_layout,
+    global_key_tile,
+    hyper_attention_tiles,
+    plan_rows,
     sampled_residual_tile,
     unblock_query_layout,
 )
-from hyperattn_jax.ops.tiles import KeyTile, merge_partials, tiled_attention
 
 __all__ = [
+    "AttentionParts",
     "KeyTile",
+    "PlanKeys",
     "SortLSHPlan",
     "SortOrder",
+    "TileRows",
     "block_diagonal_attention",
     "block_diagonal_tile",
     "block_query_layout",
     "gather_rows",
+    "global_key_tile",
     "group_queries",
+    "grouped_attention",
     "grouped_causal_attention",
     "grouped_hyper_attention",
     "grouped_hyper_attention_merged",
     "heads_major",
     "hyper_attention_tiles",
+    "level_keys",
     "make_plan",
     "merge_partials",
+    "plan_keys",
+    "plan_projections",
     "probe_column_mass",
+    "plan_rows",
     "probe_index",
+    "quarter_is_exact",
     "sampled_residual_attention",
     "sampled_residual_tile",
     "sort_order",
     "sort_orders",
     "sort_rows",
+    "split_level",
     "tiled_attention",
+    "tiled_attention_backward",
     "unblock_query_layout",
     "ungroup_lse",
     "ungroup_output",

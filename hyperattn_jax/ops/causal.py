@@ -1,4 +1,5 @@
-"""Causal HyperAttention by the paper's recursion (Alg. 4), with a static depth.
+"""Causal HyperAttention by the paper's recursion (Alg. 4), with a static depth, and `grouped_attention`: the one
+place that decides between exact attention, the non-causal estimate and the recursion.
 
 Split the sequence in halves: the two diagonal quarters are causal problems of half the size (stacked on the batch
 axis, so every problem of one recursion level runs as one batched call), and the lower-left quarter (second-half
@@ -15,12 +16,14 @@ Accuracy options (docs/accuracy.md), both expressed as one more exactly attended
 
 from __future__ import annotations
 
-import jax
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax.numpy as jnp
 
 from hyperattn_jax.config import HyperAttentionConfig
-from hyperattn_jax.ops.tiles import merge_partials
-from hyperattn_jax.reference import grouped_exact_attention
+from hyperattn_jax.ops.keys import split_level
+from hyperattn_jax.ops.merge import merge_partials
 
 
 def causal_base_length(config: HyperAttentionConfig) -> int:
@@ -31,47 +34,70 @@ def causal_base_length(config: HyperAttentionConfig) -> int:
     return max(config.min_seq_len, config.block_size, 1)
 
 
-def noncausal_is_exact(num_keys: int, config: HyperAttentionConfig) -> bool:
-    """Whether non-causal attention over `num_keys` keys falls back to exact.
-
-    The official implementation computes non-causal attention exactly when S < min_seq_len (strictly), so with a
-    power-of-two length the last recursion level's lower-left quarter (S == min_seq_len) is still approximated.
+def quarter_is_exact(num_keys: int, config: HyperAttentionConfig) -> bool:
+    """Whether the recursion computes an off-diagonal quarter of `num_keys` keys exactly: when it has fewer than
+    `min_seq_len` keys (strictly, the official code's rule). A public call is exact at `num_keys <= min_seq_len`
+    (`config.attends_exactly`); inside the recursion the quarter of exactly `min_seq_len` keys, which power-of-two
+    lengths always reach at the last level, stays estimated: computing it exactly would double the exact work there.
     """
     return num_keys < config.min_seq_len or num_keys <= config.block_size
 
 
-def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, scale: float, noncausal_fn, exact_fn=None):
-    """Causal HyperAttention in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, T, H]`).
+class AttentionParts(NamedTuple):
+    """A backend's pieces in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, S, H]`), each returning out and
+    lse `[B, K, G, T]` float32.
 
-    `noncausal_fn(q, k, v, key=..., kv_length=None)` computes each level's lower-left quarter (keys at positions
-    >= kv_length are padding); when sinks are on it is also passed `config=` (the config without sinks, which the
-    recursion has taken out). `exact_fn(q, k, v)` is the exact causal base case (default: the chunked jnp reference).
+    estimate(q, k, v, *, key, config, kv_length): non-causal HyperAttention (keys at positions >= kv_length `[B]`
+      are padding; kv_length may be None).
+    exact(q, k, v, *, causal, kv_length): exact attention (kv_length only when not causal).
+    """
+
+    estimate: Callable
+    exact: Callable
+
+
+def grouped_attention(
+    q, k, v, *, key, config: HyperAttentionConfig, causal: bool, parts: AttentionParts, kv_length=None
+):
+    """HyperAttention in the grouped layout on a backend's `parts`: exact when `config.attends_exactly(S)`, else the
+    non-causal estimate or the causal recursion. Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32."""
+    if config.attends_exactly(k.shape[2]):
+        return parts.exact(q, k, v, causal=causal, kv_length=kv_length)
+    if causal:
+        return grouped_causal_attention(q, k, v, key=key, config=config, parts=parts)
+    return parts.estimate(q, k, v, key=key, config=config, kv_length=kv_length)
+
+
+def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, parts: AttentionParts):
+    """Causal HyperAttention in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, T, H]`) on `parts`: its exact
+    causal base case and, for each level's lower-left quarter, its estimate (exact where `quarter_is_exact`).
     Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32.
     """
-    if exact_fn is None:
 
-        def exact_fn(q, k, v):
-            return grouped_exact_attention(q, k, v, scale=scale, causal=True)
+    def exact_fn(q, k, v):
+        return parts.exact(q, k, v, causal=True, kv_length=None)
 
     num_sinks = config.num_sink_keys
-    noncausal_options = {}
-    if num_sinks:
-        noncausal_options = {"config": config.replace(num_sink_keys=0)}
+    # The recursion takes the sinks out before it starts: its quarters are estimated without them.
+    quarter_config = config.replace(num_sink_keys=0) if num_sinks else config
+
+    def noncausal_fn(q, k, v, *, key, kv_length=None):
+        if quarter_is_exact(k.shape[2], config):
+            return parts.exact(q, k, v, causal=False, kv_length=kv_length)
+        return parts.estimate(q, k, v, key=key, config=quarter_config, kv_length=kv_length)
 
     def off_diagonal(q, k, v, key):
         """Second-half queries over first-half keys: the non-causal estimate plus the exact recent-key window."""
         half = k.shape[2]
         window = min(config.local_window, half)
         if not window:
-            return noncausal_fn(q, k, v, key=key, **noncausal_options)
+            return noncausal_fn(q, k, v, key=key)
         # Few keys: one unchunked call (the default query chunking would run T / 1024 small steps one after another).
-        recent = grouped_exact_attention(
-            q, k[:, :, half - window :], v[:, :, half - window :], scale=scale, query_chunk=q.shape[3]
-        )
+        recent = parts.exact(q, k[:, :, half - window :], v[:, :, half - window :], causal=False, kv_length=None)
         if window == half:
             return recent
         kv_length = jnp.full((q.shape[0],), half - window, jnp.int32)
-        estimate = noncausal_fn(q, k, v, key=key, kv_length=kv_length, **noncausal_options)
+        estimate = noncausal_fn(q, k, v, key=key, kv_length=kv_length)
         return merge_partials(*estimate, *recent)
 
     def recurse(q, k, v, key):
@@ -85,7 +111,7 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, scal
             return out[..., :t, :], lse[..., :t]
         half = t // 2
         batch = q.shape[0]
-        key_off_diagonal, key_deeper = jax.random.split(key)
+        key_off_diagonal, key_deeper = split_level(key)
         diag_out, diag_lse = recurse(
             jnp.concatenate([q[..., :half, :], q[..., half:, :]], axis=0),
             jnp.concatenate([k[:, :, :half], k[:, :, half:]], axis=0),
@@ -106,9 +132,7 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, scal
     head_out, head_lse = exact_fn(q[..., :g, :], k[:, :, :g], v[:, :, :g])
     if g == t:
         return head_out, head_lse
-    sink_out, sink_lse = grouped_exact_attention(
-        q[..., g:, :], k[:, :, :g], v[:, :, :g], scale=scale, query_chunk=max(t - g, 1)
-    )
+    sink_out, sink_lse = parts.exact(q[..., g:, :], k[:, :, :g], v[:, :, :g], causal=False, kv_length=None)
     # Positions [g, T) shifted to the front and g masked positions appended: the recursion keeps the paper's problem
     # sizes (so the same quarters are exact or estimated), and causality hides the appended keys from real queries.
     pad = ((0, 0), (0, 0), (0, g), (0, 0))

@@ -1,9 +1,8 @@
-"""One softmax over several key tiles with per-key log-weights, and the lse merge of partial attentions.
+"""Key tiles: what each sorted query block attends, cut from the plan.
 
-This is the readable twin of the fused GPU kernel: a query block attends, in one online softmax, to its sortLSH key
-block, to the sampled residual keys (log-weight log(S/m), -inf where excluded), and to any further tile, e.g.
-always-attended global keys. A tile's keys either belong to one query block each (`[..., nb, t, H]`) or are shared by
-all blocks (`[..., 1, t, H]`).
+A tile's keys either belong to one query block each (`[B, K, nb, t, H]`: the sortLSH blocks) or are shared by all
+blocks (`[B, K, 1, t, H]`: the global keys, the sampled residual), each key with an additive log-weight (0 ordinary,
+-inf masked, log w counted w times). `estimate.py` attends blocked queries over any list of tiles in one softmax.
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hyperattn_jax._numerics import finite_or_zero, masked_logsumexp
+from hyperattn_jax.ops.plan import SortLSHPlan
+from hyperattn_jax.ops.sorting import sort_rows, unsort_rows
 
 
 class KeyTile(NamedTuple):
@@ -28,46 +28,115 @@ class KeyTile(NamedTuple):
     log_weight: jax.Array
 
 
-def tiled_attention(q_blocks, tiles: list[KeyTile] | tuple[KeyTile, ...], *, scale: float):
-    """Attention of blocked queries over a list of key tiles, in one softmax.
+def _pad_axis(x, axis: int, size: int):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
 
-    Args:
-      q_blocks: `[B, K, G, nb, bq, H]` (G query heads per kv head, nb query blocks of bq queries).
-      tiles: key tiles, see `KeyTile`.
-      scale: softmax scale.
 
-    Returns:
-      out `[B, K, G, nb, bq, H]` float32 and lse `[B, K, G, nb, bq]` float32 (natural log, log-weights included).
+def block_query_layout(q, plan: SortLSHPlan):
+    """Queries sorted and cut into blocks: `[B, K, G, T, H]` -> `[B, K, G, nb, bq, H]` (zero rows pad the end)."""
+    q_sorted = _pad_axis(sort_rows(q, plan.query_order), 3, plan.num_blocks * plan.query_block)
+    return q_sorted.reshape(*q.shape[:3], plan.num_blocks, plan.query_block, q.shape[-1])
+
+
+def unblock_query_layout(x_blocks, plan: SortLSHPlan, num_queries: int):
+    """Inverse of `block_query_layout` for outputs `[B, K, G, nb, bq, H]` -> `[B, K, G, T, H]`."""
+    x = x_blocks.reshape(*x_blocks.shape[:3], -1, x_blocks.shape[-1])[..., :num_queries, :]
+    return unsort_rows(x, plan.query_order)
+
+
+def _sorted_keys(k, v, plan: SortLSHPlan):
+    return sort_rows(k, plan.key_order), sort_rows(v, plan.key_order)
+
+
+def _block_tile_from_sorted(k_sorted, v_sorted, plan: SortLSHPlan) -> KeyTile:
+    start, padded = plan.num_global, plan.num_blocks * plan.key_block
+    shape = (*k_sorted.shape[:2], plan.num_blocks, plan.key_block, k_sorted.shape[-1])
+    k_blocks = _pad_axis(k_sorted[:, :, start : start + padded], 2, padded).reshape(shape)
+    v_blocks = _pad_axis(v_sorted[:, :, start : start + padded], 2, padded).reshape(shape)
+    if plan.num_block_keys is None:
+        is_real = (jnp.arange(padded) < plan.num_valid_keys[:, None])[:, None]  # valid keys sort first, padding last
+    else:
+        is_real = jnp.arange(padded) < plan.num_block_keys[..., None]
+    log_weight = jnp.where(is_real, 0.0, -jnp.inf).reshape(*is_real.shape[:2], plan.num_blocks, plan.key_block)
+    return KeyTile(k_blocks, v_blocks, log_weight)
+
+
+def _global_tile_from_sorted(k_sorted, v_sorted, plan: SortLSHPlan) -> KeyTile:
+    g = plan.num_global
+    index = plan.key_order.perm[:, :, :g]
+    is_real = index < plan.num_valid_keys[:, None, None]
+    log_weight = jnp.where(is_real, 0.0, -jnp.inf)[:, :, None, :]
+    return KeyTile(k_sorted[:, :, None, :g], v_sorted[:, :, None, :g], log_weight)
+
+
+def block_diagonal_tile(k, v, plan: SortLSHPlan) -> KeyTile:
+    """The sortLSH key tile: sorted key block i for query block i; padding keys get log-weight -inf."""
+    return _block_tile_from_sorted(*_sorted_keys(k, v, plan), plan)
+
+
+def global_key_tile(k, v, plan: SortLSHPlan) -> KeyTile:
+    """The exact global keys (sinks, heavy keys) shared by all query blocks, log-weight 0: `[B, K, 1, g, H]`."""
+    return _global_tile_from_sorted(*_sorted_keys(k, v, plan), plan)
+
+
+def sampled_residual_tile(k, v, plan: SortLSHPlan) -> KeyTile:
+    """The residual tile: m sampled keys shared by all query blocks, weight 1/(m p_j), excluded from their own block.
+
+    Under the paper's uniform sampling the weight is S/m.
     """
-    acc = jnp.promote_types(q_blocks.dtype, jnp.float32)
-    scores, values = [], []
-    nb = q_blocks.shape[3]
-    for tile in tiles:
-        s = jnp.einsum("bkgnqh,bknth->bkgnqt", q_blocks, tile.k, preferred_element_type=acc) * scale
-        log_weight = jnp.broadcast_to(tile.log_weight, (*tile.k.shape[:2], nb, tile.k.shape[3]))
-        scores.append(s + log_weight[:, :, None, :, None, :].astype(acc))
-        values.append(tile.v)
-    s = jnp.concatenate(scores, axis=-1)
-    lse = masked_logsumexp(s)
-    p = jnp.exp(s - finite_or_zero(lse)[..., None])
-    out = 0.0
-    start = 0
-    for v in values:
-        width = v.shape[3]
-        out = out + jnp.einsum("bkgnqt,bknth->bkgnqh", p[..., start : start + width], v.astype(acc))
-        start += width
-    return out, lse
+    index = plan.sample_index
+    k_sampled = jnp.take_along_axis(k, index[..., None], axis=2)[:, :, None]
+    v_sampled = jnp.take_along_axis(v, index[..., None], axis=2)[:, :, None]
+    sorted_position = jnp.take_along_axis(plan.key_order.inverse, index, axis=2)
+    sample_block = (sorted_position - plan.num_global) // plan.key_block  # [B, K, m]
+    in_own_block = sample_block[:, :, None, :] == jnp.arange(plan.num_blocks)[:, None]  # [B, K, nb, m]
+    if plan.sample_log_weight is None:
+        log_weight = jnp.log(plan.num_valid_keys / index.shape[-1])[:, None, None, None]
+    else:
+        log_weight = plan.sample_log_weight[:, :, None, :]
+    return KeyTile(k_sampled, v_sampled, jnp.where(in_own_block, -jnp.inf, log_weight))
 
 
-def merge_partials(out1, lse1, out2, lse2):
-    """Merge two attentions over disjoint key sets: `out [..., H]`, `lse [...]` aligned with `out[..., 0]`.
+def hyper_attention_tiles(k, v, plan: SortLSHPlan) -> list[KeyTile]:
+    """Every key tile of non-causal HyperAttention under `plan`: blocks, then global keys, then samples."""
+    k_sorted, v_sorted = _sorted_keys(k, v, plan)
+    tiles = [_block_tile_from_sorted(k_sorted, v_sorted, plan)]
+    if plan.num_global:
+        tiles.append(_global_tile_from_sorted(k_sorted, v_sorted, plan))
+    if plan.sample_index is not None:
+        tiles.append(sampled_residual_tile(k, v, plan))
+    return tiles
 
-    The result is the attention over the union: weights e^{lse_i - lse} per part, lse = logaddexp(lse1, lse2).
-    Exact and associative; a part with lse = -inf (no keys) contributes nothing.
+
+class TileRows(NamedTuple):
+    """One key tile of a plan as row indices: `rows` int32 `[B, K, nb | 1, t]` (the key row in each slot, -1 for
+    padding) and its additive `log_weight`, broadcastable to `[B, K, nb, t]` (see `KeyTile`)."""
+
+    rows: jax.Array
+    log_weight: jax.Array
+
+
+def plan_rows(plan: SortLSHPlan, query_rows, key_rows) -> tuple[jax.Array, list[TileRows]]:
+    """The plan as int32 row indices, the form kernels consume: (the query row in every blocked slot `[B, K, G, nb,
+    bq]`, the tiles of `hyper_attention_tiles` as `TileRows`); -1 marks padding.
+
+    `query_rows` int32 `[B, K, G, T, 1]` and `key_rows` `[B, K, S, 1]` name the row each of the plan's queries and
+    keys stands for (e.g. its position in a larger array the kernel reads: the causal levels cut their problems from
+    one sequence); `jnp.arange` rows give positions within the plan's own problem.
+
+    >>> import hyperattn_jax as ha
+    >>> q = jax.random.normal(jax.random.key(0), (1, 1, 1, 64, 8))  # [B, K, G, T, H]
+    >>> config = ha.HyperAttentionConfig.paper(block_size=16)
+    >>> plan = ha.ops.make_plan(q, q[:, :, 0], key=jax.random.key(1), config=config)
+    >>> rows = jnp.arange(64, dtype=jnp.int32)[:, None]
+    >>> query_index, tiles = plan_rows(plan, jnp.broadcast_to(rows, (1, 1, 1, 64, 1)), rows[None, None])
+    >>> query_index.shape, [tile.rows.shape for tile in tiles]
+    ((1, 1, 1, 4, 16), [(1, 1, 4, 16), (1, 1, 1, 256)])
     """
-    lse = jnp.logaddexp(lse1, lse2)
-    safe = finite_or_zero(lse)
-    w1 = jnp.exp(lse1 - safe)[..., None]
-    w2 = jnp.exp(lse2 - safe)[..., None]
-    out = w1 * out1.astype(w1.dtype) + w2 * out2.astype(w2.dtype)
-    return out, lse
+    # Shifted by one so that the zero rows the layout functions pad with read as -1.
+    query_index = block_query_layout(query_rows + 1, plan)[..., 0] - 1
+    key_rows = key_rows + 1
+    tiles = [TileRows(tile.k[..., 0] - 1, tile.log_weight) for tile in hyper_attention_tiles(key_rows, key_rows, plan)]
+    return query_index, tiles

@@ -1,7 +1,7 @@
 """The random draws of the single-device plan, reproduced for a device that holds a slice of the batch or the heads.
 
-`make_plan` draws the LSH hyperplanes from the first half of `jax.random.split(key)` (shared by every batch element and
-head) and the residual samples as one `[B, K, m]` array from the second half. A sharded device must see exactly the
+`make_plan` draws the LSH hyperplanes from `plan_keys(key).hash` (shared by every batch element and head) and the
+residual samples as one `[B, K, m]` array from `plan_keys(key).samples`. A sharded device must see exactly the
 slice of that array that the single-device call gives its batch elements and heads, so it draws the whole array (B*K*m
 int32: tiny) and slices it. Folding the axis index into the key instead would give every shard fresh, different
 samples: still a valid estimator, but no longer the single-device answer. `tests/parallel_cases.py` checks these
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax.config import HyperAttentionConfig
+from hyperattn_jax.ops.keys import plan_keys
 
 # Options of the accuracy work whose draws depend on all keys of a head (probes, weighted sampling) or that change the
 # recursion (windows): the sharded strategies reproduce the published plan only, so they refuse these by name.
@@ -43,7 +44,7 @@ def plan_sample_index(key, *, batch: int, kv_heads: int, num_keys: int, config: 
     """The samples `make_plan(key=key)` draws for `batch` x `kv_heads` heads over `num_keys` keys: int32 `[B, K, m]`."""
     if config.sample_size == 0:
         return None
-    _, sample_key = jax.random.split(key)
+    sample_key = plan_keys(key).samples
     num_valid = jnp.full((batch,), num_keys, jnp.int32)
     shape = (batch, kv_heads, config.sample_size)
     return jax.random.randint(sample_key, shape, 0, num_valid[:, None, None], dtype=jnp.int32)

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from hyperattn_jax._layout import group_queries, heads_major, ungroup_lse, ungroup_output
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.lsh import lsh_rank
-from hyperattn_jax.ops.causal import noncausal_is_exact
-from hyperattn_jax.ops.sortlsh import plan_projections
-from hyperattn_jax.ops.tiles import KeyTile, tiled_attention
+from hyperattn_jax.ops.estimate import tiled_attention
+from hyperattn_jax.ops.plan import plan_projections
+from hyperattn_jax.ops.tiles import KeyTile
 from hyperattn_jax.parallel._randomness import sample_slice
 from hyperattn_jax.parallel.columnsort import column_sort, column_sort_problem, route, unroute
 from hyperattn_jax.parallel.head_sharded import axis_shards
@@ -42,7 +42,7 @@ _INT32_MAX = 2**31 - 1
 
 def check_bucket_dispatch(num_queries: int, num_keys: int, num_shards: int, config: HyperAttentionConfig) -> None:
     """Raise ValueError naming the sizes when the sorted ranges of P devices cannot hold whole sortLSH blocks."""
-    if noncausal_is_exact(num_keys, config):
+    if config.attends_exactly(num_keys):
         return  # computed exactly, no sort
     b, p = config.block_size, num_shards
     where = f'strategy="bucket_dispatch" with T={num_queries}, S={num_keys}, P={p}, block_size={b}'
@@ -104,8 +104,8 @@ def bucket_dispatch_hyper_attention(
     t, s = local_t * num_shards, local_s * num_shards
     check_bucket_dispatch(t, s, num_shards, config)
     qg, kg, vg = group_queries(q, kv_heads), heads_major(k), heads_major(v)
-    if noncausal_is_exact(s, config):
-        # The single-device call is exact attention here (short keys): gather them, O(S) but S < min_seq_len.
+    if config.attends_exactly(s):
+        # The single-device call is exact attention here (short keys): gather them, O(S) but S <= min_seq_len.
         k_all, v_all = (jax.lax.all_gather(x, seq_axis, axis=2, tiled=True) for x in (kg, vg))
         out, lse = grouped_exact_attention(qg, k_all, v_all, scale=scale)
         return ungroup_output(out), ungroup_lse(lse)

@@ -16,17 +16,13 @@ from __future__ import annotations
 import jax
 
 from hyperattn_jax._layout import group_queries, heads_major, ungroup_lse, ungroup_output
+from hyperattn_jax.backends import xla
 from hyperattn_jax.config import HyperAttentionConfig
-from hyperattn_jax.ops.causal import grouped_causal_attention, noncausal_is_exact
-from hyperattn_jax.ops.sortlsh import (
-    block_query_layout,
-    hyper_attention_tiles,
-    make_plan,
-    unblock_query_layout,
-)
-from hyperattn_jax.ops.tiles import tiled_attention
+from hyperattn_jax.ops.causal import AttentionParts, grouped_attention
+from hyperattn_jax.ops.estimate import attend_tiles
+from hyperattn_jax.ops.plan import make_plan
+from hyperattn_jax.ops.tiles import hyper_attention_tiles
 from hyperattn_jax.parallel._randomness import sample_slice
-from hyperattn_jax.reference import grouped_exact_attention
 
 
 def axis_shards(axis_name) -> tuple[int, jax.Array | int]:
@@ -65,19 +61,14 @@ def grouped_attention_for_heads(
     """
     batch = q.shape[0]
 
-    def noncausal(q, k, v, *, key, kv_length=None):
+    def estimate(q, k, v, *, key, config, kv_length):
         del kv_length  # the sharded strategies take no key padding
-        if noncausal_is_exact(k.shape[2], config):
-            return grouped_exact_attention(q, k, v, scale=scale)
         plan = make_plan(q, k, key=key, config=config, hash_key=hash_key)
         plan = plan.replace(sample_index=samples_for(key, stacked=q.shape[0] // batch, num_keys=k.shape[2]))
-        out, lse = tiled_attention(block_query_layout(q, plan), hyper_attention_tiles(k, v, plan), scale=scale)
-        t = q.shape[3]
-        return unblock_query_layout(out, plan, t), unblock_query_layout(lse[..., None], plan, t)[..., 0]
+        return attend_tiles(q, hyper_attention_tiles(k, v, plan), plan, scale=scale)
 
-    if causal:
-        return grouped_causal_attention(q, k, v, key=key, config=config, scale=scale, noncausal_fn=noncausal)
-    return noncausal(q, k, v, key=key)
+    parts = AttentionParts(estimate=estimate, exact=xla.parts(scale=scale, hash_key=hash_key).exact)
+    return grouped_attention(q, k, v, key=key, config=config, causal=causal, parts=parts)
 
 
 def head_sharded_hyper_attention(

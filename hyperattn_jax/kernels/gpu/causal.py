@@ -1,7 +1,7 @@
 """The paper's causal recursion on the fused kernels, as ONE differentiable function with its own backward.
 
-Same estimator and same random draws as `ops.grouped_causal_attention` (its jnp twin), computed without its copies,
-on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`):
+Same estimator and same random draws (`ops.level_keys`) as `ops.grouped_causal_attention` (its jnp twin), computed
+without its copies, on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`):
 - the diagonal problems of the last level are one segment-causal call on the unsplit sequence (cuDNN's flash forward
   with its float32 lse where it runs, `cudnn_segments.py`; our flash kernel elsewhere);
 - every level's hash comes from one kernel over the unsorted q and k (each level has its own hyperplanes), and the
@@ -13,7 +13,7 @@ on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`):
 Backward: every part's backward kernels run with the FINAL lse and delta (see `fused_tiled_attention_backward`), so no
 part keeps its own output and nothing is differentiated through the merge. The base case's kernels write float32
 gradient accumulators on the public layout; each level's kernels read q, dO, k, v rows by index and add their dq, dk,
-dv rows into them in place (`gathered_backward.py`): no grouped or sorted copies, one cast at the end.
+dv rows into them in place (`indexed_backward.py`): no grouped or sorted copies, one cast at the end.
 Residuals: q, k, v, out, lse and the plans (int32 orders and samples).
 """
 
@@ -30,14 +30,15 @@ from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_backward_rows, fl
 from hyperattn_jax.kernels.gpu.hyper import (
     estimate_backward_rows,
     estimate_forward_rows,
+    fits_dot,
     grouped_inputs,
     kernel_probe,
-    power_of_two,
     public_layout_ranks,
     row_positions,
 )
 from hyperattn_jax.ops.causal import causal_base_length
-from hyperattn_jax.ops.sortlsh import make_plan, plan_projections
+from hyperattn_jax.ops.keys import level_keys
+from hyperattn_jax.ops.plan import make_plan, plan_projections
 
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
@@ -48,7 +49,7 @@ def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfi
     hold a real row), head dims or blocks that are not powers of two."""
     if config.num_sink_keys or config.num_heavy_keys or config.local_window:
         return None
-    if not (power_of_two(head_dim) and power_of_two(config.block_size)):
+    if not (fits_dot(head_dim) and fits_dot(config.block_size)):
         return None
     depth, segment = 0, t
     while segment > causal_base_length(config):
@@ -122,15 +123,12 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     )
     q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the jnp probe where the probe kernels do not fit)
     query_positions, key_positions = row_positions((*q5.shape[:-1], 1)), row_positions((*k4.shape[:-1], 1))
-    level_keys, level_key = [], key
-    for _ in range(depth):
-        off_diagonal_key, level_key = jax.random.split(level_key)
-        level_keys.append(off_diagonal_key)
+    keys = level_keys(key, depth)
     # Every level's hash in one pass over the unsorted q and k (each level has its own hyperplanes).
-    projections = [plan_projections(level_key, h, config, hash_key) for level_key in level_keys]
+    projections = [plan_projections(level_key, h, config, hash_key) for level_key in keys]
     plans = []
     for level, (level_key, (query_rank, key_rank)) in enumerate(
-        zip(level_keys, public_layout_ranks(q, k, projections, interpret=interpret), strict=True)
+        zip(keys, public_layout_ranks(q, k, projections, interpret=interpret), strict=True)
     ):
         ql, kl, vl = _level_problem(q5, k4, v4, level)
         ranks = _level_rows(query_rank[..., None], 1, level)[..., 0], _level_rows(key_rank[..., None], 0, level)[..., 0]

@@ -31,6 +31,7 @@ from hyperattn_jax.kernels.gpu._common import (
     rem,
     triton_params,
 )
+from hyperattn_jax.reference import grouped_exact_attention
 
 
 class FlashConfig(NamedTuple):
@@ -407,7 +408,7 @@ def flash_backward_rows(
     q_rows, k, v, do_rows, lse, out_rows, d_lse, *, scale: float, segment: int, tuning: FlashConfig, interpret
 ):
     """The backward kernels of segment-causal `flash_attention` on the public layout, with float32 gradients: the first
-    part of a merged attention's gradient accumulators (see `gathered_tiled_backward`), no transposes in or out.
+    part of a merged attention's gradient accumulators (see `indexed_tiled_backward`), no transposes in or out.
 
     q_rows, do_rows, out_rows (the merged attention's output) `[B, T, K, G, H]`, k, v `[B, T, K, H]`, lse (finite) and
     d_lse float32 `[B, K, G, T]`; shapes as for `flash_forward_rows`. The dq kernel also computes the merged
@@ -454,4 +455,42 @@ def flash_backward_rows(
         interpret=interpret,
         name="hyper_flash_dkdv",
     )(q_flat, do_flat, lse, delta, k, v)
+    return (dq, dk, dv), delta
+
+
+def _segments(x_rows, segment: int):
+    """`[B, T, K, (G,) H]` -> the grouped layout with T / segment segments stacked on the batch axis."""
+    b, t = x_rows.shape[:2]
+    x = x_rows.reshape(b * (t // segment), segment, *x_rows.shape[2:])
+    return jnp.moveaxis(x, 1, -2)  # [B', K, (G,) segment, H]
+
+
+def flash_forward_rows_reference(q_rows, k, v, *, scale: float, segment: int, out_dtype):
+    """jnp twin of `flash_forward_rows`: exact causal attention within each segment, float32 statistics."""
+    b, t, kv_heads, g, _ = q_rows.shape
+    out, lse = grouped_exact_attention(
+        _segments(q_rows, segment), _segments(k, segment), _segments(v, segment), scale=scale, causal=True
+    )
+    out = jnp.moveaxis(out, -2, 1).reshape(q_rows.shape).astype(out_dtype)
+    return out, jnp.moveaxis(lse.reshape(b, t // segment, kv_heads, g, segment), 1, 3).reshape(b, kv_heads, g, t)
+
+
+def flash_backward_rows_reference(q_rows, k, v, do_rows, lse, out_rows, d_lse, *, scale: float, segment: int):
+    """jnp twin of `flash_backward_rows`: (dq, dk, dv) float32 of segment-causal attention as one part of a merged
+    attention with final `lse` and output `out_rows`, and delta = rowsum(dO * O) - dlse."""
+    f32 = jnp.float32
+    delta = jnp.einsum("btkgh,btkgh->bkgt", do_rows.astype(f32), out_rows.astype(f32)) - d_lse.astype(f32)
+    lse = finite_or_zero(lse)
+    mask = jnp.tril(jnp.ones((segment, segment), bool))
+    b, t, kv_heads, g, h = q_rows.shape
+    n = t // segment
+    q, do = (x.astype(f32).reshape(b, n, segment, kv_heads, g, h) for x in (q_rows, do_rows))
+    kk, vv = (x.astype(f32).reshape(b, n, segment, kv_heads, h) for x in (k, v))
+    lse_s, delta_s = (x.reshape(b, kv_heads, g, n, segment) for x in (lse, delta))
+    s = jnp.einsum("bnqkgh,bnskh->bkgnqs", q, kk) * scale
+    p = jnp.where(mask, jnp.exp(s - lse_s[..., None]), 0.0)
+    ds = p * (jnp.einsum("bnqkgh,bnskh->bkgnqs", do, vv) - delta_s[..., None])
+    dq = scale * jnp.einsum("bkgnqs,bnskh->bnqkgh", ds, kk).reshape(q_rows.shape)
+    dk = scale * jnp.einsum("bkgnqs,bnqkgh->bnskh", ds, q).reshape(k.shape)
+    dv = jnp.einsum("bkgnqs,bnqkgh->bnskh", p, do).reshape(v.shape)
     return (dq, dk, dv), delta

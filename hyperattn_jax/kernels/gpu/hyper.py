@@ -1,14 +1,14 @@
 """Non-causal HyperAttention on the fused Pallas Triton kernels, taking the public layout (q `[B, T, N, H]`, k, v
 `[B, S, K, H]`).
 
-The plan (LSH hash, int32 packed-key sort, samples) and the tiles come from `ops`, unchanged, so any tile kind the
-jnp path has (sorted blocks, sampled residual, global keys) runs here too; only the hash (`hash.py`), the column-mass
-probe (`probe.py`) and the attention over the tiles are kernels. The forward reads q, k, v in the public layout and
-gathers rows by index inside the kernel where the shapes allow (`gathered.py`): no transposed or sorted copies; it
-keeps only the plan, out and lse. The backward runs the row-gathering backward kernels with that out and lse
-(`estimate_backward_rows`, `gathered_backward.py`) where every slot holds a real row, else gathers the sorted blocks
-(grouped layout) for the tiled backward (`estimate_backward`). The causal recursion (`causal.py`) differentiates each
-of its levels the same way.
+The plan (LSH hash, int32 packed-key sort, samples) and the tiles come from `ops`, unchanged, so any tile kind the jnp
+path has (sorted blocks, sampled residual, global keys) runs here too; only the hash (`hash.py`), the column-mass probe
+(`probe.py`) and the attention over the tiles are kernels. The forward reads q, k, v in the public layout and gathers
+rows by index inside the kernel where the shapes allow (`indexed_forward.py`): no transposed or sorted copies; it keeps
+only the plan, out and lse. The backward runs the row-gathering backward kernels with that out and lse
+(`estimate_backward_rows`, `indexed_backward.py`) where every slot holds a real row, else gathers the sorted blocks
+(grouped layout) for the tiled backward (`estimate_backward`). The causal recursion (`causal.py`) differentiates each of
+its levels the same way.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
 from hyperattn_jax._numerics import finite_or_zero
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.kernels.gpu._common import MIN_DOT
-from hyperattn_jax.kernels.gpu.gathered import gathered_tiled_forward, rows_of
-from hyperattn_jax.kernels.gpu.gathered_backward import gathered_tiled_backward
 from hyperattn_jax.kernels.gpu.hash import hash_rows, lsh_ranks_pallas
+from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward
+from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward, rows_of
 from hyperattn_jax.kernels.gpu.probe import probe_column_mass_pallas, probe_key_chunk, probe_queries
 from hyperattn_jax.kernels.gpu.tiled_attention import (
     TiledKernelConfig,
@@ -32,18 +32,13 @@ from hyperattn_jax.kernels.gpu.tiled_attention import (
     fused_tiled_attention_backward,
 )
 from hyperattn_jax.lsh import lsh_ranks
-from hyperattn_jax.ops.sortlsh import (
-    block_query_layout,
-    hyper_attention_tiles,
-    make_plan,
-    plan_projections,
-    probe_index,
-    probe_key,
-    unblock_query_layout,
-)
+from hyperattn_jax.ops.keys import plan_keys
+from hyperattn_jax.ops.plan import make_plan, plan_projections, probe_index
+from hyperattn_jax.ops.tiles import KeyTile, block_query_layout, hyper_attention_tiles, plan_rows, unblock_query_layout
 
 
-def power_of_two(x: int) -> bool:
+def fits_dot(x: int) -> bool:
+    """Whether a kernel block dimension of size x lowers: a power of two of at least Triton's MIN_DOT (16)."""
     return x >= MIN_DOT and x & (x - 1) == 0
 
 
@@ -57,18 +52,13 @@ def _pregathered_forward(q, k, v, plan, scale, tuning, interpret):
 
 
 def row_positions(shape):
-    """Float32 row number + 1 of every row of an array `[..., L, H]`, as `[..., L, 1]`.
-
-    Passed through the same layout functions as the data (sort, block, pad, cut into recursion levels), it says which
-    original row lands in each slot; 0 marks padding. Exact below 2**24 rows.
-    """
-    if shape[-2] >= 2**24:
-        raise ValueError(f"the kernels index at most 2**24 - 1 rows per sequence, got {shape[-2]}")
-    return jnp.broadcast_to(jnp.arange(1, shape[-2] + 1, dtype=jnp.float32)[:, None], (*shape[:-1], 1))
+    """int32 row number of every row of an array `[..., L, H]`, as `[..., L, 1]`: passed through the same cuts as the
+    data (the causal levels' problems), it says which row of the unsplit array each problem row is (`ops.plan_rows`)."""
+    return jnp.broadcast_to(jnp.arange(shape[-2], dtype=jnp.int32)[:, None], (*shape[:-1], 1))
 
 
 def can_gather_in_kernel(head_dim: int, plan) -> bool:
-    return power_of_two(head_dim) and power_of_two(plan.query_block)
+    return fits_dot(head_dim) and fits_dot(plan.query_block)
 
 
 def _blocks_hold_valid_keys(plan, num_keys: int, kv_length) -> bool:
@@ -84,16 +74,15 @@ def _row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_len
     keys) gathered here; each tile's int32 rows `[P, K, nb | 1, t]`; and which of them the kernel loads by index
     (None for the gathered ones)."""
     unweighted_blocks = _blocks_hold_valid_keys(plan, key_positions.shape[-2], kv_length)
-    query_index = block_query_layout(query_positions, plan)[..., 0].astype(jnp.int32) - 1
+    query_index, tile_rows = plan_rows(plan, query_positions, key_positions)
     tiles, rows, in_kernel = [], [], []
-    for tile in hyper_attention_tiles(key_positions, key_positions, plan):
-        index = tile.k[..., 0].astype(jnp.int32) - 1  # [P, K, nb | 1, t]
+    for index, log_weight in tile_rows:  # index [P, K, nb | 1, t]
         rows.append(index)
-        if index.shape[2] == plan.num_blocks > 1 and power_of_two(index.shape[3]):
-            tiles.append(tile._replace(k=None, v=None, log_weight=None if unweighted_blocks else tile.log_weight))
+        if index.shape[2] == plan.num_blocks > 1 and fits_dot(index.shape[3]):
+            tiles.append(KeyTile(None, None, None if unweighted_blocks else log_weight))
             in_kernel.append(index)
         else:
-            tiles.append(tile._replace(k=rows_of(k, index, batch), v=rows_of(v, index, batch)))
+            tiles.append(KeyTile(rows_of(k, index, batch), rows_of(v, index, batch), log_weight))
             in_kernel.append(None)
     return query_index, tiles, rows, in_kernel
 
@@ -118,12 +107,12 @@ def estimate_forward_rows(
     p % B); `query_positions` `[P, K, G, T', 1]` and `key_positions` `[P, K, S', 1]` (see `row_positions`) say at
     which row of q_rows, k each of the problems' rows sits. Per-block key tiles are gathered in the kernel, shared
     tiles (samples, global keys) here. Returns out `[B, T, K, G, H]` and lse `[B, K, G, T]` at the problems' rows,
-    or merged into `merge_into` (see `gathered_tiled_forward`). `kv_length`: the one the plan was made with.
+    or merged into `merge_into` (see `indexed_tiled_forward`). `kv_length`: the one the plan was made with.
     """
     query_index, tiles, _, key_index = _row_operands(
         k, v, plan, query_positions, key_positions, q_rows.shape[0], kv_length
     )
-    return gathered_tiled_forward(
+    return indexed_tiled_forward(
         q_rows,
         k,
         v,
@@ -144,7 +133,7 @@ def can_backward_in_place(plan, num_queries: int, num_keys: int) -> bool:
         plan.num_global == 0
         and plan.num_blocks * plan.query_block == num_queries
         and plan.num_blocks * plan.key_block == num_keys
-        and (plan.num_blocks == 1 or power_of_two(plan.key_block))
+        and (plan.num_blocks == 1 or fits_dot(plan.key_block))
     )
 
 
@@ -168,9 +157,9 @@ def estimate_backward_rows(
     """The estimator's backward for the problems `estimate_forward_rows` cut, as one part of a merged attention with
     final lse and delta `[B, K, G, T]`: its dq, dk, dv added into the float32 accumulators `grads` (dq
     `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`; None: written, for a plan covering every row), reading every row by
-    index (`gathered_tiled_backward`). Needs `can_backward_in_place`; `kv_length` as for the forward."""
+    index (`indexed_tiled_backward`). Needs `can_backward_in_place`; `kv_length` as for the forward."""
     query_index, tiles, rows, _ = _row_operands(k, v, plan, query_positions, key_positions, q_rows.shape[0], kv_length)
-    return gathered_tiled_backward(
+    return indexed_tiled_backward(
         q_rows,
         k,
         v,
@@ -258,18 +247,18 @@ def kernel_probe(q, k, config, *, scale, interpret, chunks=1, halves=False, arra
 def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed: bool):
     """The non-causal plan's ranks and `make_plan(probe=...)` function. Where the hash and probe kernels both take
     the shapes, the probe's first pass (each probe query's lse over all keys) runs inside the hash of k, which reads
-    every key row anyway; its probe rows are those `make_plan` would pick (`probe_key`)."""
+    every key row anyway; its probe rows are those `make_plan` would pick (`plan_keys(key).probe`)."""
     projections = [plan_projections(key, q.shape[-1], config, hash_key)]
     probe = kernel_probe(q, k, config, scale=scale, interpret=interpret) if probe_allowed else None
     kv_heads, width = k.shape[2], projections[0].shape[1]
     if probe is None or not all(hash_rows(x.shape[1], x.shape[3], x.dtype, width) for x in (q, k)):
         return public_layout_ranks(q, k, projections, interpret=interpret)[0], probe
-    index = probe_index(probe_key(key), q.shape[2] // kv_heads * q.shape[1], config.num_probe_queries)
+    index = probe_index(plan_keys(key).probe, q.shape[2] // kv_heads * q.shape[1], config.num_probe_queries)
     probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=1, halves=False)
     (query_rank,) = lsh_ranks_pallas(q, projections, interpret=interpret)
     (key_rank,), lse = lsh_ranks_pallas(k, projections, interpret=interpret, probes=probes[:, 0], scale=scale)
 
-    def probe_with_known_lse(mass_key):  # mass_key == probe_key(key): the probes above
+    def probe_with_known_lse(mass_key):  # mass_key == plan_keys(key).probe: the probes above
         mass = probe_column_mass_pallas(
             probes, k, chunks=1, halves=False, scale=scale, interpret=interpret, lse=lse[:, None]
         )

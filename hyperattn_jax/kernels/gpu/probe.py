@@ -1,4 +1,4 @@
-"""The column-mass probe (`ops.sortlsh.probe_column_mass`) as two Pallas Triton kernels on the public layout.
+"""The column-mass probe (`ops.probe_column_mass`) as two Pallas Triton kernels on the public layout.
 
 The jnp probe writes a float32 score matrix `[B, K, probes, S]` and reads it back three times (max, exp-sum, mean);
 in the causal recursion it also reads a transposed copy of k per level. Here k is read twice, in place, in the public

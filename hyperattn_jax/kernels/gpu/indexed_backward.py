@@ -1,12 +1,12 @@
-"""Backward kernels with the sort gathers fused in: the gradients of `gathered_tiled_forward`'s attention, added into
+"""Backward kernels with the sort gathers fused in: the gradients of `indexed_tiled_forward`'s attention, added into
 float32 accumulators in the public layout, in place.
 
 The backward of the tiled kernels (`tiled_attention.py`) needs q, dO, lse and delta in sorted blocks and gives dq, dk,
 dv in sorted blocks, so XLA gathers four arrays into that order per call and scatters three back, on top of the
 transposes to the grouped layout (about a quarter of the causal forward+backward at 131k tokens, H100). Here every
-program loads its rows by index straight from the public `[B, T, N, H]` arrays, like the forward (`gathered.py`), and
-read-modify-writes its gradient rows in the accumulators (input/output aliasing), so the parts of a merged attention
-(a causal recursion's base case and levels) sum their gradients without any copy:
+program loads its rows by index straight from the public `[B, T, N, H]` arrays, like the forward
+(`indexed_forward.py`), and read-modify-writes its gradient rows in the accumulators (input/output aliasing), so the
+parts of a merged attention (a causal recursion's base case and levels) sum their gradients without any copy:
 
 - dq: a program owns `rows` queries of one query block and head, loops over every tile's keys like the forward;
 - dk, dv of a per-block tile (the sorted blocks): a program owns a chunk of one block's keys and loops over that
@@ -30,8 +30,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from hyperattn_jax.kernels.gpu._common import LOG2_E, div, dot, dot_t, rem, triton_params
-from hyperattn_jax.kernels.gpu.gathered import (
+from hyperattn_jax.kernels.gpu.indexed_forward import (
     add_log_weights,
+    blocked_rows,
+    complete_tiles,
     row_coordinates,
     rows_of,
     tile_loaders,
@@ -39,6 +41,7 @@ from hyperattn_jax.kernels.gpu.gathered import (
     tile_operands,
 )
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
+from hyperattn_jax.ops.estimate import tiled_attention_backward
 
 
 def _dq_kernel(
@@ -202,7 +205,7 @@ def _blocks_then_heads(query_index):
     return jnp.swapaxes(query_index, 2, 3).reshape(p * kv_heads, nb, g * bq)
 
 
-def gathered_tiled_backward(
+def indexed_tiled_backward(
     q_rows,
     k,
     v,
@@ -218,7 +221,7 @@ def gathered_tiled_backward(
     tuning=None,
     interpret=False,
 ):
-    """Add the gradients of `gathered_tiled_forward`'s attention (one part of a merged attention with final `lse` and
+    """Add the gradients of `indexed_tiled_forward`'s attention (one part of a merged attention with final `lse` and
     `delta`) into float32 accumulators, reading every row by index.
 
     Args:
@@ -402,3 +405,27 @@ def _add_distinct_rows(total, part, index, batch: int):
     target = jnp.where(index >= 0, index, total.shape[1])  # out of range: dropped
     part = part.reshape(*index.shape, part.shape[-1])
     return total.at[problem_batch, target, head].set(rows_of(total, index, batch) + part, mode="drop")
+
+
+def indexed_tiled_backward_reference(
+    q_rows, k, v, do_rows, lse, delta, query_index, tiles, tile_key_index, grads, *, scale
+):
+    """jnp twin of `indexed_tiled_backward`: the part's gradients by `ops.tiled_attention_backward` on the gathered
+    rows, added into `grads` (zeros when None) by scatter-add at the rows the plan names."""
+    b, t = q_rows.shape[:2]
+    q_blocks, (problem_batch, head, group) = blocked_rows(q_rows, query_index, b)
+    do_blocks, _ = blocked_rows(do_rows, query_index, b)
+    row = jnp.maximum(query_index, 0)
+    lse_blocks, delta_blocks = (x[problem_batch, head, group, row] for x in (lse, delta))
+    full = complete_tiles(k, v, tiles, tile_key_index, b)
+    dq_blocks, tile_grads = tiled_attention_backward(q_blocks, full, do_blocks, lse_blocks, delta_blocks, scale=scale)
+    if grads is None:
+        grads = (jnp.zeros(q_rows.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dq, dk, dv = grads
+    dq = dq.at[problem_batch, jnp.where(query_index < 0, t, query_index), head, group].add(dq_blocks, mode="drop")
+    for index, (dk_tile, dv_tile) in zip(tile_key_index, tile_grads, strict=True):
+        tile_batch, tile_head = row_coordinates(index, b)
+        key_row = jnp.where(index < 0, k.shape[1], index)
+        dk = dk.at[tile_batch, key_row, tile_head].add(dk_tile, mode="drop")
+        dv = dv.at[tile_batch, key_row, tile_head].add(dv_tile, mode="drop")
+    return dq, dk, dv

@@ -8,9 +8,9 @@ from the unsorted arrays, in the public `[B, T, N, H]` layout (no transposed cop
 (`merge_into`, a causal recursion level: its T/2 rows on top of the base case and the levels before it).
 Tiles shared by all query blocks (samples, global keys) are small and stay pre-gathered.
 
-The row indices come from the ops layout functions applied to a position array, so whatever order and padding `ops`
-gives the tiles, the kernel reads the same rows. This assumes per-block tiles consist of rows of k and v (true for the
-sorted blocks); a tile that transforms keys must stay on the pre-gathered path.
+The row indices are the plan's (`ops.plan_rows`), so whatever order and padding `ops` gives the tiles, the kernel
+reads the same rows. `indexed_tiled_forward_reference` is its jnp twin. This assumes per-block tiles consist of rows
+of k and v (true for the sorted blocks); a tile that transforms keys must stay on the pre-gathered path.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from jax.experimental import pallas as pl
 
 from hyperattn_jax.kernels.gpu._common import LN_2, LOG2_E, NEG_START, div, dot, dot_t, rem, triton_params
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
+from hyperattn_jax.ops.estimate import tiled_attention
+from hyperattn_jax.ops.merge import merge_partials
 
 
 def row_coordinates(index, batch: int):
@@ -89,8 +91,8 @@ def tile_log_weights(tile, *, problems: int, kv_heads: int, num_blocks: int, len
 def tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int, splits: int, batch_of, head_of):
     """BlockSpecs, arrays, kinds and lengths of the key tiles for a grid (query chunk c, query head j, problem x kv
     head i) whose query chunks are `splits` per block: an "indexed" tile passes its key index and all of k, v (rows
-    loaded in the kernel), a "gathered" one its own k, v; both pass their log-weights unless they have none (an
-    indexed tile's `log_weight` None: every key counts once). A kind is (source, weighted)."""
+    loaded in the kernel), a "copied" one its own k, v (rows gathered before the kernel); both pass their log-weights
+    unless they have none (an indexed tile's `log_weight` None: every key counts once). A kind is (source, weighted)."""
     kv_heads, h = k.shape[2], k.shape[3]
     pk, nb = problems * kv_heads, num_blocks
     full_kv = pl.BlockSpec((None, k.shape[1], None, h), lambda c, j, i: (batch_of(i), 0, head_of(i), 0))
@@ -111,12 +113,12 @@ def tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int
             w_map = (lambda c, j, i: (i, c // splits, 0)) if per_block_weight else (lambda c, j, i: (i, 0, 0))
             in_specs.append(pl.BlockSpec((None, None, length), w_map))
             args.append(w)
-        kinds.append(("indexed" if key_index is not None else "gathered", w is not None))
+        kinds.append(("indexed" if key_index is not None else "copied", w is not None))
         lengths.append(length)
     return in_specs, args, tuple(kinds), tuple(lengths)
 
 
-def _gathered_forward_kernel(
+def _indexed_forward_kernel(
     q_index_ref,
     q_ref,
     *refs,
@@ -127,7 +129,7 @@ def _gathered_forward_kernel(
     rows: int,
     merge: bool,
 ):
-    """kinds[i] is ("indexed", weighted) (refs: key index, k, v, [w]) or ("gathered", weighted) (refs: k, v, [w]).
+    """kinds[i] is ("indexed", weighted) (refs: key index, k, v, [w]) or ("copied", weighted) (refs: k, v, [w]).
     With `merge`, the refs before the outputs are the partial out and lse they alias: the rows' own part is merged
     into them by lse."""
     o_ref, lse_ref = refs[-2:]
@@ -173,7 +175,7 @@ def _gathered_forward_kernel(
     lse_ref[store_index] = jnp.where(has_keys, (row_max + jnp.log2(safe_sum)) * LN_2, -jnp.inf)
 
 
-def gathered_tiled_forward(
+def indexed_tiled_forward(
     q_rows,
     k,
     v,
@@ -239,7 +241,7 @@ def gathered_tiled_forward(
         args += list(merge_into)
     out, lse = pl.pallas_call(
         functools.partial(
-            _gathered_forward_kernel,
+            _indexed_forward_kernel,
             kinds=kinds,
             lengths=lengths,
             block_k=tuning.block_k,
@@ -261,3 +263,43 @@ def gathered_tiled_forward(
         name="hyper_gathered_attention_fwd",
     )(*args)
     return (out[:, :t], lse[..., :t]) if padded_rows else (out, lse)
+
+
+def blocked_rows(x_rows, query_index, batch: int):
+    """Rows of x_rows `[B, T, K, G, H]` in the blocked slots of query_index `[P, K, G, nb, bq]` (-1 reads row 0)."""
+    problems, kv_heads, groups = query_index.shape[:3]
+    problem_batch = (jnp.arange(problems) % batch).reshape(problems, 1, 1, 1, 1)
+    head = jnp.arange(kv_heads).reshape(1, kv_heads, 1, 1, 1)
+    group = jnp.arange(groups).reshape(1, 1, groups, 1, 1)
+    return x_rows[problem_batch, jnp.maximum(query_index, 0), head, group], (problem_batch, head, group)
+
+
+def complete_tiles(k, v, tiles, tile_key_index, batch: int):
+    """The tiles with every k, v given (per-block ones gathered by their rows) and every log-weight (0 where None)."""
+    full = []
+    for tile, index in zip(tiles, tile_key_index, strict=True):
+        if index is not None:
+            tile = tile._replace(k=rows_of(k, index, batch), v=rows_of(v, index, batch))
+        if tile.log_weight is None:
+            tile = tile._replace(log_weight=jnp.zeros(tile.k.shape[:4], jnp.float32))
+        full.append(tile)
+    return full
+
+
+def indexed_tiled_forward_reference(q_rows, k, v, query_index, tiles, tile_key_index, *, scale, merge_into=None):
+    """jnp twin of `indexed_tiled_forward`: the same rows gathered with jnp, `ops.tiled_attention`, outputs scattered
+    to their rows (merged by lse into `merge_into` when given). Rows no slot names are 0 (or merge_into's)."""
+    b, t = q_rows.shape[:2]
+    q_blocks, (problem_batch, head, group) = blocked_rows(q_rows, query_index, b)
+    out, lse = tiled_attention(q_blocks, complete_tiles(k, v, tiles, tile_key_index, b), scale=scale)
+    row = jnp.where(query_index < 0, t, query_index)  # padding slots write past the end: dropped
+    if merge_into is None:
+        base_out = jnp.zeros(q_rows.shape, q_rows.dtype)
+        base_lse = jnp.full((b, *query_index.shape[1:3], t), -jnp.inf, jnp.float32)
+    else:
+        base_out, base_lse = merge_into
+        old_out = base_out[problem_batch, jnp.minimum(row, t - 1), head, group]
+        old_lse = base_lse[problem_batch, head, group, jnp.minimum(row, t - 1)]
+        out, lse = merge_partials(old_out, old_lse, out, lse)
+    out_rows = base_out.at[problem_batch, row, head, group].set(out.astype(base_out.dtype), mode="drop")
+    return out_rows, base_lse.at[problem_batch, head, group, row].set(lse, mode="drop")

@@ -1,8 +1,9 @@
-"""Non-causal HyperAttention in pure jnp: sortLSH block-diagonal attention plus a uniformly sampled residual.
+"""The plan: the random, piecewise-constant part of one HyperAttention call, drawn once.
 
-Everything here works in the grouped layout (queries `[B, K, G, T, H]`, keys `[B, K, S, H]`, see `_layout.py`).
-The hash order and the samples are drawn once into a `SortLSHPlan`; given the plan, the estimator is a smooth
-function of q, k, v and `jax.grad` of it is exact.
+Hash queries and keys (`lsh.py`), sort them by rank (`sorting.py`), pick the global keys (sinks, probed heavy columns)
+and draw the residual samples with their weights. Every backend consumes the plan as it is (the contract between the
+algorithm and its backends); given the plan, the estimator is a smooth function of q, k, v and `jax.grad` is exact.
+Grouped layout: queries `[B, K, G, T, H]`, keys `[B, K, S, H]` (see `_layout.py`). Random keys: `keys.py`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import jax.numpy as jnp
 
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.lsh import lsh_projections, lsh_rank
-from hyperattn_jax.ops.sorting import SortOrder, sort_orders, sort_rows, unsort_rows
-from hyperattn_jax.ops.tiles import KeyTile, merge_partials, tiled_attention
+from hyperattn_jax.ops.keys import plan_keys
+from hyperattn_jax.ops.sorting import SortOrder, sort_orders
 
 
 @functools.partial(
@@ -138,21 +139,9 @@ def _draw_sorted_positions(key, probability_sorted, m: int, scheme: str):
     return jnp.minimum(position, last_positive[..., None])
 
 
-def _option_keys(sample_key):
-    """(probe key, draw key) of a plan with accuracy options, from its sample key."""
-    return tuple(jax.random.split(sample_key))
-
-
-def probe_key(key):
-    """The random key with which `make_plan(key=key)` picks the column-mass probe rows (`probe_index`), for callers
-    that probe before planning (the kernels fuse the probe's first pass into the hash)."""
-    return _option_keys(jax.random.split(key)[1])[0]
-
-
 def plan_projections(key, head_dim: int, config: HyperAttentionConfig, hash_key=None):
     """The LSH hyperplanes `[H, P]` that `make_plan(key=key, hash_key=hash_key)` uses."""
-    own_hash_key, _ = jax.random.split(key)
-    return lsh_projections(own_hash_key if hash_key is None else hash_key, head_dim, config.num_projections)
+    return lsh_projections(plan_keys(key, hash_key).hash, head_dim, config.num_projections)
 
 
 def make_plan(
@@ -183,7 +172,7 @@ def make_plan(
     batch, _, _, t, head_dim = q.shape
     s = k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
-    _, sample_key = jax.random.split(key)
+    keys = plan_keys(key, hash_key)
     if ranks is None:
         projections = plan_projections(key, head_dim, config, hash_key)
         ranks = lsh_rank(q, projections), lsh_rank(k, projections)
@@ -196,10 +185,9 @@ def make_plan(
     uses_options = config.num_sink_keys or config.num_heavy_keys or config.needs_probe
     paper_sampling = config.sample_distribution == "uniform" and config.sample_scheme == "independent"
     if not uses_options and paper_sampling:
-        return _paper_plan(q, query_rank, key_rank, key_valid, num_valid, sample_key, config, sample_index)
+        return _paper_plan(q, query_rank, key_rank, key_valid, num_valid, keys.samples, config, sample_index)
 
-    mass_key, sample_key = _option_keys(sample_key)
-    is_global, num_global, mass = _global_key_mask(q, k, mass_key, config, scale, key_valid, probe)
+    is_global, num_global, mass = _global_key_mask(q, k, keys.probe, config, scale, key_valid, probe)
     is_normal = key_valid & ~is_global
     # Global keys sort first (rank 0), then the hashed keys, then padding: blocks are cut from the middle part.
     key_rank = jnp.where(is_global, 0, jnp.where(key_valid, key_rank + 1, config.num_buckets + 1))
@@ -217,7 +205,7 @@ def make_plan(
         m = config.sample_size
         probability = jax.lax.stop_gradient(_sample_probabilities(k, v, config, mass, is_normal))
         probability_sorted = jnp.take_along_axis(probability, key_order.perm, axis=-1)
-        position = _draw_sorted_positions(sample_key, probability_sorted, m, config.sample_scheme)
+        position = _draw_sorted_positions(keys.draws, probability_sorted, m, config.sample_scheme)
         sample_index = jnp.take_along_axis(key_order.perm, position, axis=-1)
         drawn = jnp.take_along_axis(probability_sorted, position, axis=-1)
         sample_log_weight = jnp.where(drawn > 0, -jnp.log(m * jnp.where(drawn > 0, drawn, 1.0)), -jnp.inf)
@@ -258,137 +246,3 @@ def _paper_plan(q, query_rank, key_rank, key_valid, num_valid, sample_key, confi
         sample_index=sample_index,
         num_valid_keys=num_valid.astype(jnp.float32),
     )
-
-
-def _pad_axis(x, axis: int, size: int):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
-
-
-def block_query_layout(q, plan: SortLSHPlan):
-    """Queries sorted and cut into blocks: `[B, K, G, T, H]` -> `[B, K, G, nb, bq, H]` (zero rows pad the end)."""
-    q_sorted = _pad_axis(sort_rows(q, plan.query_order), 3, plan.num_blocks * plan.query_block)
-    return q_sorted.reshape(*q.shape[:3], plan.num_blocks, plan.query_block, q.shape[-1])
-
-
-def unblock_query_layout(x_blocks, plan: SortLSHPlan, num_queries: int):
-    """Inverse of `block_query_layout` for outputs `[B, K, G, nb, bq, H]` -> `[B, K, G, T, H]`."""
-    x = x_blocks.reshape(*x_blocks.shape[:3], -1, x_blocks.shape[-1])[..., :num_queries, :]
-    return unsort_rows(x, plan.query_order)
-
-
-def _sorted_keys(k, v, plan: SortLSHPlan):
-    return sort_rows(k, plan.key_order), sort_rows(v, plan.key_order)
-
-
-def _block_tile_from_sorted(k_sorted, v_sorted, plan: SortLSHPlan) -> KeyTile:
-    start, padded = plan.num_global, plan.num_blocks * plan.key_block
-    shape = (*k_sorted.shape[:2], plan.num_blocks, plan.key_block, k_sorted.shape[-1])
-    k_blocks = _pad_axis(k_sorted[:, :, start : start + padded], 2, padded).reshape(shape)
-    v_blocks = _pad_axis(v_sorted[:, :, start : start + padded], 2, padded).reshape(shape)
-    if plan.num_block_keys is None:
-        is_real = (jnp.arange(padded) < plan.num_valid_keys[:, None])[:, None]  # valid keys sort first, padding last
-    else:
-        is_real = jnp.arange(padded) < plan.num_block_keys[..., None]
-    log_weight = jnp.where(is_real, 0.0, -jnp.inf).reshape(*is_real.shape[:2], plan.num_blocks, plan.key_block)
-    return KeyTile(k_blocks, v_blocks, log_weight)
-
-
-def _global_tile_from_sorted(k_sorted, v_sorted, plan: SortLSHPlan) -> KeyTile:
-    g = plan.num_global
-    index = plan.key_order.perm[:, :, :g]
-    is_real = index < plan.num_valid_keys[:, None, None]
-    log_weight = jnp.where(is_real, 0.0, -jnp.inf)[:, :, None, :]
-    return KeyTile(k_sorted[:, :, None, :g], v_sorted[:, :, None, :g], log_weight)
-
-
-def block_diagonal_tile(k, v, plan: SortLSHPlan) -> KeyTile:
-    """The sortLSH key tile: sorted key block i for query block i; padding keys get log-weight -inf."""
-    return _block_tile_from_sorted(*_sorted_keys(k, v, plan), plan)
-
-
-def global_key_tile(k, v, plan: SortLSHPlan) -> KeyTile:
-    """The exact global keys (sinks, heavy keys) shared by all query blocks, log-weight 0: `[B, K, 1, g, H]`."""
-    return _global_tile_from_sorted(*_sorted_keys(k, v, plan), plan)
-
-
-def sampled_residual_tile(k, v, plan: SortLSHPlan) -> KeyTile:
-    """The residual tile: m sampled keys shared by all query blocks, weight 1/(m p_j), excluded from their own block.
-
-    Under the paper's uniform sampling the weight is S/m.
-    """
-    index = plan.sample_index
-    k_sampled = jnp.take_along_axis(k, index[..., None], axis=2)[:, :, None]
-    v_sampled = jnp.take_along_axis(v, index[..., None], axis=2)[:, :, None]
-    sorted_position = jnp.take_along_axis(plan.key_order.inverse, index, axis=2)
-    sample_block = (sorted_position - plan.num_global) // plan.key_block  # [B, K, m]
-    in_own_block = sample_block[:, :, None, :] == jnp.arange(plan.num_blocks)[:, None]  # [B, K, nb, m]
-    if plan.sample_log_weight is None:
-        log_weight = jnp.log(plan.num_valid_keys / index.shape[-1])[:, None, None, None]
-    else:
-        log_weight = plan.sample_log_weight[:, :, None, :]
-    return KeyTile(k_sampled, v_sampled, jnp.where(in_own_block, -jnp.inf, log_weight))
-
-
-def hyper_attention_tiles(k, v, plan: SortLSHPlan) -> list[KeyTile]:
-    """Every key tile of non-causal HyperAttention under `plan`: blocks, then global keys, then samples."""
-    k_sorted, v_sorted = _sorted_keys(k, v, plan)
-    tiles = [_block_tile_from_sorted(k_sorted, v_sorted, plan)]
-    if plan.num_global:
-        tiles.append(_global_tile_from_sorted(k_sorted, v_sorted, plan))
-    if plan.sample_index is not None:
-        tiles.append(sampled_residual_tile(k, v, plan))
-    return tiles
-
-
-def block_diagonal_attention(q, k, v, plan: SortLSHPlan, *, scale: float):
-    """The sortLSH part alone: out `[B, K, G, T, H]`, lse `[B, K, G, T]` (float32), in original query order."""
-    return _attend_tiles(q, [block_diagonal_tile(k, v, plan)], plan, scale=scale)
-
-
-def sampled_residual_attention(q, k, v, plan: SortLSHPlan, *, scale: float):
-    """The sampled residual alone (weights S/m, own-block samples excluded), in original query order."""
-    if plan.sample_index is None:
-        raise ValueError("the plan has no samples (sample_size=0)")
-    return _attend_tiles(q, [sampled_residual_tile(k, v, plan)], plan, scale=scale)
-
-
-def _attend_tiles(q, tiles, plan, *, scale):
-    out, lse = tiled_attention(block_query_layout(q, plan), tiles, scale=scale)
-    t = q.shape[3]
-    out = unblock_query_layout(out, plan, t)
-    lse = unblock_query_layout(lse[..., None], plan, t)[..., 0]
-    return out, lse
-
-
-def grouped_hyper_attention(
-    q, k, v, *, key, config: HyperAttentionConfig, scale: float, kv_length=None, hash_key=None, sample_index=None
-):
-    """Non-causal HyperAttention, grouped layout, fused form (one softmax over block and sample tiles).
-
-    Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32.
-    """
-    plan = make_plan(
-        q,
-        k,
-        key=key,
-        config=config,
-        kv_length=kv_length,
-        hash_key=hash_key,
-        sample_index=sample_index,
-        v=v,
-        scale=scale,
-    )
-    return _attend_tiles(q, hyper_attention_tiles(k, v, plan), plan, scale=scale)
-
-
-def grouped_hyper_attention_merged(q, k, v, *, key, config: HyperAttentionConfig, scale: float, kv_length=None):
-    """The same estimator as `grouped_hyper_attention`, as two partial attentions merged by lse (readable form)."""
-    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, v=v, scale=scale)
-    out, lse = block_diagonal_attention(q, k, v, plan, scale=scale)
-    if plan.num_global:
-        out, lse = merge_partials(out, lse, *_attend_tiles(q, [global_key_tile(k, v, plan)], plan, scale=scale))
-    if plan.sample_index is None:
-        return out, lse
-    return merge_partials(out, lse, *sampled_residual_attention(q, k, v, plan, scale=scale))

@@ -1,0 +1,78 @@
+"""The fused Pallas GPU kernels, lowered through Triton (`kernels/gpu/`): bf16/fp16 on GPUs.
+
+Same plan and random draws as the xla backend for the same key, so the two agree up to rounding. Non-causal calls
+run one custom_vjp over the fused kernels (`kernels/gpu/hyper.py`); causal calls run the fused recursion
+(`kernels/gpu/causal.py`) where its shapes fit, else `ops.grouped_causal_attention` with the kernels as its parts.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
+from hyperattn_jax.backends import xla
+from hyperattn_jax.kernels.gpu.causal import causal_hyper_attention_pallas
+from hyperattn_jax.kernels.gpu.flash import flash_attention
+from hyperattn_jax.kernels.gpu.hyper import hyper_attention_pallas
+from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
+from hyperattn_jax.ops.causal import AttentionParts, grouped_attention
+
+NAME = "pallas_triton"
+PLATFORMS = ("gpu",)
+
+
+def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
+    del head_dim, config, causal  # every head dim and config runs (odd shapes through gathered copies)
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        return f"the kernels take bfloat16/float16 inputs, got {dtype}"
+    return None
+
+
+def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool) -> AttentionParts:
+    """The kernels as `ops.AttentionParts` (grouped layout), for the shapes the fused causal function does not take
+    (sinks, windows, odd lengths)."""
+
+    def estimate(q, k, v, *, key, config, kv_length):
+        out, lse = hyper_attention_pallas(
+            ungroup_output(q),
+            heads_major(k),  # [B, K, S, H] -> [B, S, K, H] (the transpose is its own inverse)
+            heads_major(v),
+            key=key,
+            config=config,
+            scale=scale,
+            kv_length=kv_length,
+            hash_key=hash_key,
+            tuning=tuning,
+            interpret=interpret,
+        )
+        return group_queries(out, k.shape[1]), lse
+
+    def exact(q, k, v, *, causal, kv_length):
+        if kv_length is not None or k.shape[2] <= xla.FEW_KEYS:
+            return xla.exact(q, k, v, scale=scale, causal=causal, kv_length=kv_length)
+        return flash_attention(q, k, v, scale=scale, causal=causal, interpret=interpret)
+
+    return AttentionParts(estimate=estimate, exact=exact)
+
+
+def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False):
+    """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32."""
+    tuning = TiledKernelConfig()
+    approximate = not config.attends_exactly(k.shape[1])
+    if approximate and not causal:
+        return hyper_attention_pallas(
+            q, k, v, key=key, config=config, scale=scale, kv_length=kv_length, hash_key=hash_key, tuning=tuning,
+            interpret=interpret,
+        )  # fmt: skip
+    if approximate:
+        fused = causal_hyper_attention_pallas(
+            q, k, v, key=key, config=config, scale=scale, tuning=tuning, interpret=interpret, hash_key=hash_key
+        )
+        if fused is not None:
+            return fused
+    own_parts = parts(scale=scale, hash_key=hash_key, tuning=tuning, interpret=interpret)
+    q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
+    out, lse = grouped_attention(
+        q5, k4, v4, key=key, config=config, causal=causal, parts=own_parts, kv_length=kv_length
+    )
+    return ungroup_output(out), lse
