@@ -4,7 +4,7 @@
 residual samples as one `[B, K, m]` array from `plan_keys(key).samples`. A sharded device must see exactly the
 slice of that array that the single-device call gives its batch elements and heads, so it draws the whole array (B*K*m
 int32: tiny) and slices it. Folding the axis index into the key instead would give every shard fresh, different
-samples: still a valid estimator, but no longer the single-device answer. `tests/parallel_cases.py` checks these
+samples: still a valid estimator, but no longer the single-device answer. `tests/test_parallel.py` checks these
 draws against `make_plan` itself, so a change of the single-device draws shows up as a failing test, not a silent drift.
 """
 
