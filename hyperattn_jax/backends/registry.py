@@ -58,7 +58,8 @@ def choose(
         for name in _PREFERENCE.get(platform, ()):
             why = _why_not(name, **call)
             if why is None:
-                return Choice(name, False, f"{name}: the fastest backend that takes this call on {platform}")
+                chosen = f"{name}: the fastest backend that takes this call on {platform}"
+                return Choice(name, False, "; ".join([*skipped, chosen]))
             skipped.append(f"{name} skipped: {why}")
         return Choice("xla", False, "; ".join([*skipped, f"xla: the pure-jnp path on {platform}"]))
     backend = get_backend(implementation)
