@@ -332,10 +332,9 @@ def parse_args(argv=None):
 
 def resolved_implementation(dtype) -> str:
     """The backend `implementation=None` picks for this dtype on this machine (recorded with the results)."""
-    from hyperattn_jax import api
+    from hyperattn_jax.backends import choose
 
-    resolve = getattr(api, "_resolve_implementation", None)
-    return resolve(None, dtype) if resolve is not None else "unknown (api has no _resolve_implementation)"
+    return choose(implementation=None, dtype=dtype, head_dim=64, config=HyperAttentionConfig(), causal=True).name
 
 
 def usable_exact_attention(preferred: str) -> str:
