@@ -1,4 +1,4 @@
-"""Single-layer speed of HyperAttention (fused Pallas Triton kernels) against exact cuDNN attention, paper config.
+"""Single-layer speed of HyperAttention (fused Pallas kernels) against exact attention (cuDNN / splash), paper config.
 
 Command:  PYTHONPATH=. python3 experiments/benchmarks/bench_single_layer.py --out \
     experiments/results/bench_single_layer.json
@@ -11,10 +11,12 @@ cuDNN / ours that grow with n, at n = 131072 non-causal fwd ~102x, fwd+bwd ~101x
 the causal forward beats cuDNN from 8k on; every mode runs up to 1M tokens (causal fwd+bwd at 1M in ~0.54 s).
 
 In ONE process: `jax.nn.dot_product_attention(implementation="cudnn")` (exact baseline), our `xla` path and our
-`pallas_triton` path, B=1, N=32, bf16, HyperAttentionConfig.paper() (block 256, sample 256, 7 projections,
-min_seq_len 4096). Before timing, the kernel output is compared with the xla path for the same key (relative error,
-forward and gradients). Timings: median of many runs after warm-up, each run ended by `block_until_ready`.
-cuDNN is timed up to --max-exact-n and the xla path up to --max-xla-n; beyond, only HyperAttention is timed.
+`pallas_triton` path on a GPU; jax's splash attention, `xla` and `pallas_tpu` on a TPU (docs/tpu.md; `--methods`
+defaults to the platform's three, and a method for another platform is refused with the platform it needs);
+B=1, N=32, bf16, HyperAttentionConfig.paper() (block 256, sample 256, 7 projections, min_seq_len 4096).
+Before timing, the kernel output is compared with the xla path for the same key (relative error, forward and
+gradients). Timings: median of many runs after warm-up, each run ended by `block_until_ready`. The exact baseline
+is timed up to --max-exact-n and the xla path up to --max-xla-n; beyond, only HyperAttention is timed.
 Writes JSON (device, jax version, date, config, every timing, ratios, compiled memory of each function).
 """
 
@@ -54,10 +56,50 @@ def _compiled_bytes(fn, args):
         return None
 
 
+# Per jax platform: the exact baseline, then our implementations. The exact baselines are cuDNN's fused attention
+# (GPU) and jax's splash attention (TPU, jax.experimental.pallas.ops.tpu); ratios are baseline time / ours.
+METHODS = {"gpu": ("cudnn", "xla", "pallas_triton"), "tpu": ("splash", "xla", "pallas_tpu"), "cpu": ("xla",)}
+EXACT = {"cudnn": "gpu", "splash": "tpu"}
+KERNELS = {"pallas_triton": "gpu", "pallas_tpu": "tpu"}
+
+
+def check_methods(methods, platform: str) -> None:
+    """Raise ValueError naming the platform a method needs where it is not this one."""
+    for method in methods:
+        needs = EXACT.get(method) or KERNELS.get(method)
+        if method not in ("xla", *EXACT, *KERNELS):
+            raise ValueError(f"unknown method {method!r}: choose from xla, {', '.join([*EXACT, *KERNELS])}")
+        if needs is not None and needs != platform:
+            raise ValueError(
+                f"method {method!r} needs a {needs.upper()} backend, but jax's default backend is {platform!r}; "
+                f"on {platform} run --methods {','.join(METHODS.get(platform, ('xla',)))}"
+            )
+
+
+def splash_attention(q, k, v, *, causal: bool):
+    """Exact attention with jax's splash attention kernel (TPU), public layout [B, T, N, H] in and out."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    _, t, n, h = q.shape
+    one = masks.CausalMask((t, k.shape[1])) if causal else masks.FullMask((t, k.shape[1]))
+    block = min(512, t)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
+        block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )  # fmt: skip
+    kernel = splash.make_splash_mha_single_device(masks.MultiHeadMask([one] * n), block_sizes=sizes)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, N, T, H]
+    out = jax.vmap(kernel)(heads_first(q * (h**-0.5)), heads_first(k), heads_first(v))  # splash does not scale q
+    return heads_first(out)
+
+
 def _make_fns(method: str, causal: bool, config, key):
     def forward(q, k, v):
         if method == "cudnn":
             return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        if method == "splash":
+            return splash_attention(q, k, v, causal=causal)
         return ha.hyper_attention(q, k, v, key=key, config=config, causal=causal, implementation=method)
 
     def loss(q, k, v, cotangent):
@@ -80,21 +122,20 @@ def _inputs(n, head_dim, seed):
     return q, k, v, g
 
 
-def check_against_xla(n, head_dim, causal, config, key):
-    """Relative difference pallas vs xla (same key): forward out, and dq, dk, dv."""
+def check_against_xla(n, head_dim, causal, config, key, kernel: str):
+    """Relative difference of the `kernel` method vs xla (same key): forward out, and dq, dk, dv."""
     q, k, v, g = _inputs(n, head_dim, seed=n + 7)
     result = {}
     grads = {}
-    for method in ("xla", "pallas_triton"):
+    for method in ("xla", kernel):
         fwd, fwd_bwd = _make_fns(method, causal, config, key)
         result[method] = fwd(q, k, v)
         grads[method] = fwd_bwd(q, k, v, g)[1]
-    return {
-        "out": _relative_error(result["pallas_triton"], result["xla"]),
-        "dq": _relative_error(grads["pallas_triton"][0], grads["xla"][0]),
-        "dk": _relative_error(grads["pallas_triton"][1], grads["xla"][1]),
-        "dv": _relative_error(grads["pallas_triton"][2], grads["xla"][2]),
-    }
+    errors = {"out": _relative_error(result[kernel], result["xla"])}
+    errors.update(
+        {name: _relative_error(grads[kernel][i], grads["xla"][i]) for i, name in enumerate(("dq", "dk", "dv"))}
+    )
+    return errors
 
 
 def main():
@@ -104,11 +145,21 @@ def main():
     parser.add_argument("--n-hyper-only", default="262144,524288,1048576", help="HyperAttention alone (no cuDNN)")
     parser.add_argument("--head-dims", default="64")
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd,causal_fwd,causal_fwdbwd")
-    parser.add_argument("--methods", default="cudnn,xla,pallas_triton")
+    parser.add_argument(
+        "--methods", default=None, help="default per platform: gpu cudnn,xla,pallas_triton; tpu splash,xla,pallas_tpu"
+    )
     parser.add_argument("--max-xla-n", type=int, default=16384, help="largest n for the xla path")
-    parser.add_argument("--max-exact-n", type=int, default=131072, help="largest n for cuDNN")
-    parser.add_argument("--check-n", default="8192,16384", help="n at which pallas is compared with xla")
+    parser.add_argument("--max-exact-n", type=int, default=131072, help="largest n for the exact baseline")
+    parser.add_argument("--check-n", default="8192,16384", help="n at which the kernels are compared with xla")
     args = parser.parse_args()
+    platform = jax.default_backend()
+    methods = args.methods.split(",") if args.methods else list(METHODS.get(platform, ("xla",)))
+    try:
+        check_methods(methods, platform)
+    except ValueError as error:
+        parser.error(str(error))
+    baseline = next((m for m in methods if m in EXACT), None)
+    kernel = next((m for m in methods if m in KERNELS), None)
 
     config = ha.HyperAttentionConfig.paper()  # the published algorithm (the defaults carry accuracy options)
     key = jax.random.key(0)
@@ -132,16 +183,15 @@ def main():
 
     head_dims = [int(x) for x in args.head_dims.split(",")]
     for head_dim in head_dims:
-        for n in [int(x) for x in args.check_n.split(",") if x]:
+        for n in [int(x) for x in args.check_n.split(",") if x and kernel]:
             for causal in (False, True):
-                errors = check_against_xla(n, head_dim, causal, config, key)
+                errors = check_against_xla(n, head_dim, causal, config, key, kernel)
                 record["checks"].append({"n": n, "head_dim": head_dim, "causal": causal, **errors})
                 cells = " ".join(f"{name}={value:.2e}" for name, value in errors.items())
                 print(f"check H={head_dim} n={n} causal={causal}: {cells}")
         save()
 
     modes = args.modes.split(",")
-    methods = args.methods.split(",")
     sizes = [int(x) for x in args.n.split(",") if x] + [int(x) for x in args.n_hyper_only.split(",") if x]
     for head_dim in head_dims:
         for n in sizes:
@@ -151,7 +201,7 @@ def main():
                 backward = mode.endswith("fwdbwd")
                 row = {"n": n, "head_dim": head_dim, "mode": mode}
                 for method in methods:
-                    if method == "cudnn" and n > args.max_exact_n:
+                    if method in EXACT and n > args.max_exact_n:
                         continue
                     if method == "xla" and n > args.max_xla_n:
                         continue
@@ -163,12 +213,12 @@ def main():
                         row[method] = {"ms": ms, "reps": reps, "compiled_bytes": _compiled_bytes(fn, fn_args)}
                     except Exception as error:  # out of memory at large n: record, go on
                         row[method] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
-                for method in ("xla", "pallas_triton"):
-                    if "ms" in row.get("cudnn", {}) and "ms" in row.get(method, {}):
-                        row[f"ratio_cudnn_over_{method}"] = row["cudnn"]["ms"] / row[method]["ms"]
+                for method in ("xla", *KERNELS):
+                    if "ms" in row.get(baseline, {}) and "ms" in row.get(method, {}):
+                        row[f"ratio_{baseline}_over_{method}"] = row[baseline]["ms"] / row[method]["ms"]
                 record["timings"].append(row)
                 cells = " ".join(f"{m}={row[m]['ms']:.3f}ms" if "ms" in row.get(m, {}) else f"{m}=--" for m in methods)
-                ratio = row.get("ratio_cudnn_over_pallas_triton")
+                ratio = row.get(f"ratio_{baseline}_over_{kernel}")
                 print(f"H={head_dim} n={n} {mode}: {cells}" + (f" ratio={ratio:.1f}x" if ratio else ""), flush=True)
                 save()
     save()
