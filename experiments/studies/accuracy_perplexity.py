@@ -305,7 +305,7 @@ def _keep_going(part, *args):
     """Run one part of the study; a failure is printed and the next part still runs (one device call does all)."""
     try:
         part(*args)
-    except Exception:  # noqa: BLE001 - a broken part must not lose the parts after it
+    except Exception:  # a broken part must not lose the parts after it
         traceback.print_exc()
 
 
