@@ -15,8 +15,9 @@ from jax.sharding import PartitionSpec as P
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
+from hyperattn_jax.ops.keys import ShardKey
 from hyperattn_jax.parallel import hyper_attention_shard, sharded_hyper_attention
-from hyperattn_jax.parallel._randomness import check_paper_plan, plan_sample_index, sample_slice
+from hyperattn_jax.parallel.bucket_dispatch import check_paper_plan
 from hyperattn_jax.parallel.columnsort import column_sort, route, unroute
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -30,14 +31,24 @@ def paper_config(**fields):
 
 # 1024 positions on 8 devices: 128 per device, four 32-key blocks each, above Columnsort's minimum of 98 rows.
 CFG = paper_config(block_size=32, sample_size=16, num_projections=4, min_seq_len=64)
+# HyperAttentionConfig() (column-mass probe, systematic draws) and .accurate() (plus sinks, heavy keys, window), at
+# the same small sizes: every random draw and every data-dependent choice of the plan is exercised.
+DEFAULT = ha.HyperAttentionConfig(block_size=32, sample_size=16, num_projections=4, min_seq_len=64, num_probe_queries=8)
+ACCURATE = ha.HyperAttentionConfig.accurate(
+    block_size=16, sample_size=16, num_projections=4, min_seq_len=64, num_sink_keys=4, num_heavy_keys=8,
+    local_window=16, num_probe_queries=8,
+)  # fmt: skip
+PLANS = {"default": DEFAULT, "accurate": ACCURATE}
+MESHES = {"2": ((2,), ("seq",), None), "4": ((4,), ("seq",), None), "8": ((8,), ("seq",), None)}
+MESHES["2x4"] = ((2, 4), ("data", "seq"), "data")
 
 
 def test_conftest_gave_eight_devices():
     assert jax.device_count() == 8, "tests/conftest.py sets jax_num_cpu_devices=8 before jax starts its backends"
 
 
-def single_device(q, k, v, key, *, causal, config=CFG):
-    return ha.hyper_attention(q, k, v, key=key, config=config, causal=causal, return_lse=True)
+def single_device(q, k, v, key, *, causal, config=CFG, **kw):
+    return ha.hyper_attention(q, k, v, key=key, config=config, causal=causal, return_lse=True, **kw)
 
 
 def assert_same(a, b, tol=TOL):
@@ -47,7 +58,6 @@ def assert_same(a, b, tol=TOL):
 @pytest.mark.parametrize(
     ("strategy", "p", "heads", "t"),
     [
-        ("all_to_all", 4, (8, 4), 256),
         ("bucket_dispatch", 2, (4, 2), 256),
         ("bucket_dispatch", 8, (4, 1), 1024),  # MQA: one kv head on 8 devices, impossible for a head split
     ],
@@ -69,7 +79,56 @@ def test_noncausal_equals_single_device(rng, strategy, p, heads, t):
     assert float(jnp.max(jnp.abs(out - ha.exact_attention(q, k, v)))) > 1e-2
 
 
-@pytest.mark.parametrize(("strategy", "causal"), [("all_to_all", True), ("bucket_dispatch", False)])
+@pytest.mark.parametrize(
+    ("plan", "causal", "mesh_name"),
+    [("default", False, "2"), ("default", True, "8"), ("accurate", False, "4"), ("accurate", True, "2x4")],
+)
+def test_all_to_all_runs_every_plan_as_one_device(rng, plan, causal, mesh_name):
+    # The accuracy options (probe, systematic column-mass draws, sinks, heavy keys, window) give the single-device
+    # result: every per-head draw is the single-device one for the whole batch and all heads (ops.keys.ShardKey).
+    shape, axes, batch_axis = MESHES[mesh_name]
+    q, k, v = random_qkv(rng, b=2, t=256, n=8, kv=8 if causal else 4, h=16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    mesh = jax.make_mesh(shape, axes)
+    config = PLANS[plan]
+    out, lse = sharded_hyper_attention(
+        q, k, v, key=key, config=config, mesh=mesh, seq_axis="seq", batch_axis=batch_axis, causal=causal,
+        return_lse=True,
+    )  # fmt: skip
+    ref_out, ref_lse = single_device(q, k, v, key, causal=causal, config=config)
+    assert float(jnp.max(jnp.abs(out - ref_out))) <= 1e-5
+    assert float(jnp.max(jnp.abs(lse - ref_lse))) <= 1e-5
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(batch_axis, "seq")), out.ndim)
+    # A different key gives a different plan: the equality above is a property of the same draws.
+    other = single_device(q, k, v, jax.random.key(int(rng.integers(1 << 30))), causal=causal, config=config)[0]
+    assert float(jnp.max(jnp.abs(other - ref_out))) > 1e-3
+
+
+@pytest.mark.parametrize(("implementation", "dtype"), [("pallas_triton", jnp.bfloat16), ("pallas_tpu", jnp.float32)])
+def test_kernels_run_inside_shard_map(rng, implementation, dtype):
+    # Each device runs the kernel backend (Pallas interpreter here; check_vma off for the pallas_call) on its heads.
+    q, k, v = random_qkv(rng, b=1, t=256, n=4, kv=2, h=64 if implementation == "pallas_tpu" else 16, dtype=dtype)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    mesh = jax.make_mesh((2,), ("seq",))
+    kernels = dict(implementation=implementation, interpret=True)
+    out, lse = sharded_hyper_attention(
+        q, k, v, key=key, config=DEFAULT, mesh=mesh, seq_axis="seq", return_lse=True, **kernels
+    )
+    ref_out, ref_lse = single_device(q, k, v, key, causal=False, config=DEFAULT, **kernels)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16 outputs: one rounding of the same float32 numbers
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32)))) <= tol
+    assert float(jnp.max(jnp.abs(lse - ref_lse))) <= 1e-5
+
+
+def test_config_defaults_as_in_hyper_attention():
+    from hyperattn_jax.parallel.sharded import _check_common
+
+    assert _check_common(None, "all_to_all", False) == ha.HyperAttentionConfig()
+    with pytest.raises(ValueError, match="causal must be a bool"):
+        _check_common(None, "all_to_all", jnp.asarray(True))
+
+
+@pytest.mark.parametrize(("strategy", "causal"), [("bucket_dispatch", False)])
 def test_data_and_sequence_mesh(rng, strategy, causal):
     # 2 x 4 mesh: the batch split over "data", the sequence over "seq"; each batch shard must see its own samples.
     q, k, v = random_qkv(rng, b=2, t=256 if causal else 512, n=4, kv=4, h=16)
@@ -85,8 +144,10 @@ def test_data_and_sequence_mesh(rng, strategy, causal):
     assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "seq")), out.ndim)
 
 
-@pytest.mark.parametrize(("strategy", "causal", "p"), [("all_to_all", True, 8), ("bucket_dispatch", False, 4)])
-def test_values_and_gradients_equal_single_device(rng, strategy, causal, p):
+@pytest.mark.parametrize(
+    ("strategy", "causal", "p", "config"), [("all_to_all", True, 8, ACCURATE), ("bucket_dispatch", False, 4, CFG)]
+)
+def test_values_and_gradients_equal_single_device(rng, strategy, causal, p, config):
     n, kv = (8, 8) if strategy == "all_to_all" else (4, 2)
     q, k, v = random_qkv(rng, b=1, t=256 if causal else 512, n=n, kv=kv, h=16)
     weight = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
@@ -95,12 +156,12 @@ def test_values_and_gradients_equal_single_device(rng, strategy, causal, p):
 
     def loss_sharded(q, k, v):
         out = sharded_hyper_attention(
-            q, k, v, key=key, config=CFG, mesh=mesh, seq_axis="seq", causal=causal, strategy=strategy
+            q, k, v, key=key, config=config, mesh=mesh, seq_axis="seq", causal=causal, strategy=strategy
         )
         return jnp.sum(out * weight), out
 
     def loss_single(q, k, v):
-        out = ha.hyper_attention(q, k, v, key=key, config=CFG, causal=causal)
+        out = ha.hyper_attention(q, k, v, key=key, config=config, causal=causal)
         return jnp.sum(out * weight), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss_sharded, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -142,39 +203,38 @@ def test_user_jit_and_user_shard_map(rng):
     assert_same(mapped(*(jax.device_put(x, rows) for x in (q, k, v)), key, hash_key), ref_out)
 
 
-def test_each_shard_gets_its_slice_of_the_single_device_samples(rng):
-    # Heads over "seq" (4) and batch over "data" (2): every device must hold a different slice of make_plan's draw.
+@pytest.mark.parametrize("plan", ["paper", "default", "causal accurate"])
+def test_shard_key_plans_are_slices_of_the_single_device_plan(rng, plan):
+    # A device holding batch block i of 2 and kv-head block j of 4 makes the single-device plan's slice, draws included
+    # (the causal recursion's stacked levels: ops.grouped_causal_attention splits the key once per level).
     b, kv, t = 4, 8, 128
+    config = {"paper": CFG, "default": DEFAULT, "causal accurate": ACCURATE}[plan]
     key = jax.random.key(int(rng.integers(1 << 30)))
-    q, k, _ = random_qkv(rng, b=b, t=t, n=kv, kv=kv, h=16)
-    plan = ops.make_plan(ops.group_queries(q, kv), ops.heads_major(k), key=key, config=CFG)
-    mesh = jax.make_mesh((2, 4), ("data", "seq"))
-
-    def draw(key):
-        return sample_slice(
-            key,
-            local_batch=b // 2,
-            batch_shards=2,
-            batch_index=jax.lax.axis_index("data"),
-            kv_heads=kv // 4,
-            head_shards=4,
-            head_index=jax.lax.axis_index("seq"),
-            num_keys=t,
-            config=CFG,
-        )
-
-    drawn = jax.jit(jax.shard_map(draw, mesh=mesh, in_specs=P(), out_specs=P("data", "seq")))(key)
-    np.testing.assert_array_equal(np.asarray(drawn), np.asarray(plan.sample_index))
-    blocks = np.asarray(drawn).reshape(2, b // 2, 4, kv // 4, -1).transpose(0, 2, 1, 3, 4).reshape(8, -1)
-    assert len({row.tobytes() for row in blocks}) == 8  # eight devices, eight different sample sets
+    if plan == "causal accurate":
+        key = ops.split_level(ops.split_level(key)[1])[0]  # the second level's off-diagonal key
+    q, k, v = random_qkv(rng, b=b, t=t, n=kv, kv=kv, h=16)
+    qg, kg, vg = ops.group_queries(q, kv), ops.heads_major(k), ops.heads_major(v)
+    make_plan = jax.jit(functools.partial(ops.make_plan, config=config))  # one compilation for the 8 blocks
+    full = make_plan(qg, kg, key=key, v=vg)
+    draws = []
+    for i, j in np.ndindex(2, 4):
+        rows, heads = slice(i * b // 2, (i + 1) * b // 2), slice(j * kv // 4, (j + 1) * kv // 4)
+        shard_key = ShardKey(key, i, j, local_batch=b // 2, batch_shards=2, head_shards=4)
+        mine = make_plan(qg[rows, heads], kg[rows, heads], key=shard_key, v=vg[rows, heads])
+        np.testing.assert_array_equal(mine.sample_index, full.sample_index[rows, heads])
+        if full.sample_log_weight is not None:  # from the probe's einsum: rounding may differ with the batch shape
+            np.testing.assert_allclose(mine.sample_log_weight, full.sample_log_weight[rows, heads], rtol=1e-6)
+        np.testing.assert_array_equal(mine.key_order.perm, full.key_order.perm[rows, heads])
+        draws.append(np.asarray(mine.sample_index).tobytes())
+    assert len(set(draws)) == 8  # eight devices, eight different sample sets
 
     # Had every head shard drawn its own [B, K/P, m] from the same key, the answer would differ from one device's.
     q, k, v = random_qkv(rng, b=1, t=128, n=4, kv=4, h=16)
     naive = jnp.concatenate(
-        [ha.hyper_attention(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], key=key, config=CFG)
+        [ha.hyper_attention(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], key=key, config=config)
          for i in range(4)], axis=2,
     )  # fmt: skip
-    assert float(jnp.max(jnp.abs(naive - single_device(q, k, v, key, causal=False)[0]))) > 1e-3
+    assert float(jnp.max(jnp.abs(naive - single_device(q, k, v, key, causal=False, config=config)[0]))) > 1e-3
 
 
 def test_short_sequences_are_exact_attention(rng):
@@ -240,9 +300,10 @@ def test_flax_training_step_on_a_sequence_mesh(rng):
         def attend(query, key_, value, **unused):
             if sharded:
                 return sharded_hyper_attention(
-                    query, key_, value, key=key, config=CFG, mesh=mesh, seq_axis="seq", batch_axis="data", causal=True
-                )
-            return ha.hyper_attention(query, key_, value, key=key, config=CFG, causal=True)
+                    query, key_, value, key=key, config=DEFAULT, mesh=mesh, seq_axis="seq", batch_axis="data",
+                    causal=True,
+                )  # fmt: skip
+            return ha.hyper_attention(query, key_, value, key=key, config=DEFAULT, causal=True)
 
         return attend
 
@@ -274,19 +335,6 @@ def test_flax_training_step_on_a_sequence_mesh(rng):
         assert_same(a, b, dict(rtol=1e-4, atol=1e-6))
 
 
-def test_sharded_draws_are_make_plans_draws(rng):
-    # The sharded strategies re-draw make_plan's hyperplanes and samples; if make_plan changes its draws, this fails.
-    cfg = paper_config(block_size=32, sample_size=24, num_projections=5, min_seq_len=0)
-    q, k, _ = random_qkv(rng, b=3, t=200, s=160, n=4, kv=2, h=16)
-    key = jax.random.key(int(rng.integers(1 << 30)))
-    plan = ops.make_plan(ops.group_queries(q, 2), ops.heads_major(k), key=key, config=cfg)
-    samples = plan_sample_index(key, batch=3, kv_heads=2, num_keys=160, config=cfg)
-    np.testing.assert_array_equal(np.asarray(samples), np.asarray(plan.sample_index))
-    key_rank = ha.lsh_rank(ops.heads_major(k), ops.plan_projections(key, 16, cfg))
-    expected = np.argsort(np.asarray(key_rank), axis=-1, kind="stable")
-    np.testing.assert_array_equal(np.asarray(plan.key_order.perm), expected)
-
-
 def test_one_device_mesh_equals_hyper_attention(rng):
     cfg = paper_config(block_size=32, sample_size=16, num_projections=4, min_seq_len=64)
     q, k, v = random_qkv(rng, b=1, t=256, n=2, kv=1, h=16)
@@ -298,15 +346,11 @@ def test_one_device_mesh_equals_hyper_attention(rng):
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
-def test_accuracy_options_are_refused_by_name():
-    check_paper_plan(paper_config(), "here")  # the published plan passes
-    fields = ha.HyperAttentionConfig.__dataclass_fields__
-    options = {"num_sink_keys": 4, "local_window": 8}
-    for name, value in options.items():
-        if name in fields:  # the accuracy options may not have landed in this checkout
-            config = paper_config(**{name: value})
-            with pytest.raises(ValueError, match=f"reproduces the published plan only.*{name}={value!r}"):
-                check_paper_plan(config, "here")
+def test_bucket_dispatch_refuses_the_accuracy_options_by_name():
+    check_paper_plan(paper_config())  # the published plan passes
+    for name, value in {"num_sink_keys": 4, "local_window": 8, "sample_distribution": "column_mass"}.items():
+        with pytest.raises(ValueError, match=f"published plan only.*{name}={value!r}.*all_to_all"):
+            check_paper_plan(paper_config(**{name: value}))
 
 
 def test_bad_strategy_is_named(rng):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import pathlib
@@ -49,6 +50,14 @@ def parse_args():
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--sample-size", type=int, default=256)
     parser.add_argument("--min-seq-len", type=int, default=4096)
+    parser.add_argument(
+        "--plans",
+        nargs="+",
+        default=["paper"],
+        choices=["paper", "default", "accurate"],
+        help="HyperAttentionConfig.paper(), HyperAttentionConfig() or .accurate(), with min_seq_len",
+    )
+    parser.add_argument("--causal", nargs="+", type=int, default=[0], choices=[0, 1], help="0: non-causal, 1: causal")
     parser.add_argument("--time", action="store_true", help="also execute and time (median of --repeats)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default="experiments/results/bench_sharded.json")
@@ -136,7 +145,7 @@ def model_bytes(strategy: str, *, p: int, b: int, t: int, n: int, kv: int, h: in
     return rounds * (keys + queries) + samples
 
 
-def build(strategy, mode, mesh, config, shapes, dtype):
+def build(strategy, mode, mesh, config, shapes, dtype, causal=False):
     key = jax.random.key(0)
     if strategy == "cudnn":  # the exact baseline of DESIGN.md section 4, one device, timed in the same run
 
@@ -148,12 +157,12 @@ def build(strategy, mode, mesh, config, shapes, dtype):
         implementation = "xla" if strategy == "single_device_xla" else None
 
         def attend(q, k, v):
-            return ha.hyper_attention(q, k, v, key=key, config=config, implementation=implementation)
+            return ha.hyper_attention(q, k, v, key=key, config=config, causal=causal, implementation=implementation)
     else:
 
         def attend(q, k, v):
             return sharded_hyper_attention(
-                q, k, v, key=key, config=config, mesh=mesh, seq_axis="seq", strategy=strategy
+                q, k, v, key=key, config=config, mesh=mesh, seq_axis="seq", strategy=strategy, causal=causal
             )
 
     if mode == "fwd":
@@ -184,10 +193,15 @@ def time_it(fn, shapes, dtype, sharding, repeats):
 
 def main():
     dtype = jnp.dtype(ARGS.dtype)
-    # The published plan (the sharded strategies refuse the accuracy options), with these sizes.
-    config = ha.HyperAttentionConfig.paper(
-        block_size=ARGS.block_size, sample_size=ARGS.sample_size, min_seq_len=ARGS.min_seq_len
-    )
+    # The published plan with these sizes, and the default and accurate plans with this min_seq_len.
+    configs = {
+        "paper": ha.HyperAttentionConfig.paper(
+            block_size=ARGS.block_size, sample_size=ARGS.sample_size, min_seq_len=ARGS.min_seq_len
+        ),
+        "default": ha.HyperAttentionConfig(min_seq_len=ARGS.min_seq_len),
+        "accurate": ha.HyperAttentionConfig.accurate(min_seq_len=ARGS.min_seq_len),
+    }
+    runs = [(plan, bool(causal)) for plan in ARGS.plans for causal in ARGS.causal]
     b, n, kv, h = ARGS.batch, ARGS.heads, ARGS.kv_heads, ARGS.head_dim
     rows = []
     for t in ARGS.lengths:
@@ -199,48 +213,53 @@ def main():
             mesh = None if p == 1 else jax.make_mesh((p,), ("seq",), devices=jax.devices()[:p])
             on_gpu = jax.default_backend() == "gpu"
             single = ["single_device"] + (["single_device_xla", "cudnn"] if on_gpu else [])
-            for strategy in ARGS.strategies if p > 1 else single:
-                for mode in ARGS.modes:
-                    fn, specs = build(strategy, mode, mesh, config, shapes, dtype)
-                    start = time.perf_counter()
+            cases = [
+                (s, m, plan, c) for plan, c in runs for s in (ARGS.strategies if p > 1 else single) for m in ARGS.modes
+            ]
+            for strategy, mode, plan, causal in cases:
+                config = configs[plan]
+                fn, specs = build(strategy, mode, mesh, config, shapes, dtype, causal)
+                start = time.perf_counter()
+                try:
+                    compiled = fn.lower(*specs).compile()
+                except (ValueError, TypeError) as error:  # e.g. heads not divisible by P, too few rows for the sort
+                    print(f"T={t} P={p} {strategy} {mode}: not applicable: {error}", flush=True)
+                    continue
+                except jax.errors.JaxRuntimeError as error:  # e.g. a compile-time out-of-memory
+                    print(f"T={t} P={p} {strategy} {mode}: failed: {str(error).splitlines()[0][:300]}", flush=True)
+                    continue
+                compile_s = time.perf_counter() - start
+                sent = collective_bytes(compiled.as_text())
+                memory = compiled.memory_analysis()
+                row = dict(
+                    seq_len=t,
+                    shards=p,
+                    strategy=strategy,
+                    plan=plan,
+                    causal=causal,
+                    mode=mode,
+                    bytes_sent_per_device=sum(sent.values()),
+                    bytes_sent_by_kind=sent,
+                    model_bytes_fwd=model_bytes(
+                        strategy, p=p, b=b, t=t, n=n, kv=kv, h=h, e=dtype.itemsize, m=config.sample_size
+                    ),
+                    argument_bytes=memory.argument_size_in_bytes,
+                    output_bytes=memory.output_size_in_bytes,
+                    temp_bytes=memory.temp_size_in_bytes,
+                    peak_bytes_estimate=memory.argument_size_in_bytes
+                    + memory.output_size_in_bytes
+                    + memory.temp_size_in_bytes
+                    - memory.alias_size_in_bytes,
+                    compile_s=compile_s,
+                )
+                if ARGS.time:
+                    sharding = None if mesh is None else NamedSharding(mesh, P(None, "seq"))
                     try:
-                        compiled = fn.lower(*specs).compile()
-                    except (ValueError, TypeError) as error:  # e.g. heads not divisible by P, too few rows for the sort
-                        print(f"T={t} P={p} {strategy} {mode}: not applicable: {error}", flush=True)
-                        continue
-                    except jax.errors.JaxRuntimeError as error:  # e.g. a compile-time out-of-memory
-                        print(f"T={t} P={p} {strategy} {mode}: failed: {str(error).splitlines()[0][:300]}", flush=True)
-                        continue
-                    compile_s = time.perf_counter() - start
-                    sent = collective_bytes(compiled.as_text())
-                    memory = compiled.memory_analysis()
-                    row = dict(
-                        seq_len=t,
-                        shards=p,
-                        strategy=strategy,
-                        mode=mode,
-                        bytes_sent_per_device=sum(sent.values()),
-                        bytes_sent_by_kind=sent,
-                        model_bytes_fwd=model_bytes(
-                            strategy, p=p, b=b, t=t, n=n, kv=kv, h=h, e=dtype.itemsize, m=config.sample_size
-                        ),
-                        argument_bytes=memory.argument_size_in_bytes,
-                        output_bytes=memory.output_size_in_bytes,
-                        temp_bytes=memory.temp_size_in_bytes,
-                        peak_bytes_estimate=memory.argument_size_in_bytes
-                        + memory.output_size_in_bytes
-                        + memory.temp_size_in_bytes
-                        - memory.alias_size_in_bytes,
-                        compile_s=compile_s,
-                    )
-                    if ARGS.time:
-                        sharding = None if mesh is None else NamedSharding(mesh, P(None, "seq"))
-                        try:
-                            row["median_ms"] = time_it(compiled, shapes, dtype, sharding, ARGS.repeats)
-                        except jax.errors.JaxRuntimeError as error:  # e.g. out of memory at the longest lengths
-                            row["error"] = str(error).splitlines()[0][:300]
-                    rows.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k != "bytes_sent_by_kind"}), flush=True)
+                        row["median_ms"] = time_it(compiled, shapes, dtype, sharding, ARGS.repeats)
+                    except jax.errors.JaxRuntimeError as error:  # e.g. out of memory at the longest lengths
+                        row["error"] = str(error).splitlines()[0][:300]
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "bytes_sent_by_kind"}), flush=True)
 
     result = dict(
         script="experiments/benchmarks/bench_sharded.py",
@@ -250,7 +269,8 @@ def main():
         backend=jax.default_backend(),
         devices=[str(d) for d in jax.devices()],
         device_kind=jax.devices()[0].device_kind,
-        config=dict(batch=b, heads=n, kv_heads=kv, head_dim=h, dtype=ARGS.dtype, **dataclasses.asdict(config)),
+        config=dict(batch=b, heads=n, kv_heads=kv, head_dim=h, dtype=ARGS.dtype),
+        plans={plan: dataclasses.asdict(configs[plan]) for plan in ARGS.plans},
         rows=rows,
     )
     out = pathlib.Path(ARGS.out)
@@ -269,20 +289,25 @@ def plot(result, path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     rows = [r for r in result["rows"] if r["mode"] == "fwd"]
     styles = {"all_to_all": "-", "bucket_dispatch": "--", "single_device": ":"}
-    for strategy in styles:
-        for p in sorted({r["shards"] for r in rows}):
-            pts = sorted((r["seq_len"], r) for r in rows if r["strategy"] == strategy and r["shards"] == p)
-            if not pts:
-                continue
-            lengths = [x for x, _ in pts]
-            label = f"{strategy} P={p}"
-            if strategy != "single_device":
-                axes[0].plot(lengths, [r["bytes_sent_per_device"] / 2**20 for _, r in pts], styles[strategy],
-                             marker="o", label=label)  # fmt: skip
-                axes[0].plot(lengths, [r["model_bytes_fwd"] / 2**20 for _, r in pts], styles[strategy], color="gray",
-                             alpha=0.4)  # fmt: skip
-            axes[1].plot(lengths, [r["peak_bytes_estimate"] / 2**20 for _, r in pts], styles[strategy], marker="o",
-                         label=label)  # fmt: skip
+    runs = sorted({(r.get("plan", "paper"), r.get("causal", False)) for r in rows})
+    for (plan, causal), strategy, p in itertools.product(runs, styles, sorted({r["shards"] for r in rows})):
+        pts = sorted(
+            (r["seq_len"], r)
+            for r in rows
+            if (r["strategy"], r["shards"], r.get("plan", "paper"), r.get("causal", False))
+            == (strategy, p, plan, causal)
+        )
+        if not pts:
+            continue
+        lengths = [x for x, _ in pts]
+        label = f"{strategy} P={p} {plan}{' causal' if causal else ''}"
+        if strategy != "single_device":
+            axes[0].plot(lengths, [r["bytes_sent_per_device"] / 2**20 for _, r in pts], styles[strategy],
+                         marker="o", label=label)  # fmt: skip
+            axes[0].plot(lengths, [r["model_bytes_fwd"] / 2**20 for _, r in pts], styles[strategy], color="gray",
+                         alpha=0.4)  # fmt: skip
+        axes[1].plot(lengths, [r["peak_bytes_estimate"] / 2**20 for _, r in pts], styles[strategy], marker="o",
+                     label=label)  # fmt: skip
     cfg = result["config"]
     title = f"N={cfg['heads']} K={cfg['kv_heads']} H={cfg['head_dim']} {cfg['dtype']}, {result['device_kind']}"
     axes[0].set(xscale="log", yscale="log", xlabel="sequence length T (= S)", ylabel="MiB sent per device (fwd)",

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.lsh import lsh_projections, lsh_rank
-from hyperattn_jax.ops.keys import plan_keys
+from hyperattn_jax.ops.keys import draw_index, draw_uniform, plan_keys
 from hyperattn_jax.ops.sorting import SortOrder, sort_orders
 
 
@@ -125,10 +125,10 @@ def _draw_sorted_positions(key, probability_sorted, m: int, scheme: str):
     cdf = jnp.cumsum(probability_sorted, axis=-1)
     cdf = cdf / cdf[..., -1:]
     if scheme == "systematic":
-        offset = jax.random.uniform(key, (*cdf.shape[:2], 1), jnp.float32)
+        offset = draw_uniform(key, (*cdf.shape[:2], 1))
         u = (jnp.arange(m, dtype=jnp.float32) + offset) / m
     else:
-        u = jax.random.uniform(key, (*cdf.shape[:2], m), jnp.float32)
+        u = draw_uniform(key, (*cdf.shape[:2], m))
     # The binary search is a loop, which on a GPU costs a host round trip per step (~17 steps): unrolled there. Not on
     # the CPU, where XLA takes minutes to compile the unrolled search (same results either way).
     method = "scan_unrolled" if jax.default_backend() == "gpu" else "scan"
@@ -234,9 +234,7 @@ def _paper_plan(q, query_rank, key_rank, key_valid, num_valid, sample_key, confi
     if sample_index is not None:
         sample_index = sample_index.astype(jnp.int32)
     elif config.sample_size > 0:
-        sample_index = jax.random.randint(
-            sample_key, (batch, kv_heads, config.sample_size), 0, num_valid[:, None, None], dtype=jnp.int32
-        )
+        sample_index = draw_index(sample_key, (batch, kv_heads, config.sample_size), num_valid[:, None, None])
     return SortLSHPlan(
         query_order=query_order,
         key_order=key_order,

@@ -30,18 +30,41 @@ from hyperattn_jax._layout import group_queries, heads_major, ungroup_lse, ungro
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.lsh import lsh_rank
 from hyperattn_jax.ops.estimate import tiled_attention
+from hyperattn_jax.ops.keys import ShardKey, draw_index, plan_keys
 from hyperattn_jax.ops.plan import plan_projections
 from hyperattn_jax.ops.tiles import KeyTile
-from hyperattn_jax.parallel._randomness import sample_slice
 from hyperattn_jax.parallel.columnsort import column_sort, column_sort_problem, route, unroute
 from hyperattn_jax.parallel.head_sharded import axis_shards
 from hyperattn_jax.reference import grouped_exact_attention
 
 _INT32_MAX = 2**31 - 1
+# The published plan's values of the accuracy options. Their plans cannot be cut at device boundaries: global keys
+# (sinks, heavy keys) shift the block grid off them, and data-dependent draws (a CDF over all keys of a head in hash
+# order) would need a distributed prefix sum whose rounding differs from one device's, flipping draws near a boundary.
+_PAPER_VALUES = {
+    "num_sink_keys": 0,
+    "num_heavy_keys": 0,
+    "sample_distribution": "uniform",
+    "sample_scheme": "independent",
+    "local_window": 0,
+}
+
+
+def check_paper_plan(config: HyperAttentionConfig) -> None:
+    """Raise ValueError naming every accuracy option that differs from the published algorithm."""
+    changed = {name: getattr(config, name) for name, paper in _PAPER_VALUES.items() if getattr(config, name) != paper}
+    if changed:
+        settings = ", ".join(f"{name}={value!r}" for name, value in changed.items())
+        raise ValueError(
+            f'strategy="bucket_dispatch" reproduces the published plan only (uniform independent samples, no sinks, '
+            f'heavy keys or window); got {settings}. Use strategy="all_to_all" (every config, causal or not) or '
+            "HyperAttentionConfig.paper(...)."
+        )
 
 
 def check_bucket_dispatch(num_queries: int, num_keys: int, num_shards: int, config: HyperAttentionConfig) -> None:
     """Raise ValueError naming the sizes when the sorted ranges of P devices cannot hold whole sortLSH blocks."""
+    check_paper_plan(config)
     if config.attends_exactly(num_keys):
         return  # computed exactly, no sort
     b, p = config.block_size, num_shards
@@ -127,18 +150,10 @@ def bucket_dispatch_hyper_attention(
     kv_blocks = kv_sorted.reshape(*kg.shape[:2], local_blocks, b, 2 * head_dim)
     tiles = [KeyTile(kv_blocks[..., :head_dim], kv_blocks[..., head_dim:], jnp.zeros((1, 1, 1, 1), jnp.float32))]
 
-    sample_index = sample_slice(
-        key,
-        local_batch=batch,
-        batch_shards=batch_shards,
-        batch_index=batch_index,
-        kv_heads=kv_heads,
-        head_shards=1,
-        head_index=0,
-        num_keys=s,
-        config=config,
-    )
-    if sample_index is not None:
+    if config.sample_size:
+        # The single-device draw for the whole batch, this device's batch block (`ops/keys.py`).
+        sample_key = plan_keys(ShardKey(key, batch_index, 0, batch, batch_shards)).samples
+        sample_index = draw_index(sample_key, (batch, kv_heads, config.sample_size), s)
         local = sample_index - index * local_s
         mine = (local >= 0) & (local < local_s)
         local = jnp.clip(local, 0, local_s - 1)

@@ -2,27 +2,25 @@
 
 Inside `shard_map`, each device holds `T/P` positions of every head. One `all_to_all` per tensor turns that into all
 `T` positions of `N/P` query heads (and `K/P` kv heads: query head n uses kv head n // (N/K), and consecutive head
-blocks keep that pairing), the single-device algorithm runs on whole sequences, and one more `all_to_all` turns the
-output back. Per device this moves `(T N + 2 S K) H (P-1)/P^2` input elements and `T N (H+1) (P-1)/P^2` output
-elements, and holds `(T N + 2 S K) H / P`: O((T+S)/P), as the sequence-sharded input itself.
+blocks keep that pairing), the backend the registry picks runs the single-device algorithm on whole sequences (any
+config, causal or not: the column-mass probe, sinks, heavy keys and windows only ever read their own head), and one
+more `all_to_all` turns the output back. Per device this moves `(T N + 2 S K) H (P-1)/P^2` input elements and
+`T N (H+1) (P-1)/P^2` output elements, and holds `(T N + 2 S K) H / P`: O((T+S)/P), as the sequence-sharded input
+itself. The plan needs no communication at all.
 
-Same answer as one device: the hash hyperplanes are shared by all heads (every device draws the same ones from the
-same key) and the samples are drawn as the single-device `[B, K, m]` array and sliced to this device's heads (see
-`_randomness.py`), at every level of the causal recursion too, which stacks its sub-problems on the batch axis.
+Same answer as one device: the backend gets a `ShardKey` (`ops/keys.py`), so every per-head draw (the samples, the
+systematic offsets, at every level of the causal recursion) is the single-device draw for the whole batch and all kv
+heads, sliced to this device's block; the hyperplanes and the probe rows are shared by all heads anyway.
 """
 
 from __future__ import annotations
 
 import jax
 
-from hyperattn_jax._layout import group_queries, heads_major, ungroup_lse, ungroup_output
-from hyperattn_jax.backends import xla
+from hyperattn_jax._layout import ungroup_lse
+from hyperattn_jax.backends.registry import get_backend
 from hyperattn_jax.config import HyperAttentionConfig
-from hyperattn_jax.ops.causal import AttentionParts, grouped_attention
-from hyperattn_jax.ops.estimate import attend_tiles
-from hyperattn_jax.ops.plan import make_plan
-from hyperattn_jax.ops.tiles import hyper_attention_tiles
-from hyperattn_jax.parallel._randomness import sample_slice
+from hyperattn_jax.ops.keys import ShardKey
 
 
 def axis_shards(axis_name) -> tuple[int, jax.Array | int]:
@@ -37,38 +35,9 @@ def check_head_split(num_heads: int, num_kv_heads: int, num_shards: int, seq_axi
         raise ValueError(
             f'strategy="all_to_all" splits the heads over the {num_shards} devices of {seq_axis=}: it needs query '
             f"heads N={num_heads} and kv heads K={num_kv_heads} divisible by {num_shards}. With fewer heads than "
-            'devices use strategy="bucket_dispatch" (non-causal), or put some devices on a data axis.'
+            'devices use strategy="bucket_dispatch" (non-causal, HyperAttentionConfig.paper()), or put some devices '
+            "on a data axis."
         )
-
-
-def grouped_attention_for_heads(
-    q,
-    k,
-    v,
-    *,
-    key,
-    config: HyperAttentionConfig,
-    scale: float,
-    causal: bool,
-    samples_for,
-    hash_key=None,
-):
-    """The single-device algorithm on whole sequences (grouped layout), with samples supplied by `samples_for`.
-
-    q `[B, K, G, T, H]`, k, v `[B, K, S, H]`. `samples_for(key, stacked=, num_keys=)` returns the sample indices
-    `[stacked * B, K, m]` of a non-causal problem over `num_keys` keys drawn from `key` (None without sampling).
-    Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32, like the single-device dispatch in `api.py`.
-    """
-    batch = q.shape[0]
-
-    def estimate(q, k, v, *, key, config, kv_length):
-        del kv_length  # the sharded strategies take no key padding
-        plan = make_plan(q, k, key=key, config=config, hash_key=hash_key)
-        plan = plan.replace(sample_index=samples_for(key, stacked=q.shape[0] // batch, num_keys=k.shape[2]))
-        return attend_tiles(q, hyper_attention_tiles(k, v, plan), plan, scale=scale)
-
-    parts = AttentionParts(estimate=estimate, exact=xla.parts(scale=scale, hash_key=hash_key).exact)
-    return grouped_attention(q, k, v, key=key, config=config, causal=causal, parts=parts)
 
 
 def head_sharded_hyper_attention(
@@ -81,6 +50,8 @@ def head_sharded_hyper_attention(
     scale: float,
     causal: bool,
     seq_axis,
+    implementation: str,
+    interpret: bool,
     batch_axis=None,
     hash_key=None,
 ):
@@ -91,6 +62,7 @@ def head_sharded_hyper_attention(
       k, v: this device's keys and values `[B, S/P, K, H]`.
       key, config, scale, causal, hash_key: as in `hyper_attention`; the key must be the same on every device.
       seq_axis: mesh axis name(s) the sequence is split over; N and K must be divisible by its size.
+      implementation, interpret: the backend that runs on each device (`backends.registry.choose`).
       batch_axis: mesh axis name(s) the batch is split over, or None.
 
     Returns:
@@ -101,34 +73,12 @@ def head_sharded_hyper_attention(
     check_head_split(q.shape[2], k.shape[2], num_shards, seq_axis)
     # [B, T/P, N, H] -> [B, T, N/P, H]: send head block j to device j, stack the received positions in device order.
     q_heads, k_heads, v_heads = (jax.lax.all_to_all(x, seq_axis, 2, 1, tiled=True) for x in (q, k, v))
-    local_kv_heads = k.shape[2] // num_shards
-
-    def samples_for(key, *, stacked, num_keys):
-        return sample_slice(
-            key,
-            local_batch=q.shape[0],
-            batch_shards=batch_shards,
-            batch_index=batch_index,
-            kv_heads=local_kv_heads,
-            head_shards=num_shards,
-            head_index=head_index,
-            num_keys=num_keys,
-            config=config,
-            stacked=stacked,
-        )
-
-    out, lse = grouped_attention_for_heads(
-        group_queries(q_heads, local_kv_heads),
-        heads_major(k_heads),
-        heads_major(v_heads),
-        key=key,
-        config=config,
-        scale=scale,
-        causal=causal,
-        samples_for=samples_for,
-        hash_key=hash_key,
-    )
+    block_key = ShardKey(key, batch_index, head_index, q.shape[0], batch_shards, num_shards)
+    out, lse = get_backend(implementation).attention(
+        q_heads, k_heads, v_heads, block_key, None, hash_key, config=config, causal=causal, scale=scale,
+        interpret=interpret,
+    )  # fmt: skip
     # Cast before sending (the single-device result is cast to q's dtype too): bf16 outputs move half the bytes.
-    out = jax.lax.all_to_all(ungroup_output(out).astype(q.dtype), seq_axis, 1, 2, tiled=True)  # -> [B, T/P, N, H]
+    out = jax.lax.all_to_all(out.astype(q.dtype), seq_axis, 1, 2, tiled=True)  # -> [B, T/P, N, H]
     lse = jax.lax.all_to_all(ungroup_lse(lse), seq_axis, 2, 1, tiled=True)  # [B, N/P, T] -> [B, N, T/P]
     return out, lse
