@@ -4,7 +4,10 @@ Command:  python3 experiments/studies/accuracy_report.py
 Hardware: any CPU; runtime: a few seconds.
 Expected: prints the markdown tables used in docs/accuracy.md and the README section, and writes
           experiments/results/accuracy_qkv.png and accuracy_perplexity.png from accuracy_qkv.json and
-          accuracy_perplexity.json (whichever exist). Every number printed is read from those files.
+          accuracy_perplexity.json, perplexity_kinds.png (the per-kind table: perplexity / exact by kind of text,
+          mean and spread over documents x seeds, held-out documents apart) from perplexity_kinds.json,
+          perplexity_layers.png (the Fig. 3 analogue) from perplexity_layers.json, and the relative error by kind
+          from accuracy_kinds.json (whichever exist). Every number printed is read from those files.
 """
 
 from __future__ import annotations
@@ -227,7 +230,101 @@ def readme_table(qkv: dict, perplexity: dict) -> str:
     return "\n".join(lines)
 
 
+KINDS_ORDER = ("play", "code", "prose")
+
+
+def kinds_table(data: dict) -> str:
+    """Perplexity / exact by kind of text (all 30 layers), from perplexity_kinds.json: mean ± std [min-max] (n)."""
+    summary = data["summary"]
+    names = [n for n in ("paper", "default", "accurate") if any(n in by for by in summary.values())]
+    names += sorted({n for by in summary.values() for n in by} - set(names))
+    groups = [g for kind in KINDS_ORDER for g in (kind, f"{kind}/held_out") if g in summary]
+    lines = [
+        "| kind (documents x seeds) | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for group in groups:
+        cells = []
+        for name in names:
+            cell = summary[group].get(name)
+            cells.append(
+                "" if cell is None else f"{cell['mean']:.3f}x ± {cell['std']:.3f} [{cell['min']:.3f}-{cell['max']:.3f}]"
+            )
+        count = max((c["n"] for c in summary[group].values()), default=0)
+        lines.append(f"| {group} ({count}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def kinds_figure(data: dict, path: Path):
+    summary = data["summary"]
+    groups = [g for kind in KINDS_ORDER for g in (kind, f"{kind}/held_out") if g in summary]
+    names = sorted({n for g in groups for n in summary[g]})
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        cells = [summary[g].get(name) for g in groups]
+        x = [j + i * width for j, c in enumerate(cells) if c]
+        ax.bar(x, [c["mean"] - 1 for c in cells if c], width, bottom=1, yerr=[c["std"] for c in cells if c],
+               label=name)  # fmt: skip
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity / exact (all 30 layers)")
+    ax.set_title(f"SmolLM2-135M, {data.get('tokens', 8192)} tokens, causal, min_seq_len {data.get('min_seq_len')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def layers_figure(data: dict, path: Path):
+    """The Fig. 3 analogue: perplexity / exact and attention time vs the number of last layers replaced."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, by_choice in data["summary"].items():
+        points = sorted((int(count), cell) for count, cell in by_choice.get("last", {}).items())
+        if name == "exact" or not points:
+            continue
+        counts = [0] + [c for c, _ in points]
+        ratios = [1.0] + [cell["ratio_mean"] for _, cell in points]
+        left.errorbar(counts, ratios, yerr=[0.0] + [cell["ratio_std"] for _, cell in points], marker="o", label=name)
+        if all("attention_ms" in cell for _, cell in points):
+            right.plot(counts[1:], [cell["attention_ms"] for _, cell in points], marker="o", label=name)
+    left.set_xlabel("last l layers with HyperAttention")
+    left.set_ylabel("perplexity / exact (mean over documents)")
+    left.set_yscale("log")
+    right.set_xlabel("last l layers with HyperAttention")
+    right.set_ylabel("attention time of the 30 layers (ms)")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def kinds_error_table(data: dict) -> str:
+    """Mean relative error by kind and mode (over the layers measured), from accuracy_kinds.json."""
+    rows = {}
+    for key, entry in data["errors"].items():
+        kind, _, mode = key.split("/")
+        for name, per_head in entry.items():
+            rows.setdefault(name, {}).setdefault(f"{kind}/{mode}", []).append(np.mean(per_head))
+    columns = sorted({c for by in rows.values() for c in by})
+    lines = ["| config | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, by in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{np.mean(by[c]):.3f}" if c in by else "" for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def main():
+    for stem, table, figure in (
+        ("perplexity_kinds", kinds_table, kinds_figure),
+        ("perplexity_layers", None, layers_figure),
+    ):
+        path = RESULTS / f"{stem}.json"
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if table is not None:
+                print(table(data), end="\n\n")
+            figure(data, RESULTS / f"{stem}.png")
+    if (RESULTS / "accuracy_kinds.json").is_file():
+        print(kinds_error_table(json.loads((RESULTS / "accuracy_kinds.json").read_text())), end="\n\n")
     rows = [
         "uniform", "paper", "sinks64", "heavy64", "systematic", "value_norm", "column_mass", "default", "window64",
         "sinks+window", "b128+sinks+heavy+cm", "b256+sinks32+heavy96+u0.2", "b128+sinks32+heavy96+u0.2",
