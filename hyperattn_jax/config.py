@@ -23,9 +23,10 @@ class HyperAttentionConfig:
     min_seq_len 4096) with the residual sampled by probed column mass (16 probe queries, systematic draws, mixed 50/50
     with uniform, unbiased weights) instead of uniformly: on real LM attention (SmolLM2, docs/accuracy.md) that cuts
     the output error 5x causal and 1.7x non-causal and perplexity with every layer replaced from ~3.3x exact to
-    ~1.05x, for 4-8% more time forward+backward and 17-29% forward on an H100. `HyperAttentionConfig.paper()` is the
-    published algorithm exactly; `HyperAttentionConfig.accurate()` our most accurate variant at the paper's 512 keys
-    per query.
+    ~1.05x on three Shakespeare plays (other kinds of text, code above all, are harder: docs/accuracy.md, "Perplexity
+    by kind of text"), for 4-8% more time forward+backward and 17-29% forward on an H100.
+    `HyperAttentionConfig.paper()` is the published algorithm exactly; `HyperAttentionConfig.accurate()` our most
+    accurate variant at the paper's 512 keys per query.
 
     Attributes:
       block_size: keys per sortLSH block (b). A power of two, at most 4096.
