@@ -189,7 +189,7 @@ def run(args) -> None:
         print("comparison:", json.dumps(result["transformers_comparison"], default=str)[:600], flush=True)
         save()
     globals_ = config.global_layers
-    for d, name in enumerate(names):
+    for d, name in enumerate(names[: args.documents]):
         tokens = loaded[f"doc{d}"][None, : args.limit]
         entry = result["documents"].setdefault(name, {"kind": DOCUMENTS.get(name, "?")})
         start = time.time()
@@ -198,10 +198,10 @@ def run(args) -> None:
         entry["exact"] = _scores(ce, time.time() - start)
         print(f"{name}: exact ppl {np.exp(ce):.3f} ({time.time() - start:.1f} s)", flush=True)
         save()
-        for replaced in (3, 1, 2):
+        for replaced in args.replaced:
             layers = globals_[-replaced:]
             for preset, cfg in cfgs.items():
-                for seed in SEEDS:
+                for seed in args.seeds:
                     if time.time() - began > args.budget_s:
                         result["stopped"] = f"time budget {args.budget_s} s reached"
                         save()
@@ -285,6 +285,9 @@ def main() -> None:
     job.add_argument("--wait-s", type=float, default=240.0, help="how long to wait for the reference")
     job.add_argument("--budget-s", type=float, default=300.0, help="stop starting forwards after this long")
     job.add_argument("--out", default=str(RESULTS / "gemma3_32k_perplexity.json"))
+    job.add_argument("--replaced", type=int, nargs="+", default=[3, 1, 2], help="values of l, in this order")
+    job.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    job.add_argument("--documents", type=int, default=len(DOCUMENTS), help="the first this many of DOCUMENTS")
     job.add_argument("--limit", type=int, default=None, help="first this many tokens only (a CPU dry run)")
     draw = commands.add_parser("plot")
     draw.add_argument("--json", type=Path, default=RESULTS / "gemma3_32k_perplexity.json")
