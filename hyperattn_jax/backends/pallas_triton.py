@@ -7,15 +7,19 @@ run one custom_vjp over the fused kernels (`kernels/gpu/hyper.py`); causal calls
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
 from hyperattn_jax.backends import xla
+from hyperattn_jax.kernels.gpu import hyper
 from hyperattn_jax.kernels.gpu.causal import causal_hyper_attention_pallas
 from hyperattn_jax.kernels.gpu.flash import flash_attention
 from hyperattn_jax.kernels.gpu.hyper import hyper_attention_pallas
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 from hyperattn_jax.ops.causal import AttentionParts, grouped_attention
+from hyperattn_jax.ops.plan import make_plan
+from hyperattn_jax.ops.tiles import plan_rows
 
 NAME = "pallas_triton"
 PLATFORMS = ("gpu",)
@@ -59,11 +63,14 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
     """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32."""
     tuning = TiledKernelConfig()
     approximate = not config.attends_exactly(k.shape[1])
-    if approximate and not causal:
-        return hyper_attention_pallas(
-            q, k, v, key=key, config=config, scale=scale, kv_length=kv_length, hash_key=hash_key, tuning=tuning,
-            interpret=interpret,
-        )  # fmt: skip
+    if approximate and not causal:  # the plan from ops (fed by the hash/probe kernels), then the kernels' estimate
+        found = hyper.plan_inputs(q, k, key, config, hash_key, scale=scale, interpret=interpret,
+                                  probe_allowed=kv_length is None)  # fmt: skip
+        q5, k4, v4 = hyper.grouped_inputs(*jax.lax.stop_gradient((q, k, v)))
+        plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale,
+                         **found)  # fmt: skip
+        rows = plan_rows(plan, hyper.row_positions(q5.shape), hyper.row_positions(k4.shape))  # the plan as int32 rows
+        return hyper.estimate(q, k, v, kv_length, plan, rows, (float(scale), tuning, bool(interpret)))
     if approximate:
         fused = causal_hyper_attention_pallas(
             q, k, v, key=key, config=config, scale=scale, tuning=tuning, interpret=interpret, hash_key=hash_key

@@ -17,6 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from hyperattn_jax._numerics import finite_or_zero
+from hyperattn_jax.kernels.configs import FlashConfig
 from hyperattn_jax.kernels.gpu._common import (
     LN_2,
     LOG2_E,
@@ -32,16 +33,6 @@ from hyperattn_jax.kernels.gpu._common import (
     triton_params,
 )
 from hyperattn_jax.reference import grouped_exact_attention
-
-
-class FlashConfig(NamedTuple):
-    """Static tuning (hashable). block_k must divide block_q; backward blocks are equal-sized query/key chunks."""
-
-    block_q: int = 128
-    block_k: int = 64
-    block_bwd: int = 64
-    num_warps: int = 4
-    num_stages: int = 3  # 3 beat 2 by 9% fwd, 7% fwd+bwd on the causal base case at 131k (H100)
 
 
 class _Shape(NamedTuple):
@@ -231,7 +222,7 @@ def _sizes(t, s, h, groups, causal: bool, segment: int | None, tuning: FlashConf
         causal=causal,
         segment=segment,
     )
-    return shape, tuning._replace(block_q=block_q, block_k=block_k, block_bwd=block_bwd)
+    return shape, tuning.replace(block_q=block_q, block_k=block_k, block_bwd=block_bwd)
 
 
 def _q_in(x, shape):

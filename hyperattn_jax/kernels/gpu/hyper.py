@@ -67,14 +67,14 @@ def _blocks_hold_valid_keys(plan, num_keys: int, kv_length) -> bool:
     return kv_length is None and plan.num_global == 0 and plan.num_blocks * plan.key_block == num_keys
 
 
-def _row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_length):
+def _row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_length, rows=None):
     """What the row-indexed kernels take for a plan: the int32 query row of every blocked slot `[P, K, G, nb, bq]`
     (-1 = padding); the tiles, per-block ones without k, v (their rows are loaded by index in the kernel; without
     log-weights where all are 0, `_blocks_hold_valid_keys`: one add per score fewer), shared ones (samples, global
     keys) gathered here; each tile's int32 rows `[P, K, nb | 1, t]`; and which of them the kernel loads by index
     (None for the gathered ones)."""
     unweighted_blocks = _blocks_hold_valid_keys(plan, key_positions.shape[-2], kv_length)
-    query_index, tile_rows = plan_rows(plan, query_positions, key_positions)
+    query_index, tile_rows = plan_rows(plan, query_positions, key_positions) if rows is None else rows
     tiles, rows, in_kernel = [], [], []
     for index, log_weight in tile_rows:  # index [P, K, nb | 1, t]
         rows.append(index)
@@ -153,12 +153,16 @@ def estimate_backward_rows(
     tuning,
     interpret,
     kv_length=None,
+    rows=None,
 ):
     """The estimator's backward for the problems `estimate_forward_rows` cut, as one part of a merged attention with
     final lse and delta `[B, K, G, T]`: its dq, dk, dv added into the float32 accumulators `grads` (dq
     `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`; None: written, for a plan covering every row), reading every row by
-    index (`indexed_tiled_backward`). Needs `can_backward_in_place`; `kv_length` as for the forward."""
-    query_index, tiles, rows, _ = _row_operands(k, v, plan, query_positions, key_positions, q_rows.shape[0], kv_length)
+    index (`indexed_tiled_backward`). Needs `can_backward_in_place`; `kv_length` as for the forward; `rows`: the
+    plan's `ops.plan_rows` at those positions, where the caller has them."""
+    query_index, tiles, rows, _ = _row_operands(
+        k, v, plan, query_positions, key_positions, q_rows.shape[0], kv_length, rows
+    )
     return indexed_tiled_backward(
         q_rows,
         k,
@@ -277,43 +281,48 @@ def public_grads(dq, dk, dv):
     return ungroup_output(dq), heads_major(dk), heads_major(dv)
 
 
+def plan_inputs(q, k, key, config, hash_key, *, scale, interpret, probe_allowed: bool):
+    """What `ops.make_plan` takes from the hash and probe kernels for a non-causal call on public-layout q, k:
+    `dict(ranks=..., probe=...)`. q, k enter with their gradients stopped: the plan is a constant of the estimator
+    (and the kernels' pallas_calls are never differentiated)."""
+    q, k = jax.lax.stop_gradient((q, k))
+    ranks, probe = _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed)
+    return dict(ranks=ranks, probe=probe)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _hyper(q, k, v, key, kv_length, hash_key, static):
-    return _hyper_fwd(q, k, v, key, kv_length, hash_key, static)[0]
+def estimate(q, k, v, kv_length, plan, rows, static):
+    """Non-causal estimate under `plan` (made by `ops.make_plan` for grouped q, k, v with `plan_inputs`'s ranks and
+    probe) on the fused kernels: public-layout q `[B, T, N, H]`, k, v `[B, S, K, H]` in; out `[B, T, N, H]` and lse
+    `[B, K, G, T]` float32 out. `rows`: `ops.plan_rows(plan, row_positions(q5.shape), row_positions(k4.shape))`,
+    the plan as int32 rows (q5, k4 the grouped q, k). `static` = (scale, tuning, interpret). The plan and rows get
+    zero cotangents."""
+    return _estimate_fwd(q, k, v, kv_length, plan, rows, static)[0]
 
 
-def _hyper_fwd(q, k, v, key, kv_length, hash_key, static):
-    config, scale, tuning, interpret = static
-    q5, k4, v4 = grouped_inputs(q, k, v)
-    ranks, probe = _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, kv_length is None)
-    plan = make_plan(
-        q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale, ranks=ranks,
-        probe=probe,
-    )  # fmt: skip
-    if can_gather_in_kernel(q.shape[-1], plan):
-        b, t, n, h = q.shape
-        out, lse = estimate_forward_rows(
-            q.reshape(b, t, k.shape[2], n // k.shape[2], h),
-            k,
-            v,
-            plan,
-            row_positions(q5.shape),
-            row_positions(k4.shape),
-            scale=scale,
-            tuning=tuning,
-            interpret=interpret,
-            kv_length=kv_length,
+def _estimate_fwd(q, k, v, kv_length, plan, rows, static):
+    scale, tuning, interpret = static
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    if can_gather_in_kernel(h, plan):
+        query_index, tiles, _, key_index = _row_operands(
+            k, v, plan, row_positions((b, kv_heads, n // kv_heads, t, 1)), row_positions((b, kv_heads, k.shape[1], 1)),
+            b, kv_length, rows,
+        )  # fmt: skip
+        q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
+        out, lse = indexed_tiled_forward(
+            q_rows, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning, interpret=interpret
         )
         out = out.reshape(q.shape)
     else:
-        out, lse = _pregathered_forward(q5, k4, v4, plan, scale, tuning, interpret)
+        out, lse = _pregathered_forward(*grouped_inputs(q, k, v), plan, scale, tuning, interpret)
         out = ungroup_output(out)
-    return (out, lse), (q, k, v, kv_length, plan, out, lse)
+    return (out, lse), (q, k, v, kv_length, plan, rows, out, lse)
 
 
-def _hyper_bwd(static, residuals, cotangents):
-    _, scale, tuning, interpret = static
-    q, k, v, kv_length, plan, out, lse = residuals
+def _estimate_bwd(static, residuals, cotangents):
+    scale, tuning, interpret = static
+    q, k, v, kv_length, plan, rows, out, lse = residuals
     d_out, d_lse = cotangents
     delta = output_delta(out, d_out, d_lse)
     b, t, n, h = q.shape
@@ -335,6 +344,7 @@ def _hyper_bwd(static, residuals, cotangents):
             tuning=tuning,
             interpret=interpret,
             kv_length=kv_length,
+            rows=rows,
         )
         return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
     grads = estimate_backward(
@@ -350,7 +360,7 @@ def _hyper_bwd(static, residuals, cotangents):
     return (*public_grads(*grads), None, None, None)
 
 
-_hyper.defvjp(_hyper_fwd, _hyper_bwd)
+estimate.defvjp(_estimate_fwd, _estimate_bwd)
 
 
 def hyper_attention_pallas(
@@ -374,5 +384,8 @@ def hyper_attention_pallas(
     """
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    static = (config, float(scale), tuning or TiledKernelConfig(), bool(interpret))
-    return _hyper(q, k, v, key, kv_length, hash_key, static)
+    found = plan_inputs(q, k, key, config, hash_key, scale=scale, interpret=interpret, probe_allowed=kv_length is None)
+    q5, k4, v4 = grouped_inputs(*jax.lax.stop_gradient((q, k, v)))
+    plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale, **found)
+    rows = plan_rows(plan, row_positions(q5.shape), row_positions(k4.shape))
+    return estimate(q, k, v, kv_length, plan, rows, (float(scale), tuning or TiledKernelConfig(), bool(interpret)))

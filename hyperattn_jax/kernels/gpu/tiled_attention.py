@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from hyperattn_jax._numerics import finite_or_zero
+from hyperattn_jax.kernels.configs import TiledKernelConfig
 from hyperattn_jax.kernels.gpu._common import (
     LN_2,
     LOG2_E,
@@ -38,19 +39,6 @@ from hyperattn_jax.kernels.gpu._common import (
     triton_params,
 )
 from hyperattn_jax.ops.tiles import KeyTile
-
-
-class TiledKernelConfig(NamedTuple):
-    """Static tuning of the tiled kernels (hashable). Sizes are upper bounds; they shrink to fit small problems."""
-
-    block_q: int = 64  # queries per forward / dq program (64 beat 128 by 7% at 131k on the H100)
-    block_k: int = 64  # keys per inner step
-    block_q_bwd: int = 64  # queries per inner step of the dk/dv kernel
-    block_k_bwd: int = 64  # keys per dk/dv program
-    num_warps: int = 4
-    num_stages: int = 2
-    num_stages_bwd: int = 3  # the gathered backward's kernels: 3 beat 2 by 6% fwd+bwd at 131k (H100, sweep_v12)
-    shared_splits: int = 16  # partial sums of a shared tile's dk, dv (programs per key chunk)
 
 
 class _Layout(NamedTuple):

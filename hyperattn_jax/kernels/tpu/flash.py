@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from hyperattn_jax._numerics import finite_or_zero
+from hyperattn_jax.kernels.configs import FlashTiling
 from hyperattn_jax.kernels.tpu._common import (
     NEG_START,
     NUM_LANES,
@@ -38,13 +39,6 @@ from hyperattn_jax.kernels.tpu._common import (
 )
 from hyperattn_jax.kernels.tpu.vmem import VmemBudget, tile_bytes
 from hyperattn_jax.reference import grouped_exact_attention
-
-
-class FlashTiling(NamedTuple):
-    """Static block sizes of the flash kernels: query rows (multiple of 16) and keys (multiple of 128) per step."""
-
-    block_q: int = 256
-    block_k: int = 512
 
 
 class _Layout(NamedTuple):

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from hyperattn_jax._numerics import finite_or_zero
+from hyperattn_jax.kernels.configs import TpuTiling
 from hyperattn_jax.kernels.tpu._common import (
     NEG_START,
     NUM_LANES,
@@ -44,22 +45,6 @@ from hyperattn_jax.kernels.tpu._common import (
 )
 from hyperattn_jax.kernels.tpu.vmem import VmemBudget, tile_bytes
 from hyperattn_jax.ops import KeyTile, tiled_attention
-
-
-class TpuTiling(NamedTuple):
-    """Static block sizes of the tiled kernels (hashable). Multiples of 128 fill whole vregs and MXU passes."""
-
-    block_q: int = 256  # most query rows per forward / dq step (bq is padded to a multiple of 16 below it)
-    block_k: int = 512  # keys per online-softmax step inside a resident tile
-    block_k_bwd: int = 256  # keys per dk/dv program
-
-    def validate(self) -> TpuTiling:
-        for name in ("block_q", "block_k", "block_k_bwd"):
-            value = getattr(self, name)
-            multiple = ROW_MULTIPLE if name == "block_q" else NUM_LANES
-            if value <= 0 or value % multiple:
-                raise ValueError(f"{name}={value} must be a positive multiple of {multiple}")
-        return self
 
 
 class _Layout(NamedTuple):
