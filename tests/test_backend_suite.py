@@ -3,8 +3,6 @@
 Tiny shapes (interpret mode is slow). Each test is parametrised over `BACKENDS`; adding a backend adds its name here.
 """
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,22 +11,28 @@ from helpers import random_qkv
 
 import hyperattn_jax as ha
 
-BACKENDS = ["xla", "pallas_triton"]
+BACKENDS = ["xla", "pallas_triton", "pallas_tpu"]
 CFG = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=128)
-# Kernels take half precision; the xla path is tested in float32 (the api runs float32 kernel calls on xla).
-DTYPE = {"xla": jnp.float32, "pallas_triton": jnp.bfloat16}
-_HAS_INTERPRET = "interpret" in inspect.signature(ha.hyper_attention).parameters
+# The Triton kernels take half precision (the api runs their float32 calls on xla); the TPU kernels take float32 too,
+# where they agree with xla up to float32 rounding. The TPU kernels take head dims 64/128/256.
+DTYPE = {"xla": jnp.float32, "pallas_triton": jnp.bfloat16, "pallas_tpu": jnp.float32}
+HEAD_DIM = {"xla": 32, "pallas_triton": 32, "pallas_tpu": 64}
+# (query heads, kv heads): GQA everywhere; fewer heads for the TPU kernels, whose interpret mode is the slowest.
+HEADS = {"xla": (4, 2), "pallas_triton": (4, 2), "pallas_tpu": (2, 1)}
+# Tolerances relative to the largest entry: float32 rounding (xla; TPU kernels vs xla) or bfloat16 inputs (Triton).
+TOL = {"xla": 1e-6, "pallas_triton": 3e-2, "pallas_tpu": 1e-4}
 
 
 def attend(backend, q, k, v, *, key, config=CFG, causal=False, **kw):
-    """hyper_attention on `backend`; kernels in the Pallas interpreter (implicit on CPU before `interpret=` landed)."""
-    if _HAS_INTERPRET and backend != "xla":
+    """hyper_attention on `backend`; kernels in the Pallas interpreter."""
+    if backend != "xla":
         kw["interpret"] = True
     return ha.hyper_attention(q, k, v, key=key, config=config, causal=causal, implementation=backend, **kw)
 
 
 def inputs(rng, backend, t=256, b=1):
-    return random_qkv(rng, b=b, t=t, n=4, kv=2, h=32, dtype=DTYPE[backend])
+    n, kv = HEADS[backend]
+    return random_qkv(rng, b=b, t=t, n=n, kv=kv, h=HEAD_DIM[backend], dtype=DTYPE[backend])
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -40,7 +44,15 @@ def test_same_key_is_bit_identical_and_another_key_differs(rng, backend, causal)
     assert not np.array_equal(run(1), run(2))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+VMAP_FAILS = pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="jax's pallas_call batching rule adds a grid axis but keeps the kernels' 4 Mosaic dimension_semantics "
+    "(safe_zip length 4 vs 5 in TPU interpret mode): pallas_tpu cannot be vmapped yet",
+)
+
+
+@pytest.mark.parametrize("backend", [b if b != "pallas_tpu" else pytest.param(b, marks=VMAP_FAILS) for b in BACKENDS])
 def test_vmap_equals_a_loop_and_jit_traces_once(rng, backend):
     q, k, v = inputs(rng, backend, b=2)
     keys = jax.random.split(jax.random.key(0), 2)
@@ -57,7 +69,7 @@ def test_vmap_equals_a_loop_and_jit_traces_once(rng, backend):
     for i in range(2):  # repeated calls with new values, same shapes: no new trace
         one(q[i] + 1, k[i], v[i], keys[1 - i])
     assert len(traces) == traced
-    tol = 1e-6 if backend == "xla" else 2e-2
+    tol = 2e-2 if backend == "pallas_triton" else 1e-5
     np.testing.assert_allclose(np.asarray(batched, np.float32), np.stack(looped[:2]).astype(np.float32), atol=tol)
 
 
@@ -72,15 +84,16 @@ def test_gradients_finite_survive_checkpoint_and_equal_xla(rng, backend, causal)
         return jnp.sum(out.astype(jnp.float32) * weight)
 
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-    remat = jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2))(q, k, v)
+    # TPU interpret mode runs kernels through io_callbacks, whose effects jax.checkpoint cannot differentiate
+    # (NotImplementedError); there the remat check needs a real TPU.
+    remat = grads if backend == "pallas_tpu" else jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2))(q, k, v)
     xla = jax.grad(lambda *a: loss(*a, backend="xla"), argnums=(0, 1, 2))(q, k, v)
     for g, r, x in zip(grads, remat, xla, strict=True):
         g, r, x = (np.asarray(a, np.float32) for a in (g, r, x))
         assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
         np.testing.assert_allclose(r, g, rtol=1e-5, atol=1e-6 * np.abs(g).max())
         # Same plan for the same key: the kernels differ from the jnp path only by rounding.
-        tol = 1e-6 if backend == "xla" else 3e-2
-        np.testing.assert_allclose(g, x, atol=tol * np.abs(x).max())
+        np.testing.assert_allclose(g, x, atol=TOL[backend] * np.abs(x).max())
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -92,5 +105,5 @@ def test_exact_at_min_seq_len_and_close_just_above(rng, backend, causal):
     out = attend(backend, q, k, v, key=jax.random.key(0), causal=causal)
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
     exact = ha.exact_attention(q32, k32, v32, causal=causal)
-    tol = 2e-5 if backend == "xla" else 2e-2
+    tol = 2e-2 if backend == "pallas_triton" else 1e-4 if backend == "pallas_tpu" else 2e-5
     np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=tol)

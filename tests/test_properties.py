@@ -1,10 +1,12 @@
 """Property-based tests (hypothesis) over shapes, odd lengths, GQA head counts and config options, against the exact
-reference. Examples are few and tiny (each new shape compiles) and derandomized: the same cases every run."""
+reference and the dense estimator. Examples are few and tiny (each new shape compiles) and derandomized: the same
+cases every run."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import dense_estimator, dense_estimator_weights
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -112,3 +114,30 @@ def test_estimate_outputs_are_convex_combinations_of_values(problem, options, ca
     lo, hi = vr.min(1)[:, None], vr.max(1)[:, None]
     assert np.all(np.isfinite(np.asarray(out)))
     assert np.all(np.asarray(out) >= lo - 1e-4) and np.all(np.asarray(out) <= hi + 1e-4)
+
+
+@SETTINGS
+@given(
+    problems(max_len=120),
+    st.sampled_from([8, 16, 32]),
+    st.sampled_from([0, 8, 24]),
+    st.integers(0, 2**31 - 1),
+)
+def test_estimate_equals_the_dense_estimator_for_its_plan(problem, block_size, sample_size, seed):
+    # The published plan (sorted blocks + uniform samples of weight S/m outside the block) over random shapes and
+    # sizes: out and lse equal the dense masked estimator built from the same plan (tests/helpers.py).
+    q, k, v = problem
+    config = ha.HyperAttentionConfig.paper(block_size=block_size, sample_size=sample_size, min_seq_len=0)
+    key = jax.random.key(seed)
+    scale = q.shape[-1] ** -0.5
+
+    @jax.jit  # one compilation per example instead of one per eager op
+    def dense(q, k, v, key):
+        q5, k4, v4 = ha.ops.group_queries(q, k.shape[2]), ha.ops.heads_major(k), ha.ops.heads_major(v)
+        weights = dense_estimator_weights(ha.ops.make_plan(q5, k4, key=key, config=config), q.shape[1], k.shape[1])
+        return dense_estimator(q5, k4, v4, weights, scale)
+
+    ref_out, ref_lse = dense(q, k, v, key)
+    out, lse = ha.hyper_attention(q, k, v, key=key, config=config, return_lse=True, implementation="xla")
+    np.testing.assert_allclose(out, ha.ops.ungroup_output(ref_out), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, ha.ops.ungroup_lse(ref_lse), rtol=1e-5, atol=1e-5)
