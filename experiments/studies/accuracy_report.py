@@ -307,8 +307,16 @@ def kinds_error_table(data: dict) -> str:
             rows.setdefault(name, {}).setdefault(f"{kind}/{mode}", []).append(np.mean(per_head))
     columns = sorted({c for by in rows.values() for c in by})
     lines = ["| config | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    paper = rows.get("paper", {})
+
+    def cell(by, column):
+        if column not in by:
+            return ""
+        ratio = f" ({np.mean(by[column]) / np.mean(paper[column]):.2f}x)" if column in paper else ""
+        return f"{np.mean(by[column]):.3f}{ratio}"
+
     for name, by in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{np.mean(by[c]):.3f}" if c in by else "" for c in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(by, c) for c in columns) + " |")
     return "\n".join(lines)
 
 
