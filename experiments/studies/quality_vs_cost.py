@@ -2,6 +2,7 @@
 
 Command:  python3 experiments/studies/quality_vs_cost.py [--tokens 4096] [--layers 2 15 29] [--heads 0 3 6]
               [--budgets 256 512 1024] [--modes noncausal causal] [--documents shakespeare/hamlet ...]
+          The recorded run: --layers 15 2 29 8 22 0 11 18 25 5 --budgets 256 512 1024 (other arguments default).
 Hardware: CPU (2 shared cores are enough); jax >= 0.11.2; `pip install -e '.[experiments]'` (the q/k/v capture
           downloads SmolLM2-135M and the texts on first use, ~2-10 min per document for 30 layers).
 Runtime:  ~1-3 min per (document, layer, mode) at 4096 tokens, 3 heads, 3 budgets on 2 shared cores (the top-k
