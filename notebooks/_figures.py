@@ -262,3 +262,29 @@ def hardness_scatter(record: dict, name: str):
     _footer(fig, [provenance(record, name), f"mode={record['mode']}, budget={record['budget']} keys per query"])
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
+
+
+def redraw_pngs() -> None:
+    """The PNGs the README and docs show, redrawn from their records: `python3 notebooks/_figures.py`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    figures = {
+        "quality_vs_cost.png": ("quality_vs_cost", pareto, 90),
+        "hardness.png": ("hardness", hardness_scatter, 80),
+        "fig4_speedup.png": ("bench_single_layer_h100", fig4, 90),
+    }
+    layers = load("perplexity_layers")
+    if layers is not None and layers.get("summary"):
+        figures["fig3_perplexity.png"] = ("perplexity_layers", fig3_from_layers, 90)
+    else:  # until the Fig. 3 record exists: the earlier last-l sweep on Hamlet
+        figures["fig3_perplexity.png"] = ("accuracy_perplexity", fig3_from_sweep, 90)
+    for png, (name, draw, dpi) in figures.items():
+        record = load(name)
+        if record is not None:
+            draw(record, name).savefig(RESULTS / png, dpi=dpi)
+            print(f"{png} <- {name}.json")
+
+
+if __name__ == "__main__":
+    redraw_pngs()
