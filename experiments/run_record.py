@@ -4,6 +4,7 @@ jax version. Scripts in benchmarks/ and studies/ put experiments/ on sys.path an
 from __future__ import annotations
 
 import datetime
+import os
 import shlex
 import subprocess
 import sys
@@ -13,6 +14,10 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def _git(*args: str) -> str:
+    """git's answer here; a copy without .git (the GPU machine gets the working tree only) reads
+    $HYPERATTN_JAX_GIT_COMMIT, set by whoever copied it, for `rev-parse HEAD`."""
+    if args == ("rev-parse", "HEAD") and os.environ.get("HYPERATTN_JAX_GIT_COMMIT"):
+        return os.environ["HYPERATTN_JAX_GIT_COMMIT"]
     try:
         return subprocess.run(["git", *args], cwd=REPOSITORY, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
