@@ -90,7 +90,7 @@ def main():
     }
     for name, config in configs.items():  # correctness on the device before any timing
         for causal in (False, True) if args.check_n else ():
-            check = check_against_xla(args.check_n, 64, causal, config, jax.random.key(0))
+            check = check_against_xla(args.check_n, 64, causal, config, jax.random.key(0), args.implementation)
             results["checks"][f"{name}/{args.check_n}/{'causal' if causal else 'noncausal'}"] = check
             print("pallas vs xla", name, args.check_n, "causal" if causal else "noncausal", check, flush=True)
     for n in args.n:

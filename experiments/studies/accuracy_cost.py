@@ -73,7 +73,7 @@ def main():
             mode = "causal" if causal else "noncausal"
             check = {"exact_at_min_seq_len": exact_check(config, causal, implementation)}
             if gpu and args.check_n:
-                check |= check_against_xla(args.check_n, 64, causal, config, jax.random.key(0))
+                check |= check_against_xla(args.check_n, 64, causal, config, jax.random.key(0), implementation)
             result["checks"][f"{name}/{mode}"] = check
             print("check", name, mode, check, flush=True)
     for n in args.n:
