@@ -24,13 +24,19 @@ def _git(*args: str) -> str:
         return "unknown (not a git checkout)"
 
 
+def _dirty() -> bool | None:
+    """Whether tracked files differ from the commit; None where there is no git checkout to ask."""
+    answer = _git("status", "--porcelain", "--untracked-files=no")
+    return None if answer.startswith("unknown") else bool(answer)
+
+
 def run_record() -> dict:
     """{"git_commit", "git_dirty", "command", "date", "device", "backend", "jax_version"} of the running process."""
     import jax
 
     return {
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_dirty": _dirty(),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": str(jax.devices()[0].device_kind),
