@@ -1,0 +1,293 @@
+"""Tile-attention forward on Pallas Mosaic GPU (Hopper: TMA copies, wgmma): the twin of `ops.tiled_attention`.
+
+Same math as the Triton kernel `kernels/gpu/tiled_attention.py`: a program owns `block_q` (64) sorted queries of one
+query block and one query head and streams every key tile of that block through one online softmax (base 2), with
+the per-key log-weights added to the logits: the block's own sortLSH keys, the global keys, the sampled residual
+keys (log(S/m), -inf where excluded). It writes out (q's dtype) and the natural-log float32 lse.
+
+Hopper features: q, k, v and the log-weights reach shared memory by TMA (`plgpu.copy_gmem_to_smem`, 128-byte
+swizzle); both products are warpgroup MMAs (`plgpu.wgmma`, float32 accumulators); key chunks are double buffered by
+hand: the chunk after the current one is in flight while the current one is multiplied. The chunk schedule (which
+tile, which key range) is static, so the loop over chunks is unrolled in Python and every buffer slot is static.
+Not yet: a second compute warpgroup, a producer warpgroup (warp specialisation), the G query heads of a kv head
+sharing one k/v load, in-kernel row gathers.
+
+Row gathers: this kernel reads queries and key tiles already gathered into sorted order by XLA (`ops` builds
+`block_query_layout` / `hyper_attention_tiles`, one gather each). It is the simplest correct choice: TMA copies whole
+boxes of contiguous rows, so reading rows by index in the kernel means a gather-TMA (Blackwell) or per-row copies,
+and it keeps this kernel's operands identical to the Triton tiled kernel's (same twin, same tests). The fused gathers
+of the Triton path (`indexed_forward.py`) saved ~1.5 ms of 6.5 ms at 131k: the next step once this kernel is timed.
+
+Interpret mode (CPU): jax's Mosaic GPU interpreter (`plgpu.InterpretGPUParams`) runs this kernel with two
+differences, both static: it simulates wgmma only with both operands in shared memory, so P goes through shared
+memory there (on the GPU P stays in registers, as FlashAttention-3 does), and its scoped allocations are zero-filled
+(`uninitialized_memory="zero"`), as the GPU's wgmma accumulators are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from hyperattn_jax.ops.tiles import KeyTile
+
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+# A finite running-max start: a row whose keys so far are all masked (-inf) gets exp2(-inf - m) = 0, not NaN.
+NEG_START = -1e30
+ROWS_PER_WARPGROUP = 64  # the M of one warpgroup's wgmma
+HEAD_DIMS = (64, 128)  # multiples of 64 16-bit elements: whole 128-byte swizzle rows
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTiling:
+    """Static tuning of the Mosaic GPU tile-attention forward."""
+
+    block_q: int = ROWS_PER_WARPGROUP  # query rows per program (one compute warpgroup)
+    block_k: int = 128  # keys per double-buffered chunk (tiles are padded to a multiple, log-weight -inf)
+    p_in_registers: bool = True  # the PV wgmma reads P from registers; the interpreter needs it in shared memory
+
+    def __post_init__(self):
+        if self.block_q != ROWS_PER_WARPGROUP:
+            raise ValueError(f"MosaicTiling.{self.block_q=} must be {ROWS_PER_WARPGROUP} (one warpgroup)")
+        if self.block_k not in (64, 128, 256):
+            raise ValueError(f"MosaicTiling.{self.block_k=} must be 64, 128 or 256")
+
+    replace = dataclasses.replace
+
+
+class _Layout(NamedTuple):
+    """Static shape facts of one call."""
+
+    batch: int
+    kv_heads: int
+    groups: int
+    num_blocks: int
+    query_block: int  # bq (real)
+    query_block_padded: int  # bq rounded up to a multiple of block_q
+    head_dim: int
+    tile_lengths: tuple[int, ...]  # real t per tile
+    tile_lengths_padded: tuple[int, ...]  # rounded up to a multiple of block_k
+    tile_blocks: tuple[int, ...]  # nb (one key block per query block) or 1 (shared by all blocks)
+    weight_blocks: tuple[int, ...]  # nb (log-weights differ per query block) or 1
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _make_layout(q_blocks, tiles, tiling: MosaicTiling) -> _Layout:
+    batch, kv_heads, groups, nb, bq, h = q_blocks.shape
+    if h not in HEAD_DIMS:
+        raise ValueError(f"the Mosaic GPU kernel takes head dims {HEAD_DIMS}, got {h=}")
+    lengths, blocks, weight_blocks = [], [], []
+    for tile in tiles:
+        if tile.k.ndim != 5 or tile.k.shape[2] not in (1, nb) or tile.k.shape[-1] != h:
+            raise ValueError(f"tile keys must be [B, K, nb | 1, t, H] with {nb=}, {h=}, got {tile.k.shape}")
+        lengths.append(tile.k.shape[3])
+        blocks.append(tile.k.shape[2])
+        w_shape = (1,) * (4 - jnp.ndim(tile.log_weight)) + tuple(jnp.shape(tile.log_weight))
+        weight_blocks.append(nb if w_shape[2] == nb else 1)
+    return _Layout(
+        batch=batch,
+        kv_heads=kv_heads,
+        groups=groups,
+        num_blocks=nb,
+        query_block=bq,
+        query_block_padded=_round_up(bq, tiling.block_q),
+        head_dim=h,
+        tile_lengths=tuple(lengths),
+        tile_lengths_padded=tuple(_round_up(t, tiling.block_k) for t in lengths),
+        tile_blocks=tuple(blocks),
+        weight_blocks=tuple(weight_blocks),
+    )
+
+
+def _pad(x, axis: int, size: int, value=0.0):
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _operands(q_blocks, tiles, layout: _Layout):
+    """q `[BK, G, nb * bqp, H]` and per tile k, v `[BK, nb | 1, tp, H]`, base-2 log-weights `[BK, nb | 1, tp]`."""
+    bk = layout.batch * layout.kv_heads
+    q = _pad(q_blocks, 4, layout.query_block_padded).reshape(bk, layout.groups, -1, layout.head_dim)
+    flat = []
+    for tile, length, weight_blocks in zip(tiles, layout.tile_lengths_padded, layout.weight_blocks, strict=True):
+        k, v = (_pad(x, 3, length).reshape(bk, x.shape[2], length, layout.head_dim) for x in (tile.k, tile.v))
+        w = jnp.asarray(tile.log_weight, jnp.float32)
+        w = w.reshape((1,) * (4 - w.ndim) + w.shape)
+        w = jnp.broadcast_to(w, (layout.batch, layout.kv_heads, weight_blocks, tile.k.shape[3]))
+        # padded keys get -inf; base 2 here saves a multiply per score in the kernel
+        w = _pad(w * LOG2_E, 3, length, -jnp.inf).reshape(bk, weight_blocks, length)
+        flat += [k, v, w]
+    return q, flat
+
+
+def _swizzled(shape, dtype):
+    """Shared memory laid out for TMA and wgmma: (8, 64)-element tiles, 128-byte swizzle (16-bit dtypes)."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p_in_registers: bool):
+    num_tiles = len(layout.tile_lengths)
+    tile_refs, (o_ref, lse_ref) = refs[: 3 * num_tiles], refs[3 * num_tiles : 3 * num_tiles + 2]
+    scratch = list(refs[3 * num_tiles + 2 :])
+    q_smem, k_smem, v_smem, w_smem = scratch[:4]
+    p_smem = None if p_in_registers else scratch[4]
+    o_smem, lse_smem, q_bar, k_bar, v_bar, w_bar = scratch[-6:]
+    block_q, block_k = tiling.block_q, tiling.block_k
+    dtype = q_ref.dtype
+    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+
+    chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
+    rows = pl.ds(chunk * block_q, block_q)
+    query_block = lax.div(chunk, jnp.int32(layout.query_block_padded // block_q))
+    # the static chunk schedule: every tile's keys, block_k at a time, in tile order
+    steps = [(tile, c) for tile, length in enumerate(layout.tile_lengths_padded) for c in range(length // block_k)]
+
+    def issue(step: int, slot: int):
+        tile, c = steps[step]
+        k_ref, v_ref, w_ref = tile_refs[3 * tile : 3 * tile + 3]
+        key_block = query_block if layout.tile_blocks[tile] > 1 else 0
+        weight_block = query_block if layout.weight_blocks[tile] > 1 else 0
+        keys = pl.ds(c * block_k, block_k)
+        plgpu.copy_gmem_to_smem(k_ref.at[problem, key_block, keys], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[problem, key_block, keys], v_smem.at[slot], v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(w_ref.at[problem, weight_block, keys], w_smem.at[slot], w_bar.at[slot])
+
+    plgpu.copy_gmem_to_smem(q_ref.at[problem, head, rows], q_smem, q_bar.at[0])
+    issue(0, 0)
+    row_max = plgpu.layout_cast(jnp.full((block_q,), NEG_START, jnp.float32), row_layout)
+    row_sum = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row_layout)
+    acc = plgpu.layout_cast(jnp.zeros((block_q, layout.head_dim), jnp.float32), plgpu.Layout.WGMMA)
+    plgpu.barrier_wait(q_bar.at[0])
+    qk_scale = scale * LOG2_E
+    for step in range(len(steps)):
+        slot = step % 2
+        if step + 1 < len(steps):  # the other slot's last reader (the previous step's wgmmas) has finished
+            issue(step + 1, 1 - slot)
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def qk(acc_ref, slot=slot):
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+            return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((block_q, block_k), jnp.float32))
+        plgpu.barrier_wait(w_bar.at[slot])
+        w = plgpu.load(w_smem.at[slot], layout=col_layout, optimized=False)
+        s = s * qk_scale + lax.broadcast_in_dim(w, s.shape, [1])
+        new_max = jnp.maximum(row_max, s.max(axis=1))
+        p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
+        correction = jnp.exp2(row_max - new_max)
+        row_sum = row_sum * correction + p.sum(axis=1)
+        row_max = new_max
+        p16 = p.astype(dtype)
+        if p_smem is not None:
+            p_smem[...] = p16
+            plgpu.commit_smem()  # make the generic-proxy store visible to the wgmma (async proxy)
+        plgpu.barrier_wait(v_bar.at[slot])
+
+        def pv(acc_ref, slot=slot, p16=p16):
+            plgpu.wgmma(acc_ref, p16 if p_smem is None else p_smem, v_smem.at[slot])
+            return acc_ref[...]
+
+        acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + pl.run_scoped(
+            pv, plgpu.ACC((block_q, layout.head_dim), jnp.float32)
+        )
+    has_keys = row_sum > 0
+    safe_sum = jnp.where(has_keys, row_sum, 1.0)
+    o_smem[...] = (acc / lax.broadcast_in_dim(safe_sum, acc.shape, [0])).astype(dtype)
+    lse_smem[...] = jnp.where(has_keys, row_max * LN_2 + jnp.log(safe_sum), -jnp.inf)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[problem, head, rows])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[problem, head, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def interpret_params():
+    """The Mosaic GPU interpreter's parameters for these kernels (scoped buffers zero-filled, as wgmma accumulators
+    are on the GPU)."""
+    return plgpu.InterpretGPUParams(uninitialized_memory="zero")
+
+
+def _forward_call(q, flat, layout: _Layout, *, scale: float, tiling: MosaicTiling, interpret: bool):
+    bk, groups, rows_total, h = q.shape
+    block_q, block_k = tiling.block_q, tiling.block_k
+    p_in_registers = tiling.p_in_registers and not interpret
+    scratch = [
+        _swizzled((block_q, h), q.dtype),
+        _swizzled((2, block_k, h), q.dtype),
+        _swizzled((2, block_k, h), q.dtype),
+        plgpu.SMEM((2, block_k), jnp.float32),
+        *([] if p_in_registers else [_swizzled((block_q, block_k), q.dtype)]),
+        _swizzled((block_q, h), q.dtype),
+        plgpu.SMEM((block_q,), jnp.float32),
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=2),
+    ]
+    kernel = functools.partial(_kernel, layout=layout, tiling=tiling, scale=float(scale), p_in_registers=p_in_registers)
+    return plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((bk, groups, rows_total), jnp.float32),
+        ),
+        scratch_types=scratch,
+        grid=(rows_total // block_q, groups, bk),
+        grid_names=("rows", "group", "problem"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params() if interpret else None,
+    )(q, *flat)
+
+
+def smem_bytes(head_dim: int, tiling: MosaicTiling | None = None, *, p_in_registers: bool = True) -> int:
+    """Shared memory one program allocates (16-bit inputs; barriers not counted): H100/H200 allow 227 KiB."""
+    tiling = MosaicTiling() if tiling is None else tiling
+    bq, bk = tiling.block_q, tiling.block_k
+    return 2 * (2 * bq * head_dim + 4 * bk * head_dim + (0 if p_in_registers else bq * bk)) + 4 * (2 * bk + bq)
+
+
+def tiled_attention_mosaic(q_blocks, tiles, *, scale: float, tiling: MosaicTiling | None = None, interpret=None):
+    """Mosaic GPU twin of `ops.tiled_attention` (forward only): blocked queries over key tiles in one softmax.
+
+    Args:
+      q_blocks: `[B, K, G, nb, bq, H]`, bfloat16 or float16, H in (64, 128).
+      tiles: list of `KeyTile` (k, v `[B, K, nb | 1, t, H]` in q's dtype; log_weight broadcastable to `[B, K, nb, t]`).
+      scale: softmax scale.
+      tiling: block sizes (`MosaicTiling`).
+      interpret: run in jax's Mosaic GPU interpreter (default: when the backend is not a GPU).
+
+    Returns:
+      out `[B, K, G, nb, bq, H]` in q's dtype and lse `[B, K, G, nb, bq]` float32 (natural log; -inf for a row
+      without any unmasked key, whose out is 0). No gradient rule.
+    """
+    tiles = [KeyTile(*tile) for tile in tiles]
+    if jnp.dtype(q_blocks.dtype) not in DTYPES:
+        raise ValueError(f"the Mosaic GPU kernel takes bfloat16/float16 inputs, got {q_blocks.dtype}")
+    for tile in tiles:
+        if tile.k.dtype != q_blocks.dtype or tile.v.dtype != q_blocks.dtype:
+            dtypes = f"{q_blocks.dtype}, {tile.k.dtype}, {tile.v.dtype}"
+            raise ValueError(f"q and tile k, v must share a dtype, got {dtypes}")
+    tiling = MosaicTiling() if tiling is None else tiling
+    interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+    layout = _make_layout(q_blocks, tiles, tiling)
+    q, flat = _operands(q_blocks, tiles, layout)
+    out, lse = _forward_call(q, flat, layout, scale=scale, tiling=tiling, interpret=interpret)
+    shape = (layout.batch, layout.kv_heads, layout.groups, layout.num_blocks, layout.query_block_padded)
+    out = out.reshape(*shape, layout.head_dim)[..., : layout.query_block, :]
+    return out, lse.reshape(shape)[..., : layout.query_block]
