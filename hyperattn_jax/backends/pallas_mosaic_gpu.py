@@ -1,0 +1,102 @@
+"""Pallas Mosaic GPU (Hopper) kernels where they exist, the Triton path's kernels elsewhere: bf16/fp16, H 64/128.
+
+What runs on Mosaic GPU today: the forward of the non-causal estimate (`kernels/mosaic_gpu/tiled_attention.py`: one
+online softmax over the sorted key block, global keys and samples with per-key log-weights; TMA copies, wgmma), on
+queries and key tiles gathered into sorted copies by XLA. What still runs on the Triton path (`pallas_triton`,
+`kernels/gpu/`), unchanged: the LSH hash and column-mass probe kernels that feed `ops.make_plan`, the non-causal
+backward (`hyper._estimate_bwd`: the row-indexed or blocked backward kernels, with this forward's out and lse), the
+whole causal recursion and exact attention (S <= min_seq_len). So the plan and random draws are the same as the xla
+and Triton paths' for the same key, and the two GPU backends differ only in the forward kernel.
+
+Selectable only by name (`implementation="pallas_mosaic_gpu"`): `implementation=None` keeps picking `pallas_triton`
+until a device measurement shows this path faster (none exists yet).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from hyperattn_jax._layout import ungroup_output
+from hyperattn_jax.backends import pallas_triton
+from hyperattn_jax.kernels.gpu import hyper
+from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
+from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
+    DTYPES,
+    HEAD_DIMS,
+    MosaicTiling,
+    smem_bytes,
+    tiled_attention_mosaic,
+)
+from hyperattn_jax.ops.plan import make_plan
+from hyperattn_jax.ops.tiles import block_query_layout, hyper_attention_tiles, plan_rows, unblock_query_layout
+
+NAME = "pallas_mosaic_gpu"
+PLATFORMS = ("gpu",)
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one H100/H200 block may use
+
+
+def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
+    """Why the Mosaic GPU kernel cannot take a call (None when it can)."""
+    del config, causal  # causal and exact calls run the Triton path, which takes every config
+    if jnp.dtype(dtype) not in DTYPES:
+        return f"the Mosaic GPU kernel takes bfloat16/float16 inputs, got {jnp.dtype(dtype)}"
+    if head_dim not in HEAD_DIMS:
+        return f"the Mosaic GPU kernel takes head dims {HEAD_DIMS}, got {head_dim=}"
+    if (need := smem_bytes(head_dim)) > SMEM_LIMIT:
+        return f"the Mosaic GPU kernel needs {need} bytes of shared memory at {head_dim=} (limit {SMEM_LIMIT})"
+    return None
+
+
+def forward(q, k, v, plan, *, scale: float, tiling: MosaicTiling, interpret: bool):
+    """The estimate under `plan` on the Mosaic GPU kernel: public-layout q `[B, T, N, H]`, k, v `[B, S, K, H]` in;
+    out `[B, T, N, H]` and lse `[B, K, G, T]` float32 out. XLA gathers the sorted query blocks and key tiles."""
+    q5, k4, v4 = hyper.grouped_inputs(q, k, v)
+    out, lse = tiled_attention_mosaic(
+        block_query_layout(q5, plan), hyper_attention_tiles(k4, v4, plan), scale=scale, tiling=tiling,
+        interpret=interpret,
+    )  # fmt: skip
+    t = q5.shape[3]
+    out = unblock_query_layout(out, plan, t)
+    lse = unblock_query_layout(lse[..., None], plan, t)[..., 0]
+    return ungroup_output(out), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def estimate(q, k, v, kv_length, plan, rows, static):
+    """Non-causal estimate: Mosaic GPU forward, the Triton path's backward (`hyper.estimate`'s, same residuals).
+    `static` = (scale, MosaicTiling, TiledKernelConfig, interpret)."""
+    return _estimate_fwd(q, k, v, kv_length, plan, rows, static)[0]
+
+
+def _estimate_fwd(q, k, v, kv_length, plan, rows, static):
+    scale, tiling, _, interpret = static
+    out, lse = forward(q, k, v, plan, scale=scale, tiling=tiling, interpret=interpret)
+    return (out, lse), (q, k, v, kv_length, plan, rows, out, lse)
+
+
+def _estimate_bwd(static, residuals, cotangents):
+    scale, _, tuning, interpret = static
+    # not yet ported: the Triton backward kernels, run with this forward's out and lse
+    return hyper._estimate_bwd((scale, tuning, interpret), residuals, cotangents)
+
+
+estimate.defvjp(_estimate_fwd, _estimate_bwd)
+
+
+def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False):
+    """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32."""
+    if causal or config.attends_exactly(k.shape[1]):  # not yet ported: the Triton path runs these
+        return pallas_triton.attention(
+            q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale, interpret=interpret
+        )
+    found = hyper.plan_inputs(q, k, key, config, hash_key, scale=scale, interpret=interpret,
+                              probe_allowed=kv_length is None)  # fmt: skip
+    q5, k4, v4 = hyper.grouped_inputs(*jax.lax.stop_gradient((q, k, v)))
+    plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale,
+                     **found)  # fmt: skip
+    rows = plan_rows(plan, hyper.row_positions(q5.shape), hyper.row_positions(k4.shape))  # for the backward
+    static = (float(scale), MosaicTiling(), TiledKernelConfig(), bool(interpret))
+    return estimate(q, k, v, kv_length, plan, rows, static)

@@ -1,0 +1,141 @@
+"""Pallas Mosaic GPU kernels on CPU: jax's Mosaic GPU interpreter against the jnp twin, and the CUDA lowering.
+
+The interpreter (`plgpu.InterpretGPUParams`) simulates TMA copies, barriers and wgmma on the CPU (one io_callback
+per primitive: slow, so the problems are tiny); it needs P in shared memory for the PV wgmma, where the GPU keeps it
+in registers. The lowering test covers the device variant: Pallas -> Mosaic GPU for CUDA on the CPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import planted_qkv, random_qkv
+
+import hyperattn_jax as ha
+from hyperattn_jax import ops
+from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import MosaicTiling, tiled_attention_mosaic
+
+
+def _relative(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@functools.partial(jax.jit, static_argnames="config")  # one compile: eager make_plan spends seconds on small ops
+def _blocked_problem(q, k, v, config, key):
+    """Sorted query blocks and key tiles (grouped layout) for public-layout q, k, v, as the backend builds them."""
+    kv = k.shape[2]
+    q5, k4, v4 = ops.group_queries(q, kv), ops.heads_major(k), ops.heads_major(v)
+    plan = ops.make_plan(q5, k4, key=key, config=config, v=v4)
+    return ops.block_query_layout(q5, plan), ops.hyper_attention_tiles(k4, v4, plan)
+
+
+def _twin(q_blocks, tiles, scale):
+    """`ops.tiled_attention` in float32 on the kernel's (16-bit) values: the oracle."""
+    cast = [ops.KeyTile(t.k.astype(jnp.float32), t.v.astype(jnp.float32), t.log_weight) for t in tiles]
+    return ops.tiled_attention(q_blocks.astype(jnp.float32), cast, scale=scale)
+
+
+_jit_twin = jax.jit(_twin, static_argnames="scale")
+
+
+def _planted(rng, *, t, n, kv, h, dtype):
+    """Queries that are noisy copies of keys (one dominant entry per row), GQA-shaped: q `[1, T, N, H]`."""
+    q, k, v, _ = planted_qkv(rng, b=1, t=t, n=kv, h=h, dtype=jnp.float32)
+    q = jnp.repeat(q, n // kv, axis=2) + 0.05 * jnp.asarray(rng.standard_normal((1, t, n, h)), jnp.float32)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+@pytest.mark.parametrize(
+    ("t", "h", "n", "kv", "block", "samples", "heavy", "dtype", "block_k"),
+    [
+        (128, 64, 2, 1, 64, 64, 8, jnp.bfloat16, 64),  # GQA; tiles: sorted block, 8 heavy keys (padded), samples
+        (128, 128, 2, 2, 64, 64, 0, jnp.float16, 128),  # H=128, fp16, tiles padded to the 128-key chunk
+        (100, 64, 2, 1, 32, 40, 0, jnp.bfloat16, 64),  # odd T: 4 blocks of 25 queries (padded to 64), keys to 64
+    ],
+)
+def test_forward_matches_jnp_twin(rng, t, h, n, kv, block, samples, heavy, dtype, block_k):
+    config = ha.HyperAttentionConfig.paper(block_size=block, sample_size=samples, min_seq_len=0, num_heavy_keys=heavy)
+    q, k, v = _planted(rng, t=t, n=n, kv=kv, h=h, dtype=dtype)
+    q_blocks, tiles = _blocked_problem(q, k, v, config, jax.random.key(int(rng.integers(1 << 30))))
+    scale = h**-0.5
+    out, lse = tiled_attention_mosaic(q_blocks, tiles, scale=scale, tiling=MosaicTiling(block_k=block_k))
+    oracle = _jit_twin(q_blocks, tiles, scale)
+    assert out.shape == oracle[0].shape and out.dtype == dtype and lse.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(oracle[0]))) > 0.5  # planted rows: outputs far from the uniform average's ~0
+    # The twin on the same 16-bit values with float32 products is the oracle; the kernel also rounds P to 16 bits
+    # for the PV product and the output to q's dtype (measured: out 2e-5..6e-4 relative, lse 1e-5 absolute).
+    assert _relative(out, oracle[0]) < 4e-3, _relative(out, oracle[0])
+    np.testing.assert_allclose(lse, oracle[1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out, np.float32), oracle[0], rtol=2e-2, atol=2e-2)
+
+
+def test_masked_keys_and_empty_rows(rng):
+    # A key tile whose keys are all masked (-inf) for one query block: its rows get out 0 and lse -inf, the others
+    # the twin's values (a fully masked chunk must not turn the running max into NaN).
+    h, bq, t = 64, 64, 64
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 1, 1, 2, n, h)), jnp.bfloat16) for n in (bq, t, t))
+    weights = jnp.zeros((1, 1, 2, t)).at[:, :, 1].set(-jnp.inf).at[:, :, 0, 5:9].set(-jnp.inf)
+    tiles = [ops.KeyTile(k[:, :, 0], v[:, :, 0], weights)]
+    out, lse = tiled_attention_mosaic(q[:, :, :, :, :bq], tiles, scale=0.125, tiling=MosaicTiling(block_k=64))
+    want_out, want_lse = _twin(q[:, :, :, :, :bq], tiles, 0.125)
+    assert bool(jnp.all(jnp.isneginf(lse[..., 1, :]))) and bool(jnp.all(out[..., 1, :, :] == 0))
+    np.testing.assert_allclose(lse[..., 0, :], want_lse[..., 0, :], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out[..., 0, :, :], np.float32), want_out[..., 0, :, :], atol=2e-2)
+
+
+def test_backend_matches_xla_for_the_same_key(rng):
+    # implementation="pallas_mosaic_gpu" (Mosaic forward in the interpreter; the hash, probe and backward on the
+    # Triton kernels in theirs) against the xla path for the same key: forward, lse and gradients.
+    cfg = ha.HyperAttentionConfig.paper(block_size=64, sample_size=64, min_seq_len=64)
+    q, k, v = random_qkv(rng, b=1, t=128, n=2, kv=1, h=64, dtype=jnp.bfloat16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    results = {}
+    for implementation in ("xla", "pallas_mosaic_gpu"):
+
+        def loss(q, k, v, implementation=implementation):
+            out = ha.hyper_attention(
+                q, k, v, key=key, config=cfg, return_lse=True, implementation=implementation,
+                interpret=implementation != "xla",
+            )  # fmt: skip
+            weighted = jnp.sum(out[0].astype(jnp.float32) * jnp.cos(q.astype(jnp.float32)))
+            return weighted + jnp.sum(jnp.sin(out[1])), out
+
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        results[implementation] = jax.tree.leaves((out, grads))
+    for a, b in zip(results["pallas_mosaic_gpu"], results["xla"], strict=True):
+        assert a.shape == b.shape
+        assert _relative(a, b) < 2e-2, _relative(a, b)
+
+
+def test_explicit_only_and_unsupported_calls():
+    from hyperattn_jax.backends import pallas_mosaic_gpu, registry
+
+    assert "pallas_mosaic_gpu" not in registry._PREFERENCE["gpu"]  # not picked by implementation=None (no timing)
+    cfg = ha.HyperAttentionConfig()
+    call = dict(config=cfg, causal=False)
+    assert pallas_mosaic_gpu.unsupported(dtype=jnp.bfloat16, head_dim=128, **call) is None
+    assert "head dims" in pallas_mosaic_gpu.unsupported(dtype=jnp.bfloat16, head_dim=32, **call)
+    assert "float32" in pallas_mosaic_gpu.unsupported(dtype=jnp.float32, head_dim=64, **call)
+    choice = registry.choose(implementation="pallas_mosaic_gpu", dtype=jnp.float32, head_dim=64, interpret=True, **call)
+    assert choice.name == "xla"
+
+
+@pytest.mark.parametrize("h", [64, 128])
+def test_device_kernel_lowers_to_mosaic_gpu_for_cuda(h):
+    # The GPU variant (P in registers for the PV wgmma) through Pallas -> Mosaic GPU lowering for CUDA, on the CPU:
+    # layouts, wgmma shapes and TMA boxes the lowering rejects fail here, not on the device.
+    nb, block = 4, 256
+    q_blocks = jax.ShapeDtypeStruct((1, 2, 2, nb, block, h), jnp.bfloat16)
+    shapes = [((1, 2, nb, block, h), (1, 2, nb, block)), ((1, 2, 1, 256, h), (1, 2, 1, 256))]
+    args = [jax.ShapeDtypeStruct(s, x) for kv, w in shapes for s, x in ((kv, jnp.bfloat16),) * 2 + ((w, jnp.float32),)]
+
+    def forward(q_blocks, *flat):
+        tiles = [ops.KeyTile(*flat[i : i + 3]) for i in range(0, len(flat), 3)]
+        return tiled_attention_mosaic(q_blocks, tiles, scale=h**-0.5, interpret=False)
+
+    text = jax.jit(forward).trace(q_blocks, *args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    assert f"wgmma.mma_async.sync.aligned.m64n{h}k16.f32.bf16.bf16" in text  # the PV product, P from registers
