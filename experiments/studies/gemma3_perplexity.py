@@ -77,7 +77,7 @@ def reference(gguf_path: Path, tokens_path: Path, out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
     except TypeError:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, torch_dtype=torch.float32, **kwargs)
-    model = model.eval().float()
+    model = model.eval()  # float32 already (dtype= above); .float() is refused for GGUF-loaded models
     record["load_seconds"] = time.time() - start
     config = model.config.to_dict()
     wanted = ("sliding_window", "layer_types", "rope_theta", "rope_local_base_freq", "rope_parameters",
