@@ -6,8 +6,10 @@ Expected: prints the markdown tables used in docs/accuracy.md and the README sec
           experiments/results/accuracy_qkv.png and accuracy_perplexity.png from accuracy_qkv.json and
           accuracy_perplexity.json, perplexity_kinds.png (the per-kind table: perplexity / exact by kind of text,
           mean and spread over documents x seeds, held-out documents apart) from perplexity_kinds.json,
-          perplexity_layers.png (the Fig. 3 analogue) from perplexity_layers.json, and the relative error by kind
-          from accuracy_kinds.json (whichever exist). Every number printed is read from those files.
+          and the relative error by kind from accuracy_kinds.json (CPU, 3 layers) and accuracy_kinds_gpu.json (GPU,
+          every layer), with how many (layer, head) pairs do no better than uniform attention (whichever exist).
+          The Fig. 3 analogue (perplexity_layers.json) is drawn by notebooks/_figures.py. Every number printed is read
+          from those files.
 """
 
 from __future__ import annotations
@@ -275,36 +277,18 @@ def kinds_figure(data: dict, path: Path):
     fig.savefig(path, dpi=120)
 
 
-def layers_figure(data: dict, path: Path):
-    """The Fig. 3 analogue: perplexity / exact and attention time vs the number of last layers replaced."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, by_choice in data["summary"].items():
-        points = sorted((int(count), cell) for count, cell in by_choice.get("last", {}).items())
-        if name == "exact" or not points:
-            continue
-        counts = [0] + [c for c, _ in points]
-        ratios = [1.0] + [cell["ratio_mean"] for _, cell in points]
-        left.errorbar(counts, ratios, yerr=[0.0] + [cell["ratio_std"] for _, cell in points], marker="o", label=name)
-        if all("attention_ms" in cell for _, cell in points):
-            right.plot(counts[1:], [cell["attention_ms"] for _, cell in points], marker="o", label=name)
-    left.set_xlabel("last l layers with HyperAttention")
-    left.set_ylabel("perplexity / exact (mean over documents)")
-    left.set_yscale("log")
-    right.set_xlabel("last l layers with HyperAttention")
-    right.set_ylabel("attention time of the 30 layers (ms)")
-    for ax in (left, right):
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def kinds_error_table(data: dict) -> str:
-    """Mean relative error by kind and mode (over the layers measured), from accuracy_kinds.json."""
-    rows = {}
+    """Mean relative error by kind and mode over the layers measured (ratio to `paper()`), then per config the
+    (layer, head) pairs where it does no better than uniform attention, from accuracy_kinds[_gpu].json."""
+    rows, not_better = {}, {}
     for key, entry in data["errors"].items():
         kind, _, mode = key.split("/")
         for name, per_head in entry.items():
             rows.setdefault(name, {}).setdefault(f"{kind}/{mode}", []).append(np.mean(per_head))
+            worse = int(np.sum(np.asarray(per_head) >= np.asarray(entry["uniform"])))
+            counts = not_better.setdefault(name, {}).setdefault(f"{kind}/{mode}", [0, 0])
+            counts[0] += worse
+            counts[1] += len(per_head)
     columns = sorted({c for by in rows.values() for c in by})
     lines = ["| config | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     paper = rows.get("paper", {})
@@ -317,22 +301,32 @@ def kinds_error_table(data: dict) -> str:
 
     for name, by in rows.items():
         lines.append(f"| {name} | " + " | ".join(cell(by, c) for c in columns) + " |")
+    lines += ["", "| (layer, head) pairs no better than uniform | " + " | ".join(columns) + " |"]
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for name, by in not_better.items():
+        if name != "uniform":
+            lines.append(
+                f"| {name} | " + " | ".join("{} of {}".format(*by[c]) if c in by else "" for c in columns) + " |"
+            )
     return "\n".join(lines)
 
 
 def main():
-    for stem, table, figure in (
-        ("perplexity_kinds", kinds_table, kinds_figure),
-        ("perplexity_layers", None, layers_figure),
-    ):
+    for stem, table, figure in (("perplexity_kinds", kinds_table, kinds_figure),):
         path = RESULTS / f"{stem}.json"
         if path.is_file():
             data = json.loads(path.read_text())
             if table is not None:
                 print(table(data), end="\n\n")
             figure(data, RESULTS / f"{stem}.png")
-    if (RESULTS / "accuracy_kinds.json").is_file():
-        print(kinds_error_table(json.loads((RESULTS / "accuracy_kinds.json").read_text())), end="\n\n")
+    for stem in ("accuracy_kinds", "accuracy_kinds_gpu"):
+        if (RESULTS / f"{stem}.json").is_file():
+            print(
+                f"{stem}.json:",
+                kinds_error_table(json.loads((RESULTS / f"{stem}.json").read_text())),
+                sep="\n",
+                end="\n\n",
+            )
     rows = [
         "uniform", "paper", "sinks64", "heavy64", "systematic", "value_norm", "column_mass", "default", "window64",
         "sinks+window", "b128+sinks+heavy+cm", "b256+sinks32+heavy96+u0.2", "b128+sinks32+heavy96+u0.2",
