@@ -202,25 +202,32 @@ def speed_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_table(qkv: dict, perplexity: dict) -> str:
-    """The README's summary: paper vs the default vs accurate() on the three measures, every number read from JSON."""
-    layers = list(qkv["layers"])
+def readme_table(errors: dict, kinds: dict) -> str:
+    """The README's summary by kind of text: paper vs the default vs accurate(), every number read from JSON:
+    relative error on every layer's q/k/v (accuracy_kinds_gpu.json), perplexity / exact with all 30 layers replaced
+    (perplexity_kinds.json: mean over the tuning documents, held-out document apart), GPU time / paper."""
     names = ("paper", "default", "accurate")
-
-    def mean_error(name, mode):
-        return np.mean([np.mean(qkv["layers"][layer][mode][name]) for layer in layers])
-
     lines = ["| SmolLM2-135M, 8192 tokens | `paper()` | default | `accurate()` |", "|---|---|---|---|"]
     for mode in ("causal", "noncausal"):
-        paper = mean_error("paper", mode)
-        cells = [f"{mean_error(n, mode):.3f} ({mean_error(n, mode) / paper:.2f}x)" for n in names[1:]]
-        lines.append(f"| relative error, {mode} (5 layers x 9 heads) | {paper:.3f} | {' | '.join(cells)} |")
-    ratios = {
-        name: [e[f"{name}/last30"]["ratio_to_exact"] for e in perplexity["documents"].values() if f"{name}/last30" in e]
-        for name in names
-    }
-    cells = [f"{min(ratios[n]):.2f}-{max(ratios[n]):.2f}x" for n in names]
-    lines.append(f"| perplexity / exact, all 30 layers ({len(ratios['default'])} documents) | {' | '.join(cells)} |")
+        for kind in KINDS_ORDER:
+            entries = [
+                e for key, e in errors["errors"].items() if key.startswith(f"{kind}/") and key.endswith(f"/{mode}")
+            ]
+            if not entries:
+                continue
+            mean = {n: np.mean([np.mean(e[n]) for e in entries]) for n in names}
+            cells = [f"{mean[n]:.3f} ({mean[n] / mean['paper']:.2f}x)" for n in names[1:]]
+            label = f"relative error, {mode}, {kind} ({len(entries)} layers x {len(entries[0]['paper'])} heads)"
+            lines.append(f"| {label} | {mean['paper']:.3f} | {' | '.join(cells)} |")
+    for kind in KINDS_ORDER:
+        tuned, held = kinds["summary"].get(kind), kinds["summary"].get(f"{kind}/held_out")
+        if not tuned:
+            continue
+        cells = [
+            f"{tuned[n]['mean']:.3f}x" + (f" ({held[n]['mean']:.3f}x)" if held and n in held else "") for n in names
+        ]
+        label = f"perplexity / exact, all 30 layers, {kind} ({tuned['paper']['n']} documents; held-out)"
+        lines.append(f"| {label} | {' | '.join(cells)} |")
     for kind, label in (("fwd+bwd", "forward+backward"), ("fwd", "forward")):
         cells = ["1x"]
         for name in names[1:]:
@@ -341,9 +348,10 @@ def main():
     if speed.is_file():
         print(speed_table(json.loads(speed.read_text())), end="\n\n")
     data = merged_perplexity()
-    qkv = merged_qkv()
-    if data is not None and qkv is not None and all((RESULTS / f).is_file() for f, _ in SPEED_FILES.values()):
-        print(readme_table(qkv, data), end="\n\n")
+    sources = [RESULTS / f for f in ("accuracy_kinds_gpu.json", "perplexity_kinds.json")]
+    sources += [RESULTS / f for f, _ in SPEED_FILES.values()]
+    if all(f.is_file() for f in sources):
+        print("README:", readme_table(*(json.loads(f.read_text()) for f in sources[:2])), sep="\n", end="\n\n")
     if data is not None:
         print(perplexity_table(data))
         perplexity_figure(data, RESULTS / "accuracy_perplexity.png")
