@@ -15,7 +15,7 @@ from helpers import planted_qkv, random_qkv
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
-from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import MosaicTiling, tiled_attention_mosaic
+from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import MosaicTiling, interpret_params, tiled_attention_mosaic
 
 
 def _relative(a, b):
@@ -72,6 +72,23 @@ def test_forward_matches_jnp_twin(rng, t, h, n, kv, block, samples, heavy, dtype
     np.testing.assert_allclose(np.asarray(out, np.float32), oracle[0], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("warpgroups", [1, 2])
+def test_synchronisation_has_no_races(rng, warpgroups):
+    # The interpreter's race detector raises on any shared-memory access no barrier orders: the double buffer's
+    # refills (TMA) against the wgmmas reading the other slot, and with two compute warpgroups the first one's refill
+    # against the second one still reading (the consumed barrier). 4 chunks: every slot is refilled.
+    config = ha.HyperAttentionConfig.paper(block_size=128, sample_size=128, min_seq_len=0)
+    q, k, v = _planted(rng, t=256, n=1, kv=1, h=64, dtype=jnp.bfloat16)
+    q_blocks, tiles = _blocked_problem(q, k, v, config, jax.random.key(int(rng.integers(1 << 30))))
+    tiling = MosaicTiling(block_k=64, compute_warpgroups=warpgroups)
+    out, lse = tiled_attention_mosaic(
+        q_blocks, tiles, scale=0.125, tiling=tiling, interpret=interpret_params(detect_races=True)
+    )
+    want_out, want_lse = _jit_twin(q_blocks, tiles, 0.125)
+    assert _relative(out, want_out) < 4e-3
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
 def test_masked_keys_and_empty_rows(rng):
     # A key tile whose keys are all masked (-inf) for one query block: its rows get out 0 and lse -inf, the others
     # the twin's values (a fully masked chunk must not turn the running max into NaN).
@@ -123,8 +140,8 @@ def test_explicit_only_and_unsupported_calls():
     assert choice.name == "xla"
 
 
-@pytest.mark.parametrize("h", [64, 128])
-def test_device_kernel_lowers_to_mosaic_gpu_for_cuda(h):
+@pytest.mark.parametrize(("h", "warpgroups"), [(64, 1), (128, 1), (128, 2)])
+def test_device_kernel_lowers_to_mosaic_gpu_for_cuda(h, warpgroups):
     # The GPU variant (P in registers for the PV wgmma) through Pallas -> Mosaic GPU lowering for CUDA, on the CPU:
     # layouts, wgmma shapes and TMA boxes the lowering rejects fail here, not on the device.
     nb, block = 4, 256
@@ -134,7 +151,8 @@ def test_device_kernel_lowers_to_mosaic_gpu_for_cuda(h):
 
     def forward(q_blocks, *flat):
         tiles = [ops.KeyTile(*flat[i : i + 3]) for i in range(0, len(flat), 3)]
-        return tiled_attention_mosaic(q_blocks, tiles, scale=h**-0.5, interpret=False)
+        tiling = MosaicTiling(compute_warpgroups=warpgroups)
+        return tiled_attention_mosaic(q_blocks, tiles, scale=h**-0.5, tiling=tiling, interpret=False)
 
     text = jax.jit(forward).trace(q_blocks, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

@@ -1,16 +1,18 @@
 """Tile-attention forward on Pallas Mosaic GPU (Hopper: TMA copies, wgmma): the twin of `ops.tiled_attention`.
 
-Same math as the Triton kernel `kernels/gpu/tiled_attention.py`: a program owns `block_q` (64) sorted queries of one
-query block and one query head and streams every key tile of that block through one online softmax (base 2), with
-the per-key log-weights added to the logits: the block's own sortLSH keys, the global keys, the sampled residual
-keys (log(S/m), -inf where excluded). It writes out (q's dtype) and the natural-log float32 lse.
+Same math as the Triton kernel `kernels/gpu/tiled_attention.py`: a compute warpgroup owns `block_q` (64) sorted
+queries of one query block and one query head and streams every key tile of that block through one online softmax
+(base 2), with the per-key log-weights added to the logits: the block's own sortLSH keys, the global keys, the
+sampled residual keys (log(S/m), -inf where excluded). It writes out (q's dtype) and the natural-log float32 lse.
 
 Hopper features: q, k, v and the log-weights reach shared memory by TMA (`plgpu.copy_gmem_to_smem`, 128-byte
 swizzle); both products are warpgroup MMAs (`plgpu.wgmma`, float32 accumulators); key chunks are double buffered by
 hand: the chunk after the current one is in flight while the current one is multiplied. The chunk schedule (which
 tile, which key range) is static, so the loop over chunks is unrolled in Python and every buffer slot is static.
-Not yet: a second compute warpgroup, a producer warpgroup (warp specialisation), the G query heads of a kv head
-sharing one k/v load, in-kernel row gathers.
+With `compute_warpgroups=2` a program runs two compute warpgroups on 2 x 64 rows of the same query block that share
+each k/v chunk in shared memory; the first warpgroup refills a slot once both have arrived on its "consumed"
+barrier (FlashAttention-3's layout without its producer warpgroup). Not yet: a producer warpgroup (warp
+specialisation), the G query heads of a kv head sharing one k/v load, in-kernel row gathers.
 
 Row gathers: this kernel reads queries and key tiles already gathered into sorted order by XLA (`ops` builds
 `block_query_layout` / `hyper_attention_tiles`, one gather each). It is the simplest correct choice: TMA copies whole
@@ -21,7 +23,9 @@ of the Triton path (`indexed_forward.py`) saved ~1.5 ms of 6.5 ms at 131k: the n
 Interpret mode (CPU): jax's Mosaic GPU interpreter (`plgpu.InterpretGPUParams`) runs this kernel with two
 differences, both static: it simulates wgmma only with both operands in shared memory, so P goes through shared
 memory there (on the GPU P stays in registers, as FlashAttention-3 does), and its scoped allocations are zero-filled
-(`uninitialized_memory="zero"`), as the GPU's wgmma accumulators are.
+(`uninitialized_memory="zero"`), as the GPU's wgmma accumulators are. Its race detector (`detect_races`) checks
+that the barriers order every shared-memory access (it flags the two-warpgroup kernel with the consumed-barrier wait
+removed).
 """
 
 from __future__ import annotations
@@ -52,15 +56,25 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 class MosaicTiling:
     """Static tuning of the Mosaic GPU tile-attention forward."""
 
-    block_q: int = ROWS_PER_WARPGROUP  # query rows per program (one compute warpgroup)
+    block_q: int = ROWS_PER_WARPGROUP  # query rows per compute warpgroup
     block_k: int = 128  # keys per double-buffered chunk (tiles are padded to a multiple, log-weight -inf)
     p_in_registers: bool = True  # the PV wgmma reads P from registers; the interpreter needs it in shared memory
+    # Compute warpgroups per program, each with its own block_q rows of the same query block: with 2, one k/v chunk
+    # in shared memory serves 2 * block_q queries (half the copies per query), as in FlashAttention-3.
+    compute_warpgroups: int = 1
 
     def __post_init__(self):
         if self.block_q != ROWS_PER_WARPGROUP:
             raise ValueError(f"MosaicTiling.{self.block_q=} must be {ROWS_PER_WARPGROUP} (one warpgroup)")
         if self.block_k not in (64, 128, 256):
             raise ValueError(f"MosaicTiling.{self.block_k=} must be 64, 128 or 256")
+        if self.compute_warpgroups not in (1, 2):
+            raise ValueError(f"MosaicTiling.{self.compute_warpgroups=} must be 1 or 2")
+
+    @property
+    def rows(self) -> int:
+        """Query rows per program."""
+        return self.block_q * self.compute_warpgroups
 
     replace = dataclasses.replace
 
@@ -103,7 +117,7 @@ def _make_layout(q_blocks, tiles, tiling: MosaicTiling) -> _Layout:
         groups=groups,
         num_blocks=nb,
         query_block=bq,
-        query_block_padded=_round_up(bq, tiling.block_q),
+        query_block_padded=_round_up(bq, tiling.rows),
         head_dim=h,
         tile_lengths=tuple(lengths),
         tile_lengths_padded=tuple(_round_up(t, tiling.block_k) for t in lengths),
@@ -147,14 +161,18 @@ def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p
     scratch = list(refs[3 * num_tiles + 2 :])
     q_smem, k_smem, v_smem, w_smem = scratch[:4]
     p_smem = None if p_in_registers else scratch[4]
-    o_smem, lse_smem, q_bar, k_bar, v_bar, w_bar = scratch[-6:]
-    block_q, block_k = tiling.block_q, tiling.block_k
+    o_smem, lse_smem, q_bar, k_bar, v_bar, w_bar, consumed = scratch[-7:]
+    block_q, block_k, warpgroups = tiling.block_q, tiling.block_k, tiling.compute_warpgroups
     dtype = q_ref.dtype
     row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
     chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
-    rows = pl.ds(chunk * block_q, block_q)
-    query_block = lax.div(chunk, jnp.int32(layout.query_block_padded // block_q))
+    wg = lax.axis_index("wg") if warpgroups > 1 else 0
+    rows = pl.ds(chunk * tiling.rows + wg * block_q, block_q)
+    query_block = lax.div(chunk, jnp.int32(layout.query_block_padded // tiling.rows))
+    # this warpgroup's buffers (one set per compute warpgroup; k, v and the log-weights are shared)
+    q_smem, o_smem, lse_smem, q_bar = q_smem.at[wg], o_smem.at[wg], lse_smem.at[wg], q_bar.at[wg]
+    p_smem = None if p_smem is None else p_smem.at[wg]
     # the static chunk schedule: every tile's keys, block_k at a time, in tile order
     steps = [(tile, c) for tile, length in enumerate(layout.tile_lengths_padded) for c in range(length // block_k)]
 
@@ -168,17 +186,31 @@ def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p
         plgpu.copy_gmem_to_smem(v_ref.at[problem, key_block, keys], v_smem.at[slot], v_bar.at[slot])
         plgpu.copy_gmem_to_smem(w_ref.at[problem, weight_block, keys], w_smem.at[slot], w_bar.at[slot])
 
-    plgpu.copy_gmem_to_smem(q_ref.at[problem, head, rows], q_smem, q_bar.at[0])
-    issue(0, 0)
+    def refill(step: int):
+        """The first warpgroup loads chunk `step` into the slot the chunk two steps earlier used, once every compute
+        warpgroup has finished that chunk (its wgmmas are complete: their results were read)."""
+        slot = step % 2
+        if warpgroups == 1:
+            issue(step, slot)
+            return
+
+        @pl.when(wg == 0)
+        def _():
+            if step >= 2:
+                plgpu.barrier_wait(consumed.at[slot])
+            issue(step, slot)
+
+    plgpu.copy_gmem_to_smem(q_ref.at[problem, head, rows], q_smem, q_bar)
+    refill(0)
     row_max = plgpu.layout_cast(jnp.full((block_q,), NEG_START, jnp.float32), row_layout)
     row_sum = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row_layout)
     acc = plgpu.layout_cast(jnp.zeros((block_q, layout.head_dim), jnp.float32), plgpu.Layout.WGMMA)
-    plgpu.barrier_wait(q_bar.at[0])
+    plgpu.barrier_wait(q_bar)
     qk_scale = scale * LOG2_E
     for step in range(len(steps)):
         slot = step % 2
-        if step + 1 < len(steps):  # the other slot's last reader (the previous step's wgmmas) has finished
-            issue(step + 1, 1 - slot)
+        if step + 1 < len(steps):  # the other slot's readers (the previous step's wgmmas) have finished
+            refill(step + 1)
         plgpu.barrier_wait(k_bar.at[slot])
 
         def qk(acc_ref, slot=slot):
@@ -207,6 +239,8 @@ def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p
         acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + pl.run_scoped(
             pv, plgpu.ACC((block_q, layout.head_dim), jnp.float32)
         )
+        if warpgroups > 1 and step + 2 < len(steps):  # this warpgroup is done with the slot: it may be refilled
+            plgpu.barrier_arrive(consumed.at[slot])
     has_keys = row_sum > 0
     safe_sum = jnp.where(has_keys, row_sum, 1.0)
     o_smem[...] = (acc / lax.broadcast_in_dim(safe_sum, acc.shape, [0])).astype(dtype)
@@ -217,30 +251,35 @@ def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p
     plgpu.wait_smem_to_gmem(0)
 
 
-def interpret_params():
+def interpret_params(*, detect_races: bool = False):
     """The Mosaic GPU interpreter's parameters for these kernels (scoped buffers zero-filled, as wgmma accumulators
-    are on the GPU)."""
-    return plgpu.InterpretGPUParams(uninitialized_memory="zero")
+    are on the GPU). `detect_races`: the interpreter's happens-before race detector raises on a shared-memory access
+    that no barrier orders (slow; for tests of the synchronisation)."""
+    return plgpu.InterpretGPUParams(uninitialized_memory="zero", detect_races=detect_races)
 
 
-def _forward_call(q, flat, layout: _Layout, *, scale: float, tiling: MosaicTiling, interpret: bool):
+def _forward_call(q, flat, layout: _Layout, *, scale: float, tiling: MosaicTiling, interpret):
+    """`interpret`: None (compile for the GPU) or the interpreter's `InterpretGPUParams`."""
     bk, groups, rows_total, h = q.shape
-    block_q, block_k = tiling.block_q, tiling.block_k
-    p_in_registers = tiling.p_in_registers and not interpret
+    block_q, block_k, warpgroups = tiling.block_q, tiling.block_k, tiling.compute_warpgroups
+    p_in_registers = tiling.p_in_registers and interpret is None
     scratch = [
-        _swizzled((block_q, h), q.dtype),
+        _swizzled((warpgroups, block_q, h), q.dtype),
         _swizzled((2, block_k, h), q.dtype),
         _swizzled((2, block_k, h), q.dtype),
         plgpu.SMEM((2, block_k), jnp.float32),
-        *([] if p_in_registers else [_swizzled((block_q, block_k), q.dtype)]),
-        _swizzled((block_q, h), q.dtype),
-        plgpu.SMEM((block_q,), jnp.float32),
-        plgpu.Barrier(num_barriers=1),
+        *([] if p_in_registers else [_swizzled((warpgroups, block_q, block_k), q.dtype)]),
+        _swizzled((warpgroups, block_q, h), q.dtype),
+        plgpu.SMEM((warpgroups, block_q), jnp.float32),
+        plgpu.Barrier(num_barriers=warpgroups),  # q, one per warpgroup
+        plgpu.Barrier(num_barriers=2),  # k, v, log-weights: one per slot
         plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_barriers=2),
-        plgpu.Barrier(num_barriers=2),
+        # a slot consumed by every compute warpgroup (only used with 2)
+        plgpu.Barrier(num_arrivals=warpgroups, num_barriers=2),
     ]
     kernel = functools.partial(_kernel, layout=layout, tiling=tiling, scale=float(scale), p_in_registers=p_in_registers)
+    threads = dict(num_threads=warpgroups, thread_name="wg") if warpgroups > 1 else {}
     return plgpu.kernel(
         kernel,
         out_type=(
@@ -248,18 +287,20 @@ def _forward_call(q, flat, layout: _Layout, *, scale: float, tiling: MosaicTilin
             jax.ShapeDtypeStruct((bk, groups, rows_total), jnp.float32),
         ),
         scratch_types=scratch,
-        grid=(rows_total // block_q, groups, bk),
+        grid=(rows_total // tiling.rows, groups, bk),
         grid_names=("rows", "group", "problem"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params() if interpret else None,
+        interpret=interpret,
+        **threads,
     )(q, *flat)
 
 
 def smem_bytes(head_dim: int, tiling: MosaicTiling | None = None, *, p_in_registers: bool = True) -> int:
     """Shared memory one program allocates (16-bit inputs; barriers not counted): H100/H200 allow 227 KiB."""
     tiling = MosaicTiling() if tiling is None else tiling
-    bq, bk = tiling.block_q, tiling.block_k
-    return 2 * (2 * bq * head_dim + 4 * bk * head_dim + (0 if p_in_registers else bq * bk)) + 4 * (2 * bk + bq)
+    rows, bk = tiling.rows, tiling.block_k
+    halves = 2 * rows * head_dim + 4 * bk * head_dim + (0 if p_in_registers else rows * bk)
+    return 2 * halves + 4 * (2 * bk + rows)
 
 
 def tiled_attention_mosaic(q_blocks, tiles, *, scale: float, tiling: MosaicTiling | None = None, interpret=None):
@@ -270,7 +311,8 @@ def tiled_attention_mosaic(q_blocks, tiles, *, scale: float, tiling: MosaicTilin
       tiles: list of `KeyTile` (k, v `[B, K, nb | 1, t, H]` in q's dtype; log_weight broadcastable to `[B, K, nb, t]`).
       scale: softmax scale.
       tiling: block sizes (`MosaicTiling`).
-      interpret: run in jax's Mosaic GPU interpreter (default: when the backend is not a GPU).
+      interpret: run in jax's Mosaic GPU interpreter (default: when the backend is not a GPU); True takes
+        `interpret_params()`, an `InterpretGPUParams` is used as given.
 
     Returns:
       out `[B, K, G, nb, bq, H]` in q's dtype and lse `[B, K, G, nb, bq]` float32 (natural log; -inf for a row
@@ -284,7 +326,9 @@ def tiled_attention_mosaic(q_blocks, tiles, *, scale: float, tiling: MosaicTilin
             dtypes = f"{q_blocks.dtype}, {tile.k.dtype}, {tile.v.dtype}"
             raise ValueError(f"q and tile k, v must share a dtype, got {dtypes}")
     tiling = MosaicTiling() if tiling is None else tiling
-    interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    if not isinstance(interpret, plgpu.InterpretGPUParams):
+        interpret = interpret_params() if interpret else None
     layout = _make_layout(q_blocks, tiles, tiling)
     q, flat = _operands(q_blocks, tiles, layout)
     out, lse = _forward_call(q, flat, layout, scale=scale, tiling=tiling, interpret=interpret)
