@@ -4,11 +4,12 @@ Command:  PYTHONPATH=. python3 experiments/benchmarks/check_mosaic_gpu.py --out 
 Hardware: one H100 80GB or H200 (Hopper: the kernel uses wgmma and TMA), jax 0.11.2 or newer. Runtime: ~2-4 min
 (compilation included; one device call). Expected result: no measurement exists yet. Prediction: (a) the Mosaic
 forward agrees with the Triton and xla paths for the same key to ~3e-3 relative (bf16; the same plan, the same
-estimator), at H 64 and 128 with GQA, and both kernel variants (P in registers: the GPU's; P in shared memory: the
-one jax's interpreter tests on CPU) agree with the float32 twin; (b) on the same pre-gathered inputs the Mosaic
-kernel is faster than the Triton tiled kernel (wgmma and TMA against Triton's mma), but the end-to-end non-causal
-forward is not yet faster than `pallas_triton`'s, which gathers rows inside its kernel: the Mosaic path pays XLA's
-sorted copies of q, k, v and of the output (~1.5 ms of 6.5 ms at 131k on the H100).
+estimator), at H 64 and 128 with GQA, and every kernel variant (P in registers: the GPU's; P in shared memory: the
+one jax's interpreter tests on CPU; one or two compute warpgroups) agrees with the float32 twin; (b) on the same
+pre-gathered inputs the Mosaic kernel is faster than the Triton tiled kernel (wgmma and TMA against Triton's mma),
+two compute warpgroups faster than one (half the k/v copies per query), but the end-to-end non-causal forward is not
+yet faster than `pallas_triton`'s, which gathers rows inside its kernel: the Mosaic path pays XLA's sorted copies of
+q, k, v and of the output (~1.5 ms of 6.5 ms at 131k on the H100).
 
 (a) `--check-n` tokens, B=1, N=8 query heads over K=2 kv heads (GQA), H 64 and 128, bf16, paper config, one key:
   relative difference of out and lse between `pallas_mosaic_gpu`, `pallas_triton` and `xla` (forward), and of dq, dk,
@@ -20,18 +21,22 @@ sorted copies of q, k, v and of the output (~1.5 ms of 6.5 ms at 131k on the H10
   and the tile-attention kernels alone on the same sorted copies: the Mosaic kernel against the Triton tiled kernel
   (`fused_tiled_attention`), with their FLOP rates (4 B N T keys-per-query H). Median of many blocking calls after
   warm-up (`timing.call_times_ms`), all in this one process: compare ratios, not milliseconds across runs.
+Last, as its own phase: the two-compute-warpgroup variant, checked against the twin and timed alone.
 Guard: wherever a Mosaic GPU call fails (e.g. a lowering this jax version rejects), the error is recorded and the
-rest still runs and is timed. Writes JSON with the run record (commit, command, date, device, jax version).
+rest still runs and is timed; no timing starts after --budget-s seconds (the rows left are marked skipped).
+Writes JSON with the run record (commit, command, date, device, jax version).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -55,6 +60,9 @@ VARIANTS = {  # name -> MosaicTiling of the kernel variants checked against the 
     "k64_registers": MosaicTiling(block_k=64, p_in_registers=True),
     "k128_smem": MosaicTiling(block_k=128, p_in_registers=False),
 }
+# Two compute warpgroups sharing each k/v chunk: checked and timed last, as its own phase (jax's interpreter hung on
+# it on a 2-core CPU, so it is the least certain variant; the JSON is saved before it starts).
+TWO_WARPGROUPS = {"k128_registers_2wg": MosaicTiling(block_k=128, compute_warpgroups=2)}
 
 
 def _error(error: Exception) -> str:
@@ -98,6 +106,11 @@ def _blocked(q, k, v, config, key):
 
 def check(n, head_dim, config, key) -> dict:
     """(a) at one head dim: the implementations against each other, the kernel variants against the twin."""
+    return {**check_implementations(n, head_dim, config, key), **check_variants(n, head_dim, config, key, VARIANTS)}
+
+
+def check_implementations(n, head_dim, config, key) -> dict:
+    """The three implementations for the same key: out and lse, and dq, dk, dv against xla."""
     q, k, v, g = _inputs(n, 8, 2, head_dim, seed=n + head_dim)
     row = {"n": n, "heads": 8, "kv_heads": 2, "head_dim": head_dim}
     outs, grads = {}, {}
@@ -105,7 +118,8 @@ def check(n, head_dim, config, key) -> dict:
         try:
             forward, fwd_bwd = _functions(name, config, key)
             outs[name] = jax.block_until_ready(forward(q, k, v))
-            grads[name] = jax.block_until_ready(fwd_bwd(q, k, v, g)[1])
+            if name != "pallas_triton":  # its backward is the one pallas_mosaic_gpu runs (checked against xla there)
+                grads[name] = jax.block_until_ready(fwd_bwd(q, k, v, g)[1])
         except Exception as error:  # a lowering this jax rejects: record it, go on
             row[f"{name}_error"] = _error(error)
     for a, b in (("pallas_mosaic_gpu", "xla"), ("pallas_mosaic_gpu", "pallas_triton"), ("pallas_triton", "xla")):
@@ -113,13 +127,20 @@ def check(n, head_dim, config, key) -> dict:
             row[f"{a}_vs_{b}"] = {"out": _relative(outs[a][0], outs[b][0]), "lse": _relative(outs[a][1], outs[b][1])}
         if a in grads and b in grads and b == "xla":
             row[f"{a}_vs_{b}"].update({f"d{x}": _relative(grads[a][i], grads[b][i]) for i, x in enumerate("qkv")})
+    return row
+
+
+def check_variants(n, head_dim, config, key, variants) -> dict:
+    """Kernel variants on the plan's blocked inputs against `ops.tiled_attention` in float32."""
+    q, k, v, _ = _inputs(n, 8, 2, head_dim, seed=n + head_dim)
+    row = {"n": n, "heads": 8, "kv_heads": 2, "head_dim": head_dim}
     q_blocks, tiles = jax.jit(_blocked, static_argnames="config")(q, k, v, config, key)
     scale = head_dim**-0.5
     f32 = [ops.KeyTile(t.k.astype(jnp.float32), t.v.astype(jnp.float32), t.log_weight) for t in tiles]
     twin_out, twin_lse = jax.jit(ops.tiled_attention, static_argnames="scale")(
         q_blocks.astype(jnp.float32), f32, scale=scale
     )
-    for variant, tiling in VARIANTS.items():
+    for variant, tiling in variants.items():
         try:
             out, lse = jax.jit(
                 lambda qb, ts, tiling=tiling: tiled_attention_mosaic(qb, ts, scale=scale, tiling=tiling)
@@ -157,7 +178,7 @@ def time_end_to_end(n, mode, config, key) -> dict:
     return row
 
 
-def time_kernels(n, config, key) -> dict:
+def time_kernels(n, config, key, variants=VARIANTS, triton: bool = True) -> dict:
     """(b) the tile-attention kernels alone on the same sorted copies, with FLOP rates."""
     q, k, v, _ = _inputs(n, 32, 32, 64, seed=n)
     q_blocks, tiles = jax.jit(_blocked, static_argnames="config")(q, k, v, config, key)
@@ -166,16 +187,18 @@ def time_kernels(n, config, key) -> dict:
     flops = 4 * q_blocks.shape[0] * 32 * n * keys_per_query * 64
     row = {"n": n, "keys_per_query": keys_per_query, "flops": flops}
     kernels = {
-        "triton_tiled": lambda qb, ts: fused_tiled_attention(qb, ts, scale=scale, tuning=TiledKernelConfig()),
+        **({"triton_tiled": lambda qb, ts: fused_tiled_attention(qb, ts, scale=scale, tuning=TiledKernelConfig())}
+           if triton else {}),
         **{f"mosaic_{v}": (lambda qb, ts, t=t: tiled_attention_mosaic(qb, ts, scale=scale, tiling=t))
-           for v, t in VARIANTS.items()},
+           for v, t in variants.items()},
     }  # fmt: skip
     for name, kernel in kernels.items():
         row[name] = _time(jax.jit(kernel), q_blocks, tiles)
         if "ms" in row[name]:
             row[name]["tflops"] = flops / row[name]["ms"] / 1e9
-    if "ms" in row["triton_tiled"] and "ms" in row["mosaic_k128_registers"]:
-        row["speedup_mosaic_over_triton"] = row["triton_tiled"]["ms"] / row["mosaic_k128_registers"]["ms"]
+    for variant in variants:
+        if "ms" in row.get("triton_tiled", {}) and "ms" in row[f"mosaic_{variant}"]:
+            row[f"speedup_mosaic_{variant}_over_triton"] = row["triton_tiled"]["ms"] / row[f"mosaic_{variant}"]["ms"]
     return row
 
 
@@ -185,7 +208,9 @@ def main():
     parser.add_argument("--check-n", type=int, default=8192)
     parser.add_argument("--n", default="32768,131072")
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="start no timing after this many seconds")
     args = parser.parse_args()
+    start = time.monotonic()
     config = ha.HyperAttentionConfig.paper()
     key = jax.random.key(0)
     record = {"config": {"batch": 1, "dtype": "bfloat16", **dataclasses.asdict(config)}, "checks": [], "timings": [],
@@ -201,16 +226,28 @@ def main():
         record["checks"].append(row)
         print(json.dumps(row), flush=True)
         save()
-    for n in [int(x) for x in args.n.split(",") if x]:
-        row = time_kernels(n, config, key)
-        record["kernels"].append(row)
+
+    def timed(kind: str, run, **where):
+        """Run one timing row unless the budget is spent (a device call has a time limit: the JSON so far stays)."""
+        if time.monotonic() - start > args.budget_s:
+            row = {**where, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
+        else:
+            row = run()
+        record[kind].append(row)
         print(json.dumps(row), flush=True)
         save()
+
+    for n in [int(x) for x in args.n.split(",") if x]:
+        timed("kernels", lambda n=n: time_kernels(n, config, key), n=n)
         for mode in args.modes.split(","):
-            row = time_end_to_end(n, mode, config, key)
-            record["timings"].append(row)
-            print(json.dumps(row), flush=True)
-            save()
+            timed("timings", lambda n=n, mode=mode: time_end_to_end(n, mode, config, key), n=n, mode=mode)
+    record["two_warpgroups"] = []
+    for h in (64, 128):
+        run = functools.partial(check_variants, args.check_n, h, config, key, TWO_WARPGROUPS)
+        timed("two_warpgroups", run, head_dim=h)
+    for n in [int(x) for x in args.n.split(",") if x]:
+        timed("two_warpgroups", lambda n=n: time_kernels(n, config, key, TWO_WARPGROUPS, triton=False), n=n)
+    record["elapsed_s"] = time.monotonic() - start
     save()
     print("wrote", args.out)
 

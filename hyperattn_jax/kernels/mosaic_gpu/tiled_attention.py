@@ -25,7 +25,8 @@ differences, both static: it simulates wgmma only with both operands in shared m
 memory there (on the GPU P stays in registers, as FlashAttention-3 does), and its scoped allocations are zero-filled
 (`uninitialized_memory="zero"`), as the GPU's wgmma accumulators are. Its race detector (`detect_races`) checks
 that the barriers order every shared-memory access (it flags the two-warpgroup kernel with the consumed-barrier wait
-removed).
+removed). The interpreter runs each simulated warpgroup as a nested XLA computation on the CPU client's threads: on
+a 2-core machine a repeated two-warpgroup call hung (one warpgroup in a barrier wait, the other never scheduled).
 """
 
 from __future__ import annotations
