@@ -5,6 +5,8 @@ GPU (Triton, `kernels/gpu/`): `TiledKernelConfig` (the tiled / row-indexed estim
 flash attention, the causal base case). Block sizes are powers of two of at least 16 (Triton's `dot` needs them).
 TPU (Mosaic, `kernels/tpu/`): `TpuTiling` (the tiled estimate kernels), `FlashTiling` (exact flash attention). Row
 blocks are multiples of 16 (bf16 packs 16 rows per vreg), key blocks multiples of 128 (the lanes of a vreg).
+GPU (Mosaic GPU, `kernels/mosaic_gpu/`): `MosaicTiling` (the tiled estimate forward). Query rows come 64 per compute
+warpgroup (the M of one wgmma).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 MIN_DOT = 16  # Triton's smallest dot operand dimension
 TPU_ROW_MULTIPLE = 16  # bf16 sublane packing: rows per vreg
 TPU_LANES = 128  # the minor dimension of a vreg and of every VMEM tile
+ROWS_PER_WARPGROUP = 64  # the M of one Hopper warpgroup's wgmma
 
 
 def _check_power_of_two(config, names: tuple[str, ...], minimum: int) -> None:
@@ -104,3 +107,30 @@ class FlashTiling:
     def __post_init__(self):
         _check_multiple(self, "block_q", TPU_ROW_MULTIPLE)
         _check_multiple(self, "block_k", TPU_LANES)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTiling:
+    """Static tuning of the Mosaic GPU tile-attention forward."""
+
+    block_q: int = ROWS_PER_WARPGROUP  # query rows per compute warpgroup
+    block_k: int = 128  # keys per double-buffered chunk (tiles are padded to a multiple, log-weight -inf)
+    p_in_registers: bool = True  # the PV wgmma reads P from registers; the interpreter needs it in shared memory
+    # Compute warpgroups per program, each with its own block_q rows of the same query block: with 2, one k/v chunk
+    # in shared memory serves 2 * block_q queries (half the copies per query), as in FlashAttention-3.
+    compute_warpgroups: int = 1
+
+    def __post_init__(self):
+        if self.block_q != ROWS_PER_WARPGROUP:
+            raise ValueError(f"MosaicTiling.{self.block_q=} must be {ROWS_PER_WARPGROUP} (one warpgroup)")
+        if self.block_k not in (64, 128, 256):
+            raise ValueError(f"MosaicTiling.{self.block_k=} must be 64, 128 or 256")
+        if self.compute_warpgroups not in (1, 2):
+            raise ValueError(f"MosaicTiling.{self.compute_warpgroups=} must be 1 or 2")
+
+    @property
+    def rows(self) -> int:
+        """Query rows per program."""
+        return self.block_q * self.compute_warpgroups
+
+    replace = dataclasses.replace

@@ -31,7 +31,6 @@ a 2-core machine a repeated two-warpgroup call hung (one warpgroup in a barrier 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -42,42 +41,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from hyperattn_jax.kernels.configs import MosaicTiling
 from hyperattn_jax.ops.tiles import KeyTile
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
 # A finite running-max start: a row whose keys so far are all masked (-inf) gets exp2(-inf - m) = 0, not NaN.
 NEG_START = -1e30
-ROWS_PER_WARPGROUP = 64  # the M of one warpgroup's wgmma
 HEAD_DIMS = (64, 128)  # multiples of 64 16-bit elements: whole 128-byte swizzle rows
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-@dataclasses.dataclass(frozen=True)
-class MosaicTiling:
-    """Static tuning of the Mosaic GPU tile-attention forward."""
-
-    block_q: int = ROWS_PER_WARPGROUP  # query rows per compute warpgroup
-    block_k: int = 128  # keys per double-buffered chunk (tiles are padded to a multiple, log-weight -inf)
-    p_in_registers: bool = True  # the PV wgmma reads P from registers; the interpreter needs it in shared memory
-    # Compute warpgroups per program, each with its own block_q rows of the same query block: with 2, one k/v chunk
-    # in shared memory serves 2 * block_q queries (half the copies per query), as in FlashAttention-3.
-    compute_warpgroups: int = 1
-
-    def __post_init__(self):
-        if self.block_q != ROWS_PER_WARPGROUP:
-            raise ValueError(f"MosaicTiling.{self.block_q=} must be {ROWS_PER_WARPGROUP} (one warpgroup)")
-        if self.block_k not in (64, 128, 256):
-            raise ValueError(f"MosaicTiling.{self.block_k=} must be 64, 128 or 256")
-        if self.compute_warpgroups not in (1, 2):
-            raise ValueError(f"MosaicTiling.{self.compute_warpgroups=} must be 1 or 2")
-
-    @property
-    def rows(self) -> int:
-        """Query rows per program."""
-        return self.block_q * self.compute_warpgroups
-
-    replace = dataclasses.replace
 
 
 class _Layout(NamedTuple):
