@@ -372,7 +372,7 @@ def test_causal_recursion_half_precision_error_within_twice_the_twins(rng):
 
 
 def _row_problem(rng, t, dtype=jnp.float32, **options):
-    """A plan over one problem with its kernel operands (`hyper._row_operands`): public-layout q rows, k, v."""
+    """A plan over one problem with its kernel operands (`hyper.row_operands`): public-layout q rows, k, v."""
     from hyperattn_jax.kernels.gpu import hyper
 
     cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=24, min_seq_len=0, **options)
@@ -380,7 +380,7 @@ def _row_problem(rng, t, dtype=jnp.float32, **options):
     q, k, v = random_qkv(rng, b=b, t=t, n=n, kv=kv, h=h, dtype=dtype)
     q5, k4, v4 = _grouped(q, k, v)
     plan = ops.make_plan(q5, k4, key=jax.random.key(int(rng.integers(1 << 30))), config=cfg, v=v4)
-    operands = hyper._row_operands(k, v, plan, hyper.row_positions(q5.shape), hyper.row_positions(k4.shape), b, None)
+    operands = hyper.row_operands(k, v, plan, hyper.row_positions(q5.shape), hyper.row_positions(k4.shape), b, None)
     return q.reshape(b, t, kv, n // kv, h), k, v, operands
 
 

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
 from hyperattn_jax.backends import xla
 from hyperattn_jax.kernels.gpu import hyper
-from hyperattn_jax.kernels.gpu.causal import causal_hyper_attention_pallas
+from hyperattn_jax.kernels.gpu.causal import estimate as causal_estimate
+from hyperattn_jax.kernels.gpu.causal import recursion_shape
 from hyperattn_jax.kernels.gpu.flash import flash_attention
 from hyperattn_jax.kernels.gpu.hyper import hyper_attention_pallas
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
@@ -71,12 +72,9 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
                          **found)  # fmt: skip
         rows = plan_rows(plan, hyper.row_positions(q5.shape), hyper.row_positions(k4.shape))  # the plan as int32 rows
         return hyper.estimate(q, k, v, kv_length, plan, rows, (float(scale), tuning, bool(interpret)))
-    if approximate:
-        fused = causal_hyper_attention_pallas(
-            q, k, v, key=key, config=config, scale=scale, tuning=tuning, interpret=interpret, hash_key=hash_key
-        )
-        if fused is not None:
-            return fused
+    shape = recursion_shape(q.shape[1], q.shape[-1], config) if approximate else None
+    if shape is not None:  # the fused recursion: one custom_vjp over the base case and every level's kernels
+        return causal_estimate(q, k, v, key, hash_key, (config, float(scale), tuning, bool(interpret), shape))
     own_parts = parts(scale=scale, hash_key=hash_key, tuning=tuning, interpret=interpret)
     q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
     out, lse = grouped_attention(

@@ -29,13 +29,14 @@ from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_backward_rows, flash_forward_rows
 from hyperattn_jax.kernels.gpu.hyper import (
     estimate_backward_rows,
-    estimate_forward_rows,
     fits_dot,
     grouped_inputs,
     kernel_probe,
     public_layout_ranks,
+    row_operands,
     row_positions,
 )
+from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
 from hyperattn_jax.ops.causal import causal_base_length
 from hyperattn_jax.ops.keys import level_keys
 from hyperattn_jax.ops.plan import make_plan, plan_projections
@@ -95,22 +96,11 @@ def _level_problem(q, k, v, level: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _causal(q, k, v, key, hash_key, static):
+def estimate(q, k, v, key, hash_key, static):
+    """Causal HyperAttention on the fused kernels for shapes `recursion_shape` accepts: q `[B, T, N, H]`, k, v
+    `[B, T, K, H]` (public layout) -> out `[B, T, N, H]` (q's dtype), lse `[B, K, G, T]` float32.
+    `static` = (config, scale, TiledKernelConfig, interpret, recursion_shape(...))."""
     return _causal_fwd(q, k, v, key, hash_key, static)[0]
-
-
-def _base_case_forward(q, q_rows, k, v, *, scale, segment, flash_tuning, interpret):
-    """out `[B, T, K, G, H]` (q's dtype), lse `[B, K, G, T]` of causal attention within every segment (q public,
-    q_rows its `[B, T, K, G, H]` view): cuDNN's flash forward where it runs (faster on Hopper:
-    probe_causal_parts_h200.json), else our flash kernel."""
-    cudnn = None if interpret else cudnn_segment_forward(q, k, v, scale=scale, segment=segment)
-    if cudnn is not None:
-        out, lse = cudnn
-        b, t, kv_heads, g, _ = q_rows.shape
-        return out.reshape(q_rows.shape), lse.reshape(b, kv_heads, g, t)
-    return flash_forward_rows(
-        q_rows, k, v, scale=scale, segment=segment, tuning=flash_tuning, out_dtype=q.dtype, interpret=interpret
-    )
 
 
 def _causal_fwd(q, k, v, key, hash_key, static):
@@ -118,9 +108,15 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    out, lse = _base_case_forward(
-        q, q_rows, k, v, scale=scale, segment=segment, flash_tuning=flash_tuning, interpret=interpret
-    )
+    # The base case, causal attention within every segment: cuDNN's flash forward where it runs (faster on Hopper:
+    # probe_causal_parts_h200.json), else our flash kernel; out `[B, T, K, G, H]`, lse `[B, K, G, T]`.
+    cudnn = None if interpret else cudnn_segment_forward(q, k, v, scale=scale, segment=segment)
+    if cudnn is not None:
+        out, lse = cudnn[0].reshape(q_rows.shape), cudnn[1].reshape(b, kv_heads, n // kv_heads, t)
+    else:
+        out, lse = flash_forward_rows(
+            q_rows, k, v, scale=scale, segment=segment, tuning=flash_tuning, out_dtype=q.dtype, interpret=interpret
+        )
     q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the jnp probe where the probe kernels do not fit)
     query_positions, key_positions = row_positions((*q5.shape[:-1], 1)), row_positions((*k4.shape[:-1], 1))
     keys = level_keys(key, depth)
@@ -145,18 +141,15 @@ def _causal_fwd(q, k, v, key, hash_key, static):
         plan = make_plan(
             ql, kl, key=level_key, config=config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks, probe=probe
         )
-        out, lse = estimate_forward_rows(
-            q_rows,
-            k,
-            v,
-            plan,
-            _level_rows(query_positions, 1, level),
-            _level_rows(key_positions, 0, level),
-            scale=scale,
-            tuning=tuning,
-            interpret=interpret,
-            merge_into=(out, lse),
+        # The level's problems read their rows of q, k, v by index (the plan was made for [P, K, G, T', H] problems,
+        # P = chunks * B, problem p reading batch element p % B) and merge by lse into out, lse in place.
+        query_index, tiles, _, key_index = row_operands(
+            k, v, plan, _level_rows(query_positions, 1, level), _level_rows(key_positions, 0, level), b, None
         )
+        out, lse = indexed_tiled_forward(
+            q_rows, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning, interpret=interpret,
+            merge_into=(out, lse),
+        )  # fmt: skip
         plans.append(plan)
     out = out.reshape(q.shape)
     return (out, lse), (q, k, v, out, lse, plans)
@@ -197,16 +190,4 @@ def _causal_bwd(static, residuals, cotangents):
     return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
-_causal.defvjp(_causal_fwd, _causal_bwd)
-
-
-def causal_hyper_attention_pallas(q, k, v, *, key, config, scale: float, tuning, interpret, hash_key=None):
-    """Causal HyperAttention with the fused kernels, or None where `recursion_shape` says the shapes do not fit.
-
-    q `[B, T, N, H]`, k, v `[B, T, K, H]` (public layout); returns out `[B, T, N, H]` (q's dtype) and lse
-    `[B, K, G, T]` float32.
-    """
-    shape = recursion_shape(q.shape[1], q.shape[-1], config)
-    if shape is None:
-        return None
-    return _causal(q, k, v, key, hash_key, (config, float(scale), tuning, bool(interpret), shape))
+estimate.defvjp(_causal_fwd, _causal_bwd)

@@ -67,7 +67,7 @@ def _blocks_hold_valid_keys(plan, num_keys: int, kv_length) -> bool:
     return kv_length is None and plan.num_global == 0 and plan.num_blocks * plan.key_block == num_keys
 
 
-def _row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_length, rows=None):
+def row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_length, rows=None):
     """What the row-indexed kernels take for a plan: the int32 query row of every blocked slot `[P, K, G, nb, bq]`
     (-1 = padding); the tiles, per-block ones without k, v (their rows are loaded by index in the kernel; without
     log-weights where all are 0, `_blocks_hold_valid_keys`: one add per score fewer), shared ones (samples, global
@@ -85,45 +85,6 @@ def _row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_len
             tiles.append(KeyTile(rows_of(k, index, batch), rows_of(v, index, batch), log_weight))
             in_kernel.append(None)
     return query_index, tiles, rows, in_kernel
-
-
-def estimate_forward_rows(
-    q_rows,
-    k,
-    v,
-    plan,
-    query_positions,
-    key_positions,
-    *,
-    scale,
-    tuning,
-    interpret,
-    merge_into=None,
-    kv_length=None,
-):
-    """The estimator's forward for problems cut from public-layout q_rows `[B, T, K, G, H]`, k, v `[B, S, K, H]`.
-
-    `plan` was made for problems `[P, K, G, T', H]` x `[P, K, S', H]` (P = c * B; problem p reads batch element
-    p % B); `query_positions` `[P, K, G, T', 1]` and `key_positions` `[P, K, S', 1]` (see `row_positions`) say at
-    which row of q_rows, k each of the problems' rows sits. Per-block key tiles are gathered in the kernel, shared
-    tiles (samples, global keys) here. Returns out `[B, T, K, G, H]` and lse `[B, K, G, T]` at the problems' rows,
-    or merged into `merge_into` (see `indexed_tiled_forward`). `kv_length`: the one the plan was made with.
-    """
-    query_index, tiles, _, key_index = _row_operands(
-        k, v, plan, query_positions, key_positions, q_rows.shape[0], kv_length
-    )
-    return indexed_tiled_forward(
-        q_rows,
-        k,
-        v,
-        query_index,
-        tiles,
-        key_index,
-        scale=scale,
-        tuning=tuning,
-        interpret=interpret,
-        merge_into=merge_into,
-    )
 
 
 def can_backward_in_place(plan, num_queries: int, num_keys: int) -> bool:
@@ -155,12 +116,15 @@ def estimate_backward_rows(
     kv_length=None,
     rows=None,
 ):
-    """The estimator's backward for the problems `estimate_forward_rows` cut, as one part of a merged attention with
+    """The estimator's backward for problems cut from public-layout q_rows `[B, T, K, G, H]`, k, v `[B, S, K, H]`
+    (a causal level's): `plan` was made for problems `[P, K, G, T', H]` x `[P, K, S', H]` (P = c * B; problem p
+    reads batch element p % B); `query_positions` `[P, K, G, T', 1]` and `key_positions` `[P, K, S', 1]` (see
+    `row_positions`) say at which row of q_rows, k each of the problems' rows sits. One part of a merged attention with
     final lse and delta `[B, K, G, T]`: its dq, dk, dv added into the float32 accumulators `grads` (dq
     `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`; None: written, for a plan covering every row), reading every row by
     index (`indexed_tiled_backward`). Needs `can_backward_in_place`; `kv_length` as for the forward; `rows`: the
     plan's `ops.plan_rows` at those positions, where the caller has them."""
-    query_index, tiles, rows, _ = _row_operands(
+    query_index, tiles, rows, _ = row_operands(
         k, v, plan, query_positions, key_positions, q_rows.shape[0], kv_length, rows
     )
     return indexed_tiled_backward(
@@ -305,7 +269,7 @@ def _estimate_fwd(q, k, v, kv_length, plan, rows, static):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     if can_gather_in_kernel(h, plan):
-        query_index, tiles, _, key_index = _row_operands(
+        query_index, tiles, _, key_index = row_operands(
             k, v, plan, row_positions((b, kv_heads, n // kv_heads, t, 1)), row_positions((b, kv_heads, k.shape[1], 1)),
             b, kv_length, rows,
         )  # fmt: skip
