@@ -10,6 +10,8 @@ between them and runs the causal recursion, merging levels by lse (differentiate
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
@@ -60,22 +62,26 @@ def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
     return None
 
 
-def parts(*, scale: float, hash_key, interpret: bool) -> AttentionParts:
-    """The TPU kernels as `ops.AttentionParts` (grouped layout)."""
+def estimate(q, k, v, *, key, config, kv_length, scale: float, hash_key, interpret: bool):
+    """The non-causal estimate on the fused tiled kernel, grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, S, H]`):
+    the plan from ops, XLA's gathers into sorted copies, the kernel; out `[B, K, G, T, H]`, lse `[B, K, G, T]`."""
+    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v, scale=scale)
+    tiles = hyper_attention_tiles(k, v, plan)
+    out, lse = tiled_attention_tpu(block_query_layout(q, plan), tiles, scale=scale, interpret=interpret)
+    t = q.shape[3]
+    out = unblock_query_layout(out, plan, t)
+    lse = unblock_query_layout(lse[..., None], plan, t)[..., 0]
+    return out, lse
 
-    def estimate(q, k, v, *, key, config, kv_length):
-        plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v, scale=scale)
-        tiles = hyper_attention_tiles(k, v, plan)
-        out, lse = tiled_attention_tpu(block_query_layout(q, plan), tiles, scale=scale, interpret=interpret)
-        t = q.shape[3]
-        out = unblock_query_layout(out, plan, t)
-        lse = unblock_query_layout(lse[..., None], plan, t)[..., 0]
-        return out, lse
+
+def parts(*, scale: float, hash_key, interpret: bool) -> AttentionParts:
+    """The TPU kernels as `ops.AttentionParts` (grouped layout), for the causal recursion and exact calls."""
+    own = dict(scale=scale, hash_key=hash_key, interpret=interpret)
 
     def exact(q, k, v, *, causal, kv_length):
         return flash.flash_attention_tpu(q, k, v, scale=scale, causal=causal, kv_length=kv_length, interpret=interpret)
 
-    return AttentionParts(estimate=estimate, exact=exact)
+    return AttentionParts(estimate=functools.partial(estimate, **own), exact=exact)
 
 
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False):
@@ -91,9 +97,14 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
     >>> out.shape, lse.shape
     ((1, 512, 2, 64), (1, 2, 1, 512))
     """
-    own_parts = parts(scale=scale, hash_key=hash_key, interpret=interpret)
     q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
-    out, lse = grouped_attention(
-        q5, k4, v4, key=key, config=config, causal=causal, parts=own_parts, kv_length=kv_length
-    )
+    if causal or config.attends_exactly(k.shape[1]):  # the recursion / exact attention, on the kernels as parts
+        own_parts = parts(scale=scale, hash_key=hash_key, interpret=interpret)
+        out, lse = grouped_attention(
+            q5, k4, v4, key=key, config=config, causal=causal, parts=own_parts, kv_length=kv_length
+        )
+    else:  # as ops.grouped_attention would: the estimate, one call less deep
+        out, lse = estimate(
+            q5, k4, v4, key=key, config=config, kv_length=kv_length, scale=scale, hash_key=hash_key, interpret=interpret
+        )
     return ungroup_output(out), lse

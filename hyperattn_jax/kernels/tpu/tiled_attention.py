@@ -216,22 +216,6 @@ def _grid(layout: _Layout):
     return (layout.batch * layout.kv_heads, layout.num_blocks, layout.splits, layout.groups)
 
 
-def _forward_call(q, flat_tiles, layout: _Layout, *, scale: float, interpret: bool):
-    """q `[BK, G, nb*bqp, H]`, flat tiles (k, v `[BK, nb|1, tp, H]`, w `[BK, nb|1, 1, tp]`)* -> out, lse `[.., 1]`."""
-    forward_budget(layout).check()
-    q_spec, stat_spec = _row_specs(layout)
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, layout=layout, scale=scale),
-        grid=_grid(layout),
-        in_specs=[q_spec, *_tile_specs(layout)],
-        out_specs=[q_spec, stat_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)],
-        compiler_params=compiler_params(("parallel",) * 4),
-        interpret=interpret_arg(interpret),
-        name="hyper_tiled_attention_fwd_tpu",
-    )(q, *flat_tiles)
-
-
 # ------------------------------------------------------------------------------------------------ backward kernels
 
 
@@ -357,9 +341,22 @@ def _fused(q_blocks, tiles, layout, scale, interpret):
 
 
 def _fused_fwd(q_blocks, tiles, layout, scale, interpret):
+    # The kernel's operands: q `[BK, G, nb*bqp, H]`, flat tiles (k, v `[BK, nb|1, tp, H]`, w `[BK, nb|1, 1, tp]`)*;
+    # it returns out and lse `[BK, G, nb*bqp, 1]`.
     q = _queries_in(q_blocks, layout)
     flat = _tiles_in(tiles, layout)
-    out, lse = _forward_call(q, flat, layout, scale=scale, interpret=interpret)
+    forward_budget(layout).check()
+    q_spec, stat_spec = _row_specs(layout)
+    out, lse = pl.pallas_call(
+        functools.partial(_forward_kernel, layout=layout, scale=scale),
+        grid=_grid(layout),
+        in_specs=[q_spec, *_tile_specs(layout)],
+        out_specs=[q_spec, stat_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)],
+        compiler_params=compiler_params(("parallel",) * 4),
+        interpret=interpret_arg(interpret),
+        name="hyper_tiled_attention_fwd_tpu",
+    )(q, *flat)
     result = (_queries_out(out, layout), _queries_out(lse, layout)[..., 0])
     weights = [jnp.zeros_like(tile.log_weight) for tile in tiles]
     return result, (q, flat, out, lse, weights)
