@@ -17,9 +17,9 @@ import pytest
 # checks the same program; values move at float32 rounding level (a few ulp: vectorisation/FMA), far below any
 # tolerance here, and comparisons of two paths in one test see the same compiler. Subprocesses (the notebooks'
 # kernels) inherit it.
-_FAST_COMPILE = "--xla_backend_optimization_level=0"
-if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+if FAST_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
 
 NUM_CPU_DEVICES = 8
 

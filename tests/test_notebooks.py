@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import FAST_COMPILE_FLAG
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -79,7 +80,7 @@ def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the small CPU mode, whatever the machine has
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # Only tests/conftest.py's -O0 (a compile-time setting; 05 appends its device count), not a caller's device flags.
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAG)
     notebook = nbformat.read(path, as_version=4)
     with_params(notebook, CI_PARAMS[path.stem])
     client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
