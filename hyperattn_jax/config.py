@@ -21,10 +21,10 @@ class HyperAttentionConfig:
 
     The defaults are the paper's blocks, sample count, hash and base case (block 256, 256 samples, 7 projections,
     min_seq_len 4096) with the residual sampled by probed column mass (16 probe queries, systematic draws, mixed 50/50
-    with uniform, unbiased weights) instead of uniformly: on real LM attention (SmolLM2, docs/accuracy.md) that cuts
-    the output error 5x causal and 1.7x non-causal and perplexity with every layer replaced from ~3.3x exact to
-    ~1.05x on three Shakespeare plays (other kinds of text, code above all, are harder: docs/accuracy.md, "Perplexity
-    by kind of text"), for 4-8% more time forward+backward and 17-29% forward on an H100.
+    with uniform, unbiased weights) instead of uniformly: on real LM attention (SmolLM2-135M at 8192 tokens,
+    docs/accuracy.md, "Perplexity by kind of text") that cuts the output error 5x causal and 1.6x non-causal, and
+    perplexity with every layer replaced from 3.2x / 2.5x / 3.8x exact to 1.05x / 1.12x / 1.04x on plays / Python
+    code / prose (code is the hardest kind), for 3-7% more time forward+backward and 9-16% forward on an H100.
     `HyperAttentionConfig.paper()` is the published algorithm exactly; `HyperAttentionConfig.accurate()` our most
     accurate variant at the paper's 512 keys per query.
 
