@@ -30,8 +30,8 @@ from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     smem_bytes,
     tiled_attention_mosaic,
 )
-from hyperattn_jax.ops.plan import make_plan
-from hyperattn_jax.ops.tiles import block_query_layout, hyper_attention_tiles, plan_rows, unblock_query_layout
+from hyperattn_jax.ops.estimate import attend_tiles
+from hyperattn_jax.ops.tiles import hyper_attention_tiles
 
 NAME = "pallas_mosaic_gpu"
 PLATFORMS = ("gpu",)
@@ -54,13 +54,8 @@ def forward(q, k, v, plan, *, scale: float, tiling: MosaicTiling, interpret: boo
     """The estimate under `plan` on the Mosaic GPU kernel: public-layout q `[B, T, N, H]`, k, v `[B, S, K, H]` in;
     out `[B, T, N, H]` and lse `[B, K, G, T]` float32 out. XLA gathers the sorted query blocks and key tiles."""
     q5, k4, v4 = hyper.grouped_inputs(q, k, v)
-    out, lse = tiled_attention_mosaic(
-        block_query_layout(q5, plan), hyper_attention_tiles(k4, v4, plan), scale=scale, tiling=tiling,
-        interpret=interpret,
-    )  # fmt: skip
-    t = q5.shape[3]
-    out = unblock_query_layout(out, plan, t)
-    lse = unblock_query_layout(lse[..., None], plan, t)[..., 0]
+    kernel = functools.partial(tiled_attention_mosaic, tiling=tiling, interpret=interpret)
+    out, lse = attend_tiles(q5, hyper_attention_tiles(k4, v4, plan), plan, scale=scale, kernel=kernel)
     return ungroup_output(out), lse
 
 
@@ -92,11 +87,8 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
         return pallas_triton.attention(
             q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale, interpret=interpret
         )
-    found = hyper.plan_inputs(q, k, key, config, hash_key, scale=scale, interpret=interpret,
-                              probe_allowed=kv_length is None)  # fmt: skip
-    q5, k4, v4 = hyper.grouped_inputs(*jax.lax.stop_gradient((q, k, v)))
-    plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale,
-                     **found)  # fmt: skip
-    rows = plan_rows(plan, hyper.row_positions(q5.shape), hyper.row_positions(k4.shape))  # for the backward
+    # the same plan as pallas_triton's; its rows feed the Triton backward
+    plan, rows = pallas_triton.plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale,
+                                             interpret=interpret)  # fmt: skip
     static = (float(scale), MosaicTiling(), TiledKernelConfig(), bool(interpret))
     return estimate(q, k, v, kv_length, plan, rows, static)

@@ -19,11 +19,10 @@ from hyperattn_jax.kernels.tpu import flash
 from hyperattn_jax.kernels.tpu.tiled_attention import TpuTiling, layout_budgets, make_layout, tiled_attention_tpu
 from hyperattn_jax.ops import (
     AttentionParts,
-    block_query_layout,
+    attend_tiles,
     grouped_attention,
     hyper_attention_tiles,
     make_plan,
-    unblock_query_layout,
 )
 
 NAME = "pallas_tpu"
@@ -66,12 +65,8 @@ def estimate(q, k, v, *, key, config, kv_length, scale: float, hash_key, interpr
     """The non-causal estimate on the fused tiled kernel, grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, S, H]`):
     the plan from ops, XLA's gathers into sorted copies, the kernel; out `[B, K, G, T, H]`, lse `[B, K, G, T]`."""
     plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v, scale=scale)
-    tiles = hyper_attention_tiles(k, v, plan)
-    out, lse = tiled_attention_tpu(block_query_layout(q, plan), tiles, scale=scale, interpret=interpret)
-    t = q.shape[3]
-    out = unblock_query_layout(out, plan, t)
-    lse = unblock_query_layout(lse[..., None], plan, t)[..., 0]
-    return out, lse
+    kernel = functools.partial(tiled_attention_tpu, interpret=interpret)
+    return attend_tiles(q, hyper_attention_tiles(k, v, plan), plan, scale=scale, kernel=kernel)
 
 
 def parts(*, scale: float, hash_key, interpret: bool) -> AttentionParts:

@@ -60,17 +60,23 @@ def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool)
     return AttentionParts(estimate=estimate, exact=exact)
 
 
+def plan_and_rows(q, k, v, key, kv_length, hash_key, *, config, scale, interpret):
+    """The non-causal plan from `ops.make_plan`, fed by the hash and probe kernels, and the same plan as int32 rows
+    (`ops.plan_rows`) for the row-indexed kernels. Public-layout q `[B, T, N, H]`, k, v `[B, S, K, H]`."""
+    found = hyper.plan_inputs(q, k, key, config, hash_key, scale=scale, interpret=interpret,
+                              probe_allowed=kv_length is None)  # fmt: skip
+    q5, k4, v4 = hyper.grouped_inputs(*jax.lax.stop_gradient((q, k, v)))
+    plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale,
+                     **found)  # fmt: skip
+    return plan, plan_rows(plan, hyper.row_positions(q5.shape), hyper.row_positions(k4.shape))
+
+
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False):
     """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32."""
     tuning = TiledKernelConfig()
     approximate = not config.attends_exactly(k.shape[1])
     if approximate and not causal:  # the plan from ops (fed by the hash/probe kernels), then the kernels' estimate
-        found = hyper.plan_inputs(q, k, key, config, hash_key, scale=scale, interpret=interpret,
-                                  probe_allowed=kv_length is None)  # fmt: skip
-        q5, k4, v4 = hyper.grouped_inputs(*jax.lax.stop_gradient((q, k, v)))
-        plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale,
-                         **found)  # fmt: skip
-        rows = plan_rows(plan, hyper.row_positions(q5.shape), hyper.row_positions(k4.shape))  # the plan as int32 rows
+        plan, rows = plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale, interpret=interpret)
         return hyper.estimate(q, k, v, kv_length, plan, rows, (float(scale), tuning, bool(interpret)))
     shape = recursion_shape(q.shape[1], q.shape[-1], config) if approximate else None
     if shape is not None:  # the fused recursion: one custom_vjp over the base case and every level's kernels

@@ -8,6 +8,7 @@ recursion (`grouped_causal_attention`). `grouped_attention` picks exact, estimat
 from hyperattn_jax._layout import group_queries, heads_major, ungroup_lse, ungroup_output
 from hyperattn_jax.ops.causal import AttentionParts, grouped_attention, grouped_causal_attention, quarter_is_exact
 from hyperattn_jax.ops.estimate import (
+    attend_tiles,
     block_diagonal_attention,
     grouped_hyper_attention,
     grouped_hyper_attention_merged,
@@ -38,6 +39,7 @@ __all__ = [
     "SortLSHPlan",
     "SortOrder",
     "TileRows",
+    "attend_tiles",
     "block_diagonal_attention",
     "block_diagonal_tile",
     "block_query_layout",

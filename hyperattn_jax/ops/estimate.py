@@ -55,9 +55,10 @@ def tiled_attention(q_blocks, tiles: list[KeyTile] | tuple[KeyTile, ...], *, sca
     return out, lse
 
 
-def attend_tiles(q, tiles, plan: SortLSHPlan, *, scale: float):
-    """Queries `[B, K, G, T, H]` attend `tiles` in the plan's blocked order: out and lse in original query order."""
-    out, lse = tiled_attention(block_query_layout(q, plan), tiles, scale=scale)
+def attend_tiles(q, tiles, plan: SortLSHPlan, *, scale: float, kernel=tiled_attention):
+    """Queries `[B, K, G, T, H]` attend `tiles` in the plan's blocked order: out and lse in original query order.
+    `kernel(q_blocks, tiles, scale=)` -> (out, lse): `tiled_attention` or a backend's kernel with the same contract."""
+    out, lse = kernel(block_query_layout(q, plan), tiles, scale=scale)
     t = q.shape[3]
     out = unblock_query_layout(out, plan, t)
     lse = unblock_query_layout(lse[..., None], plan, t)[..., 0]

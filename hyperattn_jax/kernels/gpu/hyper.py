@@ -32,9 +32,10 @@ from hyperattn_jax.kernels.gpu.tiled_attention import (
     fused_tiled_attention_backward,
 )
 from hyperattn_jax.lsh import lsh_ranks
+from hyperattn_jax.ops.estimate import attend_tiles
 from hyperattn_jax.ops.keys import plan_keys
 from hyperattn_jax.ops.plan import make_plan, plan_projections, probe_index
-from hyperattn_jax.ops.tiles import KeyTile, block_query_layout, hyper_attention_tiles, plan_rows, unblock_query_layout
+from hyperattn_jax.ops.tiles import KeyTile, block_query_layout, hyper_attention_tiles, plan_rows
 
 
 def fits_dot(x: int) -> bool:
@@ -44,11 +45,8 @@ def fits_dot(x: int) -> bool:
 
 def _pregathered_forward(q, k, v, plan, scale, tuning, interpret):
     """Grouped layout in and out, through sorted copies: for head dims and blocks the in-kernel gathers cannot take."""
-    out, lse = fused_tiled_attention(
-        block_query_layout(q, plan), hyper_attention_tiles(k, v, plan), scale=scale, tuning=tuning, interpret=interpret
-    )
-    t = q.shape[3]
-    return unblock_query_layout(out, plan, t), unblock_query_layout(lse[..., None], plan, t)[..., 0]
+    kernel = functools.partial(fused_tiled_attention, tuning=tuning, interpret=interpret)
+    return attend_tiles(q, hyper_attention_tiles(k, v, plan), plan, scale=scale, kernel=kernel)
 
 
 def row_positions(shape):
