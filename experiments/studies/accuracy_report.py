@@ -126,12 +126,9 @@ PERPLEXITY_FILES = {
     "accuracy_perplexity_column_mass_p16.json": {"column_mass_p16": "default"},
     "accuracy_perplexity_sweep_default.json": {"column_mass_p16": "default"},
 }
-# accuracy_speed.json timed accurate() under the name "default"; accuracy_speed_probe_kernel.json the library default
-# (on the current kernels: probe and hash kernels, gathered backward).
-SPEED_FILES = {
-    "accurate": ("accuracy_speed.json", "default"),
-    "default": ("accuracy_speed_probe_kernel.json", "column_mass_p16"),
-}
+# The presets' GPU time against paper() in one run: accuracy_cost.py on one H100 (32k and 131k, causal and not,
+# latency and pipelined timings).
+SPEED_FILE = "accuracy_cost_h100.json"
 
 
 def _renamed(name: str, renames: dict) -> str:
@@ -229,13 +226,13 @@ def readme_table(errors: dict, kinds: dict) -> str:
         label = f"perplexity / exact, all 30 layers, {kind} ({tuned['paper']['n']} documents; held-out)"
         lines.append(f"| {label} | {' | '.join(cells)} |")
     for kind, label in (("fwd+bwd", "forward+backward"), ("fwd", "forward")):
+        timings = json.loads((RESULTS / SPEED_FILE).read_text())["timings_ms"].values()
         cells = ["1x"]
         for name in names[1:]:
-            file_name, row = SPEED_FILES[name]
-            timings = json.loads((RESULTS / file_name).read_text())["timings_ms"].values()
-            ratios = [e[f"{row}_over_paper/{kind}"] for e in timings if f"{row}_over_paper/{kind}" in e]
+            prefix = f"{name}_over_paper/{kind}/"
+            ratios = [ratio for e in timings for row, ratio in e.items() if row.startswith(prefix)]
             cells.append(f"{min(ratios):.2f}-{max(ratios):.2f}x")
-        lines.append(f"| H100 time / paper, {label} (32k, 131k) | {' | '.join(cells)} |")
+        lines.append(f"| H100 time / paper, {label} (32k, 131k, causal and not) | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -349,7 +346,7 @@ def main():
         print(speed_table(json.loads(speed.read_text())), end="\n\n")
     data = merged_perplexity()
     sources = [RESULTS / f for f in ("accuracy_kinds_gpu.json", "perplexity_kinds.json")]
-    sources += [RESULTS / f for f, _ in SPEED_FILES.values()]
+    sources += [RESULTS / SPEED_FILE]
     if all(f.is_file() for f in sources):
         print("README:", readme_table(*(json.loads(f.read_text()) for f in sources[:2])), sep="\n", end="\n\n")
     if data is not None:
