@@ -25,23 +25,29 @@ OPTION_CONFIGS = {
 }
 
 
+def global_mask(plan, s: int):
+    """bool `[B, K, S]`: the plan's global keys."""
+    if plan.global_index is None:
+        return jnp.zeros(plan.key_order.inverse.shape, bool)
+    return jnp.any(plan.global_index[..., None] == jnp.arange(s), axis=-2)
+
+
 def dense_option_weights(plan, t: int, s: int):
     """W `[B, K, G, T, S]` of the estimator under a plan with options, built densely from the plan's definition.
 
-    W_ij = 1 for global keys (the first num_global in sorted order) and for non-global keys in query i's block, plus
-    exp(sample_log_weight) for every sample equal to j outside that block.
+    W_ij = 1 for the global keys (`plan.global_index`) and for the other valid keys in query i's block (sorted
+    position // key_block: global keys keep their place in the hash order), plus exp(sample_log_weight) for every
+    sample equal to j outside that block.
     """
     sorted_position = plan.key_order.inverse  # [B, K, S]
     valid = jnp.arange(s) < plan.num_valid_keys[:, None, None]
-    is_global = (sorted_position < plan.num_global) & valid
-    block_position = sorted_position - plan.num_global
-    in_blocks = (block_position >= 0) & (block_position < plan.num_block_keys[..., None])
+    is_global = global_mask(plan, s) & valid
+    key_block = sorted_position // plan.key_block
     query_block = plan.query_order.inverse // plan.query_block  # [B, K, G, T]
-    same_block = (query_block[..., None] == (block_position // plan.key_block)[:, :, None, None, :]) & in_blocks[
-        :, :, None, None, :
-    ]
+    in_blocks = valid & ~is_global
+    same_block = (query_block[..., None] == key_block[:, :, None, None, :]) & in_blocks[:, :, None, None, :]
     weights = (same_block | is_global[:, :, None, None, :]).astype(jnp.float32)
-    sample_block = jnp.take_along_axis(block_position, plan.sample_index, axis=-1) // plan.key_block  # [B, K, m]
+    sample_block = jnp.take_along_axis(key_block, plan.sample_index, axis=-1)  # [B, K, m]
     sample_weight = jnp.exp(plan.sample_log_weight)  # [B, K, m]
     outside = query_block[..., None] != sample_block[:, :, None, None, :]  # [B, K, G, T, m]
     one_hot = jax.nn.one_hot(plan.sample_index, s)  # [B, K, m, S]
@@ -93,7 +99,7 @@ def test_global_keys_are_the_sinks_and_the_heaviest_columns(rng):
     cfg = ha.HyperAttentionConfig.paper(block_size=32, sample_size=16, min_seq_len=0, num_sink_keys=4, num_heavy_keys=3)
     gq, gk, gv = _grouped(q, k, v)
     plan = jax.jit(ops.make_plan, static_argnames="config")(gq, gk, key=jax.random.key(0), config=cfg, v=gv)
-    global_keys = set(np.asarray(plan.key_order.perm[0, 0, : plan.num_global]).tolist())
+    global_keys = set(np.asarray(plan.global_index[0, 0]).tolist())
     assert global_keys == {0, 1, 2, 3, *heavy.tolist()}
     assert not set(np.asarray(plan.sample_index).ravel().tolist()) & global_keys  # never sampled
 
@@ -110,7 +116,7 @@ def test_sample_weights_are_unbiased(rng, options):
 
     def estimate(key):
         plan = ops.make_plan(gq, gk, key=key, config=cfg, v=gv)
-        is_normal = plan.key_order.inverse[0, 0] >= plan.num_global
+        is_normal = ~global_mask(plan, 128)[0, 0]
         total = jnp.sum(jnp.where(is_normal, f, 0.0))
         return jnp.sum(jnp.exp(plan.sample_log_weight[0, 0]) * f[plan.sample_index[0, 0]]) / total
 
@@ -156,7 +162,8 @@ def test_causal_sinks_and_window_equal_the_dense_definition_with_gradients(rng):
     )
     key, scale = jax.random.key(4), 0.25
     gq, gk, gv = _grouped(q, k, v)
-    # The recursion runs on positions [g, T) padded back to T; its lower-left quarter masks the last w keys.
+    # The recursion runs on positions [g, T) padded back to T; the last w keys of its lower-left quarter are global
+    # keys of the quarter's plan (attended exactly, out of the blocks and the sample).
     shift = lambda x, axis: jnp.pad(
         jax.lax.slice_in_dim(x, g, t, axis=axis), [(0, g) if a == axis else (0, 0) for a in range(x.ndim)]
     )
@@ -167,16 +174,15 @@ def test_causal_sinks_and_window_equal_the_dense_definition_with_gradients(rng):
         sk[:, :, :half],
         key=key_low,
         config=cfg.replace(num_sink_keys=0),
-        kv_length=jnp.array([half - w]),
         v=sv[:, :, :half],
         scale=scale,
+        recent_keys=w,
     )
+    assert plan.num_global == w
     low = dense_option_weights(plan, half, half)  # [B, K, G, half, half] in shifted coordinates
     i, j = np.arange(t)[:, None], np.arange(t)[None, :]
     si, sj = i - g, j - g  # shifted positions
-    exact = (j <= i) & (
-        (j < g) | ((si // half == sj // half) & (sj >= 0)) | ((si >= half) & (sj >= half - w) & (sj < half))
-    )
+    exact = (j <= i) & ((j < g) | ((si // half == sj // half) & (sj >= 0)))
     weights = jnp.broadcast_to(jnp.asarray(exact, jnp.float32), (*low.shape[:3], t, t))
     weights = weights.at[..., g + half :, g : g + half].add(low[..., : t - g - half, :])
 

@@ -146,6 +146,10 @@ _COLUMN_MASS = {"sample_distribution": "column_mass", "sample_scheme": "systemat
         # sink + heavy global keys (a shared tile), importance-sampled residual (per-sample log-weights), probe kernels
         (False, {"num_sink_keys": 4, "num_heavy_keys": 8, **_COLUMN_MASS}, 1, 128, 80, None),
         (True, _COLUMN_MASS, 2, 256, 256, None),  # every level probed by the kernels, on its own chunks
+        # global keys keep their (masked) hash slots: power-of-two blocks, in-kernel row gathers, in-place backward
+        (False, {"num_sink_keys": 4, "num_heavy_keys": 12, **_COLUMN_MASS}, 2, 128, 128, None),
+        # heavy keys and the window as global keys of every level's plan, in the kernels' own causal function
+        (True, {"num_heavy_keys": 8, "local_window": 8, **_COLUMN_MASS}, 2, 256, 256, None),
     ],
 )
 def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options, b, t, s, kv_length):
@@ -174,6 +178,16 @@ def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options
     for a, b in zip(results["pallas_triton"], results["xla"], strict=True):
         assert a.shape == b.shape
         assert _relative(a, b) < 2e-2, _relative(a, b)
+
+
+def test_fused_causal_recursion_takes_only_the_shapes_it_computes_like_the_ops_recursion():
+    cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=128)
+    assert recursion_shape(512, 16, cfg)[:2] == (2, 128)  # the last quarters hold min_seq_len keys: estimated
+    # 384 -> 192 -> 96: quarters of 96 < min_seq_len keys are exact in the recursion; the fused levels would estimate
+    assert recursion_shape(384, 16, cfg) is None
+    assert recursion_shape(512, 16, cfg.replace(num_heavy_keys=8, local_window=64))[:2] == (2, 128)
+    assert recursion_shape(512, 16, cfg.replace(local_window=128)) is None  # the window fills a last quarter
+    assert recursion_shape(512, 16, cfg.replace(num_sink_keys=4)) is None  # sinks shift the recursion's positions
 
 
 def test_cudnn_base_case_defers_to_the_flash_kernel_off_gpu(rng):

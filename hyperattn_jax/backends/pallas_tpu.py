@@ -33,8 +33,9 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 def config_tile_lengths(config, *, causal: bool) -> tuple[int, ...]:
     """Key-tile lengths of the estimate under `config`: the sortLSH block, the global keys (sinks, heavy keys) and
-    the samples. Causal quarters are estimated without sinks (the recursion takes them out first)."""
-    num_global = config.num_heavy_keys + (0 if causal else config.num_sink_keys)
+    the samples. Causal quarters are estimated without sinks (the recursion takes them out first) and with the window
+    as global keys."""
+    num_global = config.num_heavy_keys + (config.local_window if causal else config.num_sink_keys)
     return tuple(t for t in (config.block_size, num_global, config.sample_size) if t)
 
 
@@ -61,10 +62,11 @@ def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
     return None
 
 
-def estimate(q, k, v, *, key, config, kv_length, scale: float, hash_key, interpret: bool):
+def estimate(q, k, v, *, key, config, kv_length, scale: float, hash_key, interpret: bool, recent_keys: int = 0):
     """The non-causal estimate on the fused tiled kernel, grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, S, H]`):
     the plan from ops, XLA's gathers into sorted copies, the kernel; out `[B, K, G, T, H]`, lse `[B, K, G, T]`."""
-    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v, scale=scale)
+    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v, scale=scale,
+                     recent_keys=recent_keys)  # fmt: skip
     kernel = functools.partial(tiled_attention_tpu, interpret=interpret)
     return attend_tiles(q, hyper_attention_tiles(k, v, plan), plan, scale=scale, kernel=kernel)
 

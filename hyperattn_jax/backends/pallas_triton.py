@@ -37,7 +37,7 @@ def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool)
     """The kernels as `ops.AttentionParts` (grouped layout), for the shapes the fused causal function does not take
     (sinks, windows, odd lengths)."""
 
-    def estimate(q, k, v, *, key, config, kv_length):
+    def estimate(q, k, v, *, key, config, kv_length, recent_keys=0):
         out, lse = hyper_attention_pallas(
             ungroup_output(q),
             heads_major(k),  # [B, K, S, H] -> [B, S, K, H] (the transpose is its own inverse)
@@ -49,6 +49,7 @@ def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool)
             hash_key=hash_key,
             tuning=tuning,
             interpret=interpret,
+            recent_keys=recent_keys,
         )
         return group_queries(out, k.shape[1]), lse
 

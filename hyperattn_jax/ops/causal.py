@@ -9,9 +9,10 @@ Accuracy options (docs/accuracy.md), both expressed as one more exactly attended
 - `num_sink_keys` g: the first g keys are taken out before the recursion; every query attends them exactly (query
   i < g causally), and the recursion runs on positions [g, T).
 - `local_window` w: in each lower-left quarter the last w keys of the first half (the w keys just before the
-  boundary) are attended exactly by every second-half query and masked out of the non-causal estimate (as padding,
-  `kv_length = half - w`). Every query then sees its w most recent keys exactly: the base case covers its own chunk,
-  and the keys just before its chunk are always the boundary keys of the quarter that contains them.
+  boundary) are global keys of the quarter's plan (`make_plan(recent_keys=w)`): attended exactly by every
+  second-half query, left out of the blocks and the sample. Every query then sees its w most recent keys exactly:
+  the base case covers its own chunk, and the keys just before its chunk are always the boundary keys of the quarter
+  that contains them.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ class AttentionParts(NamedTuple):
     """A backend's pieces in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, S, H]`), each returning out and
     lse `[B, K, G, T]` float32.
 
-    estimate(q, k, v, *, key, config, kv_length): non-causal HyperAttention (keys at positions >= kv_length `[B]`
-      are padding; kv_length may be None).
+    estimate(q, k, v, *, key, config, kv_length, recent_keys=0): non-causal HyperAttention (keys at positions >=
+      kv_length `[B]` are padding; kv_length may be None); `recent_keys` r: the last r keys are attended exactly by
+      every query, as global keys of the plan (`ops.make_plan`; the recursion's window).
     exact(q, k, v, *, causal, kv_length): exact attention (kv_length only when not causal).
     """
 
@@ -81,24 +83,14 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, part
     # The recursion takes the sinks out before it starts: its quarters are estimated without them.
     quarter_config = config.replace(num_sink_keys=0) if num_sinks else config
 
-    def noncausal_fn(q, k, v, *, key, kv_length=None):
-        if quarter_is_exact(k.shape[2], config):
-            return parts.exact(q, k, v, causal=False, kv_length=kv_length)
-        return parts.estimate(q, k, v, key=key, config=quarter_config, kv_length=kv_length)
-
     def off_diagonal(q, k, v, key):
-        """Second-half queries over first-half keys: the non-causal estimate plus the exact recent-key window."""
+        """Second-half queries over first-half keys: the non-causal estimate, its last `local_window` keys (the
+        window) attended exactly as global keys of its plan."""
         half = k.shape[2]
         window = min(config.local_window, half)
-        if not window:
-            return noncausal_fn(q, k, v, key=key)
-        # Few keys: one unchunked call (the default query chunking would run T / 1024 small steps one after another).
-        recent = parts.exact(q, k[:, :, half - window :], v[:, :, half - window :], causal=False, kv_length=None)
-        if window == half:
-            return recent
-        kv_length = jnp.full((q.shape[0],), half - window, jnp.int32)
-        estimate = noncausal_fn(q, k, v, key=key, kv_length=kv_length)
-        return merge_partials(*estimate, *recent)
+        if quarter_is_exact(half, config) or window == half:
+            return parts.exact(q, k, v, causal=False, kv_length=None)
+        return parts.estimate(q, k, v, key=key, config=quarter_config, kv_length=None, recent_keys=window)
 
     def recurse(q, k, v, key):
         t = q.shape[3]

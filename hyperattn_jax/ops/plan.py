@@ -17,12 +17,15 @@ import jax.numpy as jnp
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.lsh import lsh_projections, lsh_rank
 from hyperattn_jax.ops.keys import draw_index, draw_uniform, plan_keys
-from hyperattn_jax.ops.sorting import SortOrder, sort_orders
+from hyperattn_jax.ops.sorting import SortOrder, positions_mask, sort_orders
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=("query_order", "key_order", "sample_index", "num_valid_keys", "sample_log_weight", "num_block_keys"),
+    data_fields=(
+        "query_order", "key_order", "sample_index", "num_valid_keys", "sample_log_weight", "num_block_keys",
+        "global_index",
+    ),
     meta_fields=("num_blocks", "query_block", "key_block", "num_global"),
 )
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +38,12 @@ class SortLSHPlan:
     num_blocks: nb; query_block: queries per block (bq = ceil(T / nb)); key_block: keys per block (b).
     sample_index: int32 `[B, K, m]` sampled key indices (original positions), or None when sampling is off.
     num_valid_keys: float32 `[B]`, the real key count S (per batch element when kv_length is given).
-    num_global: static count of exact keys (sinks + heavy keys) that sort first in `key_order`, ahead of the blocks.
+    num_global: static count of exact keys (sinks + heavy keys), attended by every query.
     sample_log_weight: float32 `[B, K, m]` log of each sample's weight 1 / (m p_j); None means log(S / m).
     num_block_keys: int32 `[B, K]` real keys in the blocks (valid keys that are not global); None means S.
+    global_index: int32 `[B, K, num_global]` the global keys (original positions), or None when there are none. They
+      keep their place in the hash order, and their block slots are masked (`ops.tiles`): the block grid is the
+      paper's whatever the number of global keys (power-of-two blocks for the kernels, shard boundaries kept).
     """
 
     query_order: SortOrder
@@ -50,6 +56,7 @@ class SortLSHPlan:
     num_global: int = 0
     sample_log_weight: jax.Array | None = None
     num_block_keys: jax.Array | None = None
+    global_index: jax.Array | None = None
 
     def replace(self, **changes) -> SortLSHPlan:
         return dataclasses.replace(self, **changes)
@@ -77,12 +84,17 @@ def probe_column_mass(q, k, *, key, num_probes: int, scale: float, key_valid=Non
     return jnp.mean(jax.nn.softmax(s, axis=-1), axis=2)
 
 
-def _global_key_mask(q, k, mass_key, config, scale, key_valid, probe):
-    """Which keys are attended exactly by every query: the first sinks plus the probed heaviest columns."""
+def _global_keys(q, k, mass_key, config, scale, kv_length, key_valid, probe, recent_keys: int):
+    """The keys attended exactly by every query: the first sinks, the last `recent_keys` valid keys and the probed
+    heaviest columns. Returns their mask `[B, K, S]`, their positions `[B, K, g]` int32 (None when g = 0) and the
+    probed column mass (or None)."""
     s = k.shape[2]
+    if recent_keys and (config.num_sink_keys or kv_length is not None):
+        raise ValueError("recent_keys is the causal recursion's window, whose quarters have no sinks or kv_length")
     num_sinks = min(config.num_sink_keys, s)
-    num_heavy = min(config.num_heavy_keys, s - num_sinks)
-    is_global = jnp.broadcast_to(jnp.arange(s) < num_sinks, k.shape[:3])
+    num_recent = min(recent_keys, s)
+    num_heavy = min(config.num_heavy_keys, s - num_sinks - num_recent)
+    is_sink = jnp.broadcast_to(jnp.arange(s) < num_sinks, k.shape[:3])
     mass = None
     if config.needs_probe and probe is not None:
         mass = probe(mass_key)
@@ -90,13 +102,20 @@ def _global_key_mask(q, k, mass_key, config, scale, key_valid, probe):
         mass = probe_column_mass(
             q, k, key=mass_key, num_probes=config.num_probe_queries, scale=scale, key_valid=key_valid
         )
+    index = jnp.broadcast_to(jnp.arange(num_sinks, dtype=jnp.int32), (*k.shape[:2], num_sinks))
+    if num_recent:
+        recent = jnp.arange(s - num_recent, s, dtype=jnp.int32)
+        index = jnp.concatenate([index, jnp.broadcast_to(recent, (*k.shape[:2], num_recent))], axis=-1)
+    is_exact = positions_mask(index, s) if index.shape[-1] else is_sink
     if num_heavy > 0:
-        # Padding ranks below every real key but above the sinks, so the picks never repeat a sink and the count of
-        # global keys stays exactly num_sinks + num_heavy (padding picked when too few keys are valid is masked).
-        candidate = jnp.where(is_global, -jnp.inf, jnp.where(key_valid, mass, -1.0))
+        # Padding ranks below every real key but above the sinks and recent keys, so the picks never repeat one and
+        # the count of global keys stays exactly g (padding picked when too few keys are valid is masked).
+        candidate = jnp.where(is_exact, -jnp.inf, jnp.where(key_valid, mass, -1.0))
         _, heavy = jax.lax.top_k(candidate, num_heavy)
-        is_global = is_global | jnp.any(heavy[..., None] == jnp.arange(s), axis=-2)
-    return is_global, num_sinks + num_heavy, mass
+        index = jnp.concatenate([index, heavy.astype(jnp.int32)], axis=-1)
+    if index.shape[-1] == 0:
+        return is_sink, None, mass
+    return positions_mask(index, s), index, mass
 
 
 def _sample_probabilities(k, v, config, mass, is_normal):
@@ -157,6 +176,7 @@ def make_plan(
     scale=None,
     ranks=None,
     probe=None,
+    recent_keys: int = 0,
 ) -> SortLSHPlan:
     """Hash queries `[B, K, G, T, H]` and keys `[B, K, S, H]`, sort them, pick global keys and draw the samples.
 
@@ -168,6 +188,8 @@ def make_plan(
     kernels hash all causal levels in one pass over the unsorted inputs); q and k are then read only for their shapes
     and for the column-mass probe. `probe`, when given, replaces `probe_column_mass`: a function of the probe's
     random key returning the column mass `[B, K, S]` of the same probe rows (`probe_index`), e.g. the kernels'.
+    `recent_keys` r: the last r valid keys are global too, attended exactly by every query (the causal recursion's
+    window: its off-diagonal quarters pass `local_window`); not with sinks.
     """
     batch, _, _, t, head_dim = q.shape
     s = k.shape[2]
@@ -182,18 +204,20 @@ def make_plan(
     else:
         num_valid = jnp.clip(kv_length.astype(jnp.int32), 1, s)
     key_valid = jnp.broadcast_to((jnp.arange(s) < num_valid[:, None])[:, None], k.shape[:3])
-    uses_options = config.num_sink_keys or config.num_heavy_keys or config.needs_probe
+    uses_options = config.num_sink_keys or config.num_heavy_keys or config.needs_probe or recent_keys
     paper_sampling = config.sample_distribution == "uniform" and config.sample_scheme == "independent"
     if not uses_options and paper_sampling:
         return _paper_plan(q, query_rank, key_rank, key_valid, num_valid, keys.samples, config, sample_index)
 
-    is_global, num_global, mass = _global_key_mask(q, k, keys.probe, config, scale, key_valid, probe)
+    is_global, global_index, mass = _global_keys(q, k, keys.probe, config, scale, kv_length, key_valid, probe,
+                                                  recent_keys)  # fmt: skip
     is_normal = key_valid & ~is_global
-    # Global keys sort first (rank 0), then the hashed keys, then padding: blocks are cut from the middle part.
-    key_rank = jnp.where(is_global, 0, jnp.where(key_valid, key_rank + 1, config.num_buckets + 1))
-    query_order, key_order = sort_orders([query_rank, key_rank], config.num_buckets + 2)
+    # Every valid key keeps its hash rank, global keys too (their block slots are masked), and padding sorts last:
+    # the blocks are the paper's, whatever the number of global keys.
+    key_rank = jnp.where(key_valid, key_rank, config.num_buckets)
+    query_order, key_order = sort_orders([query_rank, key_rank], config.num_buckets + 1)
     num_block_keys = jnp.sum(is_normal, axis=-1, dtype=jnp.int32)
-    num_blocks = max(1, -(-(s - num_global) // config.block_size))
+    num_blocks = -(-s // config.block_size)
     sample_log_weight = None
     if sample_index is not None:
         sample_index = sample_index.astype(jnp.int32)
@@ -217,9 +241,10 @@ def make_plan(
         key_block=config.block_size,
         sample_index=sample_index,
         num_valid_keys=num_valid.astype(jnp.float32),
-        num_global=num_global,
+        num_global=0 if global_index is None else global_index.shape[-1],
         sample_log_weight=sample_log_weight,
         num_block_keys=num_block_keys,
+        global_index=global_index,
     )
 
 

@@ -119,3 +119,10 @@ def sort_rows(x, order: SortOrder):
 def unsort_rows(x_sorted, order: SortOrder):
     """Inverse of `sort_rows`: rows back in their original order."""
     return gather_rows(x_sorted, order.inverse, order.perm)
+
+
+def positions_mask(index, length: int):
+    """bool `[..., length]`: True at the positions `index` `[..., n]` names (a scatter, not an n x length compare)."""
+    flat = index.reshape(-1, index.shape[-1])
+    marked = jnp.zeros((flat.shape[0], length), bool).at[jnp.arange(flat.shape[0])[:, None], flat].set(True)
+    return marked.reshape(*index.shape[:-1], length)

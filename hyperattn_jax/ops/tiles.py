@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax.ops.plan import SortLSHPlan
-from hyperattn_jax.ops.sorting import sort_rows, unsort_rows
+from hyperattn_jax.ops.sorting import positions_mask, sort_rows, unsort_rows
 
 
 class KeyTile(NamedTuple):
@@ -46,39 +46,40 @@ def unblock_query_layout(x_blocks, plan: SortLSHPlan, num_queries: int):
     return unsort_rows(x, plan.query_order)
 
 
-def _sorted_keys(k, v, plan: SortLSHPlan):
-    return sort_rows(k, plan.key_order), sort_rows(v, plan.key_order)
-
-
 def _block_tile_from_sorted(k_sorted, v_sorted, plan: SortLSHPlan) -> KeyTile:
-    start, padded = plan.num_global, plan.num_blocks * plan.key_block
+    padded = plan.num_blocks * plan.key_block
     shape = (*k_sorted.shape[:2], plan.num_blocks, plan.key_block, k_sorted.shape[-1])
-    k_blocks = _pad_axis(k_sorted[:, :, start : start + padded], 2, padded).reshape(shape)
-    v_blocks = _pad_axis(v_sorted[:, :, start : start + padded], 2, padded).reshape(shape)
-    if plan.num_block_keys is None:
-        is_real = (jnp.arange(padded) < plan.num_valid_keys[:, None])[:, None]  # valid keys sort first, padding last
-    else:
-        is_real = jnp.arange(padded) < plan.num_block_keys[..., None]
+    k_blocks = _pad_axis(k_sorted[:, :, :padded], 2, padded).reshape(shape)
+    v_blocks = _pad_axis(v_sorted[:, :, :padded], 2, padded).reshape(shape)
+    is_real = (jnp.arange(padded) < plan.num_valid_keys[:, None])[:, None]  # valid keys sort first, padding last
+    if plan.global_index is not None:  # global keys keep their slot in the hash order, masked there
+        slot = jnp.take_along_axis(plan.key_order.inverse, plan.global_index, axis=-1)
+        is_real = is_real & ~_pad_axis(positions_mask(slot, k_sorted.shape[2]), 2, padded)
     log_weight = jnp.where(is_real, 0.0, -jnp.inf).reshape(*is_real.shape[:2], plan.num_blocks, plan.key_block)
     return KeyTile(k_blocks, v_blocks, log_weight)
 
 
-def _global_tile_from_sorted(k_sorted, v_sorted, plan: SortLSHPlan) -> KeyTile:
-    g = plan.num_global
-    index = plan.key_order.perm[:, :, :g]
-    is_real = index < plan.num_valid_keys[:, None, None]
-    log_weight = jnp.where(is_real, 0.0, -jnp.inf)[:, :, None, :]
-    return KeyTile(k_sorted[:, :, None, :g], v_sorted[:, :, None, :g], log_weight)
+def _sorted_keys(k, v, plan: SortLSHPlan):
+    return sort_rows(k, plan.key_order), sort_rows(v, plan.key_order)
 
 
 def block_diagonal_tile(k, v, plan: SortLSHPlan) -> KeyTile:
-    """The sortLSH key tile: sorted key block i for query block i; padding keys get log-weight -inf."""
+    """The sortLSH key tile: sorted key block i for query block i; padding and global keys get log-weight -inf."""
     return _block_tile_from_sorted(*_sorted_keys(k, v, plan), plan)
 
 
 def global_key_tile(k, v, plan: SortLSHPlan) -> KeyTile:
-    """The exact global keys (sinks, heavy keys) shared by all query blocks, log-weight 0: `[B, K, 1, g, H]`."""
-    return _global_tile_from_sorted(*_sorted_keys(k, v, plan), plan)
+    """The exact global keys (sinks, heavy keys) shared by all query blocks, log-weight 0 (-inf for padding picked
+    where too few keys are valid): `[B, K, 1, g, H]`."""
+    index = plan.global_index
+    is_real = index < plan.num_valid_keys[:, None, None]
+    log_weight = jnp.where(is_real, 0.0, -jnp.inf)[:, :, None, :]
+    return KeyTile(_take_keys(k, index), _take_keys(v, index), log_weight)
+
+
+def _take_keys(x, index):
+    """Rows `index` `[B, K, n]` of x `[B, K, S, H]`, as a shared tile `[B, K, 1, n, H]`."""
+    return jnp.take_along_axis(x, index[..., None], axis=2)[:, :, None]
 
 
 def sampled_residual_tile(k, v, plan: SortLSHPlan) -> KeyTile:
@@ -87,24 +88,21 @@ def sampled_residual_tile(k, v, plan: SortLSHPlan) -> KeyTile:
     Under the paper's uniform sampling the weight is S/m.
     """
     index = plan.sample_index
-    k_sampled = jnp.take_along_axis(k, index[..., None], axis=2)[:, :, None]
-    v_sampled = jnp.take_along_axis(v, index[..., None], axis=2)[:, :, None]
     sorted_position = jnp.take_along_axis(plan.key_order.inverse, index, axis=2)
-    sample_block = (sorted_position - plan.num_global) // plan.key_block  # [B, K, m]
+    sample_block = sorted_position // plan.key_block  # [B, K, m]
     in_own_block = sample_block[:, :, None, :] == jnp.arange(plan.num_blocks)[:, None]  # [B, K, nb, m]
     if plan.sample_log_weight is None:
         log_weight = jnp.log(plan.num_valid_keys / index.shape[-1])[:, None, None, None]
     else:
         log_weight = plan.sample_log_weight[:, :, None, :]
-    return KeyTile(k_sampled, v_sampled, jnp.where(in_own_block, -jnp.inf, log_weight))
+    return KeyTile(_take_keys(k, index), _take_keys(v, index), jnp.where(in_own_block, -jnp.inf, log_weight))
 
 
 def hyper_attention_tiles(k, v, plan: SortLSHPlan) -> list[KeyTile]:
     """Every key tile of non-causal HyperAttention under `plan`: blocks, then global keys, then samples."""
-    k_sorted, v_sorted = _sorted_keys(k, v, plan)
-    tiles = [_block_tile_from_sorted(k_sorted, v_sorted, plan)]
+    tiles = [block_diagonal_tile(k, v, plan)]
     if plan.num_global:
-        tiles.append(_global_tile_from_sorted(k_sorted, v_sorted, plan))
+        tiles.append(global_key_tile(k, v, plan))
     if plan.sample_index is not None:
         tiles.append(sampled_residual_tile(k, v, plan))
     return tiles

@@ -37,18 +37,19 @@ from hyperattn_jax.kernels.gpu.hyper import (
     row_positions,
 )
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
-from hyperattn_jax.ops.causal import causal_base_length
+from hyperattn_jax.ops.causal import causal_base_length, quarter_is_exact
 from hyperattn_jax.ops.keys import level_keys
 from hyperattn_jax.ops.plan import make_plan, plan_projections
 
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
     """(levels, base segment length, flash tuning) of the recursion over t positions, or None where this module does
-    not apply and the ops recursion (with kernels inside) must run: global keys or a local window (extra exact tiles,
-    and sorted blocks with padding slots), no recursion at all, and shapes the in-place kernels cannot take: odd
-    lengths on the way down, segments not a multiple of the block size (every query and key slot of every level must
-    hold a real row), head dims or blocks that are not powers of two."""
-    if config.num_sink_keys or config.num_heavy_keys or config.local_window:
+    not apply and the ops recursion (with kernels inside) must run: sinks (taken out before the recursion, which
+    then runs on shifted positions), a window as long as a quarter, no recursion at all, and shapes the in-place
+    kernels cannot take: odd lengths on the way down, segments not a multiple of the block size (every query and key
+    slot of every level must hold a real row), head dims or blocks that are not powers of two. Heavy keys and the
+    window are global keys of each level's plan (a shared tile, like the samples)."""
+    if config.num_sink_keys:
         return None
     if not (fits_dot(head_dim) and fits_dot(config.block_size)):
         return None
@@ -59,7 +60,11 @@ def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfi
         segment //= 2
         depth += 1
     block = next((b for b in (128, 64, 32, 16) if segment % b == 0), None)
-    if depth == 0 or block is None or segment % config.block_size:
+    if depth == 0 or block is None or segment % config.block_size or config.local_window >= segment:
+        return None
+    # Lengths that do not halve down to min_seq_len (e.g. 3 x 4096): the recursion computes the last level's
+    # quarters exactly, and this module estimates every level.
+    if quarter_is_exact(segment, config):
         return None
     return depth, segment, FlashConfig(block_q=block, block_k=min(64, block), block_bwd=min(64, block))
 
@@ -139,8 +144,9 @@ def _causal_fwd(q, k, v, key, hash_key, static):
             arrange=functools.partial(_stack_level_problems, level=level),
         )
         plan = make_plan(
-            ql, kl, key=level_key, config=config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks, probe=probe
-        )
+            ql, kl, key=level_key, config=config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks, probe=probe,
+            recent_keys=config.local_window,
+        )  # fmt: skip
         # The level's problems read their rows of q, k, v by index (the plan was made for [P, K, G, T', H] problems,
         # P = chunks * B, problem p reading batch element p % B) and merge by lse into out, lse in place.
         query_index, tiles, _, key_index = row_operands(

@@ -60,8 +60,8 @@ def can_gather_in_kernel(head_dim: int, plan) -> bool:
 
 
 def _blocks_hold_valid_keys(plan, num_keys: int, kv_length) -> bool:
-    """Whether every sorted-block key slot of the plan holds a distinct valid key: no kv_length, no global keys
-    (they sort first and leave padding slots), no padding at the end. The block tile's log-weights are then all 0."""
+    """Whether every sorted-block key slot of the plan holds a valid key attended there: no kv_length, no global keys
+    (their slots are masked), no padding at the end. The block tile's log-weights are then all 0."""
     return kv_length is None and plan.num_global == 0 and plan.num_blocks * plan.key_block == num_keys
 
 
@@ -87,10 +87,10 @@ def row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_leng
 
 def can_backward_in_place(plan, num_queries: int, num_keys: int) -> bool:
     """Whether `estimate_backward_rows` takes the plan: every query slot and every sorted-block key slot holds a
-    real row (no padding: its gradient rows would collide), problems of `num_queries` x `num_keys`."""
+    distinct row (no padding: its gradient rows would collide; masked global keys hold their own rows), problems of
+    `num_queries` x `num_keys`."""
     return (
-        plan.num_global == 0
-        and plan.num_blocks * plan.query_block == num_queries
+        plan.num_blocks * plan.query_block == num_queries
         and plan.num_blocks * plan.key_block == num_keys
         and (plan.num_blocks == 1 or fits_dot(plan.key_block))
     )
@@ -337,9 +337,10 @@ def hyper_attention_pallas(
     hash_key=None,
     tuning: TiledKernelConfig | None = None,
     interpret: bool | None = None,
+    recent_keys: int = 0,
 ):
     """Non-causal HyperAttention with the fused kernels; same estimator (and same plan for the same key) as
-    `ops.grouped_hyper_attention`.
+    `ops.grouped_hyper_attention` (`recent_keys` as in `ops.make_plan`).
 
     q `[B, T, N, H]`, k, v `[B, S, K, H]` (public layout). Returns out `[B, T, N, H]` in q's dtype and lse
     `[B, K, G, T]` float32 (G = N // K).
@@ -348,6 +349,7 @@ def hyper_attention_pallas(
         interpret = jax.default_backend() != "gpu"
     found = plan_inputs(q, k, key, config, hash_key, scale=scale, interpret=interpret, probe_allowed=kv_length is None)
     q5, k4, v4 = grouped_inputs(*jax.lax.stop_gradient((q, k, v)))
-    plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale, **found)
+    plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale,
+                     recent_keys=recent_keys, **found)  # fmt: skip
     rows = plan_rows(plan, row_positions(q5.shape), row_positions(k4.shape))
     return estimate(q, k, v, kv_length, plan, rows, (float(scale), tuning or TiledKernelConfig(), bool(interpret)))
