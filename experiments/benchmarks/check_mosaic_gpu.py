@@ -2,15 +2,15 @@
 
 Command:  PYTHONPATH=. python3 experiments/benchmarks/check_mosaic_gpu.py --out $OUT/mosaic_check.json
 Hardware: one H100 80GB or H200 (Hopper: the kernel uses wgmma and TMA), jax 0.11.2 or newer. Runtime: ~2.5 min
-(compilation included; one device call). Recorded: experiments/results/mosaic_check_h100.json (H100, 2026-12-06):
-(a) held; (b) the kernel alone 5-14% faster than Triton's, the path 30-45% slower end to end. The prediction,
-written before the first run: (a) the Mosaic forward agrees with the Triton and xla paths for the same key to ~3e-3
-relative (bf16; the same plan, the same estimator), at H 64 and 128 with GQA, and every kernel variant (P in
-registers: the GPU's; P in shared memory: the one jax's interpreter tests on CPU; one or two compute warpgroups) agrees with the float32 twin; (b) on the same
-pre-gathered inputs the Mosaic kernel is faster than the Triton tiled kernel (wgmma and TMA against Triton's mma),
-two compute warpgroups faster than one (half the k/v copies per query), but the end-to-end non-causal forward is not
-yet faster than `pallas_triton`'s, which gathers rows inside its kernel: the Mosaic path pays XLA's sorted copies of
-q, k, v and of the output (~1.5 ms of 6.5 ms at 131k on the H100).
+(compilation included; one device call). Recorded: experiments/results/mosaic_check_h100.json (H100, 2026-12-06): (a)
+held; (b) the kernel alone 5-14% faster than Triton's, the path 30-45% slower end to end. The prediction, written
+before the first run: (a) the Mosaic forward agrees with the Triton and xla paths for the same key to ~3e-3 relative
+(bf16; the same plan, the same estimator), at H 64 and 128 with GQA, and every kernel variant (P in registers: the
+GPU's; P in shared memory: the one jax's interpreter tests on CPU; one or two compute warpgroups) agrees with the
+float32 twin; (b) on the same pre-gathered inputs the Mosaic kernel is faster than the Triton tiled kernel (wgmma and
+TMA against Triton's mma), two compute warpgroups faster than one (half the k/v copies per query), but the end-to-end
+non-causal forward is not yet faster than `pallas_triton`'s, which gathers rows inside its kernel: the Mosaic path
+pays XLA's sorted copies of q, k, v and of the output (~1.5 ms of 6.5 ms at 131k on the H100).
 
 (a) `--check-n` tokens, B=1, N=8 query heads over K=2 kv heads (GQA), H 64 and 128, bf16, paper config, one key:
   relative difference of out and lse between `pallas_mosaic_gpu`, `pallas_triton` and `xla` (forward), and of dq, dk,

@@ -23,7 +23,12 @@ from hyperattn_jax.ops.sorting import SortOrder, positions_mask, sort_orders
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=(
-        "query_order", "key_order", "sample_index", "num_valid_keys", "sample_log_weight", "num_block_keys",
+        "query_order",
+        "key_order",
+        "sample_index",
+        "num_valid_keys",
+        "sample_log_weight",
+        "num_block_keys",
         "global_index",
     ),
     meta_fields=("num_blocks", "query_block", "key_block", "num_global"),
