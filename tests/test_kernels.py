@@ -147,13 +147,14 @@ _COLUMN_MASS = {"sample_distribution": "column_mass", "sample_scheme": "systemat
         (False, {"num_sink_keys": 4, "num_heavy_keys": 8, **_COLUMN_MASS}, 1, 128, 80, None),
         (True, _COLUMN_MASS, 2, 256, 256, None),  # every level probed by the kernels, on its own chunks
         # global keys keep their (masked) hash slots: power-of-two blocks, in-kernel row gathers, in-place backward
-        (False, {"num_sink_keys": 4, "num_heavy_keys": 12, **_COLUMN_MASS}, 2, 128, 128, None),
+        # 24 global keys and 80 samples: shared tiles padded to whole kernel chunks (64 keys)
+        (False, {"num_sink_keys": 4, "num_heavy_keys": 20, "sample_size": 80, **_COLUMN_MASS}, 2, 128, 128, None),
         # heavy keys and the window as global keys of every level's plan, in the kernels' own causal function
-        (True, {"num_heavy_keys": 8, "local_window": 8, **_COLUMN_MASS}, 2, 256, 256, None),
+        (True, {"num_heavy_keys": 16, "local_window": 8, **_COLUMN_MASS}, 2, 256, 256, None),
     ],
 )
 def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options, b, t, s, kv_length):
-    cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=32, **options)
+    cfg = ha.HyperAttentionConfig.paper(**{"block_size": 16, "sample_size": 16, "min_seq_len": 32, **options})
     n = 2 if causal else 4
     if causal:  # run by the kernels' own causal function (its backward merges the levels' gradients itself)
         assert recursion_shape(t, 16, cfg)[:2] == (3, 32)

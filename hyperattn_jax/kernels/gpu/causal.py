@@ -150,7 +150,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
         # The level's problems read their rows of q, k, v by index (the plan was made for [P, K, G, T', H] problems,
         # P = chunks * B, problem p reading batch element p % B) and merge by lse into out, lse in place.
         query_index, tiles, _, key_index = row_operands(
-            k, v, plan, _level_rows(query_positions, 1, level), _level_rows(key_positions, 0, level), b, None
+            k, v, plan, _level_rows(query_positions, 1, level), _level_rows(key_positions, 0, level), b, None, tuning
         )
         out, lse = indexed_tiled_forward(
             q_rows, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning, interpret=interpret,

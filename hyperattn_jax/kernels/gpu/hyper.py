@@ -65,23 +65,45 @@ def _blocks_hold_valid_keys(plan, num_keys: int, kv_length) -> bool:
     return kv_length is None and plan.num_global == 0 and plan.num_blocks * plan.key_block == num_keys
 
 
-def row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_length, rows=None):
+def _kernel_tile_length(length: int, tuning: TiledKernelConfig) -> int:
+    """A shared tile's length padded for the kernels, which step through a tile in whole chunks of min(block_k,
+    length) keys, each a power of two of at least 16 (Triton's dot): a power of two up to the chunk, else a multiple
+    of it."""
+    chunk = max(tuning.block_k, tuning.block_k_bwd)
+    if length <= chunk:
+        return max(MIN_DOT, 1 << (length - 1).bit_length())
+    return -(-length // chunk) * chunk
+
+
+def _pad_shared_tile(index, log_weight, tuning: TiledKernelConfig):
+    """A shared tile's rows `[P, K, 1, t]` and log-weights padded to `_kernel_tile_length` (rows -1, weight -inf)."""
+    t = index.shape[-1]
+    pad = _kernel_tile_length(t, TiledKernelConfig() if tuning is None else tuning) - t
+    if not pad:
+        return index, log_weight
+    log_weight = jnp.broadcast_to(log_weight, (*log_weight.shape[:-1], t))
+    widths = [(0, 0)] * (index.ndim - 1) + [(0, pad)]
+    return jnp.pad(index, widths, constant_values=-1), jnp.pad(log_weight, widths, constant_values=-jnp.inf)
+
+
+def row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_length, tuning, rows=None):
     """What the row-indexed kernels take for a plan: the int32 query row of every blocked slot `[P, K, G, nb, bq]`
     (-1 = padding); the tiles, per-block ones without k, v (their rows are loaded by index in the kernel; without
     log-weights where all are 0, `_blocks_hold_valid_keys`: one add per score fewer), shared ones (samples, global
-    keys) gathered here; each tile's int32 rows `[P, K, nb | 1, t]`; and which of them the kernel loads by index
-    (None for the gathered ones)."""
+    keys) gathered here and padded to whole kernel chunks (`_kernel_tile_length`); each tile's int32 rows
+    `[P, K, nb | 1, t]`; and which of them the kernel loads by index (None for the gathered ones)."""
     unweighted_blocks = _blocks_hold_valid_keys(plan, key_positions.shape[-2], kv_length)
     query_index, tile_rows = plan_rows(plan, query_positions, key_positions) if rows is None else rows
     tiles, rows, in_kernel = [], [], []
     for index, log_weight in tile_rows:  # index [P, K, nb | 1, t]
-        rows.append(index)
         if index.shape[2] == plan.num_blocks > 1 and fits_dot(index.shape[3]):
             tiles.append(KeyTile(None, None, None if unweighted_blocks else log_weight))
             in_kernel.append(index)
         else:
+            index, log_weight = _pad_shared_tile(index, log_weight, tuning)
             tiles.append(KeyTile(rows_of(k, index, batch), rows_of(v, index, batch), log_weight))
             in_kernel.append(None)
+        rows.append(index)
     return query_index, tiles, rows, in_kernel
 
 
@@ -123,7 +145,7 @@ def estimate_backward_rows(
     index (`indexed_tiled_backward`). Needs `can_backward_in_place`; `kv_length` as for the forward; `rows`: the
     plan's `ops.plan_rows` at those positions, where the caller has them."""
     query_index, tiles, rows, _ = row_operands(
-        k, v, plan, query_positions, key_positions, q_rows.shape[0], kv_length, rows
+        k, v, plan, query_positions, key_positions, q_rows.shape[0], kv_length, tuning, rows
     )
     return indexed_tiled_backward(
         q_rows,
@@ -269,7 +291,7 @@ def _estimate_fwd(q, k, v, kv_length, plan, rows, static):
     if can_gather_in_kernel(h, plan):
         query_index, tiles, _, key_index = row_operands(
             k, v, plan, row_positions((b, kv_heads, n // kv_heads, t, 1)), row_positions((b, kv_heads, k.shape[1], 1)),
-            b, kv_length, rows,
+            b, kv_length, tuning, rows,
         )  # fmt: skip
         q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
         out, lse = indexed_tiled_forward(
