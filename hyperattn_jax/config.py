@@ -24,7 +24,7 @@ class HyperAttentionConfig:
     with uniform, unbiased weights) instead of uniformly: on real LM attention (SmolLM2-135M at 8192 tokens,
     docs/accuracy.md, "Perplexity by kind of text") that cuts the output error 5x causal and 1.6x non-causal, and
     perplexity with every layer replaced from 3.2x / 2.5x / 3.8x exact to 1.05x / 1.12x / 1.04x on plays / Python
-    code / prose (code is the hardest kind), for 3-5% more time forward+backward and 8-15% forward on an H100 (32k
+    code / prose (code is the hardest kind), for 1-6% more time forward+backward and 7-15% forward on an H100 (32k
     and 131k).
     `HyperAttentionConfig.paper()` is the published algorithm exactly; `HyperAttentionConfig.accurate()` our most
     accurate variant at the paper's 512 keys per query.

@@ -38,9 +38,9 @@ from hyperattn_jax.parallel.head_sharded import axis_shards
 from hyperattn_jax.reference import grouped_exact_attention
 
 _INT32_MAX = 2**31 - 1
-# The published plan's values of the accuracy options. Their plans cannot be cut at device boundaries: global keys
-# (sinks, heavy keys) shift the block grid off them, and data-dependent draws (a CDF over all keys of a head in hash
-# order) would need a distributed prefix sum whose rounding differs from one device's, flipping draws near a boundary.
+# The published plan's values of the accuracy options. Global keys (sinks, heavy keys) would be one tile gathered from
+# the devices holding them (not written), and data-dependent draws (a CDF over all keys of a head in hash order) would
+# need a distributed prefix sum whose rounding differs from one device's, flipping draws near a boundary.
 _PAPER_VALUES = {
     "num_sink_keys": 0,
     "num_heavy_keys": 0,
