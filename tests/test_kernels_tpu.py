@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
+import hyperattn_jax as ha
 from hyperattn_jax.backends import pallas_tpu
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.kernels.tpu._common import compiler_params
@@ -120,6 +121,41 @@ def test_flash_kernel_matches_its_twin(rng, dtype, causal, kv_length):
 
 # The backend against the xla path for the same key (out, lse, gradients, causal and not, float32 at 1e-4 of the
 # largest entry) runs in the shared backend suite (tests/test_backend_suite.py).
+
+
+_CAUSAL_LEVELS = {
+    # two levels, every quarter estimated (the last ones hold min_seq_len keys)
+    "paper": (dict(), 256),
+    # heavy keys and the window as global keys of every level's plan, column-mass samples
+    "heavy+window": (dict(num_heavy_keys=16, local_window=8, sample_distribution="column_mass"), 256),
+    # 384 -> 192 -> 96 -> 48: the last level's quarters (48 keys < min_seq_len) are exact, as in the recursion
+    "exact_last_quarters": (dict(), 384),
+}
+
+
+@pytest.mark.parametrize("name", list(_CAUSAL_LEVELS))
+def test_causal_levels_equal_the_ops_recursion(rng, name):
+    """The TPU backend's level-by-level causal path against the xla path's recursion (same problems, keys and merge
+    order): out, lse and gradients in float32, to float32 rounding."""
+    from hyperattn_jax.ops.causal import level_shape
+
+    options, t = _CAUSAL_LEVELS[name]
+    config = HyperAttentionConfig.paper(block_size=32, sample_size=32, min_seq_len=64, **options)
+    assert level_shape(t, config) is not None  # the level-by-level path runs
+    q, k, v = (jnp.asarray(rng.standard_normal((1, t, n, 64)), jnp.float32) for n in (2, 1, 1))
+    weight = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def run(implementation):
+        def loss(q, k, v):
+            out, lse = ha.hyper_attention(q, k, v, key=jax.random.key(3), config=config, causal=True,
+                                          return_lse=True, implementation=implementation, interpret=True)  # fmt: skip
+            return jnp.sum(out * weight) + jnp.sum(jnp.sin(lse)), (out, lse)
+
+        (_, outputs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        return [*outputs, *grads]
+
+    for got, want in zip(run("pallas_tpu"), run("xla"), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
 
 
 # ------------------------------------------------------------------------------------------------ lowering for a TPU

@@ -3,9 +3,10 @@
 Same plan and random draws as the xla backend for the same key (`ops.make_plan` with the same arguments), so the two
 agree up to rounding: the estimate is `ops.block_query_layout` + `ops.hyper_attention_tiles` (XLA gathers into
 sorted copies) + the fused tiled kernel in place of `ops.tiled_attention`; exact attention (S <= min_seq_len, the
-causal base case, sinks and windows) is the TPU flash kernel with its float32 lse; `ops.grouped_attention` picks
-between them and runs the causal recursion, merging levels by lse (differentiated through the kernels' lse vjp).
-`interpret=True` runs every kernel in TPU interpret mode on the CPU.
+causal base case, exact quarters) is the TPU flash kernel with its float32 lse. Causal calls run the recursion level
+by level here (`_causal_by_levels`, the kernels called directly) where `ops.level_shape` takes the length, else
+`ops.grouped_attention`'s recursion with the kernels as its parts (sinks, odd lengths); levels merge by lse
+(differentiated through the kernels' lse vjp). `interpret=True` runs every kernel in TPU interpret mode on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from hyperattn_jax.ops import (
     hyper_attention_tiles,
     make_plan,
 )
+from hyperattn_jax.ops.causal import level_problem, level_shape, merge_level, quarter_is_exact
+from hyperattn_jax.ops.keys import level_keys
 
 NAME = "pallas_tpu"
 PLATFORMS = ("tpu",)
@@ -81,6 +84,43 @@ def parts(*, scale: float, hash_key, interpret: bool) -> AttentionParts:
     return AttentionParts(estimate=functools.partial(estimate, **own), exact=exact)
 
 
+def _causal_by_levels(q, k, v, key, hash_key, *, config, shape, scale: float, interpret: bool):
+    """Causal HyperAttention in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, T, H]`) for the lengths
+    `ops.level_shape` takes (`shape` = its (levels, segment)): `ops.grouped_causal_attention`'s problems, random keys
+    and merges, level by level, on the kernels called directly. The base case is one causal flash call over every
+    segment (stacked on the batch axis); each level's lower-left problems are one estimate (exact where the recursion
+    is exact), merged by lse into the second halves, deepest level first as the recursion merges them.
+    Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32."""
+    depth, segment = shape
+    b, kv_heads, g, t, h = q.shape
+    chunks = t // segment
+
+    def segments(x):  # [B, K, (G,) T, H] -> [C * B, K, (G,) segment, H]
+        x = x.reshape(*x.shape[:-2], chunks, segment, h)
+        return jnp.moveaxis(x, -3, 0).reshape(chunks * b, *x.shape[1:-3], segment, h)
+
+    out, lse = flash.flash_attention_tpu(
+        segments(q), segments(k), segments(v), scale=scale, causal=True, interpret=interpret
+    )
+    out = jnp.moveaxis(out.astype(jnp.float32).reshape(chunks, b, kv_heads, g, segment, h), 0, 3).reshape(q.shape)
+    lse = jnp.moveaxis(lse.reshape(chunks, b, kv_heads, g, segment), 0, 3).reshape(b, kv_heads, g, t)
+    keys = level_keys(key, depth)
+    kernel = functools.partial(tiled_attention_tpu, interpret=interpret)
+    for level in reversed(range(depth)):
+        half = t >> (level + 1)
+        window = min(config.local_window, half)
+        q_level, k_level, v_level = level_problem(q, k, v, level)
+        if quarter_is_exact(half, config) or window == half:
+            part = flash.flash_attention_tpu(q_level, k_level, v_level, scale=scale, causal=False, interpret=interpret)
+        else:
+            plan = make_plan(q_level, k_level, key=keys[level], config=config, hash_key=hash_key, v=v_level,
+                             scale=scale, recent_keys=window)  # fmt: skip
+            tiles = hyper_attention_tiles(k_level, v_level, plan)
+            part = attend_tiles(q_level, tiles, plan, scale=scale, kernel=kernel)
+        out, lse = merge_level(out, lse, *part, level)
+    return out, lse
+
+
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False):
     """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]` (q's dtype, or float32 where the
     causal recursion merges levels), lse `[B, K, G, T]` float32.
@@ -95,7 +135,12 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
     ((1, 512, 2, 64), (1, 2, 1, 512))
     """
     q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
-    if causal or config.attends_exactly(k.shape[1]):  # the recursion / exact attention, on the kernels as parts
+    shape = level_shape(q.shape[1], config) if causal and not config.attends_exactly(k.shape[1]) else None
+    if shape is not None:
+        out, lse = _causal_by_levels(
+            q5, k4, v4, key, hash_key, config=config, shape=shape, scale=scale, interpret=interpret
+        )
+    elif causal or config.attends_exactly(k.shape[1]):  # the recursion / exact attention, on the kernels as parts
         own_parts = parts(scale=scale, hash_key=hash_key, interpret=interpret)
         out, lse = grouped_attention(
             q5, k4, v4, key=key, config=config, causal=causal, parts=own_parts, kv_length=kv_length

@@ -35,7 +35,7 @@ def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
 
 def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool) -> AttentionParts:
     """The kernels as `ops.AttentionParts` (grouped layout), for the shapes the fused causal function does not take
-    (sinks, windows, odd lengths)."""
+    (sinks, odd lengths, lengths that do not halve down to min_seq_len)."""
 
     def estimate(q, k, v, *, key, config, kv_length, recent_keys=0):
         out, lse = hyper_attention_pallas(

@@ -134,3 +134,76 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, part
     rest_out, rest_lse = rest_out[..., : t - g, :], rest_lse[..., : t - g]
     tail_out, tail_lse = merge_partials(sink_out, sink_lse, rest_out, rest_lse)
     return jnp.concatenate([head_out, tail_out], axis=3), jnp.concatenate([head_lse, tail_lse], axis=3)
+
+
+# The recursion level by level: level l (0 = top) has 2**l chunks of T / 2**l positions; its lower-left problems
+# (second-half queries over first-half keys of every chunk) run as one call, stacked on the batch axis in the order
+# the recursion stacks them (chunk index bit-reversed). Backends that run the levels themselves (the fused GPU
+# recursion, the TPU kernels) use these to make the same problems, keys and merges as `grouped_causal_attention`.
+
+
+def level_shape(t: int, config: HyperAttentionConfig) -> tuple[int, int] | None:
+    """(levels, base segment length) of the recursion over t positions when it can run level by level: no sinks
+    (they shift the recursion's positions), every length on the way down even, at least one level. Else None."""
+    if config.num_sink_keys:
+        return None
+    depth, segment = 0, t
+    while segment > causal_base_length(config):
+        if segment % 2:
+            return None
+        segment //= 2
+        depth += 1
+    return (depth, segment) if depth else None
+
+
+def _bit_reverse_chunks(x, axis: int, bits: int):
+    """Reorder a 2**bits axis by bit reversal (an involution), as a transpose of its binary digits (XLA fuses it)."""
+    if bits <= 1:
+        return x
+    shape = x.shape
+    x = x.reshape(*shape[:axis], *([2] * bits), *shape[axis + 1 :])
+    order = [*range(axis), *reversed(range(axis, axis + bits)), *range(axis + bits, x.ndim)]
+    return x.transpose(order).reshape(shape)
+
+
+def level_rows(x, which: int, level: int):
+    """Rows of x `[B, ..., T, H]`: half `which` (0 first, 1 second) of every one of the 2**level chunks, stacked as
+    `[chunks * B, ..., half, H]` in the recursion's batch order."""
+    batch, lead, h = x.shape[0], x.shape[1:-2], x.shape[-1]
+    chunks = 2**level
+    half = x.shape[-2] // chunks // 2
+    x = x.reshape(batch, *lead, chunks, 2, half, h)[..., which, :, :]
+    x = _bit_reverse_chunks(x, x.ndim - 3, level)
+    return jnp.moveaxis(x, x.ndim - 3, 0).reshape(chunks * batch, *lead, half, h)
+
+
+def level_problem(q, k, v, level: int):
+    """The lower-left problems of a level: q `[B, K, G, T, H]` -> `[C * B, K, G, T / 2C, H]`, k, v likewise."""
+    return level_rows(q, 1, level), level_rows(k, 0, level), level_rows(v, 0, level)
+
+
+def stack_level_problems(x, level: int):
+    """`[B, C, ...]` per chunk (C = 2**level, in sequence order) -> `[C * B, ...]` in `level_rows`' problem order."""
+    x = _bit_reverse_chunks(x, 1, level)
+    return jnp.moveaxis(x, 1, 0).reshape(-1, *x.shape[2:])
+
+
+def merge_level(out, lse, part_out, part_lse, level: int):
+    """out `[B, K, G, T, H]`, lse `[B, K, G, T]` with a level's lower-left part (`[C * B, K, G, half, H]`, lse
+    `[C * B, K, G, half]`, problems in `level_rows`' order) merged by lse into every chunk's second half, as the
+    recursion merges it (the result so far first)."""
+    chunks = 2**level
+
+    def by_chunk(x):  # [B, K, G, T, rest] -> [B, K, G, C, 2, half, rest]
+        return x.reshape(*x.shape[:3], chunks, 2, -1, *x.shape[4:])
+
+    def unstack(x):  # [C * B, K, G, half, rest] -> [B, K, G, C, half, rest], chunks in sequence order
+        return jnp.moveaxis(_bit_reverse_chunks(x.reshape(chunks, -1, *x.shape[1:]), 0, level), 0, 3)
+
+    out6, lse5 = by_chunk(out), by_chunk(lse[..., None])[..., 0]
+    merged_out, merged_lse = merge_partials(
+        out6[..., 1, :, :], lse5[..., 1, :], unstack(part_out), unstack(part_lse[..., None])[..., 0]
+    )
+    out6 = out6.at[..., 1, :, :].set(merged_out)
+    lse5 = lse5.at[..., 1, :].set(merged_lse)
+    return out6.reshape(out.shape), lse5.reshape(lse.shape)

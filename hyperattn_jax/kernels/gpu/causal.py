@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from hyperattn_jax._numerics import finite_or_zero
 from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
@@ -37,7 +36,7 @@ from hyperattn_jax.kernels.gpu.hyper import (
     row_positions,
 )
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
-from hyperattn_jax.ops.causal import causal_base_length, quarter_is_exact
+from hyperattn_jax.ops.causal import level_problem, level_rows, level_shape, quarter_is_exact, stack_level_problems
 from hyperattn_jax.ops.keys import level_keys
 from hyperattn_jax.ops.plan import make_plan, plan_projections
 
@@ -49,55 +48,18 @@ def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfi
     kernels cannot take: odd lengths on the way down, segments not a multiple of the block size (every query and key
     slot of every level must hold a real row), head dims or blocks that are not powers of two. Heavy keys and the
     window are global keys of each level's plan (a shared tile, like the samples)."""
-    if config.num_sink_keys:
+    shape = level_shape(t, config)
+    if shape is None or not (fits_dot(head_dim) and fits_dot(config.block_size)):
         return None
-    if not (fits_dot(head_dim) and fits_dot(config.block_size)):
-        return None
-    depth, segment = 0, t
-    while segment > causal_base_length(config):
-        if segment % 2:
-            return None
-        segment //= 2
-        depth += 1
+    depth, segment = shape
     block = next((b for b in (128, 64, 32, 16) if segment % b == 0), None)
-    if depth == 0 or block is None or segment % config.block_size or config.local_window >= segment:
+    if block is None or segment % config.block_size or config.local_window >= segment:
         return None
     # Lengths that do not halve down to min_seq_len (e.g. 3 x 4096): the recursion computes the last level's
     # quarters exactly, and this module estimates every level.
     if quarter_is_exact(segment, config):
         return None
     return depth, segment, FlashConfig(block_q=block, block_k=min(64, block), block_bwd=min(64, block))
-
-
-def _bit_reverse_chunks(x, axis: int, bits: int):
-    """Reorder a 2**bits axis by bit reversal (an involution), as a transpose of its binary digits (XLA fuses it)."""
-    if bits <= 1:
-        return x
-    shape = x.shape
-    x = x.reshape(*shape[:axis], *([2] * bits), *shape[axis + 1 :])
-    order = [*range(axis), *reversed(range(axis, axis + bits)), *range(axis + bits, x.ndim)]
-    return x.transpose(order).reshape(shape)
-
-
-def _level_rows(x, which: int, level: int):
-    """Rows of x `[B, ..., T, H]`: half `which` (0 first, 1 second) of every one of the 2**level chunks, stacked as
-    `[chunks * B, ..., half, H]` in the ops recursion's batch order."""
-    batch, lead, h = x.shape[0], x.shape[1:-2], x.shape[-1]
-    chunks = 2**level
-    half = x.shape[-2] // chunks // 2
-    x = x.reshape(batch, *lead, chunks, 2, half, h)[..., which, :, :]
-    x = _bit_reverse_chunks(x, x.ndim - 3, level)
-    return jnp.moveaxis(x, x.ndim - 3, 0).reshape(chunks * batch, *lead, half, h)
-
-
-def _stack_level_problems(x, level: int):
-    """`[B, C, ...]` per chunk (C = 2**level, in sequence order) -> `[C * B, ...]` in `_level_rows`' problem order."""
-    x = _bit_reverse_chunks(x, 1, level)
-    return jnp.moveaxis(x, 1, 0).reshape(-1, *x.shape[2:])
-
-
-def _level_problem(q, k, v, level: int):
-    return _level_rows(q, 1, level), _level_rows(k, 0, level), _level_rows(v, 0, level)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -131,8 +93,8 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     for level, (level_key, (query_rank, key_rank)) in enumerate(
         zip(keys, public_layout_ranks(q, k, projections, interpret=interpret), strict=True)
     ):
-        ql, kl, vl = _level_problem(q5, k4, v4, level)
-        ranks = _level_rows(query_rank[..., None], 1, level)[..., 0], _level_rows(key_rank[..., None], 0, level)[..., 0]
+        ql, kl, vl = level_problem(q5, k4, v4, level)
+        ranks = level_rows(query_rank[..., None], 1, level)[..., 0], level_rows(key_rank[..., None], 0, level)[..., 0]
         probe = kernel_probe(
             q,
             k,
@@ -141,7 +103,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
             interpret=interpret,
             chunks=2**level,
             halves=True,
-            arrange=functools.partial(_stack_level_problems, level=level),
+            arrange=functools.partial(stack_level_problems, level=level),
         )
         plan = make_plan(
             ql, kl, key=level_key, config=config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks, probe=probe,
@@ -150,7 +112,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
         # The level's problems read their rows of q, k, v by index (the plan was made for [P, K, G, T', H] problems,
         # P = chunks * B, problem p reading batch element p % B) and merge by lse into out, lse in place.
         query_index, tiles, _, key_index = row_operands(
-            k, v, plan, _level_rows(query_positions, 1, level), _level_rows(key_positions, 0, level), b, None, tuning
+            k, v, plan, level_rows(query_positions, 1, level), level_rows(key_positions, 0, level), b, None, tuning
         )
         out, lse = indexed_tiled_forward(
             q_rows, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning, interpret=interpret,
@@ -185,8 +147,8 @@ def _causal_bwd(static, residuals, cotangents):
             lse,
             delta,
             plan,
-            _level_rows(query_positions, 1, level),
-            _level_rows(key_positions, 0, level),
+            level_rows(query_positions, 1, level),
+            level_rows(key_positions, 0, level),
             grads,
             scale=scale,
             tuning=tuning,

@@ -75,7 +75,7 @@ def _kernel_tile_length(length: int, tuning: TiledKernelConfig) -> int:
     return -(-length // chunk) * chunk
 
 
-def _pad_shared_tile(index, log_weight, tuning: TiledKernelConfig):
+def _pad_shared_tile(index, log_weight, tuning: TiledKernelConfig | None):
     """A shared tile's rows `[P, K, 1, t]` and log-weights padded to `_kernel_tile_length` (rows -1, weight -inf)."""
     t = index.shape[-1]
     pad = _kernel_tile_length(t, TiledKernelConfig() if tuning is None else tuning) - t
@@ -86,7 +86,7 @@ def _pad_shared_tile(index, log_weight, tuning: TiledKernelConfig):
     return jnp.pad(index, widths, constant_values=-1), jnp.pad(log_weight, widths, constant_values=-jnp.inf)
 
 
-def row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_length, tuning, rows=None):
+def row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_length, tuning=None, rows=None):
     """What the row-indexed kernels take for a plan: the int32 query row of every blocked slot `[P, K, G, nb, bq]`
     (-1 = padding); the tiles, per-block ones without k, v (their rows are loaded by index in the kernel; without
     log-weights where all are 0, `_blocks_hold_valid_keys`: one add per score fewer), shared ones (samples, global
