@@ -151,13 +151,15 @@ _COLUMN_MASS = {"sample_distribution": "column_mass", "sample_scheme": "systemat
         (False, {"num_sink_keys": 4, "num_heavy_keys": 20, "sample_size": 80, **_COLUMN_MASS}, 2, 128, 128, None),
         # heavy keys and the window as global keys of every level's plan, in the kernels' own causal function
         (True, {"num_heavy_keys": 16, "local_window": 8, **_COLUMN_MASS}, 2, 256, 256, None),
+        # sinks: exact over them, the fused recursion on the positions after them (ops.without_sinks)
+        (True, {"num_sink_keys": 4, "num_heavy_keys": 12, "local_window": 8, **_COLUMN_MASS}, 2, 256, 256, None),
     ],
 )
 def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options, b, t, s, kv_length):
     cfg = ha.HyperAttentionConfig.paper(**{"block_size": 16, "sample_size": 16, "min_seq_len": 32, **options})
     n = 2 if causal else 4
     if causal:  # run by the kernels' own causal function (its backward merges the levels' gradients itself)
-        assert recursion_shape(t, 16, cfg)[:2] == (3, 32)
+        assert recursion_shape(t, 16, cfg.replace(num_sink_keys=0))[:2] == (3, 32)
     q, k, v = random_qkv(rng, b=b, t=t, s=s, n=n, kv=n // 2, h=16, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
     results = {}
@@ -188,7 +190,7 @@ def test_fused_causal_recursion_takes_only_the_shapes_it_computes_like_the_ops_r
     assert recursion_shape(384, 16, cfg) is None
     assert recursion_shape(512, 16, cfg.replace(num_heavy_keys=8, local_window=64))[:2] == (2, 128)
     assert recursion_shape(512, 16, cfg.replace(local_window=128)) is None  # the window fills a last quarter
-    assert recursion_shape(512, 16, cfg.replace(num_sink_keys=4)) is None  # sinks shift the recursion's positions
+    assert recursion_shape(512, 16, cfg.replace(num_sink_keys=4)) is None  # sinks are the caller's
 
 
 def test_cudnn_base_case_defers_to_the_flash_kernel_off_gpu(rng):

@@ -128,6 +128,8 @@ _CAUSAL_LEVELS = {
     "paper": (dict(), 256),
     # heavy keys and the window as global keys of every level's plan, column-mass samples
     "heavy+window": (dict(num_heavy_keys=16, local_window=8, sample_distribution="column_mass"), 256),
+    # sinks: exact over them, the levels on the positions after them (ops.without_sinks), with heavy keys and a window
+    "sinks+heavy+window": (dict(num_sink_keys=4, num_heavy_keys=12, local_window=8), 256),
     # 384 -> 192 -> 96 -> 48: the last level's quarters (48 keys < min_seq_len) are exact, as in the recursion
     "exact_last_quarters": (dict(), 384),
 }

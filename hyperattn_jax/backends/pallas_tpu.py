@@ -5,7 +5,7 @@ agree up to rounding: the estimate is `ops.block_query_layout` + `ops.hyper_atte
 sorted copies) + the fused tiled kernel in place of `ops.tiled_attention`; exact attention (S <= min_seq_len, the
 causal base case, exact quarters) is the TPU flash kernel with its float32 lse. Causal calls run the recursion level
 by level here (`_causal_by_levels`, the kernels called directly) where `ops.level_shape` takes the length, else
-`ops.grouped_attention`'s recursion with the kernels as its parts (sinks, odd lengths); levels merge by lse
+`ops.grouped_attention`'s recursion with the kernels as its parts (odd lengths); levels merge by lse
 (differentiated through the kernels' lse vjp). `interpret=True` runs every kernel in TPU interpret mode on the CPU.
 """
 
@@ -25,7 +25,14 @@ from hyperattn_jax.ops import (
     hyper_attention_tiles,
     make_plan,
 )
-from hyperattn_jax.ops.causal import level_problem, level_shape, merge_level, quarter_is_exact
+from hyperattn_jax.ops.causal import (
+    level_problem,
+    level_shape,
+    merge_level,
+    quarter_is_exact,
+    with_sinks,
+    without_sinks,
+)
 from hyperattn_jax.ops.keys import level_keys
 
 NAME = "pallas_tpu"
@@ -89,8 +96,21 @@ def _causal_by_levels(q, k, v, key, hash_key, *, config, shape, scale: float, in
     `ops.level_shape` takes (`shape` = its (levels, segment)): `ops.grouped_causal_attention`'s problems, random keys
     and merges, level by level, on the kernels called directly. The base case is one causal flash call over every
     segment (stacked on the batch axis); each level's lower-left problems are one estimate (exact where the recursion
-    is exact), merged by lse into the second halves, deepest level first as the recursion merges them.
+    is exact), merged by lse into the second halves, deepest level first as the recursion merges them. Sinks (fewer
+    than T): exact flash calls over them, the levels on the `without_sinks` positions, put together by `with_sinks`.
     Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32."""
+    sinks = config.num_sink_keys
+    if sinks:
+        head = flash.flash_attention_tpu(
+            q[..., :sinks, :], k[:, :, :sinks], v[:, :, :sinks], scale=scale, causal=True, interpret=interpret
+        )
+        sink = flash.flash_attention_tpu(
+            q[..., sinks:, :], k[:, :, :sinks], v[:, :, :sinks], scale=scale, causal=False, interpret=interpret
+        )
+        shifted = (without_sinks(q, sinks, axis=3), *(without_sinks(x, sinks, axis=2) for x in (k, v)))
+        rest = _causal_by_levels(*shifted, key, hash_key, config=config.replace(num_sink_keys=0), shape=shape,
+                                 scale=scale, interpret=interpret)  # fmt: skip
+        return with_sinks(head, sink, rest)
     depth, segment = shape
     b, kv_heads, g, t, h = q.shape
     chunks = t // segment
@@ -135,7 +155,8 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
     ((1, 512, 2, 64), (1, 2, 1, 512))
     """
     q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
-    shape = level_shape(q.shape[1], config) if causal and not config.attends_exactly(k.shape[1]) else None
+    by_levels = causal and not config.attends_exactly(k.shape[1]) and config.num_sink_keys < q.shape[1]
+    shape = level_shape(q.shape[1], config) if by_levels else None
     if shape is not None:
         out, lse = _causal_by_levels(
             q5, k4, v4, key, hash_key, config=config, shape=shape, scale=scale, interpret=interpret

@@ -2,7 +2,8 @@
 
 Same plan and random draws as the xla backend for the same key, so the two agree up to rounding. Non-causal calls
 run one custom_vjp over the fused kernels (`kernels/gpu/hyper.py`); causal calls run the fused recursion
-(`kernels/gpu/causal.py`) where its shapes fit, else `ops.grouped_causal_attention` with the kernels as its parts.
+(`kernels/gpu/causal.py`) where its shapes fit (sinks as exact attention around it), else
+`ops.grouped_causal_attention` with the kernels as its parts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hyperattn_jax.kernels.gpu.causal import recursion_shape
 from hyperattn_jax.kernels.gpu.flash import flash_attention
 from hyperattn_jax.kernels.gpu.hyper import hyper_attention_pallas
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
-from hyperattn_jax.ops.causal import AttentionParts, grouped_attention
+from hyperattn_jax.ops.causal import AttentionParts, grouped_attention, with_sinks, without_sinks
 from hyperattn_jax.ops.plan import make_plan
 from hyperattn_jax.ops.tiles import plan_rows
 
@@ -35,7 +36,7 @@ def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
 
 def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool) -> AttentionParts:
     """The kernels as `ops.AttentionParts` (grouped layout), for the shapes the fused causal function does not take
-    (sinks, odd lengths, lengths that do not halve down to min_seq_len)."""
+    (odd lengths, lengths that do not halve down to min_seq_len, blocks that are not powers of two)."""
 
     def estimate(q, k, v, *, key, config, kv_length, recent_keys=0):
         out, lse = hyper_attention_pallas(
@@ -79,10 +80,22 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
     if approximate and not causal:  # the plan from ops (fed by the hash/probe kernels), then the kernels' estimate
         plan, rows = plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale, interpret=interpret)
         return hyper.estimate(q, k, v, kv_length, plan, rows, (float(scale), tuning, bool(interpret)))
-    shape = recursion_shape(q.shape[1], q.shape[-1], config) if approximate else None
-    if shape is not None:  # the fused recursion: one custom_vjp over the base case and every level's kernels
-        return causal_estimate(q, k, v, key, hash_key, (config, float(scale), tuning, bool(interpret), shape))
     own_parts = parts(scale=scale, hash_key=hash_key, tuning=tuning, interpret=interpret)
+    sinks = config.num_sink_keys
+    rest_config = config.replace(num_sink_keys=0)
+    shape = recursion_shape(q.shape[1], q.shape[-1], rest_config) if approximate and sinks < q.shape[1] else None
+    if shape is not None:  # the fused recursion: one custom_vjp over the base case and every level's kernels
+        static = (rest_config, float(scale), tuning, bool(interpret), shape)
+        if not sinks:
+            return causal_estimate(q, k, v, key, hash_key, static)
+        # Exact attention over the sinks; the fused recursion on the positions after them (`ops.without_sinks`).
+        q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
+        head = own_parts.exact(q5[..., :sinks, :], k4[:, :, :sinks], v4[:, :, :sinks], causal=True, kv_length=None)
+        sink = own_parts.exact(q5[..., sinks:, :], k4[:, :, :sinks], v4[:, :, :sinks], causal=False, kv_length=None)
+        shifted = (without_sinks(x, sinks, axis=1) for x in (q, k, v))
+        rest_out, rest_lse = causal_estimate(*shifted, key, hash_key, static)
+        out, lse = with_sinks(head, sink, (group_queries(rest_out, k.shape[2]), rest_lse))
+        return ungroup_output(out), lse
     q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
     out, lse = grouped_attention(
         q5, k4, v4, key=key, config=config, causal=causal, parts=own_parts, kv_length=kv_length

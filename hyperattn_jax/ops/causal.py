@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from hyperattn_jax.config import HyperAttentionConfig
@@ -124,16 +125,28 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, part
     head_out, head_lse = exact_fn(q[..., :g, :], k[:, :, :g], v[:, :, :g])
     if g == t:
         return head_out, head_lse
-    sink_out, sink_lse = parts.exact(q[..., g:, :], k[:, :, :g], v[:, :, :g], causal=False, kv_length=None)
-    # Positions [g, T) shifted to the front and g masked positions appended: the recursion keeps the paper's problem
-    # sizes (so the same quarters are exact or estimated), and causality hides the appended keys from real queries.
-    pad = ((0, 0), (0, 0), (0, g), (0, 0))
-    rest_out, rest_lse = recurse(
-        jnp.pad(q[..., g:, :], ((0, 0), *pad)), jnp.pad(k[:, :, g:], pad), jnp.pad(v[:, :, g:], pad), key
-    )
-    rest_out, rest_lse = rest_out[..., : t - g, :], rest_lse[..., : t - g]
-    tail_out, tail_lse = merge_partials(sink_out, sink_lse, rest_out, rest_lse)
-    return jnp.concatenate([head_out, tail_out], axis=3), jnp.concatenate([head_lse, tail_lse], axis=3)
+    sink = parts.exact(q[..., g:, :], k[:, :, :g], v[:, :, :g], causal=False, kv_length=None)
+    rest = recurse(without_sinks(q, g, axis=3), without_sinks(k, g, axis=2), without_sinks(v, g, axis=2), key)
+    return with_sinks((head_out, head_lse), sink, rest)
+
+
+def without_sinks(x, g: int, *, axis: int):
+    """Positions [g, T) of x shifted to the front along `axis` and g zero positions appended: the recursion's input
+    once the g sinks are taken out. Same length T, so the recursion keeps the paper's problem sizes (the same quarters
+    are exact or estimated), and causality hides the appended keys from every real query."""
+    x = jax.lax.slice_in_dim(x, g, x.shape[axis], axis=axis)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, g)
+    return jnp.pad(x, widths)
+
+
+def with_sinks(head, sink, rest):
+    """The causal result over all T positions (grouped layout) from its parts, each (out `[B, K, G, L, H]`, lse
+    `[B, K, G, L]`): `head`, queries [0, g) over the g sinks (causal); `sink`, queries [g, T) over the sinks; `rest`,
+    the recursion on `without_sinks` inputs (its last g positions are the appended ones, dropped)."""
+    tail = sink[0].shape[3]
+    tail_out, tail_lse = merge_partials(*sink, rest[0][..., :tail, :], rest[1][..., :tail])
+    return jnp.concatenate([head[0], tail_out], axis=3), jnp.concatenate([head[1], tail_lse], axis=3)
 
 
 # The recursion level by level: level l (0 = top) has 2**l chunks of T / 2**l positions; its lower-left problems
@@ -143,10 +156,9 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, part
 
 
 def level_shape(t: int, config: HyperAttentionConfig) -> tuple[int, int] | None:
-    """(levels, base segment length) of the recursion over t positions when it can run level by level: no sinks
-    (they shift the recursion's positions), every length on the way down even, at least one level. Else None."""
-    if config.num_sink_keys:
-        return None
+    """(levels, base segment length) of the recursion over t positions when it can run level by level: every length
+    on the way down even, at least one level. Else None. With sinks, the recursion runs on `without_sinks` inputs of
+    the same length t (`with_sinks` puts the parts together)."""
     depth, segment = 0, t
     while segment > causal_base_length(config):
         if segment % 2:

@@ -43,13 +43,13 @@ from hyperattn_jax.ops.plan import make_plan, plan_projections
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
     """(levels, base segment length, flash tuning) of the recursion over t positions, or None where this module does
-    not apply and the ops recursion (with kernels inside) must run: sinks (taken out before the recursion, which
-    then runs on shifted positions), a window as long as a quarter, no recursion at all, and shapes the in-place
-    kernels cannot take: odd lengths on the way down, segments not a multiple of the block size (every query and key
-    slot of every level must hold a real row), head dims or blocks that are not powers of two. Heavy keys and the
-    window are global keys of each level's plan (a shared tile, like the samples)."""
+    not apply and the ops recursion (with kernels inside) must run: a window as long as a quarter, no recursion at
+    all, and shapes the in-place kernels cannot take: odd lengths on the way down, segments not a multiple of the
+    block size (every query and key slot of every level must hold a real row), head dims or blocks that are not
+    powers of two. Heavy keys and the window are global keys of each level's plan (a shared tile, like the samples).
+    Sinks are the caller's (`ops.without_sinks`): `config` must have none."""
     shape = level_shape(t, config)
-    if shape is None or not (fits_dot(head_dim) and fits_dot(config.block_size)):
+    if config.num_sink_keys or shape is None or not (fits_dot(head_dim) and fits_dot(config.block_size)):
         return None
     depth, segment = shape
     block = next((b for b in (128, 64, 32, 16) if segment % b == 0), None)
