@@ -28,6 +28,34 @@ class KeyTile(NamedTuple):
     log_weight: jax.Array
 
 
+class TileShape(NamedTuple):
+    """What a tile kernel's static layout needs of one `KeyTile`."""
+
+    length: int  # t
+    shared: bool  # one key set for every query block (`[B, K, 1, t, H]` with nb > 1)
+    weight_per_block: bool  # log-weights differ between query blocks
+
+
+def tile_shapes(q_shape, tiles_shapes) -> list[TileShape]:
+    """Each tile's `TileShape` from blocked queries' shape `[B, K, G, nb, bq, H]` and every tile's (k shape,
+    log-weight shape); raises on a tile whose keys are not `[B, K, nb | 1, t, H]`."""
+    batch, kv_heads, _, nb, _, h = q_shape
+    shapes = []
+    for k_shape, w_shape in tiles_shapes:
+        if (
+            len(k_shape) != 5
+            or tuple(k_shape[:2]) != (batch, kv_heads)
+            or k_shape[2] not in (1, nb)
+            or k_shape[-1] != h
+        ):
+            raise ValueError(
+                f"tile keys must be [B, K, nb | 1, t, H] = [{batch}, {kv_heads}, {nb} | 1, t, {h}], got {k_shape}"
+            )
+        w_shape = (1,) * (4 - len(w_shape)) + tuple(w_shape)
+        shapes.append(TileShape(k_shape[3], k_shape[2] == 1 and nb > 1, w_shape[2] != 1 and nb > 1))
+    return shapes
+
+
 def _pad_axis(x, axis: int, size: int):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])

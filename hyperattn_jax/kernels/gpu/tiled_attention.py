@@ -38,7 +38,7 @@ from hyperattn_jax.kernels.gpu._common import (
     rem,
     triton_params,
 )
-from hyperattn_jax.ops.tiles import KeyTile
+from hyperattn_jax.ops.tiles import KeyTile, tile_shapes
 
 
 class _Layout(NamedTuple):
@@ -283,14 +283,8 @@ def _dkdv_call(q, do, lse, delta, k, v, w, tile: int, layout: _Layout, *, scale,
 def _make_layout(q_blocks, tiles) -> _Layout:
     batch, kv_heads, groups, nb, bq, h = q_blocks.shape
     hp = next_power_of_two(h, MIN_DOT)
-    lengths, shared, per_block = [], [], []
-    for tile in tiles:
-        if tile.k.ndim != 5 or tile.k.shape[2] not in (1, nb) or tile.k.shape[-1] != h:
-            raise ValueError(f"tile keys must be [B, K, nb | 1, t, H] with nb={nb}, H={h}, got {tile.k.shape}")
-        lengths.append(tile.k.shape[3])
-        shared.append(tile.k.shape[2] == 1 and nb > 1)
-        w_shape = (1,) * (4 - jnp.ndim(tile.log_weight)) + tuple(jnp.shape(tile.log_weight))
-        per_block.append(w_shape[2] != 1 and nb > 1)
+    shapes = tile_shapes(q_blocks.shape, [(tile.k.shape, jnp.shape(tile.log_weight)) for tile in tiles])
+    lengths = [shape.length for shape in shapes]
     return _Layout(
         batch=batch,
         kv_heads=kv_heads,
@@ -302,8 +296,8 @@ def _make_layout(q_blocks, tiles) -> _Layout:
         head_dim_padded=hp,
         tile_lengths=tuple(lengths),
         tile_lengths_padded=tuple(next_power_of_two(t, MIN_DOT) for t in lengths),
-        tile_shared=tuple(shared),
-        weight_per_block=tuple(per_block),
+        tile_shared=tuple(shape.shared for shape in shapes),
+        weight_per_block=tuple(shape.weight_per_block for shape in shapes),
     )
 
 

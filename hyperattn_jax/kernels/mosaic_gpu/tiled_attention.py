@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hyperattn_jax.kernels.configs import MosaicTiling
-from hyperattn_jax.ops.tiles import KeyTile
+from hyperattn_jax.ops.tiles import KeyTile, tile_shapes
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -64,8 +64,8 @@ class _Layout(NamedTuple):
     head_dim: int
     tile_lengths: tuple[int, ...]  # real t per tile
     tile_lengths_padded: tuple[int, ...]  # rounded up to a multiple of block_k
-    tile_blocks: tuple[int, ...]  # nb (one key block per query block) or 1 (shared by all blocks)
-    weight_blocks: tuple[int, ...]  # nb (log-weights differ per query block) or 1
+    tile_shared: tuple[bool, ...]  # keys shared by all query blocks ([.., 1, t, H])
+    weight_per_block: tuple[bool, ...]  # log-weights differ between query blocks
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -76,14 +76,7 @@ def _make_layout(q_blocks, tiles, tiling: MosaicTiling) -> _Layout:
     batch, kv_heads, groups, nb, bq, h = q_blocks.shape
     if h not in HEAD_DIMS:
         raise ValueError(f"the Mosaic GPU kernel takes head dims {HEAD_DIMS}, got {h=}")
-    lengths, blocks, weight_blocks = [], [], []
-    for tile in tiles:
-        if tile.k.ndim != 5 or tile.k.shape[2] not in (1, nb) or tile.k.shape[-1] != h:
-            raise ValueError(f"tile keys must be [B, K, nb | 1, t, H] with {nb=}, {h=}, got {tile.k.shape}")
-        lengths.append(tile.k.shape[3])
-        blocks.append(tile.k.shape[2])
-        w_shape = (1,) * (4 - jnp.ndim(tile.log_weight)) + tuple(jnp.shape(tile.log_weight))
-        weight_blocks.append(nb if w_shape[2] == nb else 1)
+    shapes = tile_shapes(q_blocks.shape, [(tile.k.shape, jnp.shape(tile.log_weight)) for tile in tiles])
     return _Layout(
         batch=batch,
         kv_heads=kv_heads,
@@ -92,10 +85,10 @@ def _make_layout(q_blocks, tiles, tiling: MosaicTiling) -> _Layout:
         query_block=bq,
         query_block_padded=_round_up(bq, tiling.rows),
         head_dim=h,
-        tile_lengths=tuple(lengths),
-        tile_lengths_padded=tuple(_round_up(t, tiling.block_k) for t in lengths),
-        tile_blocks=tuple(blocks),
-        weight_blocks=tuple(weight_blocks),
+        tile_lengths=tuple(shape.length for shape in shapes),
+        tile_lengths_padded=tuple(_round_up(shape.length, tiling.block_k) for shape in shapes),
+        tile_shared=tuple(shape.shared for shape in shapes),
+        weight_per_block=tuple(shape.weight_per_block for shape in shapes),
     )
 
 
@@ -112,7 +105,8 @@ def _operands(q_blocks, tiles, layout: _Layout):
     bk = layout.batch * layout.kv_heads
     q = _pad(q_blocks, 4, layout.query_block_padded).reshape(bk, layout.groups, -1, layout.head_dim)
     flat = []
-    for tile, length, weight_blocks in zip(tiles, layout.tile_lengths_padded, layout.weight_blocks, strict=True):
+    for tile, length, per_block in zip(tiles, layout.tile_lengths_padded, layout.weight_per_block, strict=True):
+        weight_blocks = layout.num_blocks if per_block else 1
         k, v = (_pad(x, 3, length).reshape(bk, x.shape[2], length, layout.head_dim) for x in (tile.k, tile.v))
         w = jnp.asarray(tile.log_weight, jnp.float32)
         w = w.reshape((1,) * (4 - w.ndim) + w.shape)
@@ -152,8 +146,8 @@ def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p
     def issue(step: int, slot: int):
         tile, c = steps[step]
         k_ref, v_ref, w_ref = tile_refs[3 * tile : 3 * tile + 3]
-        key_block = query_block if layout.tile_blocks[tile] > 1 else 0
-        weight_block = query_block if layout.weight_blocks[tile] > 1 else 0
+        key_block = 0 if layout.tile_shared[tile] else query_block
+        weight_block = query_block if layout.weight_per_block[tile] else 0
         keys = pl.ds(c * block_k, block_k)
         plgpu.copy_gmem_to_smem(k_ref.at[problem, key_block, keys], k_smem.at[slot], k_bar.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[problem, key_block, keys], v_smem.at[slot], v_bar.at[slot])

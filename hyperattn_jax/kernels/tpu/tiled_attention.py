@@ -45,6 +45,7 @@ from hyperattn_jax.kernels.tpu._common import (
 )
 from hyperattn_jax.kernels.tpu.vmem import VmemBudget, tile_bytes
 from hyperattn_jax.ops import KeyTile, tiled_attention
+from hyperattn_jax.ops.tiles import tile_shapes
 
 
 class _Layout(NamedTuple):
@@ -77,27 +78,14 @@ def make_layout(q_shape, dtype, tiles_shapes, tiling: TpuTiling) -> _Layout:
     bqp = round_up(bq, ROW_MULTIPLE)
     rows = min(tiling.block_q, bqp)
     bqp = round_up(bqp, rows)
-    lengths, padded, chunks, chunks_bwd, shared, per_block = [], [], [], [], [], []
-    for k_shape, w_shape in tiles_shapes:
-        if (
-            len(k_shape) != 5
-            or k_shape[2] not in (1, nb)
-            or k_shape[-1] != h
-            or tuple(k_shape[:2]) != (batch, kv_heads)
-        ):
-            raise ValueError(
-                f"tile keys must be [B, K, nb | 1, t, H] = [{batch}, {kv_heads}, {nb} | 1, t, {h}], got {k_shape}"
-            )
-        t = k_shape[3]
-        lanes = round_up(t, NUM_LANES)
+    shapes = tile_shapes(q_shape, tiles_shapes)
+    padded, chunks, chunks_bwd = [], [], []
+    for shape in shapes:
+        lanes = round_up(shape.length, NUM_LANES)
         chunk, chunk_bwd = min(tiling.block_k, lanes), min(tiling.block_k_bwd, lanes)
-        lengths.append(t)
         padded.append(round_up(lanes, math.lcm(chunk, chunk_bwd)))
         chunks.append(chunk)
         chunks_bwd.append(chunk_bwd)
-        shared.append(k_shape[2] == 1 and nb > 1)
-        w_shape = (1,) * (4 - len(w_shape)) + tuple(w_shape)
-        per_block.append(w_shape[2] != 1 and nb > 1)
     return _Layout(
         batch=batch,
         kv_heads=kv_heads,
@@ -108,12 +96,12 @@ def make_layout(q_shape, dtype, tiles_shapes, tiling: TpuTiling) -> _Layout:
         rows=rows,
         head_dim=h,
         dtype=jnp.dtype(dtype).name,
-        tile_lengths=tuple(lengths),
+        tile_lengths=tuple(shape.length for shape in shapes),
         tile_lengths_padded=tuple(padded),
         key_chunks=tuple(chunks),
         key_chunks_bwd=tuple(chunks_bwd),
-        tile_shared=tuple(shared),
-        weight_per_block=tuple(per_block),
+        tile_shared=tuple(shape.shared for shape in shapes),
+        weight_per_block=tuple(shape.weight_per_block for shape in shapes),
     )
 
 
