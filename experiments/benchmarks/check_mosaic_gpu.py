@@ -3,7 +3,7 @@
 Command:  PYTHONPATH=. python3 experiments/benchmarks/check_mosaic_gpu.py --out $OUT/mosaic_check.json
 Hardware: one H100 80GB or H200 (Hopper: the kernel uses wgmma and TMA), jax 0.11.2 or newer. Runtime: ~2.5 min
 (compilation included; one device call). Recorded: experiments/results/mosaic_check_h100.json (H100, 2026-12-06): (a)
-held; (b) the kernel alone 5-14% faster than Triton's, the path 30-45% slower end to end. The prediction, written
+held; (b) the kernel alone 5-14% faster than Triton's, the path 42-47% slower end to end. The prediction, written
 before the first run: (a) the Mosaic forward agrees with the Triton and xla paths for the same key to ~3e-3 relative
 (bf16; the same plan, the same estimator), at H 64 and 128 with GQA, and every kernel variant (P in registers: the
 GPU's; P in shared memory: the one jax's interpreter tests on CPU; one or two compute warpgroups) agrees with the
