@@ -1,6 +1,7 @@
 """Where the time goes in one HyperAttention layer on the GPU: a per-kernel profile and a sweep of kernel tunings.
 
 Command:  PYTHONPATH=. python3 experiments/benchmarks/profile_single_layer.py --out $OUT/profile_single_layer.json
+          [--config paper|default|accurate] [--replace block_size=128,num_heavy_keys=128] [--modes causal_fwd,...]
 Hardware: one NVIDIA H100 80GB (the project's lent GPU), jax 0.11.2. Runtime: ~70 s with --skip-sweep, ~110 s for
 the sweep alone (measured, compilation included). Expected result (2026-11-25 06:48 UTC, n = 131072): GPU kernel time
 4.3 ms non-causal fwd, 15.7 ms fwd+bwd, 19.3 ms causal fwd (6.6 of it the exact base case), 71.0 ms causal fwd+bwd;
@@ -90,11 +91,15 @@ def main():
     parser.add_argument("--out", default="experiments/results/profile_single_layer.json")
     parser.add_argument("--n", type=int, default=131072)
     parser.add_argument("--skip-sweep", action="store_true")
-    parser.add_argument("--config", choices=["paper", "default"], default="paper", help="paper() or the default")
+    parser.add_argument("--config", choices=["paper", "default", "accurate"], default="paper", help="a preset")
+    parser.add_argument("--replace", default="", help="config fields changed, e.g. block_size=128,local_window=128")
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd,causal_fwd,causal_fwdbwd")
     args = parser.parse_args()
     n = args.n
-    config = ha.HyperAttentionConfig.paper() if args.config == "paper" else ha.HyperAttentionConfig()
+    presets = {"paper": ha.HyperAttentionConfig.paper, "default": ha.HyperAttentionConfig,
+               "accurate": ha.HyperAttentionConfig.accurate}  # fmt: skip
+    changes = dict(item.split("=") for item in args.replace.split(",") if item)
+    config = presets[args.config]().replace(**{field: int(value) for field, value in changes.items()})
     key = jax.random.key(0)
     keys = jax.random.split(jax.random.key(n), 4)
     q, k, v, g = (jax.random.normal(kk, (1, n, HEADS, HEAD_DIM), jnp.bfloat16) for kk in keys)
@@ -104,7 +109,14 @@ def main():
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "n": n,
-        "config": {"batch": 1, "num_heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "name": args.config},
+        "config": {
+            "batch": 1,
+            "num_heads": HEADS,
+            "head_dim": HEAD_DIM,
+            "dtype": "bfloat16",
+            "name": args.config,
+            "replace": changes,
+        },
         "profile": {},
         "sweep": [],
     }
