@@ -8,7 +8,7 @@ from helpers import random_qkv
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
-from hyperattn_jax.kernels.gpu.causal import recursion_shape
+from hyperattn_jax.kernels.gpu.causal import level_plan_config, recursion_shape
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
 from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention
 from hyperattn_jax.reference import grouped_exact_attention
@@ -153,13 +153,17 @@ _COLUMN_MASS = {"sample_distribution": "column_mass", "sample_scheme": "systemat
         (True, {"num_heavy_keys": 16, "local_window": 8, **_COLUMN_MASS}, 2, 256, 256, None),
         # sinks: exact over them, the fused recursion on the positions after them (ops.without_sinks)
         (True, {"num_sink_keys": 4, "num_heavy_keys": 12, "local_window": 8, **_COLUMN_MASS}, 2, 256, 256, None),
+        # quarters the recursion computes exactly, as plans whose keys are all global: 192 -> 96 -> 48 positions at
+        # min_seq_len 64 (the last level's quarters hold 48 keys), and a window as long as the last quarters
+        (True, {"min_seq_len": 64}, 1, 192, 192, None),
+        (True, {"local_window": 32, **_COLUMN_MASS}, 1, 256, 256, None),
     ],
 )
 def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options, b, t, s, kv_length):
     cfg = ha.HyperAttentionConfig.paper(**{"block_size": 16, "sample_size": 16, "min_seq_len": 32, **options})
     n = 2 if causal else 4
     if causal:  # run by the kernels' own causal function (its backward merges the levels' gradients itself)
-        assert recursion_shape(t, 16, cfg.replace(num_sink_keys=0))[:2] == (3, 32)
+        assert recursion_shape(t, 16, cfg.replace(num_sink_keys=0)) is not None
     q, k, v = random_qkv(rng, b=b, t=t, s=s, n=n, kv=n // 2, h=16, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
     results = {}
@@ -183,14 +187,17 @@ def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options
         assert _relative(a, b) < 2e-2, _relative(a, b)
 
 
-def test_fused_causal_recursion_takes_only_the_shapes_it_computes_like_the_ops_recursion():
+def test_fused_causal_recursion_plans_exactly_the_quarters_the_ops_recursion_computes_exactly():
     cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=128)
     assert recursion_shape(512, 16, cfg)[:2] == (2, 128)  # the last quarters hold min_seq_len keys: estimated
-    # 384 -> 192 -> 96: quarters of 96 < min_seq_len keys are exact in the recursion; the fused levels would estimate
-    assert recursion_shape(384, 16, cfg) is None
-    assert recursion_shape(512, 16, cfg.replace(num_heavy_keys=8, local_window=64))[:2] == (2, 128)
-    assert recursion_shape(512, 16, cfg.replace(local_window=128)) is None  # the window fills a last quarter
+    assert level_plan_config(128, cfg) == (cfg, 0)
+    # 384 -> 192 -> 96: quarters of 96 < min_seq_len keys are exact in the recursion, so all their keys are global
+    assert recursion_shape(384, 16, cfg)[:2] == (2, 96)
+    exact, recent = level_plan_config(96, cfg)
+    assert recent == 96 and exact.sample_size == 0 and not exact.needs_probe
+    assert level_plan_config(128, cfg.replace(local_window=128))[1] == 128  # a window that fills the quarter
     assert recursion_shape(512, 16, cfg.replace(num_sink_keys=4)) is None  # sinks are the caller's
+    assert recursion_shape(300, 16, cfg) is None  # 300 -> 150 -> 75: segments of 75 rows, not whole blocks
 
 
 def test_cudnn_base_case_defers_to_the_flash_kernel_off_gpu(rng):

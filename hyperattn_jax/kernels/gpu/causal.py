@@ -43,23 +43,31 @@ from hyperattn_jax.ops.plan import make_plan, plan_projections
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
     """(levels, base segment length, flash tuning) of the recursion over t positions, or None where this module does
-    not apply and the ops recursion (with kernels inside) must run: a window as long as a quarter, no recursion at
-    all, and shapes the in-place kernels cannot take: odd lengths on the way down, segments not a multiple of the
-    block size (every query and key slot of every level must hold a real row), head dims or blocks that are not
-    powers of two. Heavy keys and the window are global keys of each level's plan (a shared tile, like the samples).
-    Sinks are the caller's (`ops.without_sinks`): `config` must have none."""
+    not apply and the ops recursion (with kernels inside) must run: no recursion at all, and shapes the in-place
+    kernels cannot take: odd lengths on the way down, segments not a multiple of the block size (every query and key
+    slot of every level must hold a real row), head dims or blocks that are not powers of two. Heavy keys and the
+    window are global keys of each level's plan (a shared tile, like the samples); quarters the recursion computes
+    exactly are plans whose keys are all global (`level_plan_config`). Sinks are the caller's (`ops.without_sinks`):
+    `config` must have none."""
     shape = level_shape(t, config)
     if config.num_sink_keys or shape is None or not (fits_dot(head_dim) and fits_dot(config.block_size)):
         return None
     depth, segment = shape
     block = next((b for b in (128, 64, 32, 16) if segment % b == 0), None)
-    if block is None or segment % config.block_size or config.local_window >= segment:
-        return None
-    # Lengths that do not halve down to min_seq_len (e.g. 3 x 4096): the recursion computes the last level's
-    # quarters exactly, and this module estimates every level.
-    if quarter_is_exact(segment, config):
+    if block is None or segment % config.block_size:
         return None
     return depth, segment, FlashConfig(block_q=block, block_k=min(64, block), block_bwd=min(64, block))
+
+
+def level_plan_config(half: int, config):
+    """(config, recent keys) of the plan of a level whose quarters hold `half` keys. Where the recursion computes the
+    quarter exactly (fewer than min_seq_len keys, e.g. the last level of 3 x 4096 positions, or a window as long as
+    the quarter), every key is a recent (global) key of a plan without samples or heavy keys: the same row-indexed
+    kernels then attend the whole quarter exactly and merge it like any level."""
+    if quarter_is_exact(half, config) or config.local_window >= half:
+        exact = config.replace(sample_size=0, num_heavy_keys=0, sample_distribution="uniform", local_window=0)
+        return exact, half
+    return config, config.local_window
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -95,10 +103,11 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     ):
         ql, kl, vl = level_problem(q5, k4, v4, level)
         ranks = level_rows(query_rank[..., None], 1, level)[..., 0], level_rows(key_rank[..., None], 0, level)[..., 0]
+        plan_config, recent_keys = level_plan_config(kl.shape[2], config)
         probe = kernel_probe(
             q,
             k,
-            config,
+            plan_config,
             scale=scale,
             interpret=interpret,
             chunks=2**level,
@@ -106,8 +115,8 @@ def _causal_fwd(q, k, v, key, hash_key, static):
             arrange=functools.partial(stack_level_problems, level=level),
         )
         plan = make_plan(
-            ql, kl, key=level_key, config=config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks, probe=probe,
-            recent_keys=config.local_window,
+            ql, kl, key=level_key, config=plan_config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks,
+            probe=probe, recent_keys=recent_keys,
         )  # fmt: skip
         # The level's problems read their rows of q, k, v by index (the plan was made for [P, K, G, T', H] problems,
         # P = chunks * B, problem p reading batch element p % B) and merge by lse into out, lse in place.
