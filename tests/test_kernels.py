@@ -11,6 +11,7 @@ from hyperattn_jax import ops
 from hyperattn_jax.kernels.gpu.causal import level_plan_config, recursion_shape
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
 from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention
+from hyperattn_jax.ops.causal import causal_padded_length
 from hyperattn_jax.reference import grouped_exact_attention
 
 
@@ -157,13 +158,16 @@ _COLUMN_MASS = {"sample_distribution": "column_mass", "sample_scheme": "systemat
         # min_seq_len 64 (the last level's quarters hold 48 keys), and a window as long as the last quarters
         (True, {"min_seq_len": 64}, 1, 192, 192, None),
         (True, {"local_window": 32, **_COLUMN_MASS}, 1, 256, 256, None),
+        # 203 positions, 3 sinks: the recursion runs on 200 padded to 256 (ops.causal_padded_length), padding dropped
+        (True, {"num_sink_keys": 3, **_COLUMN_MASS}, 1, 203, 203, None),
     ],
 )
 def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options, b, t, s, kv_length):
     cfg = ha.HyperAttentionConfig.paper(**{"block_size": 16, "sample_size": 16, "min_seq_len": 32, **options})
     n = 2 if causal else 4
     if causal:  # run by the kernels' own causal function (its backward merges the levels' gradients itself)
-        assert recursion_shape(t, 16, cfg.replace(num_sink_keys=0)) is not None
+        rest = cfg.replace(num_sink_keys=0)
+        assert recursion_shape(causal_padded_length(t, rest), 16, rest) is not None
     q, k, v = random_qkv(rng, b=b, t=t, s=s, n=n, kv=n // 2, h=16, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
     results = {}

@@ -132,6 +132,8 @@ _CAUSAL_LEVELS = {
     "sinks+heavy+window": (dict(num_sink_keys=4, num_heavy_keys=12, local_window=8), 256),
     # 384 -> 192 -> 96 -> 48: the last level's quarters (48 keys < min_seq_len) are exact, as in the recursion
     "exact_last_quarters": (dict(), 384),
+    # 200 positions run as 256 (ops.causal_padded_length: whole blocks at every level), the padding dropped
+    "padded_length": (dict(num_sink_keys=3), 200),
 }
 
 
@@ -139,11 +141,11 @@ _CAUSAL_LEVELS = {
 def test_causal_levels_equal_the_ops_recursion(rng, name):
     """The TPU backend's level-by-level causal path against the xla path's recursion (same problems, keys and merge
     order): out, lse and gradients in float32, to float32 rounding."""
-    from hyperattn_jax.ops.causal import level_shape
+    from hyperattn_jax.ops.causal import causal_padded_length, level_shape
 
     options, t = _CAUSAL_LEVELS[name]
     config = HyperAttentionConfig.paper(block_size=32, sample_size=32, min_seq_len=64, **options)
-    assert level_shape(t, config) is not None  # the level-by-level path runs
+    assert level_shape(causal_padded_length(t, config), config) is not None  # the level-by-level path runs
     q, k, v = (jnp.asarray(rng.standard_normal((1, t, n, 64)), jnp.float32) for n in (2, 1, 1))
     weight = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
 

@@ -56,7 +56,7 @@ def main():
     args = parser.parse_args()
     gpu = jax.default_backend() == "gpu"
     implementation = "pallas_triton" if gpu else "xla"
-    configs = {name: all_configs()[name].replace(min_seq_len=4096) for name in args.configs}
+    configs = {name: all_configs(args.configs)[name].replace(min_seq_len=4096) for name in args.configs}
     result = {
         "implementation": implementation,
         "shape": "B=1, N=K=32, H=64, bf16",

@@ -80,23 +80,36 @@ FIG3 = ("shakespeare/hamlet", "shakespeare/macbeth", "stdlib/typing.py", "stdlib
 QKV_DOCUMENTS = ("shakespeare/hamlet", "stdlib/argparse.py", "milton/areopagitica")  # as accuracy_kinds.py
 
 
-def all_configs() -> dict[str, ha.HyperAttentionConfig]:
-    """The presets and the candidates for the default (issue 22), all at min_seq_len 1024."""
+# Letters of a candidate's name ("b128+s128+h64+w256"): the fields it changes from the previous default.
+CANDIDATE_FIELDS = {
+    "b": "block_size", "s": "sample_size", "h": "num_heavy_keys", "w": "local_window", "g": "num_sink_keys",
+}  # fmt: skip
+
+
+def all_configs(names=()) -> dict[str, ha.HyperAttentionConfig]:
+    """The presets and the candidates for the default (issue 22), all at min_seq_len 1024, plus any candidate in
+    `names` written as changes to the previous default: letters of CANDIDATE_FIELDS followed by a number, joined by
+    "+" (e.g. "b128+s128+h64+w256": block 128, 128 samples, 64 heavy keys, a 256-key causal window)."""
     default = ha.HyperAttentionConfig(min_seq_len=MIN_SEQ_LEN)
     previous = ha.HyperAttentionConfig(  # the default before issue 22: no window, no heavy keys
         block_size=256, sample_size=256, sample_distribution="column_mass", sample_scheme="systematic",
         uniform_fraction=0.5, num_probe_queries=16, min_seq_len=MIN_SEQ_LEN,
     )  # fmt: skip
-    return {
+    configs = {
         "paper": ha.HyperAttentionConfig.paper(min_seq_len=MIN_SEQ_LEN),
         "default": default,
         "accurate": ha.HyperAttentionConfig.accurate(min_seq_len=MIN_SEQ_LEN),
         "previous_default": previous,
-        "b128+w128": previous.replace(block_size=128, local_window=128),
-        "b128+h128+w128": previous.replace(block_size=128, num_heavy_keys=128, local_window=128),
-        "b128+h64+w64": previous.replace(block_size=128, num_heavy_keys=64, local_window=64),
-        "w128": previous.replace(local_window=128),
     }
+    for name in ("b128+w128", "b128+h128+w128", "b128+h64+w64", "w128", *names):
+        if name not in configs:
+            changes = {}
+            for part in name.split("+"):
+                if part[:1] not in CANDIDATE_FIELDS or not part[1:].isdigit():
+                    raise ValueError(f"{name!r}: {part!r} is not a letter of {sorted(CANDIDATE_FIELDS)} and a number")
+                changes[CANDIDATE_FIELDS[part[0]]] = int(part[1:])
+            configs[name] = previous.replace(**changes)
+    return configs
 
 
 def document_tokens(n_tokens: int, tokens_file: str | None, names) -> dict[str, np.ndarray]:
@@ -256,7 +269,7 @@ def main():
         jax.config.update("jax_default_matmul_precision", "highest")  # float32 forwards, not TF32
     begin = time.time()
     out = Path(args.out)
-    configs = {n: c for n, c in all_configs().items() if n in args.configs}
+    configs = {n: c for n, c in all_configs(args.configs).items() if n in args.configs}
     config_fields = {n: {f: getattr(c, f) for f in c.__dataclass_fields__} for n, c in configs.items()}
     per_kind = {}
     for doc in DOCUMENTS:

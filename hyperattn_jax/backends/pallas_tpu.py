@@ -4,8 +4,9 @@ Same plan and random draws as the xla backend for the same key (`ops.make_plan` 
 agree up to rounding: the estimate is `ops.block_query_layout` + `ops.hyper_attention_tiles` (XLA gathers into
 sorted copies) + the fused tiled kernel in place of `ops.tiled_attention`; exact attention (S <= min_seq_len, the
 causal base case, exact quarters) is the TPU flash kernel with its float32 lse. Causal calls run the recursion level
-by level here (`_causal_by_levels`, the kernels called directly) where `ops.level_shape` takes the length, else
-`ops.grouped_attention`'s recursion with the kernels as its parts (odd lengths); levels merge by lse
+by level here (`_causal_by_levels`, the kernels called directly) on the recursion's padded length
+(`ops.causal_padded_length`), else (min_seq_len not a multiple of the block size) `ops.grouped_attention`'s
+recursion with the kernels as its parts; levels merge by lse
 (differentiated through the kernels' lse vjp). `interpret=True` runs every kernel in TPU interpret mode on the CPU.
 """
 
@@ -26,9 +27,11 @@ from hyperattn_jax.ops import (
     make_plan,
 )
 from hyperattn_jax.ops.causal import (
+    causal_padded_length,
     level_problem,
     level_shape,
     merge_level,
+    pad_positions,
     quarter_is_exact,
     with_sinks,
     without_sinks,
@@ -92,13 +95,14 @@ def parts(*, scale: float, hash_key, interpret: bool) -> AttentionParts:
 
 
 def _causal_by_levels(q, k, v, key, hash_key, *, config, shape, scale: float, interpret: bool):
-    """Causal HyperAttention in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, T, H]`) for the lengths
-    `ops.level_shape` takes (`shape` = its (levels, segment)): `ops.grouped_causal_attention`'s problems, random keys
-    and merges, level by level, on the kernels called directly. The base case is one causal flash call over every
-    segment (stacked on the batch axis); each level's lower-left problems are one estimate (exact where the recursion
-    is exact), merged by lse into the second halves, deepest level first as the recursion merges them. Sinks (fewer
-    than T): exact flash calls over them, the levels on the `without_sinks` positions, put together by `with_sinks`.
-    Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32."""
+    """Causal HyperAttention in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, T, H]`) for the lengths whose
+    `ops.causal_padded_length` `ops.level_shape` takes (`shape` = its (levels, segment)), run on that padded length:
+    `ops.grouped_causal_attention`'s problems, random keys and merges, level by level, on the kernels called
+    directly. The base case is one causal flash call over every segment (stacked on the batch axis); each level's
+    lower-left problems are one estimate (exact where the recursion is exact), merged by lse into the second halves,
+    deepest level first as the recursion merges them. Sinks (fewer than T): exact flash calls over them, the levels
+    on the `without_sinks` positions, put together by `with_sinks`. Returns out `[B, K, G, T, H]` and lse `[B, K, G,
+    T]`, float32."""
     sinks = config.num_sink_keys
     if sinks:
         head = flash.flash_attention_tpu(
@@ -111,6 +115,13 @@ def _causal_by_levels(q, k, v, key, hash_key, *, config, shape, scale: float, in
         rest = _causal_by_levels(*shifted, key, hash_key, config=config.replace(num_sink_keys=0), shape=shape,
                                  scale=scale, interpret=interpret)  # fmt: skip
         return with_sinks(head, sink, rest)
+    t = q.shape[3]
+    length = causal_padded_length(t, config)
+    if length != t:  # the recursion's padded length; the appended positions' outputs are dropped
+        padded = pad_positions(q, length, axis=3), *(pad_positions(x, length, axis=2) for x in (k, v))
+        out, lse = _causal_by_levels(*padded, key, hash_key, config=config, shape=shape, scale=scale,
+                                     interpret=interpret)  # fmt: skip
+        return out[..., :t, :], lse[..., :t]
     depth, segment = shape
     b, kv_heads, g, t, h = q.shape
     chunks = t // segment
@@ -156,7 +167,7 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
     """
     q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
     by_levels = causal and not config.attends_exactly(k.shape[1]) and config.num_sink_keys < q.shape[1]
-    shape = level_shape(q.shape[1], config) if by_levels else None
+    shape = level_shape(causal_padded_length(q.shape[1], config), config) if by_levels else None
     if shape is not None:
         out, lse = _causal_by_levels(
             q5, k4, v4, key, hash_key, config=config, shape=shape, scale=scale, interpret=interpret

@@ -19,7 +19,14 @@ from hyperattn_jax.kernels.gpu.causal import recursion_shape
 from hyperattn_jax.kernels.gpu.flash import flash_attention
 from hyperattn_jax.kernels.gpu.hyper import hyper_attention_pallas
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
-from hyperattn_jax.ops.causal import AttentionParts, grouped_attention, with_sinks, without_sinks
+from hyperattn_jax.ops.causal import (
+    AttentionParts,
+    causal_padded_length,
+    grouped_attention,
+    pad_positions,
+    with_sinks,
+    without_sinks,
+)
 from hyperattn_jax.ops.plan import make_plan
 from hyperattn_jax.ops.tiles import plan_rows
 
@@ -36,7 +43,7 @@ def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
 
 def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool) -> AttentionParts:
     """The kernels as `ops.AttentionParts` (grouped layout), for the shapes the fused causal function does not take
-    (odd lengths, lengths that do not halve down to min_seq_len, blocks that are not powers of two)."""
+    (head dims or blocks that are not powers of two, min_seq_len not a multiple of the block size)."""
 
     def estimate(q, k, v, *, key, config, kv_length, recent_keys=0):
         out, lse = hyper_attention_pallas(
@@ -81,19 +88,24 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
         plan, rows = plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale, interpret=interpret)
         return hyper.estimate(q, k, v, kv_length, plan, rows, (float(scale), tuning, bool(interpret)))
     own_parts = parts(scale=scale, hash_key=hash_key, tuning=tuning, interpret=interpret)
-    sinks = config.num_sink_keys
+    sinks, t = config.num_sink_keys, q.shape[1]
     rest_config = config.replace(num_sink_keys=0)
-    shape = recursion_shape(q.shape[1], q.shape[-1], rest_config) if approximate and sinks < q.shape[1] else None
+    length = causal_padded_length(t, rest_config)
+    shape = recursion_shape(length, q.shape[-1], rest_config) if approximate and sinks < t else None
     if shape is not None:  # the fused recursion: one custom_vjp over the base case and every level's kernels
         static = (rest_config, float(scale), tuning, bool(interpret), shape)
+
+        def fused(q, k, v):  # on the recursion's padded length (`ops.causal_padded_length`), the padding dropped
+            out, lse = causal_estimate(*(pad_positions(x, length, axis=1) for x in (q, k, v)), key, hash_key, static)
+            return out[:, :t], lse[..., :t]
+
         if not sinks:
-            return causal_estimate(q, k, v, key, hash_key, static)
+            return fused(q, k, v)
         # Exact attention over the sinks; the fused recursion on the positions after them (`ops.without_sinks`).
         q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
         head = own_parts.exact(q5[..., :sinks, :], k4[:, :, :sinks], v4[:, :, :sinks], causal=True, kv_length=None)
         sink = own_parts.exact(q5[..., sinks:, :], k4[:, :, :sinks], v4[:, :, :sinks], causal=False, kv_length=None)
-        shifted = (without_sinks(x, sinks, axis=1) for x in (q, k, v))
-        rest_out, rest_lse = causal_estimate(*shifted, key, hash_key, static)
+        rest_out, rest_lse = fused(*(without_sinks(x, sinks, axis=1) for x in (q, k, v)))
         out, lse = with_sinks(head, sink, (group_queries(rest_out, k.shape[2]), rest_lse))
         return ungroup_output(out), lse
     q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)

@@ -45,6 +45,28 @@ def quarter_is_exact(num_keys: int, config: HyperAttentionConfig) -> bool:
     return num_keys < config.min_seq_len or num_keys <= config.block_size
 
 
+def causal_padded_length(t: int, config: HyperAttentionConfig) -> int:
+    """The length the recursion runs on: t rounded up so that it halves down to the base case in whole blocks (a
+    multiple of 2**levels * block_size). Every backend runs the same problems: the ops recursion and the kernels'
+    level-by-level recursions, which need every level's halves to be whole blocks. The appended positions come last,
+    where causality hides them from every real query; their outputs are dropped (`pad_positions`)."""
+    base = causal_base_length(config)
+    if t <= base:
+        return t
+    levels, segment = 0, t
+    while segment > base:
+        segment, levels = -(-segment // 2), levels + 1
+    unit = config.block_size << levels
+    return -(-t // unit) * unit
+
+
+def pad_positions(x, length: int, *, axis: int):
+    """x with zero positions appended along `axis` up to `length` (`causal_padded_length`)."""
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
 class AttentionParts(NamedTuple):
     """A backend's pieces in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, S, H]`), each returning out and
     lse `[B, K, G, T]` float32.
@@ -97,10 +119,9 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, part
         t = q.shape[3]
         if t <= causal_base_length(config):
             return exact_fn(q, k, v)
-        if t % 2:
+        if t % 2:  # only where min_seq_len is not a multiple of the block size (`causal_padded_length`)
             # One extra position at the end: causality hides it from every real query, and its own output is dropped.
-            pad = ((0, 0), (0, 0), (0, 1), (0, 0))
-            out, lse = recurse(jnp.pad(q, ((0, 0), *pad)), jnp.pad(k, pad), jnp.pad(v, pad), key)
+            out, lse = recurse(pad_positions(q, t + 1, axis=3), *(pad_positions(x, t + 1, axis=2) for x in (k, v)), key)
             return out[..., :t, :], lse[..., :t]
         half = t // 2
         batch = q.shape[0]
@@ -117,16 +138,23 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, part
         lse = jnp.concatenate([diag_lse[:batch], second_lse], axis=3)
         return out, lse
 
+    def padded_recursion(q, k, v):
+        t, length = q.shape[3], causal_padded_length(q.shape[3], config)
+        if length == t:
+            return recurse(q, k, v, key)
+        out, lse = recurse(pad_positions(q, length, axis=3), *(pad_positions(x, length, axis=2) for x in (k, v)), key)
+        return out[..., :t, :], lse[..., :t]
+
     t = q.shape[3]
     if not num_sinks or t <= causal_base_length(config):
-        return recurse(q, k, v, key)
+        return padded_recursion(q, k, v)
     g = min(num_sinks, t)
     # Queries before g see only sinks (causally); the rest see all g sinks exactly plus the recursion on [g, T).
     head_out, head_lse = exact_fn(q[..., :g, :], k[:, :, :g], v[:, :, :g])
     if g == t:
         return head_out, head_lse
     sink = parts.exact(q[..., g:, :], k[:, :, :g], v[:, :, :g], causal=False, kv_length=None)
-    rest = recurse(without_sinks(q, g, axis=3), without_sinks(k, g, axis=2), without_sinks(v, g, axis=2), key)
+    rest = padded_recursion(without_sinks(q, g, axis=3), without_sinks(k, g, axis=2), without_sinks(v, g, axis=2))
     return with_sinks((head_out, head_lse), sink, rest)
 
 
@@ -134,10 +162,7 @@ def without_sinks(x, g: int, *, axis: int):
     """Positions [g, T) of x shifted to the front along `axis` and g zero positions appended: the recursion's input
     once the g sinks are taken out. Same length T, so the recursion keeps the paper's problem sizes (the same quarters
     are exact or estimated), and causality hides the appended keys from every real query."""
-    x = jax.lax.slice_in_dim(x, g, x.shape[axis], axis=axis)
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, g)
-    return jnp.pad(x, widths)
+    return pad_positions(jax.lax.slice_in_dim(x, g, x.shape[axis], axis=axis), x.shape[axis], axis=axis)
 
 
 def with_sinks(head, sink, rest):
@@ -156,9 +181,9 @@ def with_sinks(head, sink, rest):
 
 
 def level_shape(t: int, config: HyperAttentionConfig) -> tuple[int, int] | None:
-    """(levels, base segment length) of the recursion over t positions when it can run level by level: every length
-    on the way down even, at least one level. Else None. With sinks, the recursion runs on `without_sinks` inputs of
-    the same length t (`with_sinks` puts the parts together)."""
+    """(levels, base segment length) of the recursion over t positions (a `causal_padded_length`) when it can run
+    level by level: every length on the way down even, at least one level. Else None. With sinks, the recursion runs
+    on `without_sinks` inputs of the same length t (`with_sinks` puts the parts together)."""
     depth, segment = 0, t
     while segment > causal_base_length(config):
         if segment % 2:

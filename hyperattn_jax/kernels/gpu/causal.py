@@ -45,7 +45,8 @@ def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfi
     """(levels, base segment length, flash tuning) of the recursion over t positions, or None where this module does
     not apply and the ops recursion (with kernels inside) must run: no recursion at all, and shapes the in-place
     kernels cannot take: odd lengths on the way down, segments not a multiple of the block size (every query and key
-    slot of every level must hold a real row), head dims or blocks that are not powers of two. Heavy keys and the
+    slot of every level must hold a real row; on `ops.causal_padded_length` positions that happens only where
+    min_seq_len is not a multiple of the block size), head dims or blocks that are not powers of two. Heavy keys and the
     window are global keys of each level's plan (a shared tile, like the samples); quarters the recursion computes
     exactly are plans whose keys are all global (`level_plan_config`). Sinks are the caller's (`ops.without_sinks`):
     `config` must have none."""
