@@ -18,7 +18,14 @@ from hyperattn_jax.ops.estimate import (
 )
 from hyperattn_jax.ops.keys import PlanKeys, level_keys, plan_keys, split_level
 from hyperattn_jax.ops.merge import merge_partials
-from hyperattn_jax.ops.plan import SortLSHPlan, make_plan, plan_projections, probe_column_mass, probe_index
+from hyperattn_jax.ops.plan import (
+    SortLSHPlan,
+    make_plan,
+    plan_projections,
+    probe_column_mass,
+    probe_index,
+    top_k_index,
+)
 from hyperattn_jax.ops.sorting import SortOrder, gather_rows, sort_order, sort_orders, sort_rows, unsort_rows
 from hyperattn_jax.ops.tiles import (
     KeyTile,
@@ -69,6 +76,7 @@ __all__ = [
     "split_level",
     "tiled_attention",
     "tiled_attention_backward",
+    "top_k_index",
     "unblock_query_layout",
     "ungroup_lse",
     "ungroup_output",

@@ -89,6 +89,32 @@ def probe_column_mass(q, k, *, key, num_probes: int, scale: float, key_valid=Non
     return jnp.mean(jax.nn.softmax(s, axis=-1), axis=2)
 
 
+# Keys per chunk of `top_k_index`'s first stage (fastest of 64 / 256 on an H100 at 32k and 131k keys).
+TOP_K_CHUNK = 64
+
+
+def top_k_index(x, k: int):
+    """`jax.lax.top_k(x, k)[1]` over the last axis, same indices in the same order (ties: lowest index first).
+
+    A full top-k sorts every entry (on a GPU a radix sort of all S keys, ~1.2 ms for 32 rows of 131072). When S is
+    many chunks of `TOP_K_CHUNK`, first pick the k chunks with the largest maxima (ties: lowest chunk first), then
+    the top k of those k * chunk entries, in index order: every entry of the full top k lies in a picked chunk
+    (a chunk that is not picked has k picked chunks ranked above it, each holding an entry that ranks above all of
+    its own), so the result is identical.
+    """
+    s = x.shape[-1]
+    chunk = TOP_K_CHUNK
+    if s < 4 * k * chunk:
+        return jax.lax.top_k(x, k)[1].astype(jnp.int32)
+    pad = -s % chunk
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
+    chunks = x.reshape(*x.shape[:-1], -1, chunk)
+    best = jnp.sort(jax.lax.top_k(jnp.max(chunks, axis=-1), k)[1], axis=-1)
+    candidate = jnp.take_along_axis(chunks, best[..., None], axis=-2).reshape(*x.shape[:-1], k * chunk)
+    pick = jax.lax.top_k(candidate, k)[1]
+    return (jnp.take_along_axis(best, pick // chunk, axis=-1) * chunk + pick % chunk).astype(jnp.int32)
+
+
 def _global_keys(q, k, mass_key, config, scale, kv_length, key_valid, probe, recent_keys: int):
     """The keys attended exactly by every query: the first sinks, the last `recent_keys` valid keys and the probed
     heaviest columns. Returns their mask `[B, K, S]`, their positions `[B, K, g]` int32 (None when g = 0) and the
@@ -116,8 +142,8 @@ def _global_keys(q, k, mass_key, config, scale, kv_length, key_valid, probe, rec
         # Padding ranks below every real key but above the sinks and recent keys, so the picks never repeat one and
         # the count of global keys stays exactly g (padding picked when too few keys are valid is masked).
         candidate = jnp.where(is_exact, -jnp.inf, jnp.where(key_valid, mass, -1.0))
-        _, heavy = jax.lax.top_k(candidate, num_heavy)
-        index = jnp.concatenate([index, heavy.astype(jnp.int32)], axis=-1)
+        heavy = top_k_index(candidate, num_heavy)
+        index = jnp.concatenate([index, heavy], axis=-1)
     if index.shape[-1] == 0:
         return is_sink, None, mass
     return positions_mask(index, s), index, mass
