@@ -61,17 +61,17 @@ class HyperAttentionConfig:
     'column_mass'
     """
 
-    block_size: int = 256
+    block_size: int = 128
     sample_size: int = 256
     num_projections: int = 7
     min_seq_len: int = 4096
     num_sink_keys: int = 0
-    num_heavy_keys: int = 0
+    num_heavy_keys: int = 128
     sample_distribution: str = "column_mass"
     sample_scheme: str = "systematic"
     uniform_fraction: float = 0.5
     num_probe_queries: int = 16
-    local_window: int = 0
+    local_window: int = 256
 
     def __post_init__(self):
         int_fields = ("block_size", "sample_size", "num_projections", "min_seq_len", "num_sink_keys", "num_heavy_keys")

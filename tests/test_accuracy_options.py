@@ -135,9 +135,11 @@ def test_systematic_sampling_draws_each_key_at_most_once_when_uniform(rng):
 
 
 def test_paper_config_is_the_published_algorithm(rng):
-    # The default differs from the published algorithm only in how the residual is sampled (same keys per query).
-    sampling = {"sample_distribution": "column_mass", "sample_scheme": "systematic", "num_probe_queries": 16}
-    assert ha.HyperAttentionConfig.paper(**sampling) == ha.HyperAttentionConfig()
+    # The default: half the paper's block, 128 probed heavy keys (same keys per query non-causally), a 256-key causal
+    # window, and the residual sampled by probed column mass.
+    ours = {"sample_distribution": "column_mass", "sample_scheme": "systematic", "num_probe_queries": 16}
+    ours |= {"block_size": 128, "num_heavy_keys": 128, "local_window": 256}
+    assert ha.HyperAttentionConfig.paper(**ours) == ha.HyperAttentionConfig()
     cfg = ha.HyperAttentionConfig.paper()
     assert (cfg.block_size, cfg.sample_size, cfg.num_projections, cfg.min_seq_len) == (256, 256, 7, 4096)
     assert (cfg.num_sink_keys, cfg.num_heavy_keys, cfg.local_window) == (0, 0, 0)

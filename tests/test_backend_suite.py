@@ -12,7 +12,8 @@ from helpers import random_qkv
 import hyperattn_jax as ha
 
 BACKENDS = ["xla", "pallas_triton", "pallas_tpu"]
-CFG = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=128)
+# The default's options (probed heavy keys, causal window) at the suite's small sizes.
+CFG = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=128, num_heavy_keys=16, local_window=32)
 # The Triton kernels take half precision (the api runs their float32 calls on xla); the TPU kernels take float32 too,
 # where they agree with xla up to float32 rounding. The TPU kernels take head dims 64/128/256.
 DTYPE = {"xla": jnp.float32, "pallas_triton": jnp.bfloat16, "pallas_tpu": jnp.float32}

@@ -31,9 +31,17 @@ def paper_config(**fields):
 
 # 1024 positions on 8 devices: 128 per device, four 32-key blocks each, above Columnsort's minimum of 98 rows.
 CFG = paper_config(block_size=32, sample_size=16, num_projections=4, min_seq_len=64)
-# HyperAttentionConfig() (column-mass probe, systematic draws) and .accurate() (plus sinks, heavy keys, window), at
+# HyperAttentionConfig() (column-mass probe, systematic draws, heavy keys, window) and .accurate() (plus sinks), at
 # the same small sizes: every random draw and every data-dependent choice of the plan is exercised.
-DEFAULT = ha.HyperAttentionConfig(block_size=32, sample_size=16, num_projections=4, min_seq_len=64, num_probe_queries=8)
+DEFAULT = ha.HyperAttentionConfig(
+    block_size=32,
+    sample_size=16,
+    num_projections=4,
+    min_seq_len=64,
+    num_probe_queries=8,
+    num_heavy_keys=8,
+    local_window=16,
+)
 ACCURATE = ha.HyperAttentionConfig.accurate(
     block_size=16, sample_size=16, num_projections=4, min_seq_len=64, num_sink_keys=4, num_heavy_keys=8,
     local_window=16, num_probe_queries=8,

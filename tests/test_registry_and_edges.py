@@ -9,7 +9,9 @@ from helpers import planted_qkv, random_qkv
 import hyperattn_jax as ha
 from hyperattn_jax.backends import choose
 
-CFG = ha.HyperAttentionConfig(block_size=32, sample_size=32, min_seq_len=128, num_probe_queries=8)
+CFG = ha.HyperAttentionConfig(
+    block_size=32, sample_size=32, min_seq_len=128, num_probe_queries=8, num_heavy_keys=8, local_window=16
+)
 
 
 @pytest.mark.parametrize(

@@ -91,9 +91,10 @@ def all_configs(names=()) -> dict[str, ha.HyperAttentionConfig]:
     `names` written as changes to the previous default: letters of CANDIDATE_FIELDS followed by a number, joined by
     "+" (e.g. "b128+s128+h64+w256": block 128, 128 samples, 64 heavy keys, a 256-key causal window)."""
     default = ha.HyperAttentionConfig(min_seq_len=MIN_SEQ_LEN)
-    previous = ha.HyperAttentionConfig(  # the default before issue 22: no window, no heavy keys
-        block_size=256, sample_size=256, sample_distribution="column_mass", sample_scheme="systematic",
-        uniform_fraction=0.5, num_probe_queries=16, min_seq_len=MIN_SEQ_LEN,
+    previous = ha.HyperAttentionConfig(  # the default before issue 22: block 256, no heavy keys, no window
+        block_size=256, sample_size=256, num_heavy_keys=0, local_window=0, num_sink_keys=0,
+        sample_distribution="column_mass", sample_scheme="systematic", uniform_fraction=0.5, num_probe_queries=16,
+        min_seq_len=MIN_SEQ_LEN,
     )  # fmt: skip
     configs = {
         "paper": ha.HyperAttentionConfig.paper(min_seq_len=MIN_SEQ_LEN),
