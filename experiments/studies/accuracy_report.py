@@ -126,9 +126,6 @@ PERPLEXITY_FILES = {
     "accuracy_perplexity_column_mass_p16.json": {"column_mass_p16": "default"},
     "accuracy_perplexity_sweep_default.json": {"column_mass_p16": "default"},
 }
-# The presets' GPU time against paper() in one run: accuracy_cost.py on one H100 (32k and 131k, causal and not,
-# latency and pipelined timings).
-SPEED_FILE = "accuracy_cost_h100.json"
 
 
 def _renamed(name: str, renames: dict) -> str:
@@ -171,7 +168,8 @@ def merged_perplexity() -> dict | None:
 
 def qkv_summary(data: dict) -> str:
     layers = list(data["layers"])
-    lines = ["| mean relative error (5 layers) | paper | default | accurate | uniform attention |"]
+    # "default" in these records is column-mass sampling alone (block 256, no heavy keys or window).
+    lines = ["| mean relative error (5 layers) | paper | column mass | accurate | uniform attention |"]
     lines.append("|---|---|---|---|---|")
     for mode in ("causal", "noncausal"):
         mean = {
@@ -199,40 +197,69 @@ def speed_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_table(errors: dict, kinds: dict) -> str:
-    """The README's summary by kind of text: paper vs the default vs accurate(), every number read from JSON:
-    relative error on every layer's q/k/v (accuracy_kinds_gpu.json), perplexity / exact with all 30 layers replaced
-    (perplexity_kinds.json: mean over the tuning documents, held-out document apart), GPU time / paper."""
-    names = ("paper", "default", "accurate")
+# The README's three columns and the records each comes from (file, name in it): the default and paper() from the one
+# run that measured the candidates side by side (the default was "b128+h128+w256" there), accurate() from its own
+# runs. Errors are shown as ratios to paper()'s error in the same record.
+README_COLUMNS = {
+    "paper": {
+        "errors": ("accuracy_kinds_candidates_h100.json", "paper"),
+        "perplexity": ("perplexity_kinds_candidates_h100.json", "paper"),
+    },
+    "default": {
+        "errors": ("accuracy_kinds_candidates_h100.json", "b128+h128+w256"),
+        "perplexity": ("perplexity_kinds_candidates_h100.json", "b128+h128+w256"),
+        "speed": ("accuracy_cost_candidates_h200.json", "b128+h128+w256"),
+    },
+    "accurate": {
+        "errors": ("accuracy_kinds_gpu.json", "accurate"),
+        "perplexity": ("perplexity_kinds.json", "accurate"),
+        "speed": ("accuracy_cost_h100.json", "accurate"),
+    },
+}
+
+
+def _record(file_name: str) -> dict:
+    return json.loads((RESULTS / file_name).read_text())
+
+
+def readme_table() -> str:
+    """The README's summary by kind of text: paper() vs the default vs accurate(), every number read from the records
+    of README_COLUMNS: relative error on real q/k/v (mean over the layers and heads of the record, and its ratio to
+    paper()'s in the same record), perplexity / exact with all 30 layers replaced (mean over the tuning documents and
+    seeds, held-out document in brackets), GPU time / paper() in the same run (range over 32k, 131k, causal and not)."""
     lines = ["| SmolLM2-135M, 8192 tokens | `paper()` | default | `accurate()` |", "|---|---|---|---|"]
     for mode in ("causal", "noncausal"):
         for kind in KINDS_ORDER:
-            entries = [
-                e for key, e in errors["errors"].items() if key.startswith(f"{kind}/") and key.endswith(f"/{mode}")
-            ]
-            if not entries:
-                continue
-            mean = {n: np.mean([np.mean(e[n]) for e in entries]) for n in names}
-            cells = [f"{mean[n]:.3f} ({mean[n] / mean['paper']:.2f}x)" for n in names[1:]]
-            label = f"relative error, {mode}, {kind} ({len(entries)} layers x {len(entries[0]['paper'])} heads)"
-            lines.append(f"| {label} | {mean['paper']:.3f} | {' | '.join(cells)} |")
+            cells = []
+            for column in README_COLUMNS.values():
+                file_name, name = column["errors"]
+                errors = _record(file_name)["errors"]
+                rows = [e for key, e in errors.items() if key.startswith(f"{kind}/") and key.endswith(f"/{mode}")]
+                if not rows:
+                    cells.append("")
+                    continue
+                mean = np.mean([np.mean(e[name]) for e in rows])
+                paper = np.mean([np.mean(e["paper"]) for e in rows])
+                cells.append(f"{mean:.3f}" + ("" if name == "paper" else f" ({mean / paper:.2f}x)"))
+            lines.append(f"| relative error, {mode}, {kind} | {' | '.join(cells)} |")
     for kind in KINDS_ORDER:
-        tuned, held = kinds["summary"].get(kind), kinds["summary"].get(f"{kind}/held_out")
-        if not tuned:
-            continue
-        cells = [
-            f"{tuned[n]['mean']:.3f}x" + (f" ({held[n]['mean']:.3f}x)" if held and n in held else "") for n in names
-        ]
-        label = f"perplexity / exact, all 30 layers, {kind} ({tuned['paper']['n']} documents; held-out)"
-        lines.append(f"| {label} | {' | '.join(cells)} |")
+        cells = []
+        for column in README_COLUMNS.values():
+            file_name, name = column["perplexity"]
+            summary = _record(file_name)["summary"]
+            tuned, held = summary[kind][name], summary.get(f"{kind}/held_out", {}).get(name)
+            cells.append(f"{tuned['mean']:.3f}x" + (f" ({held['mean']:.3f}x)" if held else ""))
+        lines.append(f"| perplexity / exact, all 30 layers, {kind} (held-out) | {' | '.join(cells)} |")
     for kind, label in (("fwd+bwd", "forward+backward"), ("fwd", "forward")):
-        timings = json.loads((RESULTS / SPEED_FILE).read_text())["timings_ms"].values()
         cells = ["1x"]
-        for name in names[1:]:
+        for column in list(README_COLUMNS.values())[1:]:
+            file_name, name = column["speed"]
+            record = _record(file_name)
+            device = record["run"]["device"].removeprefix("NVIDIA ").split()[0]
             prefix = f"{name}_over_paper/{kind}/"
-            ratios = [ratio for e in timings for row, ratio in e.items() if row.startswith(prefix)]
-            cells.append(f"{min(ratios):.2f}-{max(ratios):.2f}x")
-        lines.append(f"| H100 time / paper, {label} (32k, 131k, causal and not) | {' | '.join(cells)} |")
+            ratios = [r for e in record["timings_ms"].values() for row, r in e.items() if row.startswith(prefix)]
+            cells.append(f"{min(ratios):.2f}-{max(ratios):.2f}x ({device})")
+        lines.append(f"| GPU time / paper, {label} (32k, 131k, causal and not) | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -316,14 +343,17 @@ def kinds_error_table(data: dict) -> str:
 
 
 def main():
-    for stem, table, figure in (("perplexity_kinds", kinds_table, kinds_figure),):
+    for stem, table, figure in (
+        ("perplexity_kinds", kinds_table, kinds_figure),
+        ("perplexity_kinds_candidates_h100", kinds_table, kinds_figure),
+    ):
         path = RESULTS / f"{stem}.json"
         if path.is_file():
             data = json.loads(path.read_text())
             if table is not None:
                 print(table(data), end="\n\n")
             figure(data, RESULTS / f"{stem}.png")
-    for stem in ("accuracy_kinds", "accuracy_kinds_gpu"):
+    for stem in ("accuracy_kinds", "accuracy_kinds_gpu", "accuracy_kinds_candidates_h100"):
         if (RESULTS / f"{stem}.json").is_file():
             print(
                 f"{stem}.json:",
@@ -345,10 +375,7 @@ def main():
     if speed.is_file():
         print(speed_table(json.loads(speed.read_text())), end="\n\n")
     data = merged_perplexity()
-    sources = [RESULTS / f for f in ("accuracy_kinds_gpu.json", "perplexity_kinds.json")]
-    sources += [RESULTS / SPEED_FILE]
-    if all(f.is_file() for f in sources):
-        print("README:", readme_table(*(json.loads(f.read_text()) for f in sources[:2])), sep="\n", end="\n\n")
+    print("README:", readme_table(), sep="\n", end="\n\n")
     if data is not None:
         print(perplexity_table(data))
         perplexity_figure(data, RESULTS / "accuracy_perplexity.png")
