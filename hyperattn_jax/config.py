@@ -37,7 +37,8 @@ class HyperAttentionConfig:
       num_projections: random hyperplanes of the angular LSH (P); 2**P buckets.
       min_seq_len: at or below this many keys, attention is computed exactly (the causal recursion's base case too).
         Causal calls above it run the recursion on T rounded up to a multiple of block_size * 2**levels (padding
-        last, hidden by causality: under T / 8 more positions when min_seq_len is 16 blocks, none for powers of two).
+        last, hidden by causality): under T / 16 more positions at the default (min_seq_len is 32 blocks), T / 8
+        for paper() (16 blocks), none for powers of two.
       num_sink_keys: the first g key positions (attention sinks) are attended exactly by every query and left out of
         the blocks and the sample. Causal: taken out once, before the recursion.
       num_heavy_keys: this many further keys, the heaviest columns by a probe of `num_probe_queries` queries, are
