@@ -271,6 +271,7 @@ def main():
     begin = time.time()
     out = Path(args.out)
     configs = {n: c for n, c in all_configs(args.configs).items() if n in args.configs}
+    qkv_configs = {n: c for n, c in all_configs(args.qkv_configs).items() if n in args.qkv_configs}
     config_fields = {n: {f: getattr(c, f) for f in c.__dataclass_fields__} for n, c in configs.items()}
     per_kind = {}
     for doc in DOCUMENTS:
@@ -281,7 +282,8 @@ def main():
     fns = {(name, seed): hyper_fn(config, seed) for name, config in configs.items() for seed in args.seeds}
     kinds = {"configs": config_fields, "seeds": args.seeds, "min_seq_len": MIN_SEQ_LEN, "sources": SOURCES,
              "tokens": args.tokens, "documents": {}}  # fmt: skip
-    qkv = {"configs": config_fields, "data": dict(zip(("play", "code", "prose"), QKV_DOCUMENTS, strict=True)),
+    qkv = {"configs": {n: {f: getattr(c, f) for f in c.__dataclass_fields__} for n, c in qkv_configs.items()},
+           "data": dict(zip(("play", "code", "prose"), QKV_DOCUMENTS, strict=True)),
            "metric": "relative Frobenius error per head vs exact float32 attention (seed 0)", "errors": {}}  # fmt: skip
     every_layer = frozenset(range(model.n_layers))
     prefixes, captures = {}, {}
@@ -309,8 +311,10 @@ def main():
                 print(f"{name} {config} seed{seed}: {ratio:.4f}x ({time.time() - begin:.0f}s)", flush=True)
             kinds["summary"] = kinds_summary(kinds["documents"], configs)
             write(out / "perplexity_kinds.json", kinds)
-        if seed == args.seeds[0] and "qkv" in args.parts:
-            _keep_going(qkv_errors, qkv, captures, configs, args.qkv_configs, out, out_of_time)
+        if seed == args.seeds[0] and "qkv" in args.parts:  # after the first seed: a short budget still gets both
+            _keep_going(qkv_errors, qkv, captures, qkv_configs, out, out_of_time)
+    if "qkv" in args.parts and "kinds" not in args.parts:
+        _keep_going(qkv_errors, qkv, captures, qkv_configs, out, out_of_time)
     if "layers" in args.parts:
         _keep_going(fig3, args, model, tokens, prefixes, configs, fns, kinds, out, out_of_time)
     print(f"done in {time.time() - begin:.0f}s", flush=True)
@@ -324,7 +328,7 @@ def _keep_going(part, *args):
         traceback.print_exc()
 
 
-def qkv_errors(result, captures, configs, qkv_configs, out, out_of_time):
+def qkv_errors(result, captures, configs, out, out_of_time):
     """Relative error of every config on the captured q/k/v, causal and not (seed 0), uniform attention beside."""
     fns = {}
     for name, layers in captures.items():
@@ -338,8 +342,6 @@ def qkv_errors(result, captures, configs, qkv_configs, out, out_of_time):
                 ref = ha.exact_attention(q, k, v, causal=causal)
                 entry = {"uniform": per_head_error(uniform_attention(v, q.shape[2], causal), ref).tolist()}
                 for config_name, config in configs.items():
-                    if config_name not in qkv_configs:
-                        continue
                     if (config_name, causal) not in fns:
                         fns[config_name, causal] = hyper_fn(config, 0, causal)
                     entry[config_name] = per_head_error(fns[config_name, causal](q, k, v, layer=layer), ref).tolist()
