@@ -29,7 +29,7 @@ class HyperAttentionConfig:
     paper's causal and 0.44-0.49x non-causal. It costs 1.06-1.21x the paper config's GPU time forward+backward and
     1.15-1.32x forward (one H200, 32k and 131k, causal and not).
     `HyperAttentionConfig.paper()` is the published algorithm exactly; `HyperAttentionConfig.accurate()` adds sinks
-    and a block of 64 (lowest non-causal error measured, 0.43x the paper's; slower, and not better on perplexity).
+    and a block of 64 (lowest non-causal error measured, 0.40-0.43x the paper's; slower, and not better on perplexity).
 
     Attributes:
       block_size: keys per sortLSH block (b). A power of two, at most 4096.

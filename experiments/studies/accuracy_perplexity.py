@@ -276,7 +276,8 @@ def main():
     per_kind = {}
     for doc in DOCUMENTS:
         per_kind.setdefault(doc[1], []).append(doc)
-    docs = [d for kind_docs in per_kind.values() for d in kind_docs[: args.docs_per_kind - 1] + kind_docs[-1:]]
+    # The first docs_per_kind - 1 tuning documents of each kind and its held-out (last) one, each once.
+    docs = [d for ds in per_kind.values() for d in dict.fromkeys(ds[: args.docs_per_kind - 1] + ds[-1:])]
     tokens = document_tokens(args.tokens, args.tokens_file, [d[0] for d in docs])
     model = Model()
     fns = {(name, seed): hyper_fn(config, seed) for name, config in configs.items() for seed in args.seeds}
