@@ -34,14 +34,9 @@ CFG = paper_config(block_size=32, sample_size=16, num_projections=4, min_seq_len
 # HyperAttentionConfig() (column-mass probe, systematic draws, heavy keys, window) and .accurate() (plus sinks), at
 # the same small sizes: every random draw and every data-dependent choice of the plan is exercised.
 DEFAULT = ha.HyperAttentionConfig(
-    block_size=32,
-    sample_size=16,
-    num_projections=4,
-    min_seq_len=64,
-    num_probe_queries=8,
-    num_heavy_keys=8,
+    block_size=32, sample_size=16, num_projections=4, min_seq_len=64, num_probe_queries=8, num_heavy_keys=8,
     local_window=16,
-)
+)  # fmt: skip
 ACCURATE = ha.HyperAttentionConfig.accurate(
     block_size=16, sample_size=16, num_projections=4, min_seq_len=64, num_sink_keys=4, num_heavy_keys=8,
     local_window=16, num_probe_queries=8,

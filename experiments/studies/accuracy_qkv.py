@@ -51,6 +51,7 @@ FIRST_CANDIDATE = DEFAULT_CANDIDATE.replace(num_heavy_keys=128, local_window=32)
 # library's 64 probe queries and with 16 (a quarter of the probe's cost on the GPU).
 COLUMN_MASS = ha.HyperAttentionConfig.paper(sample_distribution="column_mass", sample_scheme="systematic")
 COLUMN_MASS_P16 = COLUMN_MASS.replace(num_probe_queries=16)
+LIBRARY_DEFAULT = ha.HyperAttentionConfig(min_seq_len=MIN_SEQ_LEN)
 
 
 def candidate_configs() -> dict[str, ha.HyperAttentionConfig]:
@@ -80,6 +81,11 @@ def candidate_configs() -> dict[str, ha.HyperAttentionConfig]:
             min_seq_len=MIN_SEQ_LEN, block_size=256, sample_size=128, local_window=0
         ),
         "default": DEFAULT_CANDIDATE.replace(min_seq_len=MIN_SEQ_LEN),
+        # The library default since issue 22 and what moves its error on the heads it loses to uniform attention.
+        "b128+h128+w256": LIBRARY_DEFAULT,
+        "b128+h128+w256+s1024": LIBRARY_DEFAULT.replace(sample_size=1024),
+        "b128+h512+w256": LIBRARY_DEFAULT.replace(num_heavy_keys=512),
+        "b128+h128+w256+p64": LIBRARY_DEFAULT.replace(num_probe_queries=64),
     }
 
 
@@ -148,6 +154,11 @@ def main():
             start = time.time()
             ref = exact_reference(layer, q, k, v, scale, causal)
             mode_result = {"uniform": per_head_error(uniform_attention(v, q.shape[2], causal), ref).tolist()}
+            # Per head, ||exact output|| / ||v of its kv head||: small where attention averages many unlike values.
+            v_rows = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
+            mode_result["exact_norm_over_v"] = (
+                jnp.linalg.norm(ref[0], axis=(0, 2)) / jnp.linalg.norm(v_rows[0], axis=(0, 2))
+            ).tolist()
             for name, config in configs.items():
                 errors = []
                 for seed in range(args.seeds):
@@ -158,7 +169,7 @@ def main():
                 mode_result[name] = np.mean(errors, axis=0).tolist()  # per head, mean over seeds
                 mode_result[name + "/seed_std"] = float(np.std([e.mean() for e in errors]))
             layer_result[mode] = mode_result
-            summary = "  ".join(f"{n}={np.mean(e):.3f}" for n, e in mode_result.items() if not n.endswith("seed_std"))
+            summary = "  ".join(f"{n}={np.mean(e):.3f}" for n, e in mode_result.items() if "/" not in n)
             print(f"L{layer} {mode} ({time.time() - start:.0f}s): {summary}", flush=True)
         results["layers"][str(layer)] = layer_result
         RESULTS.mkdir(parents=True, exist_ok=True)

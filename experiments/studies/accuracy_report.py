@@ -14,6 +14,7 @@ Expected: prints the markdown tables used in docs/accuracy.md and the README sec
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -219,7 +220,9 @@ README_COLUMNS = {
 }
 
 
+@functools.cache
 def _record(file_name: str) -> dict:
+    """A results JSON, read once however many cells of the table come from it."""
     return json.loads((RESULTS / file_name).read_text())
 
 

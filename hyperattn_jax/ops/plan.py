@@ -89,7 +89,8 @@ def probe_column_mass(q, k, *, key, num_probes: int, scale: float, key_valid=Non
     return jnp.mean(jax.nn.softmax(s, axis=-1), axis=2)
 
 
-# Keys per chunk of `top_k_index`'s first stage (fastest of 64 / 256 on an H100 at 32k and 131k keys).
+# Keys per chunk of `top_k_index`'s first stage: 64 beat 256 on an H100 at 32k and 131k keys
+# (experiments/results/bench_top_k_chunks_h100.json).
 TOP_K_CHUNK = 64
 
 
