@@ -1,0 +1,158 @@
+"""Does the causal window need to reach every query of a quarter, or only the queries next to its boundary?
+
+Command:  python3 experiments/studies/window_scope.py --out experiments/results --tokens-file FILE
+          [--configs default b128+h128+w512] [--seeds 0 1]
+Hardware: any; ~45 s per document, config and seed on 2 CPU cores (8192 tokens, all 30 layers), plus ~70 s per
+          document for the exact baseline.
+Expected: if the window only matters to the queries whose recent keys cross a quarter's boundary, perplexity within
+          ~0.005 of the library's window (perplexity_kinds_candidates_h100.json, same documents and seeds).
+
+Why: the library's window (`local_window` w) makes the last w keys of every lower-left quarter global keys of its
+plan: every second-half query attends them exactly, at every level. Only the queries of the second half's first
+base segment need them (their w most recent keys lie just before the boundary); for the others they are keys
+thousands of positions back. On the GPU that is w more keys per query per level (768 instead of 512 at the
+default), most of the default's causal time over `paper()`.
+
+The variant measured here ("boundary"): in each lower-left quarter the queries of the second half's first base
+segment are estimated as now (window exact, left out of their blocks and sample), the other second-half queries by
+a plan without the window (the window keys in their blocks and sample like any key). Two plans per quarter, with
+independent draws (a kernel version would share one plan and mask the window keys for the first segment's queries,
+the same estimator family). The xla backend, float32; the rest of the recursion is the library's.
+
+Writes window_scope_cpu.json under --out: per document and seed the ratio to exact perplexity of each variant, and
+the per-kind summary (as perplexity_kinds.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
+from hyperattn_jax.backends import xla
+from hyperattn_jax.ops.causal import (
+    causal_base_length,
+    causal_padded_length,
+    level_shape,
+    pad_positions,
+    quarter_is_exact,
+)
+from hyperattn_jax.ops.keys import split_level
+from hyperattn_jax.ops.merge import merge_partials
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_perplexity import (
+    DOCUMENTS,
+    MIN_SEQ_LEN,
+    SOURCES,
+    Model,
+    all_configs,
+    document_tokens,
+    kinds_summary,
+    write,
+)
+
+
+def boundary_window_attention(q, k, v, *, key, config):
+    """Causal HyperAttention (public layout, float32 out) with the window given only to the queries of each quarter's
+    first base segment. Configs without sinks; lengths that `level_shape` takes after padding."""
+    if config.num_sink_keys:
+        raise ValueError("the study's recursion has no sinks")
+    parts = xla.parts(scale=q.shape[-1] ** -0.5, hash_key=None)
+    q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
+    t = q5.shape[3]
+    length = causal_padded_length(t, config)
+    segment = level_shape(length, config)[1]
+    window = config.local_window
+
+    def off_diagonal(q, k, v, key):
+        half = k.shape[2]
+        if quarter_is_exact(half, config) or window >= half:
+            return parts.exact(q, k, v, causal=False, kv_length=None)
+        near = min(segment, q.shape[3])  # the queries whose w most recent keys end at the boundary
+        key_near, key_far = jax.random.split(key)
+        near_part = parts.estimate(q[..., :near, :], k, v, key=key_near, config=config, kv_length=None,
+                                   recent_keys=window)  # fmt: skip
+        if near == q.shape[3]:
+            return near_part
+        far_part = parts.estimate(q[..., near:, :], k, v, key=key_far, config=config, kv_length=None, recent_keys=0)
+        return tuple(jnp.concatenate([a, b], axis=3) for a, b in zip(near_part, far_part, strict=True))
+
+    def recurse(q, k, v, key):
+        t = q.shape[3]
+        if t <= causal_base_length(config):
+            return parts.exact(q, k, v, causal=True, kv_length=None)
+        half, batch = t // 2, q.shape[0]
+        key_off_diagonal, key_deeper = split_level(key)
+        diag_out, diag_lse = recurse(
+            jnp.concatenate([q[..., :half, :], q[..., half:, :]], axis=0),
+            jnp.concatenate([k[:, :, :half], k[:, :, half:]], axis=0),
+            jnp.concatenate([v[:, :, :half], v[:, :, half:]], axis=0),
+            key_deeper,
+        )
+        low_out, low_lse = off_diagonal(q[..., half:, :], k[:, :, :half], v[:, :, :half], key_off_diagonal)
+        second_out, second_lse = merge_partials(diag_out[batch:], diag_lse[batch:], low_out, low_lse)
+        return (jnp.concatenate([diag_out[:batch], second_out], axis=3),
+                jnp.concatenate([diag_lse[:batch], second_lse], axis=3))  # fmt: skip
+
+    out, _ = recurse(pad_positions(q5, length, axis=3), *(pad_positions(x, length, axis=2) for x in (k4, v4)), key)
+    return ungroup_output(out[..., :t, :]).astype(q.dtype)
+
+
+@functools.cache
+def _jitted(config):
+    return jax.jit(lambda q, k, v, key: boundary_window_attention(q, k, v, key=key, config=config))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--tokens-file", default=None)
+    parser.add_argument("--configs", nargs="+", default=["default", "b128+h128+w512"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    args = parser.parse_args()
+    begin = time.time()
+    configs = {f"{name}/boundary": all_configs([name])[name] for name in args.configs}
+    docs = list(DOCUMENTS)
+    tokens = document_tokens(args.tokens, args.tokens_file, [d[0] for d in docs])
+    model = Model()
+    every_layer = frozenset(range(model.n_layers))
+    result = {"configs": {n: {f: getattr(c, f) for f in c.__dataclass_fields__} for n, c in configs.items()},
+              "variant": "window only for each quarter's first base segment of queries (see the script)",
+              "seeds": args.seeds, "min_seq_len": MIN_SEQ_LEN, "sources": SOURCES, "tokens": args.tokens,
+              "documents": {}}  # fmt: skip
+    prefixes = {}
+    for name, kind, held_out, first in docs:
+        ce, prefixes[name], _ = model.run(tokens[name], frozenset(), None, keep=True)
+        result["documents"][name] = {"kind": kind, "held_out": held_out, "first_token": first,
+                                     "exact": {"cross_entropy": ce, "perplexity": float(np.exp(ce))}}  # fmt: skip
+        print(f"{name}: exact ppl {np.exp(ce):.3f} ({time.time() - begin:.0f}s)", flush=True)
+    for seed in args.seeds:
+        for config_name, config in configs.items():
+            fn = _jitted(config)
+
+            def attend(q, k, v, *, layer, fn=fn, seed=seed):
+                return fn(q, k, v, jax.random.fold_in(jax.random.key(seed), layer))
+
+            for name, *_ in docs:
+                entry = result["documents"][name]
+                ce, _, _ = model.run(tokens[name], every_layer, attend, prefix=prefixes[name])
+                ratio = float(np.exp(ce - entry["exact"]["cross_entropy"]))
+                entry[f"{config_name}/seed{seed}"] = {"cross_entropy": ce, "perplexity": float(np.exp(ce)),
+                                                      "ratio_to_exact": ratio}  # fmt: skip
+                print(f"{name} {config_name} seed{seed}: {ratio:.4f}x ({time.time() - begin:.0f}s)", flush=True)
+                result["summary"] = kinds_summary(result["documents"], configs)
+                write(Path(args.out) / "window_scope_cpu.json", result)
+    print(f"done in {time.time() - begin:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
