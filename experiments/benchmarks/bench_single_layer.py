@@ -13,7 +13,8 @@ the causal forward beats cuDNN from 8k on; every mode runs up to 1M tokens (caus
 In ONE process: `jax.nn.dot_product_attention(implementation="cudnn")` (exact baseline), our `xla` path and our
 `pallas_triton` path on a GPU; jax's splash attention, `xla` and `pallas_tpu` on a TPU (docs/tpu.md; `--methods`
 defaults to the platform's three, and a method for another platform is refused with the platform it needs);
-B=1, N=32, bf16, HyperAttentionConfig.paper() (block 256, sample 256, 7 projections, min_seq_len 4096).
+B=1, N=32 (K=32 kv heads, or --kv-heads), bf16, HyperAttentionConfig.paper() (block 256, sample 256, 7
+projections, min_seq_len 4096).
 Before timing, the kernel output is compared with the xla path for the same key (relative error, forward and
 gradients). Timings: median of many runs after warm-up, each run ended by `block_until_ready`. The exact baseline
 is timed up to --max-exact-n and the xla path up to --max-xla-n; beyond, only HyperAttention is timed.
@@ -115,16 +116,20 @@ def _relative_error(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _inputs(n, head_dim, seed):
+def _inputs(n, head_dim, seed, kv_heads=NUM_HEADS):
+    """q and the cotangent `[1, n, 32, H]`, k and v `[1, n, kv_heads, H]` (grouped-query attention below 32)."""
     keys = jax.random.split(jax.random.key(seed), 4)
-    shape = (1, n, NUM_HEADS, head_dim)
-    q, k, v, g = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
+    q_shape, kv_shape = (1, n, NUM_HEADS, head_dim), (1, n, kv_heads, head_dim)
+    q, k, v, g = (
+        jax.random.normal(kk, shape, jnp.bfloat16)
+        for kk, shape in zip(keys, (q_shape, kv_shape, kv_shape, q_shape), strict=True)
+    )
     return q, k, v, g
 
 
-def check_against_xla(n, head_dim, causal, config, key, kernel: str):
+def check_against_xla(n, head_dim, causal, config, key, kernel: str, kv_heads=NUM_HEADS):
     """Relative difference of the `kernel` method vs xla (same key): forward out, and dq, dk, dv."""
-    q, k, v, g = _inputs(n, head_dim, seed=n + 7)
+    q, k, v, g = _inputs(n, head_dim, seed=n + 7, kv_heads=kv_heads)
     result = {}
     grads = {}
     for method in ("xla", kernel):
@@ -144,6 +149,7 @@ def main():
     parser.add_argument("--n", default="4096,8192,16384,32768,65536,131072")
     parser.add_argument("--n-hyper-only", default="262144,524288,1048576", help="HyperAttention alone (no cuDNN)")
     parser.add_argument("--head-dims", default="64")
+    parser.add_argument("--kv-heads", type=int, default=NUM_HEADS, help="below 32: grouped-query attention")
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd,causal_fwd,causal_fwdbwd")
     parser.add_argument(
         "--methods", default=None, help="default per platform: gpu cudnn,xla,pallas_triton; tpu splash,xla,pallas_tpu"
@@ -169,7 +175,13 @@ def main():
         "platform": device.platform,
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "config": {"batch": 1, "num_heads": NUM_HEADS, "dtype": "bfloat16", **dataclasses.asdict(config)},
+        "config": {
+            "batch": 1,
+            "num_heads": NUM_HEADS,
+            "num_kv_heads": args.kv_heads,
+            "dtype": "bfloat16",
+            **dataclasses.asdict(config),
+        },
         "xla_python_client_mem_fraction": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"],
         "checks": [],
         "timings": [],
@@ -185,7 +197,7 @@ def main():
     for head_dim in head_dims:
         for n in [int(x) for x in args.check_n.split(",") if x and kernel]:
             for causal in (False, True):
-                errors = check_against_xla(n, head_dim, causal, config, key, kernel)
+                errors = check_against_xla(n, head_dim, causal, config, key, kernel, args.kv_heads)
                 record["checks"].append({"n": n, "head_dim": head_dim, "causal": causal, **errors})
                 cells = " ".join(f"{name}={value:.2e}" for name, value in errors.items())
                 print(f"check H={head_dim} n={n} causal={causal}: {cells}")
@@ -195,7 +207,7 @@ def main():
     sizes = [int(x) for x in args.n.split(",") if x] + [int(x) for x in args.n_hyper_only.split(",") if x]
     for head_dim in head_dims:
         for n in sizes:
-            q, k, v, g = _inputs(n, head_dim, seed=n)
+            q, k, v, g = _inputs(n, head_dim, seed=n, kv_heads=args.kv_heads)
             for mode in modes:
                 causal = mode.startswith("causal")
                 backward = mode.endswith("fwdbwd")
