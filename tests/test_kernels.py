@@ -213,43 +213,6 @@ def test_cudnn_base_case_defers_to_the_flash_kernel_off_gpu(rng):
     assert cudnn_segment_forward(q, k, v, scale=0.25, segment=32) is None
 
 
-def test_rescaled_cotangent_gives_a_flash_backward_the_parts_share(rng):
-    # cuDNN's backward of the base case gets its OWN lse, the FINAL output and dO rescaled by exp(lse_own -
-    # lse_final): a flash backward so fed must return exactly the gradient the base case contributes to the merged
-    # attention (the twin below, given the final lse). Modelled here with the flash twin in both roles, since any
-    # flash backward forms P from the lse and delta from the output it is given.
-    from hyperattn_jax.kernels.gpu.cudnn_segments import rescaled_cotangent
-    from hyperattn_jax.kernels.gpu.flash import flash_backward_rows_reference, flash_forward_rows_reference
-
-    b, t, n, kv, h, segment = 1, 64, 4, 2, 16, 32
-    q, k, v = random_qkv(rng, b=b, t=t, n=n, kv=kv, h=h)
-    q_rows = q.reshape(b, t, kv, n // kv, h)
-    own_out, own_lse = flash_forward_rows_reference(q_rows, k, v, scale=0.3, segment=segment, out_dtype=jnp.float32)
-    # another part over other keys (a causal level's estimate): what the merge adds to the base case
-    other_out = jnp.asarray(rng.standard_normal(own_out.shape), jnp.float32)
-    other_lse = own_lse + jnp.asarray(rng.standard_normal(own_lse.shape), jnp.float32)
-    out, lse = ops.merge_partials(jnp.moveaxis(own_out, 1, 3), own_lse, jnp.moveaxis(other_out, 1, 3), other_lse)
-    out = jnp.moveaxis(out, 3, 1)
-    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    zero = jnp.zeros(lse.shape, jnp.float32)
-
-    def rows(x):
-        return x.reshape(q_rows.shape)
-
-    want, _ = flash_backward_rows_reference(q_rows, k, v, rows(d_out), lse, out, zero, scale=0.3, segment=segment)
-    public = (b, n, t)  # [B, K, G, T] -> [B, N, T], the kv-major head order of the public layout
-    cotangent = rescaled_cotangent(d_out, own_lse.reshape(public), lse.reshape(public))
-    got, _ = flash_backward_rows_reference(
-        q_rows, k, v, rows(cotangent), own_lse, out, zero, scale=0.3, segment=segment
-    )
-    for a, b_ in zip(got, want, strict=True):
-        assert float(jnp.max(jnp.abs(b_))) > 0.05
-        np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
-    # the weight matters: dO as is (the part's own normaliser) gives another gradient
-    plain, _ = flash_backward_rows_reference(q_rows, k, v, rows(d_out), own_lse, out, zero, scale=0.3, segment=segment)
-    assert float(jnp.max(jnp.abs(plain[2] - want[2]))) > 0.05
-
-
 def test_default_implementation_is_xla_off_gpu_and_for_float32(rng):
     cfg = ha.HyperAttentionConfig(block_size=32, sample_size=16, min_seq_len=0)
     q, k, v = random_qkv(rng, b=1, t=64, n=2, h=16)

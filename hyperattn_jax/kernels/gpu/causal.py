@@ -3,7 +3,7 @@
 Same estimator and same random draws (`ops.level_keys`) as `ops.grouped_causal_attention` (its jnp twin), computed
 without its copies, on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`):
 - the diagonal problems of the last level are one segment-causal call on the unsplit sequence (cuDNN's flash forward
-  with its float32 lse where it runs, `cudnn_segments.py`; our flash kernel elsewhere), and so is their backward;
+  with its float32 lse where it runs, `cudnn_segments.py`; our flash kernel elsewhere);
 - every level's hash comes from one kernel over the unsorted q and k (each level has its own hyperplanes), and the
   default config's column-mass probe from two kernels per level that read k in place;
 - each level's lower-left problems (second-half queries of every chunk over its first-half keys) are planned on
@@ -11,12 +11,10 @@ without its copies, on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`)
   per level reads their rows straight from q, k, v by index and merges its part by lse into the running out and lse
   at its T/2 rows, in place: no copy of q, k, v per level, no array per part, no separate merge pass.
 Backward: every part's backward kernels run with the FINAL lse and delta (see `fused_tiled_attention_backward`), so no
-part keeps its own output and nothing is differentiated through the merge. The base case's gradients start the float32
-accumulators on the public layout: cuDNN's flash backward given its own lse, the final output and a rescaled dO
-(`cudnn_segments.py` says why that is the part's share) where it ran the forward and no lse cotangent comes in, else
-our flash kernels; each level's kernels read q, dO, k, v rows by index and add their dq, dk, dv rows into them in
-place (`indexed_backward.py`): no grouped or sorted copies, one cast at the end.
-Residuals: q, k, v, out, lse, the plans (int32 orders and samples) and cuDNN's residuals of the base case (its lse).
+part keeps its own output and nothing is differentiated through the merge. The base case's kernels write float32
+gradient accumulators on the public layout; each level's kernels read q, dO, k, v rows by index and add their dq, dk,
+dv rows into them in place (`indexed_backward.py`): no grouped or sorted copies, one cast at the end.
+Residuals: q, k, v, out, lse and the plans (int32 orders and samples).
 """
 
 from __future__ import annotations
@@ -24,11 +22,9 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 
 from hyperattn_jax._numerics import finite_or_zero
-from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_backward, cudnn_segment_forward
+from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_backward_rows, flash_forward_rows
 from hyperattn_jax.kernels.gpu.hyper import (
     estimate_backward_rows,
@@ -91,10 +87,8 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     # The base case, causal attention within every segment: cuDNN's flash forward where it runs (faster on Hopper:
     # probe_causal_parts_h200.json), else our flash kernel; out `[B, T, K, G, H]`, lse `[B, K, G, T]`.
     cudnn = None if interpret else cudnn_segment_forward(q, k, v, scale=scale, segment=segment)
-    cudnn_residuals = None
     if cudnn is not None:
         out, lse = cudnn[0].reshape(q_rows.shape), cudnn[1].reshape(b, kv_heads, n // kv_heads, t)
-        cudnn_residuals = cudnn[2]
     else:
         out, lse = flash_forward_rows(
             q_rows, k, v, scale=scale, segment=segment, tuning=flash_tuning, out_dtype=q.dtype, interpret=interpret
@@ -136,50 +130,22 @@ def _causal_fwd(q, k, v, key, hash_key, static):
         )  # fmt: skip
         plans.append(plan)
     out = out.reshape(q.shape)
-    return (out, lse), (q, k, v, out, lse, plans, cudnn_residuals)
-
-
-def _causal_fwd_rule(q, k, v, key, hash_key, static):
-    """`_causal_fwd` under `symbolic_zeros=True`: the primals come wrapped (all but a None hash_key)."""
-    primals = (x if x is None else x.value for x in (q, k, v, key, hash_key))
-    return _causal_fwd(*primals, static)
-
-
-def _base_case_backward(q, k, v, d_out, out, lse, d_lse, cudnn_residuals, static):
-    """The base case's (dq `[B, T, K, G, H]`, dk, dv `[B, T, K, H]`) float32, the first part of the accumulators, and
-    the merged attention's delta `[B, K, G, T]` = rowsum(dO * O) - dlse, for the levels' kernels."""
-    _, scale, _, interpret, (_, segment, flash_tuning) = static
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q_rows, do_rows, out_rows = (x.astype(q.dtype).reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out, out))
-    if cudnn_residuals is not None and isinstance(d_lse, SymbolicZero):
-        grads = cudnn_segment_backward(
-            cudnn_residuals, out, lse.reshape(b, n, t), d_out.astype(q.dtype), scale=scale, segment=segment
-        )
-        if grads is not None:
-            dq, dk, dv = (x.astype(jnp.float32) for x in grads)
-            delta = jnp.einsum("btkgh,btkgh->bkgt", do_rows.astype(jnp.float32), out_rows.astype(jnp.float32))
-            return (dq.reshape(q_rows.shape), dk, dv), delta
-    if isinstance(d_lse, SymbolicZero):
-        d_lse = jnp.zeros(lse.shape, jnp.float32)
-    return flash_backward_rows(
-        q_rows, k, v, do_rows, lse, out_rows, d_lse, scale=scale, segment=segment, tuning=flash_tuning,
-        interpret=interpret,
-    )  # fmt: skip
+    return (out, lse), (q, k, v, out, lse, plans)
 
 
 def _causal_bwd(static, residuals, cotangents):
-    _, scale, tuning, interpret, _ = static
-    q, k, v, out, lse, plans, cudnn_residuals = residuals
+    _, scale, tuning, interpret, (_, segment, flash_tuning) = static
+    q, k, v, out, lse, plans = residuals
     d_out, d_lse = cotangents
-    if isinstance(d_out, SymbolicZero):
-        d_out = jnp.zeros(out.shape, out.dtype)
     lse = finite_or_zero(lse)
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    q_rows, do_rows = (x.astype(q.dtype).reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out))
-    # The base case writes the float32 accumulators (and delta); every level's kernels add their rows.
-    grads, delta = _base_case_backward(q, k, v, d_out, out, lse, d_lse, cudnn_residuals, static)
+    q_rows, do_rows, out_rows = (x.astype(q.dtype).reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out, out))
+    # The base case's kernels write the float32 accumulators (and delta); every level's kernels add their rows.
+    grads, delta = flash_backward_rows(
+        q_rows, k, v, do_rows, lse, out_rows, d_lse, scale=scale, segment=segment, tuning=flash_tuning,
+        interpret=interpret,
+    )  # fmt: skip
     query_positions = row_positions((b, kv_heads, n // kv_heads, t, 1))
     key_positions = row_positions((b, kv_heads, t, 1))
     for level, plan in enumerate(plans):
@@ -202,4 +168,4 @@ def _causal_bwd(static, residuals, cotangents):
     return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
-estimate.defvjp(_causal_fwd_rule, _causal_bwd, symbolic_zeros=True)
+estimate.defvjp(_causal_fwd, _causal_bwd)
