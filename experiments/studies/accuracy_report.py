@@ -210,7 +210,7 @@ README_COLUMNS = {
     "default": {
         "errors": ("accuracy_kinds_candidates_h100.json", "b128+h128+w256"),
         "perplexity": ("perplexity_kinds_candidates_h100.json", "b128+h128+w256"),
-        "speed": ("accuracy_cost_candidates_h200.json", "b128+h128+w256"),
+        "speed": ("accuracy_cost_default_h100.json", "default"),
     },
     "accurate": {
         "errors": ("accuracy_kinds_presets_cpu.json", "accurate"),
