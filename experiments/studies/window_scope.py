@@ -35,17 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
 from hyperattn_jax.backends import xla
-from hyperattn_jax.ops.causal import (
-    causal_base_length,
-    causal_padded_length,
-    level_shape,
-    pad_positions,
-    quarter_is_exact,
-)
-from hyperattn_jax.ops.keys import split_level
-from hyperattn_jax.ops.merge import merge_partials
+from hyperattn_jax.ops import group_queries, heads_major, merge_partials, quarter_is_exact, split_level, ungroup_output
+from hyperattn_jax.ops.causal import causal_base_length, causal_padded_length, level_shape, pad_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_perplexity import (
