@@ -1,7 +1,7 @@
 """Does the causal window need to reach every query of a quarter, or only the queries next to its boundary?
 
 Command:  python3 experiments/studies/window_scope.py --out experiments/results --tokens-file FILE
-          [--configs default b128+h128+w512] [--seeds 0 1]
+          [--variant boundary|shifted] [--configs default b128+h128+w512] [--seeds 0 1]
 Hardware: any; ~45 s per document, config and seed on 2 CPU cores (8192 tokens, all 30 layers), plus ~70 s per
           document for the exact baseline.
 Expected: if the window only matters to the queries whose recent keys cross a quarter's boundary, perplexity within
@@ -19,8 +19,19 @@ a plan without the window (the window keys in their blocks and sample like any k
 independent draws (a kernel version would share one plan and mask the window keys for the first segment's queries,
 the same estimator family). The xla backend, float32; the rest of the recursion is the library's.
 
-Writes window_scope_cpu.json under --out: per document and seed the ratio to exact perplexity of each variant, and
-the per-kind summary (as perplexity_kinds.json).
+The variant "shifted" gets the same scope from the recursion itself, with no window in the quarters: every diagonal
+block reaches w keys further left. A node (queries [a, b)) owns keys [a - w, b), its first w (the prefix) visible to
+all its queries; its halves are nodes of the same form (the second one's prefix is [mid - w, mid)), and its
+lower-left problem is queries [mid, b) over keys [a - w, mid - w): half x half, the paper's size, estimated with no
+window. The base case is each segment's causal attention plus its prefix, exactly. Every key before a query is
+counted once (in one quarter or in its base case), so the estimator keeps the recursion's form; every query sees
+its w most recent keys exactly; the window keys of far queries fall into smaller quarters further down. On a GPU the
+quarters would cost what `paper()`'s cost (no window tile) and the base case w keys more per query (dense). The
+sequence's first segment has no prefix (its positions before 0 are padding: moved to the end of a quarter's keys
+and cut off by kv_length).
+
+Writes window_scope_cpu.json (boundary) or window_scope_shifted_cpu.json under --out: per document and seed the
+ratio to exact perplexity of each config, and the per-kind summary (as perplexity_kinds.json).
 """
 
 from __future__ import annotations
@@ -98,9 +109,69 @@ def boundary_window_attention(q, k, v, *, key, config):
     return ungroup_output(out[..., :t, :]).astype(q.dtype)
 
 
+def shifted_window_attention(q, k, v, *, key, config):
+    """Causal HyperAttention (public layout) by the shifted recursion (module docstring): diagonal blocks reach
+    `local_window` keys further left, the quarters carry no window. Configs without sinks."""
+    if config.num_sink_keys:
+        raise ValueError("the study's recursion has no sinks")
+    parts = xla.parts(scale=q.shape[-1] ** -0.5, hash_key=None)
+    q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
+    t = q5.shape[3]
+    length = causal_padded_length(t, config)
+    w = config.local_window
+    plain = config.replace(local_window=0)
+
+    def prefix_part(q, k, v, valid):
+        """Every query over its node's prefix, exactly; nothing (lse -inf) where the prefix is padding."""
+        out, lse = parts.exact(q, k, v, causal=False, kv_length=None)
+        return (jnp.where(valid[:, None, None, None, None], out, 0.0),
+                jnp.where(valid[:, None, None, None], lse, -jnp.inf))  # fmt: skip
+
+    def recurse(q, k_ext, v_ext, valid, key):
+        """q `[B', K, G, T', H]`; k_ext, v_ext `[B', K, w + T', H]` (the prefix first); valid `[B']` bool."""
+        t = q.shape[3]
+        if t <= causal_base_length(config):
+            own = parts.exact(q, k_ext[:, :, w:], v_ext[:, :, w:], causal=True, kv_length=None)
+            return merge_partials(*own, *prefix_part(q, k_ext[:, :, :w], v_ext[:, :, :w], valid)) if w else own
+        half, batch = t // 2, q.shape[0]
+        key_off_diagonal, key_deeper = split_level(key)
+        diag_out, diag_lse = recurse(
+            jnp.concatenate([q[..., :half, :], q[..., half:, :]], axis=0),
+            jnp.concatenate([k_ext[:, :, : w + half], k_ext[:, :, half:]], axis=0),
+            jnp.concatenate([v_ext[:, :, : w + half], v_ext[:, :, half:]], axis=0),
+            jnp.concatenate([valid, jnp.ones_like(valid)]),  # the second half's prefix is real keys
+            key_deeper,
+        )
+        # Keys [a - w, mid - w): the prefix moved last, where kv_length cuts it off when it is padding.
+        k_low, v_low = (jnp.concatenate([x[:, :, w:half], x[:, :, :w]], axis=2) for x in (k_ext, v_ext))
+        kv_length = jnp.where(valid, half, half - w).astype(jnp.int32)
+        if quarter_is_exact(half, config):
+            low = parts.exact(q[..., half:, :], k_low, v_low, causal=False, kv_length=kv_length)
+        else:
+            low = parts.estimate(q[..., half:, :], k_low, v_low, key=key_off_diagonal, config=plain,
+                                 kv_length=kv_length)  # fmt: skip
+        second_out, second_lse = merge_partials(diag_out[batch:], diag_lse[batch:], *low)
+        return (jnp.concatenate([diag_out[:batch], second_out], axis=3),
+                jnp.concatenate([diag_lse[:batch], second_lse], axis=3))  # fmt: skip
+
+    k_ext, v_ext = (pad_positions(x, length, axis=2) for x in (k4, v4))
+    k_ext, v_ext = (jnp.pad(x, [(0, 0), (0, 0), (w, 0), (0, 0)]) for x in (k_ext, v_ext))
+    valid = jnp.zeros((q5.shape[0],), bool)  # the sequence's first segment has no prefix
+    out, _ = recurse(pad_positions(q5, length, axis=3), k_ext, v_ext, valid, key)
+    return ungroup_output(out[..., :t, :]).astype(q.dtype)
+
+
+VARIANTS = {"boundary": boundary_window_attention, "shifted": shifted_window_attention}
+VARIANT_NOTES = {
+    "boundary": "window only for each quarter's first base segment of queries (see the script)",
+    "shifted": "diagonal blocks reach local_window keys further left; no window in the quarters (see the script)",
+}
+OUTPUTS = {"boundary": "window_scope_cpu.json", "shifted": "window_scope_shifted_cpu.json"}
+
+
 @functools.cache
-def _jitted(config):
-    return jax.jit(lambda q, k, v, key: boundary_window_attention(q, k, v, key=key, config=config))
+def _jitted(config, variant: str):
+    return jax.jit(lambda q, k, v, key: VARIANTS[variant](q, k, v, key=key, config=config))
 
 
 def main():
@@ -110,15 +181,16 @@ def main():
     parser.add_argument("--tokens-file", default=None)
     parser.add_argument("--configs", nargs="+", default=["default", "b128+h128+w512"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="boundary")
     args = parser.parse_args()
     begin = time.time()
-    configs = {f"{name}/boundary": all_configs([name])[name] for name in args.configs}
+    configs = {f"{name}/{args.variant}": all_configs([name])[name] for name in args.configs}
     docs = list(DOCUMENTS)
     tokens = document_tokens(args.tokens, args.tokens_file, [d[0] for d in docs])
     model = Model()
     every_layer = frozenset(range(model.n_layers))
     result = {"configs": {n: {f: getattr(c, f) for f in c.__dataclass_fields__} for n, c in configs.items()},
-              "variant": "window only for each quarter's first base segment of queries (see the script)",
+              "variant": VARIANT_NOTES[args.variant],
               "seeds": args.seeds, "min_seq_len": MIN_SEQ_LEN, "sources": SOURCES, "tokens": args.tokens,
               "documents": {}}  # fmt: skip
     prefixes = {}
@@ -129,7 +201,7 @@ def main():
         print(f"{name}: exact ppl {np.exp(ce):.3f} ({time.time() - begin:.0f}s)", flush=True)
     for seed in args.seeds:
         for config_name, config in configs.items():
-            fn = _jitted(config)
+            fn = _jitted(config, args.variant)
 
             def attend(q, k, v, *, layer, fn=fn, seed=seed):
                 return fn(q, k, v, jax.random.fold_in(jax.random.key(seed), layer))
@@ -142,7 +214,7 @@ def main():
                                                       "ratio_to_exact": ratio}  # fmt: skip
                 print(f"{name} {config_name} seed{seed}: {ratio:.4f}x ({time.time() - begin:.0f}s)", flush=True)
                 result["summary"] = kinds_summary(result["documents"], configs)
-                write(Path(args.out) / "window_scope_cpu.json", result)
+                write(Path(args.out) / OUTPUTS[args.variant], result)
     print(f"done in {time.time() - begin:.0f}s", flush=True)
 
 
