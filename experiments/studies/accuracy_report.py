@@ -269,6 +269,33 @@ def readme_table() -> str:
 
 KINDS_ORDER = ("play", "code", "prose")
 
+# (label, record, config) of the window-scope comparison in docs/accuracy.md: the library's window on the H100, the
+# two scopes of experiments/studies/window_scope.py on the CPU (same documents, seeds and fields).
+WINDOW_SCOPE_ROWS = (
+    ("256, every second-half query (the default)", "perplexity_kinds_candidates_h100.json", "b128+h128+w256"),
+    ("256, boundary segment only", "window_scope_cpu.json", "default/boundary"),
+    ("256, shifted recursion", "window_scope_shifted_cpu.json", "default/shifted"),
+    ("512, every second-half query", "perplexity_kinds_candidates_h100.json", "b128+h128+w512"),
+    ("512, boundary segment only", "window_scope_cpu.json", "b128+h128+w512/boundary"),
+    ("512, shifted recursion", "window_scope_shifted_cpu.json", "b128+h128+w512/shifted"),
+)
+
+
+def window_scope_table() -> str:
+    """Perplexity / exact by kind (tuning mean, held-out in brackets) for WINDOW_SCOPE_ROWS whose record exists."""
+    lines = ["| window | " + " | ".join(KINDS_ORDER) + " |", "|---" * (len(KINDS_ORDER) + 1) + "|"]
+    for label, file_name, name in WINDOW_SCOPE_ROWS:
+        if not (RESULTS / file_name).is_file():
+            continue
+        summary = _record(file_name)["summary"]
+        if name not in summary[KINDS_ORDER[0]]:
+            continue
+        cells = [
+            f"{summary[k][name]['mean']:.3f}x ({summary[f'{k}/held_out'][name]['mean']:.3f}x)" for k in KINDS_ORDER
+        ]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
 
 def kinds_table(data: dict) -> str:
     """Perplexity / exact by kind of text (all 30 layers), from perplexity_kinds.json: mean ± std [min-max] (n)."""
@@ -380,6 +407,7 @@ def main():
         print(speed_table(json.loads(speed.read_text())), end="\n\n")
     data = merged_perplexity()
     print("README:", readme_table(), sep="\n", end="\n\n")
+    print("window scope (docs/accuracy.md):", window_scope_table(), sep="\n", end="\n\n")
     if data is not None:
         print(perplexity_table(data))
         perplexity_figure(data, RESULTS / "accuracy_perplexity.png")
