@@ -26,8 +26,8 @@ class HyperAttentionConfig:
     mixed 50/50 with uniform, unbiased weights). On real LM attention (SmolLM2-135M, 8192 tokens, every layer
     replaced, docs/accuracy.md "Perplexity by kind of text") perplexity is 1.024x / 1.052x / 1.013x exact on plays /
     Python code / prose, against 2.7x / 2.4x / 3.0x for the published algorithm; the output error is 0.07x the
-    paper's causal and 0.44-0.49x non-causal. It costs 1.06-1.21x the paper config's GPU time forward+backward and
-    1.15-1.32x forward (one H200, 32k and 131k, causal and not).
+    paper's causal and 0.44-0.49x non-causal. It costs 1.10-1.22x the paper config's GPU time forward+backward and
+    1.20-1.35x forward (one H100, 32k and 131k, causal and not; docs/accuracy.md, "Speed on the GPU").
     `HyperAttentionConfig.paper()` is the published algorithm exactly; `HyperAttentionConfig.accurate()` adds sinks
     and a block of 64 (lowest non-causal error measured, 0.40-0.43x the paper's; slower, and not better on perplexity).
 

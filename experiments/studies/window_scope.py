@@ -17,7 +17,7 @@ The variant measured here ("boundary"): in each lower-left quarter the queries o
 segment are estimated as now (window exact, left out of their blocks and sample), the other second-half queries by
 a plan without the window (the window keys in their blocks and sample like any key). Two plans per quarter, with
 independent draws (a kernel version would share one plan and mask the window keys for the first segment's queries,
-the same estimator family). The xla backend, float32; the rest of the recursion is the library's.
+the same estimator family). The library's recursion on the xla backend, float32, with that split in its estimate.
 
 The variant "shifted" gets the same scope from the recursion itself, with no window in the quarters: every diagonal
 block reaches w keys further left. A node (queries [a, b)) owns keys [a - w, b), its first w (the prefix) visible to
@@ -47,7 +47,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperattn_jax.backends import xla
-from hyperattn_jax.ops import group_queries, heads_major, merge_partials, quarter_is_exact, split_level, ungroup_output
+from hyperattn_jax.ops import (
+    group_queries,
+    grouped_causal_attention,
+    heads_major,
+    merge_partials,
+    quarter_is_exact,
+    split_level,
+    ungroup_output,
+)
 from hyperattn_jax.ops.causal import causal_base_length, causal_padded_length, level_shape, pad_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,59 +71,39 @@ from accuracy_perplexity import (
 )
 
 
-def boundary_window_attention(q, k, v, *, key, config):
-    """Causal HyperAttention (public layout, float32 out) with the window given only to the queries of each quarter's
-    first base segment. Configs without sinks; lengths that `level_shape` takes after padding."""
+def _grouped_on_xla(q, k, v, config):
+    """(the xla backend's parts, q, k, v in the grouped layout) for a study recursion; configs without sinks."""
     if config.num_sink_keys:
-        raise ValueError("the study's recursion has no sinks")
+        raise ValueError("the study's recursions have no sinks")
     parts = xla.parts(scale=q.shape[-1] ** -0.5, hash_key=None)
-    q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
-    t = q5.shape[3]
-    length = causal_padded_length(t, config)
-    segment = level_shape(length, config)[1]
-    window = config.local_window
+    return parts, group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
 
-    def off_diagonal(q, k, v, key):
-        half = k.shape[2]
-        if quarter_is_exact(half, config) or window >= half:
-            return parts.exact(q, k, v, causal=False, kv_length=None)
+
+def boundary_window_attention(q, k, v, *, key, config):
+    """Causal HyperAttention (public layout) by the library's recursion, the window given only to the queries of each
+    quarter's first base segment: its parts are the xla backend's with an estimate that splits the quarter's queries
+    where the library asks for the window (`recent_keys`)."""
+    parts, q5, k4, v4 = _grouped_on_xla(q, k, v, config)
+    segment = level_shape(causal_padded_length(q5.shape[3], config), config)[1]
+
+    def estimate(q, k, v, *, key, config, kv_length, recent_keys=0):
         near = min(segment, q.shape[3])  # the queries whose w most recent keys end at the boundary
+        if not recent_keys or near == q.shape[3]:
+            return parts.estimate(q, k, v, key=key, config=config, kv_length=kv_length, recent_keys=recent_keys)
         key_near, key_far = jax.random.split(key)
-        near_part = parts.estimate(q[..., :near, :], k, v, key=key_near, config=config, kv_length=None,
-                                   recent_keys=window)  # fmt: skip
-        if near == q.shape[3]:
-            return near_part
-        far_part = parts.estimate(q[..., near:, :], k, v, key=key_far, config=config, kv_length=None, recent_keys=0)
+        near_part = parts.estimate(q[..., :near, :], k, v, key=key_near, config=config, kv_length=kv_length,
+                                   recent_keys=recent_keys)  # fmt: skip
+        far_part = parts.estimate(q[..., near:, :], k, v, key=key_far, config=config, kv_length=kv_length)
         return tuple(jnp.concatenate([a, b], axis=3) for a, b in zip(near_part, far_part, strict=True))
 
-    def recurse(q, k, v, key):
-        t = q.shape[3]
-        if t <= causal_base_length(config):
-            return parts.exact(q, k, v, causal=True, kv_length=None)
-        half, batch = t // 2, q.shape[0]
-        key_off_diagonal, key_deeper = split_level(key)
-        diag_out, diag_lse = recurse(
-            jnp.concatenate([q[..., :half, :], q[..., half:, :]], axis=0),
-            jnp.concatenate([k[:, :, :half], k[:, :, half:]], axis=0),
-            jnp.concatenate([v[:, :, :half], v[:, :, half:]], axis=0),
-            key_deeper,
-        )
-        low_out, low_lse = off_diagonal(q[..., half:, :], k[:, :, :half], v[:, :, :half], key_off_diagonal)
-        second_out, second_lse = merge_partials(diag_out[batch:], diag_lse[batch:], low_out, low_lse)
-        return (jnp.concatenate([diag_out[:batch], second_out], axis=3),
-                jnp.concatenate([diag_lse[:batch], second_lse], axis=3))  # fmt: skip
-
-    out, _ = recurse(pad_positions(q5, length, axis=3), *(pad_positions(x, length, axis=2) for x in (k4, v4)), key)
-    return ungroup_output(out[..., :t, :]).astype(q.dtype)
+    out, _ = grouped_causal_attention(q5, k4, v4, key=key, config=config, parts=parts._replace(estimate=estimate))
+    return ungroup_output(out).astype(q.dtype)
 
 
 def shifted_window_attention(q, k, v, *, key, config):
     """Causal HyperAttention (public layout) by the shifted recursion (module docstring): diagonal blocks reach
     `local_window` keys further left, the quarters carry no window. Configs without sinks."""
-    if config.num_sink_keys:
-        raise ValueError("the study's recursion has no sinks")
-    parts = xla.parts(scale=q.shape[-1] ** -0.5, hash_key=None)
-    q5, k4, v4 = group_queries(q, k.shape[2]), heads_major(k), heads_major(v)
+    parts, q5, k4, v4 = _grouped_on_xla(q, k, v, config)
     t = q5.shape[3]
     length = causal_padded_length(t, config)
     w = config.local_window
