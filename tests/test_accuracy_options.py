@@ -164,27 +164,31 @@ def test_causal_sinks_and_window_equal_the_dense_definition_with_gradients(rng):
     )
     key, scale = jax.random.key(4), 0.25
     gq, gk, gv = _grouped(q, k, v)
-    # The recursion runs on positions [g, T) padded back to T; the last w keys of its lower-left quarter are global
-    # keys of the quarter's plan (attended exactly, out of the blocks and the sample).
+    # The recursion runs on positions [g, T) padded back to T. The second half's diagonal block reaches w keys left
+    # (its prefix, exact); the lower-left quarter is second-half queries over keys [0, half - w), then the first
+    # node's prefix, which lies before position 0 and is cut off by kv_length.
     shift = lambda x, axis: jnp.pad(
         jax.lax.slice_in_dim(x, g, t, axis=axis), [(0, g) if a == axis else (0, 0) for a in range(x.ndim)]
     )
     sq, sk, sv = shift(gq, 3), shift(gk, 2), shift(gv, 2)
     key_low, _ = ops.split_level(key)
+    low_keys = lambda x: jnp.pad(x[:, :, : half - w], [(0, 0), (0, 0), (0, w), (0, 0)])
     plan = ops.make_plan(
         sq[..., half:, :],
-        sk[:, :, :half],
+        low_keys(sk),
         key=key_low,
-        config=cfg.replace(num_sink_keys=0),
-        v=sv[:, :, :half],
+        config=cfg.replace(num_sink_keys=0, local_window=0),
+        kv_length=jnp.array([half - w]),
+        v=low_keys(sv),
         scale=scale,
-        recent_keys=w,
     )
-    assert plan.num_global == w
+    assert float(plan.num_valid_keys[0]) == half - w
     low = dense_option_weights(plan, half, half)  # [B, K, G, half, half] in shifted coordinates
     i, j = np.arange(t)[:, None], np.arange(t)[None, :]
     si, sj = i - g, j - g  # shifted positions
-    exact = (j <= i) & ((j < g) | ((si // half == sj // half) & (sj >= 0)))
+    same_segment = (si // half == sj // half) & (sj >= 0)
+    prefix = (si >= half) & (sj >= half - w) & (sj < half)
+    exact = (j <= i) & ((j < g) | same_segment | prefix)
     weights = jnp.broadcast_to(jnp.asarray(exact, jnp.float32), (*low.shape[:3], t, t))
     weights = weights.at[..., g + half :, g : g + half].add(low[..., : t - g - half, :])
 

@@ -8,7 +8,7 @@ from helpers import random_qkv
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
-from hyperattn_jax.kernels.gpu.causal import level_plan_config, recursion_shape
+from hyperattn_jax.kernels.gpu.causal import recursion_shape
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_attention
 from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention
 from hyperattn_jax.ops.causal import causal_padded_length
@@ -191,17 +191,28 @@ def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options
         assert _relative(a, b) < 2e-2, _relative(a, b)
 
 
-def test_fused_causal_recursion_plans_exactly_the_quarters_the_ops_recursion_computes_exactly():
+def test_fused_causal_recursion_takes_the_shapes_its_kernels_can():
     cfg = ha.HyperAttentionConfig.paper(block_size=16, sample_size=16, min_seq_len=128)
     assert recursion_shape(512, 16, cfg)[:2] == (2, 128)  # the last quarters hold min_seq_len keys: estimated
-    assert level_plan_config(128, cfg) == (cfg, 0)
-    # 384 -> 192 -> 96: quarters of 96 < min_seq_len keys are exact in the recursion, so all their keys are global
+    # 384 -> 192 -> 96: quarters of 96 < min_seq_len keys are exact in the recursion (ops.exact_plan there)
     assert recursion_shape(384, 16, cfg)[:2] == (2, 96)
-    exact, recent = level_plan_config(96, cfg)
-    assert recent == 96 and exact.sample_size == 0 and not exact.needs_probe
-    assert level_plan_config(128, cfg.replace(local_window=128))[1] == 128  # a window that fills the quarter
     assert recursion_shape(512, 16, cfg.replace(num_sink_keys=4)) is None  # sinks are the caller's
     assert recursion_shape(300, 16, cfg) is None  # 300 -> 150 -> 75: segments of 75 rows, not whole blocks
+    # The window's prefix plan cuts each segment into window / 16 query blocks of a power-of-two length.
+    assert recursion_shape(512, 16, cfg.replace(local_window=32))[:2] == (2, 128)
+    assert recursion_shape(384, 16, cfg.replace(local_window=32)) is None  # 96 / 2 = 48 rows per query block
+    assert recursion_shape(512, 16, cfg.replace(local_window=24)) is None  # not a multiple of 16
+
+
+def test_exact_plan_attends_every_valid_key_exactly(rng):
+    q, k, v = random_qkv(rng, b=2, t=96, s=64, n=4, kv=2, h=16)
+    gq, gk, gv = ops.group_queries(q, 2), ops.heads_major(k), ops.heads_major(v)
+    kv_length = jnp.array([64, 40])
+    plan = ops.exact_plan(gq.shape, 64, block_size=16, kv_length=kv_length)
+    out, lse = ops.attend_tiles(gq, ops.hyper_attention_tiles(gk, gv, plan), plan, scale=0.25)
+    ref, ref_lse = grouped_exact_attention(gq, gk, gv, scale=0.25, causal=False, kv_length=kv_length)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=2e-5, atol=2e-5)
 
 
 def test_cudnn_base_case_defers_to_the_flash_kernel_off_gpu(rng):
@@ -318,14 +329,15 @@ def test_kernels_lower_to_triton_for_an_h100(monkeypatch, causal):
 
 
 @pytest.mark.parametrize(
-    ("t", "chunks", "halves"),
+    ("t", "chunks", "halves", "shift"),
     [
-        (256, 1, False),  # non-causal, one program per head
-        (8192, 1, False),  # two programs per head, each looping over 16 key chunks
-        (256, 4, True),  # a causal level's 4 problems: second-half queries over first-half keys
+        (256, 1, False, 0),  # non-causal, one program per head
+        (8192, 1, False, 0),  # two programs per head, each looping over 16 key chunks
+        (256, 4, True, 0),  # a causal level's 4 problems: second-half queries over first-half keys
+        (256, 4, True, 16),  # keys shifted by a window: [a - w, mid - w), the first chunk's first w before 0
     ],
 )
-def test_probe_kernels_match_jnp_probe(rng, t, chunks, halves):
+def test_probe_kernels_match_jnp_probe(rng, t, chunks, halves, shift):
     from hyperattn_jax.kernels.gpu.probe import probe_column_mass_pallas, probe_queries
 
     b, n, kv, h = 2, 4, 2, 16
@@ -334,15 +346,18 @@ def test_probe_kernels_match_jnp_probe(rng, t, chunks, halves):
     span = t // chunks
     queries, keys = (slice(span // 2, span), slice(0, span // 2)) if halves else (slice(0, span), slice(0, span))
     # the problems the kernels cut, as grouped arrays `[C * B, ...]` (chunk-major) for the jnp probe
+    shifted = jnp.roll(k, shift, axis=1)
     q_problems = jnp.concatenate([q[:, c * span : (c + 1) * span][:, queries] for c in range(chunks)])
-    k_problems = jnp.concatenate([k[:, c * span : (c + 1) * span][:, keys] for c in range(chunks)])
+    k_problems = jnp.concatenate([shifted[:, c * span : (c + 1) * span][:, keys] for c in range(chunks)])
+    key_valid = (jnp.arange(k_problems.shape[1]) >= jnp.where(jnp.arange(chunks * b) < b, shift, 0)[:, None])[:, None]
     probe_key = jax.random.key(int(rng.integers(1 << 30)))
     expected = ops.probe_column_mass(
-        ops.group_queries(q_problems, kv), ops.heads_major(k_problems), key=probe_key, num_probes=5, scale=0.3
-    )
+        ops.group_queries(q_problems, kv), ops.heads_major(k_problems), key=probe_key, num_probes=5, scale=0.3,
+        key_valid=key_valid,
+    )  # fmt: skip
     index = ops.probe_index(probe_key, n // kv * q_problems.shape[1], 5)
     probes = probe_queries(q, index, num_kv_heads=kv, chunks=chunks, halves=halves)
-    mass = probe_column_mass_pallas(probes, k, chunks=chunks, halves=halves, scale=0.3, interpret=True)
+    mass = probe_column_mass_pallas(probes, k, chunks=chunks, halves=halves, scale=0.3, interpret=True, shift=shift)
     mass = jnp.moveaxis(mass, 1, 0).reshape(expected.shape)
     assert float(jnp.max(expected)) > 30 * float(jnp.min(expected))
     np.testing.assert_allclose(mass, expected, rtol=1e-5, atol=1e-9)

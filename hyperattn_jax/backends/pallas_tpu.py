@@ -28,11 +28,16 @@ from hyperattn_jax.ops import (
 )
 from hyperattn_jax.ops.causal import (
     causal_padded_length,
+    causal_window,
+    level_kv_length,
     level_problem,
     level_shape,
     merge_level,
+    merge_prefix,
     pad_positions,
+    prefix_problem,
     quarter_is_exact,
+    segment_rows,
     with_sinks,
     without_sinks,
 )
@@ -46,9 +51,9 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 def config_tile_lengths(config, *, causal: bool) -> tuple[int, ...]:
     """Key-tile lengths of the estimate under `config`: the sortLSH block, the global keys (sinks, heavy keys) and
-    the samples. Causal quarters are estimated without sinks (the recursion takes them out first) and with the window
-    as global keys."""
-    num_global = config.num_heavy_keys + (config.local_window if causal else config.num_sink_keys)
+    the samples. Causal quarters are estimated without sinks (the recursion takes them out first); the window is the
+    base case's (`ops.causal`)."""
+    num_global = config.num_heavy_keys + (0 if causal else config.num_sink_keys)
     return tuple(t for t in (config.block_size, num_global, config.sample_size) if t)
 
 
@@ -75,11 +80,10 @@ def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
     return None
 
 
-def estimate(q, k, v, *, key, config, kv_length, scale: float, hash_key, interpret: bool, recent_keys: int = 0):
+def estimate(q, k, v, *, key, config, kv_length, scale: float, hash_key, interpret: bool):
     """The non-causal estimate on the fused tiled kernel, grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, S, H]`):
     the plan from ops, XLA's gathers into sorted copies, the kernel; out `[B, K, G, T, H]`, lse `[B, K, G, T]`."""
-    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v, scale=scale,
-                     recent_keys=recent_keys)  # fmt: skip
+    plan = make_plan(q, k, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v, scale=scale)
     kernel = functools.partial(tiled_attention_tpu, interpret=interpret)
     return attend_tiles(q, hyper_attention_tiles(k, v, plan), plan, scale=scale, kernel=kernel)
 
@@ -98,8 +102,9 @@ def _causal_by_levels(q, k, v, key, hash_key, *, config, shape, scale: float, in
     """Causal HyperAttention in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, T, H]`) for the lengths whose
     `ops.causal_padded_length` `ops.level_shape` takes (`shape` = its (levels, segment)), run on that padded length:
     `ops.grouped_causal_attention`'s problems, random keys and merges, level by level, on the kernels called
-    directly. The base case is one causal flash call over every segment (stacked on the batch axis); each level's
-    lower-left problems are one estimate (exact where the recursion is exact), merged by lse into the second halves,
+    directly. The base case is one causal flash call over every segment (stacked on the batch axis) and, with a
+    window, one over every segment's prefix; each level's lower-left problems (keys shifted by the window) are one
+    estimate (exact where the recursion is exact), merged by lse into the second halves,
     deepest level first as the recursion merges them. Sinks (fewer than T): exact flash calls over them, the levels
     on the `without_sinks` positions, put together by `with_sinks`. Returns out `[B, K, G, T, H]` and lse `[B, K, G,
     T]`, float32."""
@@ -124,28 +129,30 @@ def _causal_by_levels(q, k, v, key, hash_key, *, config, shape, scale: float, in
         return out[..., :t, :], lse[..., :t]
     depth, segment = shape
     b, kv_heads, g, t, h = q.shape
-    chunks = t // segment
-
-    def segments(x):  # [B, K, (G,) T, H] -> [C * B, K, (G,) segment, H]
-        x = x.reshape(*x.shape[:-2], chunks, segment, h)
-        return jnp.moveaxis(x, -3, 0).reshape(chunks * b, *x.shape[1:-3], segment, h)
-
+    window = causal_window(config)
+    quarter_config = config.replace(local_window=0)
     out, lse = flash.flash_attention_tpu(
-        segments(q), segments(k), segments(v), scale=scale, causal=True, interpret=interpret
-    )
-    out = jnp.moveaxis(out.astype(jnp.float32).reshape(chunks, b, kv_heads, g, segment, h), 0, 3).reshape(q.shape)
-    lse = jnp.moveaxis(lse.reshape(chunks, b, kv_heads, g, segment), 0, 3).reshape(b, kv_heads, g, t)
+        segment_rows(q, segment), segment_rows(k, segment), segment_rows(v, segment), scale=scale, causal=True,
+        interpret=interpret,
+    )  # fmt: skip
+    out = jnp.moveaxis(out.astype(jnp.float32).reshape(-1, b, kv_heads, g, segment, h), 0, 3).reshape(q.shape)
+    lse = jnp.moveaxis(lse.reshape(-1, b, kv_heads, g, segment), 0, 3).reshape(b, kv_heads, g, t)
+    if window:
+        part = flash.flash_attention_tpu(*prefix_problem(q, k, v, segment, window), scale=scale, causal=False,
+                                         interpret=interpret)  # fmt: skip
+        out, lse = merge_prefix(out, lse, *part, segment)
     keys = level_keys(key, depth)
     kernel = functools.partial(tiled_attention_tpu, interpret=interpret)
     for level in reversed(range(depth)):
         half = t >> (level + 1)
-        window = min(config.local_window, half)
-        q_level, k_level, v_level = level_problem(q, k, v, level)
-        if quarter_is_exact(half, config) or window == half:
-            part = flash.flash_attention_tpu(q_level, k_level, v_level, scale=scale, causal=False, interpret=interpret)
+        q_level, k_level, v_level = level_problem(q, k, v, level, window)
+        kv_length = level_kv_length(b, level, half, window)
+        if quarter_is_exact(half, config):
+            part = flash.flash_attention_tpu(q_level, k_level, v_level, scale=scale, causal=False,
+                                             kv_length=kv_length, interpret=interpret)  # fmt: skip
         else:
-            plan = make_plan(q_level, k_level, key=keys[level], config=config, hash_key=hash_key, v=v_level,
-                             scale=scale, recent_keys=window)  # fmt: skip
+            plan = make_plan(q_level, k_level, key=keys[level], config=quarter_config, kv_length=kv_length,
+                             hash_key=hash_key, v=v_level, scale=scale)  # fmt: skip
             tiles = hyper_attention_tiles(k_level, v_level, plan)
             part = attend_tiles(q_level, tiles, plan, scale=scale, kernel=kernel)
         out, lse = merge_level(out, lse, *part, level)

@@ -45,7 +45,7 @@ def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool)
     """The kernels as `ops.AttentionParts` (grouped layout), for the shapes the fused causal function does not take
     (head dims or blocks that are not powers of two, min_seq_len not a multiple of the block size)."""
 
-    def estimate(q, k, v, *, key, config, kv_length, recent_keys=0):
+    def estimate(q, k, v, *, key, config, kv_length):
         out, lse = hyper_attention_pallas(
             ungroup_output(q),
             heads_major(k),  # [B, K, S, H] -> [B, S, K, H] (the transpose is its own inverse)
@@ -57,7 +57,6 @@ def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool)
             hash_key=hash_key,
             tuning=tuning,
             interpret=interpret,
-            recent_keys=recent_keys,
         )
         return group_queries(out, k.shape[1]), lse
 

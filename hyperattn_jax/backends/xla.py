@@ -29,11 +29,10 @@ def exact(q, k, v, *, scale, causal, kv_length):
 def parts(*, scale: float, hash_key) -> AttentionParts:
     """The jnp estimate and exact attention, grouped layout (`ops.AttentionParts`)."""
 
-    def estimate(q, k, v, *, key, config, kv_length, recent_keys=0):
+    def estimate(q, k, v, *, key, config, kv_length):
         return grouped_hyper_attention(
-            q, k, v, key=key, config=config, scale=scale, kv_length=kv_length, hash_key=hash_key,
-            recent_keys=recent_keys,
-        )  # fmt: skip
+            q, k, v, key=key, config=config, scale=scale, kv_length=kv_length, hash_key=hash_key
+        )
 
     return AttentionParts(estimate=estimate, exact=functools.partial(exact, scale=scale))
 

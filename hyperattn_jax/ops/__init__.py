@@ -20,6 +20,7 @@ from hyperattn_jax.ops.keys import PlanKeys, level_keys, plan_keys, split_level
 from hyperattn_jax.ops.merge import merge_partials
 from hyperattn_jax.ops.plan import (
     SortLSHPlan,
+    exact_plan,
     make_plan,
     plan_projections,
     probe_column_mass,
@@ -50,6 +51,7 @@ __all__ = [
     "block_diagonal_attention",
     "block_diagonal_tile",
     "block_query_layout",
+    "exact_plan",
     "gather_rows",
     "global_key_tile",
     "group_queries",

@@ -8,11 +8,15 @@ queries, first-half keys) is unmasked, so it is a non-causal HyperAttention merg
 Accuracy options (docs/accuracy.md), both expressed as one more exactly attended key tile merged by lse:
 - `num_sink_keys` g: the first g keys are taken out before the recursion; every query attends them exactly (query
   i < g causally), and the recursion runs on positions [g, T).
-- `local_window` w: in each lower-left quarter the last w keys of the first half (the w keys just before the
-  boundary) are global keys of the quarter's plan (`make_plan(recent_keys=w)`): attended exactly by every
-  second-half query, left out of the blocks and the sample. Every query then sees its w most recent keys exactly:
-  the base case covers its own chunk, and the keys just before its chunk are always the boundary keys of the quarter
-  that contains them.
+- `local_window` w: every diagonal block reaches w keys further left (`causal_window`). A node of the recursion
+  (queries [a, b)) owns keys [a - w, b): its prefix [a - w, a) is visible to all its queries. Its halves are nodes of
+  the same form (the second one's prefix is [mid - w, mid), real keys), and its lower-left problem is queries
+  [mid, b) over keys [a - w, mid - w): half x half like the paper's, estimated with no window, in the order
+  [a, mid - w) then [a - w, a) (the prefix last, where `kv_length` cuts it off for the sequence's first node, whose
+  prefix lies before position 0). The base case is each segment's causal attention plus its prefix, exactly. Every
+  key before a query is counted once (in one quarter or in its base case), and every query sees its w most recent
+  keys exactly; the window keys of far queries fall into smaller quarters further down. With w = 0 this is the
+  paper's recursion.
 """
 
 from __future__ import annotations
@@ -71,9 +75,8 @@ class AttentionParts(NamedTuple):
     """A backend's pieces in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, S, H]`), each returning out and
     lse `[B, K, G, T]` float32.
 
-    estimate(q, k, v, *, key, config, kv_length, recent_keys=0): non-causal HyperAttention (keys at positions >=
-      kv_length `[B]` are padding; kv_length may be None); `recent_keys` r: the last r keys are attended exactly by
-      every query, as global keys of the plan (`ops.make_plan`; the recursion's window).
+    estimate(q, k, v, *, key, config, kv_length): non-causal HyperAttention (keys at positions >= kv_length `[B]`
+      are padding; kv_length may be None).
     exact(q, k, v, *, causal, kv_length): exact attention (kv_length only when not causal).
     """
 
@@ -93,46 +96,67 @@ def grouped_attention(
     return parts.estimate(q, k, v, key=key, config=config, kv_length=kv_length)
 
 
+def causal_window(config: HyperAttentionConfig) -> int:
+    """The recursion's window w: `local_window`, at most half the base length. Segments are longer than half the
+    base length, so every quarter of the sequence's first node keeps at least one real key."""
+    return min(config.local_window, causal_base_length(config) // 2)
+
+
 def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, parts: AttentionParts):
     """Causal HyperAttention in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, T, H]`) on `parts`: its exact
-    causal base case and, for each level's lower-left quarter, its estimate (exact where `quarter_is_exact`).
-    Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32.
+    causal base case (each segment with its prefix) and, for each level's lower-left quarter, its estimate (exact
+    where `quarter_is_exact`). Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32.
     """
 
     def exact_fn(q, k, v):
         return parts.exact(q, k, v, causal=True, kv_length=None)
 
     num_sinks = config.num_sink_keys
-    # The recursion takes the sinks out before it starts: its quarters are estimated without them.
-    quarter_config = config.replace(num_sink_keys=0) if num_sinks else config
+    window = causal_window(config)
+    # The recursion takes the sinks out before it starts, and its quarters carry no window: both are its own.
+    quarter_config = config.replace(num_sink_keys=0, local_window=0)
 
-    def off_diagonal(q, k, v, key):
-        """Second-half queries over first-half keys: the non-causal estimate, its last `local_window` keys (the
-        window) attended exactly as global keys of its plan."""
-        half = k.shape[2]
-        window = min(config.local_window, half)
-        if quarter_is_exact(half, config) or window == half:
-            return parts.exact(q, k, v, causal=False, kv_length=None)
-        return parts.estimate(q, k, v, key=key, config=quarter_config, kv_length=None, recent_keys=window)
+    def off_diagonal(q, k, v, key, kv_length):
+        """Second-half queries over keys [a - w, mid - w) (the prefix last): the non-causal estimate."""
+        if quarter_is_exact(k.shape[2], config):
+            return parts.exact(q, k, v, causal=False, kv_length=kv_length)
+        return parts.estimate(q, k, v, key=key, config=quarter_config, kv_length=kv_length)
 
-    def recurse(q, k, v, key):
+    def base_case(q, k_ext, v_ext, has_prefix):
+        own = exact_fn(q, k_ext[:, :, window:], v_ext[:, :, window:])
+        if not window:
+            return own
+        out, lse = parts.exact(q, k_ext[:, :, :window], v_ext[:, :, :window], causal=False, kv_length=None)
+        out = jnp.where(has_prefix[:, None, None, None, None], out, 0.0)
+        lse = jnp.where(has_prefix[:, None, None, None], lse, -jnp.inf)  # the first node's prefix is padding
+        return merge_partials(*own, out, lse)
+
+    def recurse(q, k_ext, v_ext, has_prefix, key):
+        """q `[B', K, G, T', H]`; k_ext, v_ext `[B', K, w + T', H]` (the node's prefix first); has_prefix `[B']`."""
         t = q.shape[3]
         if t <= causal_base_length(config):
-            return exact_fn(q, k, v)
+            return base_case(q, k_ext, v_ext, has_prefix)
         if t % 2:  # only where min_seq_len is not a multiple of the block size (`causal_padded_length`)
             # One extra position at the end: causality hides it from every real query, and its own output is dropped.
-            out, lse = recurse(pad_positions(q, t + 1, axis=3), *(pad_positions(x, t + 1, axis=2) for x in (k, v)), key)
+            padded = (
+                pad_positions(q, t + 1, axis=3),
+                *(pad_positions(x, window + t + 1, axis=2) for x in (k_ext, v_ext)),
+            )
+            out, lse = recurse(*padded, has_prefix, key)
             return out[..., :t, :], lse[..., :t]
         half = t // 2
         batch = q.shape[0]
         key_off_diagonal, key_deeper = split_level(key)
         diag_out, diag_lse = recurse(
             jnp.concatenate([q[..., :half, :], q[..., half:, :]], axis=0),
-            jnp.concatenate([k[:, :, :half], k[:, :, half:]], axis=0),
-            jnp.concatenate([v[:, :, :half], v[:, :, half:]], axis=0),
+            jnp.concatenate([k_ext[:, :, : window + half], k_ext[:, :, half:]], axis=0),
+            jnp.concatenate([v_ext[:, :, : window + half], v_ext[:, :, half:]], axis=0),
+            jnp.concatenate([has_prefix, jnp.ones_like(has_prefix)]),  # the second half's prefix is real keys
             key_deeper,
         )
-        low_out, low_lse = off_diagonal(q[..., half:, :], k[:, :, :half], v[:, :, :half], key_off_diagonal)
+        k_low, v_low = (jnp.concatenate([x[:, :, window:half], x[:, :, :window]], axis=2) for x in (k_ext, v_ext))
+        kv_length = jnp.where(has_prefix, half, half - window).astype(jnp.int32) if window else None
+        low_out, low_lse = off_diagonal(q[..., half:, :], k_low, v_low, key_off_diagonal, kv_length)
         second_out, second_lse = merge_partials(diag_out[batch:], diag_lse[batch:], low_out, low_lse)
         out = jnp.concatenate([diag_out[:batch], second_out], axis=3)
         lse = jnp.concatenate([diag_lse[:batch], second_lse], axis=3)
@@ -140,9 +164,12 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, part
 
     def padded_recursion(q, k, v):
         t, length = q.shape[3], causal_padded_length(q.shape[3], config)
-        if length == t:
-            return recurse(q, k, v, key)
-        out, lse = recurse(pad_positions(q, length, axis=3), *(pad_positions(x, length, axis=2) for x in (k, v)), key)
+        if t <= causal_base_length(config):
+            return exact_fn(q, k, v)
+        prefix = [(0, 0), (0, 0), (window, 0), (0, 0)]  # the first node's prefix: padding before position 0
+        k_ext, v_ext = (jnp.pad(pad_positions(x, length, axis=2), prefix) for x in (k, v))
+        has_prefix = jnp.zeros((q.shape[0],), bool)
+        out, lse = recurse(pad_positions(q, length, axis=3), k_ext, v_ext, has_prefix, key)
         return out[..., :t, :], lse[..., :t]
 
     t = q.shape[3]
@@ -175,9 +202,11 @@ def with_sinks(head, sink, rest):
 
 
 # The recursion level by level: level l (0 = top) has 2**l chunks of T / 2**l positions; its lower-left problems
-# (second-half queries over first-half keys of every chunk) run as one call, stacked on the batch axis in the order
-# the recursion stacks them (chunk index bit-reversed). Backends that run the levels themselves (the fused GPU
-# recursion, the TPU kernels) use these to make the same problems, keys and merges as `grouped_causal_attention`.
+# (second-half queries of every chunk over its first half's keys shifted left by the window) run as one call,
+# stacked on the batch axis in the order the recursion stacks them (chunk index bit-reversed); the base case is every
+# segment's causal attention plus, for every segment but the first, its prefix (`prefix_problem`). Backends that run
+# the levels themselves (the fused GPU recursion, the TPU kernels) use these to make the same problems, keys and
+# merges as `grouped_causal_attention`.
 
 
 def level_shape(t: int, config: HyperAttentionConfig) -> tuple[int, int] | None:
@@ -214,9 +243,58 @@ def level_rows(x, which: int, level: int):
     return jnp.moveaxis(x, x.ndim - 3, 0).reshape(chunks * batch, *lead, half, h)
 
 
-def level_problem(q, k, v, level: int):
-    """The lower-left problems of a level: q `[B, K, G, T, H]` -> `[C * B, K, G, T / 2C, H]`, k, v likewise."""
-    return level_rows(q, 1, level), level_rows(k, 0, level), level_rows(v, 0, level)
+def shifted_level_rows(x, level: int, window: int):
+    """Key rows of a level's lower-left problems, x `[B, ..., T, H]` -> `[C * B, ..., half, H]` in `level_rows`'
+    order: chunk [a, b) with midpoint mid gets keys [a, mid - w) then its prefix [a - w, a), as
+    `grouped_causal_attention` orders them. The first chunk's prefix wraps around to rows [T - w, T): real rows,
+    which its `level_kv_length` cuts off."""
+    if not window:
+        return level_rows(x, 0, level)
+    return jnp.roll(level_rows(jnp.roll(x, window, axis=-2), 0, level), -window, axis=-2)
+
+
+def level_kv_length(batch: int, level: int, half: int, window: int):
+    """The level's kv_length `[C * B]` int32: half keys, half - w for the first chunk's problems (the first B in
+    `level_rows`' order), whose prefix lies before position 0. None without a window."""
+    if not window:
+        return None
+    return jnp.full((batch << level,), half, jnp.int32).at[:batch].set(half - window)
+
+
+def level_problem(q, k, v, level: int, window: int):
+    """The lower-left problems of a level: q `[B, K, G, T, H]` -> `[C * B, K, G, T / 2C, H]`, k, v likewise (keys
+    shifted by the window, `shifted_level_rows`)."""
+    return level_rows(q, 1, level), shifted_level_rows(k, level, window), shifted_level_rows(v, level, window)
+
+
+def segment_rows(x, segment: int):
+    """x `[B, ..., T, H]` cut into its T / segment segments, stacked chunk-major: `[C * B, ..., segment, H]`."""
+    batch, lead, h = x.shape[0], x.shape[1:-2], x.shape[-1]
+    x = x.reshape(batch, *lead, -1, segment, h)
+    return jnp.moveaxis(x, x.ndim - 3, 0).reshape(-1, *lead, segment, h)
+
+
+def prefix_problem(q, k, v, segment: int, window: int):
+    """The base case's prefix problems: every segment but the first over the w keys before it (`window` > 0).
+    q `[B, K, G, T, H]` -> `[(C - 1) * B, K, G, segment, H]`, k, v -> `[(C - 1) * B, K, w, H]`, segment-major."""
+    batch = q.shape[0]
+    keys = (segment_rows(jnp.roll(x, window, axis=-2), segment)[batch:, ..., :window, :] for x in (k, v))
+    return segment_rows(q, segment)[batch:], *keys
+
+
+def merge_prefix(out, lse, part_out, part_lse, segment: int):
+    """out `[B, K, G, T, H]`, lse `[B, K, G, T]` with the prefix problems' part (`prefix_problem` order) merged by
+    lse into positions [segment, T)."""
+    batch = out.shape[0]
+
+    def unstack(x):  # [(C - 1) * B, K, G, segment, rest] -> [B, K, G, T - segment, rest]
+        x = jnp.moveaxis(x.reshape(-1, batch, *x.shape[1:]), 0, 3)
+        return x.reshape(*x.shape[:3], -1, *x.shape[5:])
+
+    merged_out, merged_lse = merge_partials(
+        out[..., segment:, :], lse[..., segment:], unstack(part_out), unstack(part_lse[..., None])[..., 0]
+    )
+    return out.at[..., segment:, :].set(merged_out), lse.at[..., segment:].set(merged_lse)
 
 
 def stack_level_problems(x, level: int):

@@ -78,11 +78,9 @@ def sampled_residual_attention(q, k, v, plan: SortLSHPlan, *, scale: float):
 
 
 def grouped_hyper_attention(
-    q, k, v, *, key, config: HyperAttentionConfig, scale: float, kv_length=None, hash_key=None, sample_index=None,
-    recent_keys: int = 0,
-):  # fmt: skip
-    """Non-causal HyperAttention, grouped layout, fused form (one softmax over block and sample tiles);
-    `recent_keys` as in `make_plan`.
+    q, k, v, *, key, config: HyperAttentionConfig, scale: float, kv_length=None, hash_key=None, sample_index=None
+):
+    """Non-causal HyperAttention, grouped layout, fused form (one softmax over block and sample tiles).
 
     Returns out `[B, K, G, T, H]` and lse `[B, K, G, T]`, float32.
     """
@@ -96,7 +94,6 @@ def grouped_hyper_attention(
         sample_index=sample_index,
         v=v,
         scale=scale,
-        recent_keys=recent_keys,
     )
     return attend_tiles(q, hyper_attention_tiles(k, v, plan), plan, scale=scale)
 

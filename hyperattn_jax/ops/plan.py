@@ -116,16 +116,12 @@ def top_k_index(x, k: int):
     return (jnp.take_along_axis(best, pick // chunk, axis=-1) * chunk + pick % chunk).astype(jnp.int32)
 
 
-def _global_keys(q, k, mass_key, config, scale, kv_length, key_valid, probe, recent_keys: int):
-    """The keys attended exactly by every query: the first sinks, the last `recent_keys` valid keys and the probed
-    heaviest columns. Returns their mask `[B, K, S]`, their positions `[B, K, g]` int32 (None when g = 0) and the
-    probed column mass (or None)."""
+def _global_keys(q, k, mass_key, config, scale, key_valid, probe):
+    """The keys attended exactly by every query: the first sinks and the probed heaviest columns. Returns their mask
+    `[B, K, S]`, their positions `[B, K, g]` int32 (None when g = 0) and the probed column mass (or None)."""
     s = k.shape[2]
-    if recent_keys and (config.num_sink_keys or kv_length is not None):
-        raise ValueError("recent_keys is the causal recursion's window, whose quarters have no sinks or kv_length")
     num_sinks = min(config.num_sink_keys, s)
-    num_recent = min(recent_keys, s)
-    num_heavy = min(config.num_heavy_keys, s - num_sinks - num_recent)
+    num_heavy = min(config.num_heavy_keys, s - num_sinks)
     is_sink = jnp.broadcast_to(jnp.arange(s) < num_sinks, k.shape[:3])
     mass = None
     if config.needs_probe and probe is not None:
@@ -135,14 +131,10 @@ def _global_keys(q, k, mass_key, config, scale, kv_length, key_valid, probe, rec
             q, k, key=mass_key, num_probes=config.num_probe_queries, scale=scale, key_valid=key_valid
         )
     index = jnp.broadcast_to(jnp.arange(num_sinks, dtype=jnp.int32), (*k.shape[:2], num_sinks))
-    if num_recent:
-        recent = jnp.arange(s - num_recent, s, dtype=jnp.int32)
-        index = jnp.concatenate([index, jnp.broadcast_to(recent, (*k.shape[:2], num_recent))], axis=-1)
-    is_exact = positions_mask(index, s) if index.shape[-1] else is_sink
     if num_heavy > 0:
-        # Padding ranks below every real key but above the sinks and recent keys, so the picks never repeat one and
-        # the count of global keys stays exactly g (padding picked when too few keys are valid is masked).
-        candidate = jnp.where(is_exact, -jnp.inf, jnp.where(key_valid, mass, -1.0))
+        # Padding ranks below every real key but above the sinks, so the picks never repeat one and the count of
+        # global keys stays exactly g (padding picked when too few keys are valid is masked).
+        candidate = jnp.where(is_sink, -jnp.inf, jnp.where(key_valid, mass, -1.0))
         heavy = top_k_index(candidate, num_heavy)
         index = jnp.concatenate([index, heavy], axis=-1)
     if index.shape[-1] == 0:
@@ -208,7 +200,6 @@ def make_plan(
     scale=None,
     ranks=None,
     probe=None,
-    recent_keys: int = 0,
 ) -> SortLSHPlan:
     """Hash queries `[B, K, G, T, H]` and keys `[B, K, S, H]`, sort them, pick global keys and draw the samples.
 
@@ -220,8 +211,6 @@ def make_plan(
     kernels hash all causal levels in one pass over the unsorted inputs); q and k are then read only for their shapes
     and for the column-mass probe. `probe`, when given, replaces `probe_column_mass`: a function of the probe's
     random key returning the column mass `[B, K, S]` of the same probe rows (`probe_index`), e.g. the kernels'.
-    `recent_keys` r: the last r valid keys are global too, attended exactly by every query (the causal recursion's
-    window: its off-diagonal quarters pass `local_window`); not with sinks.
     """
     batch, _, _, t, head_dim = q.shape
     s = k.shape[2]
@@ -236,13 +225,12 @@ def make_plan(
     else:
         num_valid = jnp.clip(kv_length.astype(jnp.int32), 1, s)
     key_valid = jnp.broadcast_to((jnp.arange(s) < num_valid[:, None])[:, None], k.shape[:3])
-    uses_options = config.num_sink_keys or config.num_heavy_keys or config.needs_probe or recent_keys
+    uses_options = config.num_sink_keys or config.num_heavy_keys or config.needs_probe
     paper_sampling = config.sample_distribution == "uniform" and config.sample_scheme == "independent"
     if not uses_options and paper_sampling:
         return _paper_plan(q, query_rank, key_rank, key_valid, num_valid, keys.samples, config, sample_index)
 
-    is_global, global_index, mass = _global_keys(q, k, keys.probe, config, scale, kv_length, key_valid, probe,
-                                                  recent_keys)  # fmt: skip
+    is_global, global_index, mass = _global_keys(q, k, keys.probe, config, scale, key_valid, probe)
     is_normal = key_valid & ~is_global
     # Every valid key keeps its hash rank, global keys too (their block slots are masked), and padding sorts last:
     # the blocks are the paper's, whatever the number of global keys.
@@ -277,6 +265,36 @@ def make_plan(
         sample_log_weight=sample_log_weight,
         num_block_keys=num_block_keys,
         global_index=global_index,
+    )
+
+
+def exact_plan(q_shape, num_keys: int, *, block_size: int, kv_length=None) -> SortLSHPlan:
+    """A plan under which every query attends every key exactly: all keys global, no samples, no hashing. The
+    causal recursion's exact parts run as plans on the kernels that take plans (its exact quarters, the base case's
+    prefixes). q_shape `[B, K, G, T, H]`; kv_length `[B]` or None. Queries and keys keep their order; the blocks of
+    `block_size` keys (all masked: every key is global) only cut the queries into blocks of T / num_blocks."""
+    batch, kv_heads, groups, t = q_shape[:4]
+
+    def identity(shape):
+        order = jnp.broadcast_to(jnp.arange(shape[-1], dtype=jnp.int32), shape)
+        return SortOrder(order, order)
+
+    num_blocks = -(-num_keys // block_size)
+    if kv_length is None:
+        num_valid = jnp.full((batch,), num_keys, jnp.float32)
+    else:
+        num_valid = jnp.clip(kv_length, 1, num_keys).astype(jnp.float32)
+    return SortLSHPlan(
+        query_order=identity((batch, kv_heads, groups, t)),
+        key_order=identity((batch, kv_heads, num_keys)),
+        num_blocks=num_blocks,
+        query_block=-(-t // num_blocks),
+        key_block=block_size,
+        sample_index=None,
+        num_valid_keys=num_valid,
+        num_global=num_keys,
+        num_block_keys=jnp.zeros((batch, kv_heads), jnp.int32),
+        global_index=identity((batch, kv_heads, num_keys)).perm,
     )
 
 

@@ -3,17 +3,19 @@
 Same estimator and same random draws (`ops.level_keys`) as `ops.grouped_causal_attention` (its jnp twin), computed
 without its copies, on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`):
 - the diagonal problems of the last level are one segment-causal call on the unsplit sequence (cuDNN's flash forward
-  with its float32 lse where it runs, `cudnn_segments.py`; our flash kernel elsewhere);
+  with its float32 lse where it runs, `cudnn_segments.py`; our flash kernel elsewhere); with a window, every segment
+  but the first also attends its prefix (its w preceding keys) exactly, as one more part (a plan whose keys are all
+  global);
 - every level's hash comes from one kernel over the unsorted q and k (each level has its own hyperplanes), and the
-  default config's column-mass probe from two kernels per level that read k in place;
-- each level's lower-left problems (second-half queries of every chunk over its first-half keys) are planned on
-  strided views, in the batch order the ops recursion stacks them (chunk index bit-reversed), and ONE kernel launch
-  per level reads their rows straight from q, k, v by index and merges its part by lse into the running out and lse
-  at its T/2 rows, in place: no copy of q, k, v per level, no array per part, no separate merge pass.
+  default config's column-mass probe from two kernels per level that read k in place (shifted by the window);
+- each level's lower-left problems (second-half queries of every chunk over its first-half keys shifted left by the
+  window) are planned on strided views, in the batch order the ops recursion stacks them (chunk index
+  bit-reversed), and ONE kernel launch per part reads its rows straight from q, k, v by index and merges its part by
+  lse into the running out and lse in place: no copy of q, k, v per level, no array per part, no separate merge.
 Backward: every part's backward kernels run with the FINAL lse and delta (see `fused_tiled_attention_backward`), so no
 part keeps its own output and nothing is differentiated through the merge. The base case's kernels write float32
-gradient accumulators on the public layout; each level's kernels read q, dO, k, v rows by index and add their dq, dk,
-dv rows into them in place (`indexed_backward.py`): no grouped or sorted copies, one cast at the end.
+gradient accumulators on the public layout; every other part's kernels read q, dO, k, v rows by index and add their
+dq, dk, dv rows into them in place (`indexed_backward.py`): no grouped or sorted copies, one cast at the end.
 Residuals: q, k, v, out, lse and the plans (int32 orders and samples).
 """
 
@@ -22,8 +24,10 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from hyperattn_jax._numerics import finite_or_zero
+from hyperattn_jax.kernels.gpu._common import MIN_DOT
 from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_backward_rows, flash_forward_rows
 from hyperattn_jax.kernels.gpu.hyper import (
@@ -36,9 +40,19 @@ from hyperattn_jax.kernels.gpu.hyper import (
     row_positions,
 )
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
-from hyperattn_jax.ops.causal import level_problem, level_rows, level_shape, quarter_is_exact, stack_level_problems
+from hyperattn_jax.ops.causal import (
+    causal_window,
+    level_kv_length,
+    level_problem,
+    level_rows,
+    level_shape,
+    prefix_problem,
+    quarter_is_exact,
+    shifted_level_rows,
+    stack_level_problems,
+)
 from hyperattn_jax.ops.keys import level_keys
-from hyperattn_jax.ops.plan import make_plan, plan_projections
+from hyperattn_jax.ops.plan import exact_plan, make_plan, plan_projections
 
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
@@ -46,10 +60,11 @@ def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfi
     not apply and the ops recursion (with kernels inside) must run: no recursion at all, and shapes the in-place
     kernels cannot take: odd lengths on the way down, segments not a multiple of the block size (every query and key
     slot of every level must hold a real row; on `ops.causal_padded_length` positions that happens only where
-    min_seq_len is not a multiple of the block size), head dims or blocks that are not powers of two. Heavy keys and the
-    window are global keys of each level's plan (a shared tile, like the samples); quarters the recursion computes
-    exactly are plans whose keys are all global (`level_plan_config`). Sinks are the caller's (`ops.without_sinks`):
-    `config` must have none."""
+    min_seq_len is not a multiple of the block size), head dims or blocks that are not powers of two, a window whose
+    prefix plan does not cut the segments into power-of-two query blocks (`prefix_blocks`). Heavy keys are global
+    keys of each level's plan (a shared tile, like the samples); quarters the recursion computes exactly and the
+    base case's prefixes are plans whose keys are all global (`ops.exact_plan`). Sinks are the caller's
+    (`ops.without_sinks`): `config` must have none."""
     shape = level_shape(t, config)
     if config.num_sink_keys or shape is None or not (fits_dot(head_dim) and fits_dot(config.block_size)):
         return None
@@ -57,18 +72,28 @@ def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfi
     block = next((b for b in (128, 64, 32, 16) if segment % b == 0), None)
     if block is None or segment % config.block_size:
         return None
+    window = causal_window(config)
+    if window and (window % MIN_DOT or segment % (window // MIN_DOT) or not fits_dot(segment * MIN_DOT // window)):
+        return None
     return depth, segment, FlashConfig(block_q=block, block_k=min(64, block), block_bwd=min(64, block))
 
 
-def level_plan_config(half: int, config):
-    """(config, recent keys) of the plan of a level whose quarters hold `half` keys. Where the recursion computes the
-    quarter exactly (fewer than min_seq_len keys, e.g. the last level of 3 x 4096 positions, or a window as long as
-    the quarter), every key is a recent (global) key of a plan without samples or heavy keys: the same row-indexed
-    kernels then attend the whole quarter exactly and merge it like any level."""
-    if quarter_is_exact(half, config) or config.local_window >= half:
-        exact = config.replace(sample_size=0, num_heavy_keys=0, sample_distribution="uniform", local_window=0)
-        return exact, half
-    return config, config.local_window
+def _part_rows(b: int, kv_heads: int, groups: int, t: int, depth: int, segment: int, window: int):
+    """Where every part after the base case reads its rows, in merge order: the prefixes (with a window), then the
+    levels from the top. Each is (query rows `[P, K, G, L, 1]`, key rows `[P, K, S', 1]`, kv_length `[P]` or None),
+    int32 row numbers of the public layout's T axis (`row_positions` cut as `ops.causal` cuts the data)."""
+    query_positions, key_positions = row_positions((b, kv_heads, groups, t, 1)), row_positions((b, kv_heads, t, 1))
+    parts = []
+    if window:
+        prefix_queries, prefix_keys, _ = prefix_problem(query_positions, key_positions, key_positions, segment, window)
+        parts.append((prefix_queries, prefix_keys, None))
+    for level in range(depth):
+        parts.append((
+            level_rows(query_positions, 1, level),
+            shifted_level_rows(key_positions, level, window),
+            level_kv_length(b, level, t >> (level + 1), window),
+        ))  # fmt: skip
+    return parts
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -83,6 +108,8 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     config, scale, tuning, interpret, (depth, segment, flash_tuning) = static
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
+    window = causal_window(config)
+    quarter_config = config.replace(local_window=0)
     q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
     # The base case, causal attention within every segment: cuDNN's flash forward where it runs (faster on Hopper:
     # probe_causal_parts_h200.json), else our flash kernel; out `[B, T, K, G, H]`, lse `[B, K, G, T]`.
@@ -94,76 +121,65 @@ def _causal_fwd(q, k, v, key, hash_key, static):
             q_rows, k, v, scale=scale, segment=segment, tuning=flash_tuning, out_dtype=q.dtype, interpret=interpret
         )
     q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the jnp probe where the probe kernels do not fit)
-    query_positions, key_positions = row_positions((*q5.shape[:-1], 1)), row_positions((*k4.shape[:-1], 1))
+    rows = _part_rows(b, kv_heads, n // kv_heads, t, depth, segment, window)
+    plans = []
+    if window:  # every segment but the first over its prefix, exactly: one plan whose keys are all global
+        query_rows = rows[0][0]
+        plans.append(exact_plan(query_rows.shape, window, block_size=MIN_DOT))
     keys = level_keys(key, depth)
     # Every level's hash in one pass over the unsorted q and k (each level has its own hyperplanes).
     projections = [plan_projections(level_key, h, config, hash_key) for level_key in keys]
-    plans = []
     for level, (level_key, (query_rank, key_rank)) in enumerate(
         zip(keys, public_layout_ranks(q, k, projections, interpret=interpret), strict=True)
     ):
-        ql, kl, vl = level_problem(q5, k4, v4, level)
-        ranks = level_rows(query_rank[..., None], 1, level)[..., 0], level_rows(key_rank[..., None], 0, level)[..., 0]
-        plan_config, recent_keys = level_plan_config(kl.shape[2], config)
-        probe = kernel_probe(
-            q,
-            k,
-            plan_config,
-            scale=scale,
-            interpret=interpret,
-            chunks=2**level,
-            halves=True,
-            arrange=functools.partial(stack_level_problems, level=level),
-        )
-        plan = make_plan(
-            ql, kl, key=level_key, config=plan_config, hash_key=hash_key, v=vl, scale=scale, ranks=ranks,
-            probe=probe, recent_keys=recent_keys,
-        )  # fmt: skip
-        # The level's problems read their rows of q, k, v by index (the plan was made for [P, K, G, T', H] problems,
-        # P = chunks * B, problem p reading batch element p % B) and merge by lse into out, lse in place.
-        query_index, tiles, _, key_index = row_operands(
-            k, v, plan, level_rows(query_positions, 1, level), level_rows(key_positions, 0, level), b, None, tuning
-        )
+        ql, kl, vl = level_problem(q5, k4, v4, level, window)
+        kv_length = level_kv_length(b, level, kl.shape[2], window)
+        if quarter_is_exact(kl.shape[2], config):  # every key global: the same kernels attend the quarter exactly
+            plans.append(exact_plan(ql.shape, kl.shape[2], block_size=config.block_size, kv_length=kv_length))
+            continue
+        ranks = level_rows(query_rank[..., None], 1, level)[..., 0]
+        ranks = ranks, shifted_level_rows(key_rank[..., None], level, window)[..., 0]
+
+        def arrange(mass, level=level):  # the probe kernels' problems in the plan's order, keys as the plan has them
+            return jnp.roll(stack_level_problems(mass, level), -window, axis=-1)
+
+        probe = kernel_probe(q, k, quarter_config, scale=scale, interpret=interpret, chunks=2**level, halves=True,
+                             arrange=arrange, shift=window)  # fmt: skip
+        plans.append(make_plan(
+            ql, kl, key=level_key, config=quarter_config, kv_length=kv_length, hash_key=hash_key, v=vl, scale=scale,
+            ranks=ranks, probe=probe,
+        ))  # fmt: skip
+    # Each part reads its rows of q, k, v by index (its plan was made for [P, K, G, L, H] problems, problem p reading
+    # batch element p % B) and merges by lse into out, lse in place.
+    for plan, (query_rows, key_rows, kv_length) in zip(plans, rows, strict=True):
+        query_index, tiles, _, key_index = row_operands(k, v, plan, query_rows, key_rows, b, kv_length, tuning)
         out, lse = indexed_tiled_forward(
             q_rows, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning, interpret=interpret,
             merge_into=(out, lse),
         )  # fmt: skip
-        plans.append(plan)
     out = out.reshape(q.shape)
     return (out, lse), (q, k, v, out, lse, plans)
 
 
 def _causal_bwd(static, residuals, cotangents):
-    _, scale, tuning, interpret, (_, segment, flash_tuning) = static
+    config, scale, tuning, interpret, (depth, segment, flash_tuning) = static
     q, k, v, out, lse, plans = residuals
     d_out, d_lse = cotangents
     lse = finite_or_zero(lse)
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q_rows, do_rows, out_rows = (x.astype(q.dtype).reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out, out))
-    # The base case's kernels write the float32 accumulators (and delta); every level's kernels add their rows.
+    # The base case's kernels write the float32 accumulators (and delta); every other part's kernels add their rows.
     grads, delta = flash_backward_rows(
         q_rows, k, v, do_rows, lse, out_rows, d_lse, scale=scale, segment=segment, tuning=flash_tuning,
         interpret=interpret,
     )  # fmt: skip
-    query_positions = row_positions((b, kv_heads, n // kv_heads, t, 1))
-    key_positions = row_positions((b, kv_heads, t, 1))
-    for level, plan in enumerate(plans):
+    rows = _part_rows(b, kv_heads, n // kv_heads, t, depth, segment, causal_window(config))
+    for plan, (query_rows, key_rows, kv_length) in zip(plans, rows, strict=True):
         grads = estimate_backward_rows(
-            q_rows,
-            k,
-            v,
-            do_rows,
-            lse,
-            delta,
-            plan,
-            level_rows(query_positions, 1, level),
-            level_rows(key_positions, 0, level),
-            grads,
-            scale=scale,
-            tuning=tuning,
-            interpret=interpret,
-        )
+            q_rows, k, v, do_rows, lse, delta, plan, query_rows, key_rows, grads, scale=scale, tuning=tuning,
+            interpret=interpret, kv_length=kv_length,
+        )  # fmt: skip
     dq, dk, dv = grads
     return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 

@@ -212,21 +212,23 @@ def public_layout_ranks(q, k, projection_sets, *, interpret):
     ]
 
 
-def kernel_probe(q, k, config, *, scale, interpret, chunks=1, halves=False, arrange=None):
+def kernel_probe(q, k, config, *, scale, interpret, chunks=1, halves=False, arrange=None, shift=0):
     """A `make_plan(probe=...)` function that runs the column-mass probe kernels (`probe.py`) on public-layout q, k
-    for the problems `chunks` and `halves` cut from them, or None where no probe is configured or the shapes do not
-    fit the kernels (make_plan then probes in jnp). `arrange` maps the kernels' mass `[B, C, K, L]` to the plan's
-    problems `[P, K, L]` (default: the single problem, C = 1)."""
+    for the problems `chunks`, `halves` and `shift` cut from them, or None where no probe is configured or the
+    shapes do not fit the kernels (make_plan then probes in jnp). `arrange` maps the kernels' mass `[B, C, K, L]` to
+    the plan's problems `[P, K, L]` (default: the single problem, C = 1)."""
     h, kv_heads = q.shape[-1], k.shape[2]
     halving = 2 if halves else 1
-    if not config.needs_probe or probe_key_chunk(k.shape[1] // (chunks * halving), h) is None:
+    if not config.needs_probe or probe_key_chunk(k.shape[1] // (chunks * halving), h, shift) is None:
         return None
     rows = q.shape[2] // kv_heads * (q.shape[1] // (chunks * halving))
 
     def probe(mass_key):
         index = probe_index(mass_key, rows, config.num_probe_queries)
         probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=chunks, halves=halves)
-        mass = probe_column_mass_pallas(probes, k, chunks=chunks, halves=halves, scale=scale, interpret=interpret)
+        mass = probe_column_mass_pallas(
+            probes, k, chunks=chunks, halves=halves, scale=scale, interpret=interpret, shift=shift
+        )
         return mass[:, 0] if arrange is None else arrange(mass)
 
     return probe
@@ -359,10 +361,9 @@ def hyper_attention_pallas(
     hash_key=None,
     tuning: TiledKernelConfig | None = None,
     interpret: bool | None = None,
-    recent_keys: int = 0,
 ):
     """Non-causal HyperAttention with the fused kernels; same estimator (and same plan for the same key) as
-    `ops.grouped_hyper_attention` (`recent_keys` as in `ops.make_plan`).
+    `ops.grouped_hyper_attention`.
 
     q `[B, T, N, H]`, k, v `[B, S, K, H]` (public layout). Returns out `[B, T, N, H]` in q's dtype and lse
     `[B, K, G, T]` float32 (G = N // K).
@@ -371,7 +372,6 @@ def hyper_attention_pallas(
         interpret = jax.default_backend() != "gpu"
     found = plan_inputs(q, k, key, config, hash_key, scale=scale, interpret=interpret, probe_allowed=kv_length is None)
     q5, k4, v4 = grouped_inputs(*jax.lax.stop_gradient((q, k, v)))
-    plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale,
-                     recent_keys=recent_keys, **found)  # fmt: skip
+    plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale, **found)
     rows = plan_rows(plan, row_positions(q5.shape), row_positions(k4.shape))
     return estimate(q, k, v, kv_length, plan, rows, (float(scale), tuning or TiledKernelConfig(), bool(interpret)))

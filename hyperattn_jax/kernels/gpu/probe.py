@@ -26,7 +26,14 @@ _KEY_CHUNKS = (256, 128, 64, 32, 16)
 _CHUNKS_PER_PROGRAM = 16  # a loop over several chunks per program keeps loads in flight (num_stages)
 
 
-def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale, chunk):
+def _keys_are_real(problems: int, kv_heads: int, padding_programs: int):
+    """Whether this program's keys are real: with a shift, the first problem's first programs read keys before
+    position 0 (loaded from block 0, never counted)."""
+    problem = rem(div(pl.program_id(0), kv_heads), problems)
+    return (problem > 0) | (pl.program_id(1) >= padding_programs)
+
+
+def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale, chunk, keys_real):
     probes = probe_ref[...]
 
     def body(step, carry):  # online max and exp-sum of every probe row over this program's keys
@@ -38,13 +45,15 @@ def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale, chunk):
 
     start = (jnp.full((probes.shape[0],), NEG_START, jnp.float32), jnp.zeros((probes.shape[0],), jnp.float32))
     row_max, row_sum = lax.fori_loop(0, k_ref.shape[0] // chunk, body, start)
-    max_ref[...] = row_max
-    sum_ref[...] = row_sum
+    counted = keys_real()
+    max_ref[...] = jnp.where(counted, row_max, NEG_START)
+    sum_ref[...] = jnp.where(counted, row_sum, 0.0)
 
 
-def _mass_kernel(probe_ref, k_ref, lse_ref, mass_ref, *, scale, chunk, num_probes):
+def _mass_kernel(probe_ref, k_ref, lse_ref, mass_ref, *, scale, chunk, num_probes, keys_real):
     probes, lse = probe_ref[...], lse_ref[...]
-    real = lax.broadcasted_iota(jnp.int32, (probes.shape[0], chunk), 0) < num_probes  # padded probes do not count
+    # padded probes do not count, nor keys before position 0
+    real = (lax.broadcasted_iota(jnp.int32, (probes.shape[0], chunk), 0) < num_probes) & keys_real()
 
     def body(step, carry):
         keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
@@ -55,11 +64,12 @@ def _mass_kernel(probe_ref, k_ref, lse_ref, mass_ref, *, scale, chunk, num_probe
     lax.fori_loop(0, k_ref.shape[0] // chunk, body, 0)
 
 
-def probe_key_chunk(length: int, head_dim: int) -> int | None:
-    """Keys per inner step for a problem of `length` keys, or None where the kernels cannot take the shape."""
+def probe_key_chunk(length: int, head_dim: int, shift: int = 0) -> int | None:
+    """Keys per inner step for a problem of `length` keys starting `shift` keys early, or None where the kernels
+    cannot take the shape."""
     if head_dim < MIN_DOT or head_dim & (head_dim - 1):
         return None
-    return next((c for c in _KEY_CHUNKS if length % c == 0), None)
+    return next((c for c in _KEY_CHUNKS if length % c == 0 and shift % c == 0), None)
 
 
 def probe_queries(q, index, *, num_kv_heads: int, chunks: int, halves: bool):
@@ -82,28 +92,36 @@ def probe_lse(chunk_max, chunk_sum):
     return top + jnp.log(jnp.sum(chunk_sum * jnp.exp(chunk_max - top[..., None, :]), axis=-2))
 
 
-def probe_column_mass_pallas(probes, k, *, chunks: int, halves: bool, scale: float, interpret: bool = False, lse=None):
+def probe_column_mass_pallas(
+    probes, k, *, chunks: int, halves: bool, scale: float, interpret: bool = False, lse=None, shift: int = 0
+):
     """Column mass `[B, C, K, L]` (each problem's row sums to 1) of every problem's keys under its probe rows.
 
     probes `[B, C, K, R, H]` (from `probe_queries`); k `[B, S, K, H]` public layout, cut into C chunks (keys: the
-    first half of each chunk when `halves`, else the whole chunk); `lse` `[B, C, K, R]`, when the probes' lse over
-    their problem's keys is known (the hash kernel computes it with the non-causal hash), skips the first pass. Not
-    differentiated; shapes must pass `probe_key_chunk`.
+    first half of each chunk when `halves`, else the whole chunk), each problem's keys starting `shift` keys early
+    (the causal recursion's window: keys [a - w, mid - w) of chunk [a, b); the first chunk's keys before position 0
+    get mass 0 and count in no lse); `lse` `[B, C, K, R]`, when the probes' lse over their problem's keys is known
+    (the hash kernel computes it with the non-causal hash), skips the first pass. Not differentiated; shapes must
+    pass `probe_key_chunk`.
     """
     b, c, kv_heads, num_probes, h = probes.shape
     s = k.shape[1]
     stride = 2 if halves else 1
     length = s // (chunks * stride)
-    chunk = probe_key_chunk(length, h)  # keys per inner step
+    chunk = probe_key_chunk(length, h, shift)  # keys per inner step
     if chunk is None or s != length * chunks * stride:
-        raise ValueError(f"probe kernels cannot take {chunks} chunks of {s} keys with head dim {h}")
+        raise ValueError(f"probe kernels cannot take {chunks} chunks of {s} keys with head dim {h} and {shift=}")
     padded = next_power_of_two(num_probes, MIN_DOT)
     probes = jnp.pad(lax.stop_gradient(probes), [(0, 0)] * 3 + [(0, padded - num_probes), (0, 0)])
-    k = lax.stop_gradient(k).reshape(b, chunks * stride, length, kv_heads, h)  # free: slices of the public layout
     steps = length // chunk
-    span = chunk * next(d for d in range(min(_CHUNKS_PER_PROGRAM, steps), 0, -1) if steps % d == 0)  # per program
+    per_program = next(
+        d for d in range(min(_CHUNKS_PER_PROGRAM, steps), 0, -1) if steps % d == 0 and shift % (chunk * d) == 0
+    )
+    span = chunk * per_program  # keys per program
     programs = length // span
+    k = lax.stop_gradient(k).reshape(b, s // span, span, kv_heads, h)  # free: slices of the public layout
     grid = (b * c * kv_heads, programs)
+    real = functools.partial(_keys_are_real, c, kv_heads, shift // span)
 
     def unpack(i):  # program -> (batch, problem, kv head)
         return div(i, c * kv_heads), rem(div(i, kv_heads), c), rem(i, kv_heads)
@@ -114,7 +132,7 @@ def probe_column_mass_pallas(probes, k, *, chunks: int, halves: bool, scale: flo
 
     def key_map(i, j):
         batch, problem, head = unpack(i)
-        return batch, problem * stride, j, head, 0
+        return batch, jnp.maximum((problem * stride * length - shift) // span + j, 0), 0, head, 0
 
     probe_spec = pl.BlockSpec((None, None, None, padded, h), probe_map)
     key_spec = pl.BlockSpec((None, None, span, None, h), key_map)
@@ -122,7 +140,7 @@ def probe_column_mass_pallas(probes, k, *, chunks: int, halves: bool, scale: flo
     params = triton_params(num_warps=4, num_stages=3)
     if lse is None:
         chunk_max, chunk_sum = pl.pallas_call(
-            functools.partial(_stats_kernel, scale=scale, chunk=chunk),
+            functools.partial(_stats_kernel, scale=scale, chunk=chunk, keys_real=real),
             grid=grid,
             in_specs=[probe_spec, key_spec],
             out_specs=[stat_spec, stat_spec],
@@ -135,7 +153,7 @@ def probe_column_mass_pallas(probes, k, *, chunks: int, halves: bool, scale: flo
     else:
         lse = jnp.pad(lse.astype(jnp.float32), [(0, 0)] * 3 + [(0, padded - num_probes)]).reshape(-1, padded)
     return pl.pallas_call(
-        functools.partial(_mass_kernel, scale=scale, chunk=chunk, num_probes=num_probes),
+        functools.partial(_mass_kernel, scale=scale, chunk=chunk, num_probes=num_probes, keys_real=real),
         grid=grid,
         in_specs=[probe_spec, key_spec, pl.BlockSpec((None, padded), lambda i, j: (i, 0))],
         out_specs=pl.BlockSpec((None, None, None, span), lambda i, j: (*unpack(i), j)),
