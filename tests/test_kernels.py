@@ -198,21 +198,21 @@ def test_fused_causal_recursion_takes_the_shapes_its_kernels_can():
     assert recursion_shape(384, 16, cfg)[:2] == (2, 96)
     assert recursion_shape(512, 16, cfg.replace(num_sink_keys=4)) is None  # sinks are the caller's
     assert recursion_shape(300, 16, cfg) is None  # 300 -> 150 -> 75: segments of 75 rows, not whole blocks
-    # The window's prefix plan cuts each segment into window / 16 query blocks of a power-of-two length.
-    assert recursion_shape(512, 16, cfg.replace(local_window=32))[:2] == (2, 128)
-    assert recursion_shape(384, 16, cfg.replace(local_window=32)) is None  # 96 / 2 = 48 rows per query block
-    assert recursion_shape(512, 16, cfg.replace(local_window=24)) is None  # not a multiple of 16
+    # The window's prefix plan is one query block per segment: a power of two.
+    assert recursion_shape(512, 16, cfg.replace(local_window=24))[:2] == (2, 128)
+    assert recursion_shape(384, 16, cfg.replace(local_window=32)) is None  # segments of 96
 
 
 def test_exact_plan_attends_every_valid_key_exactly(rng):
     q, k, v = random_qkv(rng, b=2, t=96, s=64, n=4, kv=2, h=16)
     gq, gk, gv = ops.group_queries(q, 2), ops.heads_major(k), ops.heads_major(v)
     kv_length = jnp.array([64, 40])
-    plan = ops.exact_plan(gq.shape, 64, block_size=16, kv_length=kv_length)
-    out, lse = ops.attend_tiles(gq, ops.hyper_attention_tiles(gk, gv, plan), plan, scale=0.25)
     ref, ref_lse = grouped_exact_attention(gq, gk, gv, scale=0.25, causal=False, kv_length=kv_length)
-    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(lse, ref_lse, rtol=2e-5, atol=2e-5)
+    for block_size in (64, 16):  # one block of every key; every key global over 4 query blocks
+        plan = ops.exact_plan(gq.shape, 64, block_size=block_size, kv_length=kv_length)
+        out, lse = ops.attend_tiles(gq, ops.hyper_attention_tiles(gk, gv, plan), plan, scale=0.25)
+        np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(lse, ref_lse, rtol=2e-5, atol=2e-5)
 
 
 def test_cudnn_base_case_defers_to_the_flash_kernel_off_gpu(rng):

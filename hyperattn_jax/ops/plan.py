@@ -269,10 +269,12 @@ def make_plan(
 
 
 def exact_plan(q_shape, num_keys: int, *, block_size: int, kv_length=None) -> SortLSHPlan:
-    """A plan under which every query attends every key exactly: all keys global, no samples, no hashing. The
-    causal recursion's exact parts run as plans on the kernels that take plans (its exact quarters, the base case's
-    prefixes). q_shape `[B, K, G, T, H]`; kv_length `[B]` or None. Queries and keys keep their order; the blocks of
-    `block_size` keys (all masked: every key is global) only cut the queries into blocks of T / num_blocks."""
+    """A plan under which every query attends every key exactly, with no samples and no hashing: the causal
+    recursion's exact parts (its exact quarters, the base case's prefixes) on the kernels that take plans. q_shape
+    `[B, K, G, T, H]`; kv_length `[B]` or None. Queries and keys keep their order. With `block_size >= num_keys`
+    one block holds every key and every query; else the queries are cut into ceil(num_keys / block_size) blocks and
+    every key is global (attended by every block; their block slots masked), for kernels that need shorter query
+    blocks."""
     batch, kv_heads, groups, t = q_shape[:4]
 
     def identity(shape):
@@ -284,17 +286,18 @@ def exact_plan(q_shape, num_keys: int, *, block_size: int, kv_length=None) -> So
         num_valid = jnp.full((batch,), num_keys, jnp.float32)
     else:
         num_valid = jnp.clip(kv_length, 1, num_keys).astype(jnp.float32)
+    every_key_global = num_blocks > 1
     return SortLSHPlan(
         query_order=identity((batch, kv_heads, groups, t)),
         key_order=identity((batch, kv_heads, num_keys)),
         num_blocks=num_blocks,
         query_block=-(-t // num_blocks),
-        key_block=block_size,
+        key_block=min(block_size, num_keys),
         sample_index=None,
         num_valid_keys=num_valid,
-        num_global=num_keys,
-        num_block_keys=jnp.zeros((batch, kv_heads), jnp.int32),
-        global_index=identity((batch, kv_heads, num_keys)).perm,
+        num_global=num_keys if every_key_global else 0,
+        num_block_keys=jnp.zeros((batch, kv_heads), jnp.int32) if every_key_global else None,
+        global_index=identity((batch, kv_heads, num_keys)).perm if every_key_global else None,
     )
 
 

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 
 from hyperattn_jax._numerics import finite_or_zero
-from hyperattn_jax.kernels.gpu._common import MIN_DOT
 from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
 from hyperattn_jax.kernels.gpu.flash import FlashConfig, flash_backward_rows, flash_forward_rows
 from hyperattn_jax.kernels.gpu.hyper import (
@@ -60,8 +59,8 @@ def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfi
     not apply and the ops recursion (with kernels inside) must run: no recursion at all, and shapes the in-place
     kernels cannot take: odd lengths on the way down, segments not a multiple of the block size (every query and key
     slot of every level must hold a real row; on `ops.causal_padded_length` positions that happens only where
-    min_seq_len is not a multiple of the block size), head dims or blocks that are not powers of two, a window whose
-    prefix plan does not cut the segments into power-of-two query blocks (`prefix_blocks`). Heavy keys are global
+    min_seq_len is not a multiple of the block size), head dims or blocks that are not powers of two, a window with
+    segments that are not (its prefix plan is one query block per segment). Heavy keys are global
     keys of each level's plan (a shared tile, like the samples); quarters the recursion computes exactly and the
     base case's prefixes are plans whose keys are all global (`ops.exact_plan`). Sinks are the caller's
     (`ops.without_sinks`): `config` must have none."""
@@ -72,8 +71,7 @@ def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfi
     block = next((b for b in (128, 64, 32, 16) if segment % b == 0), None)
     if block is None or segment % config.block_size:
         return None
-    window = causal_window(config)
-    if window and (window % MIN_DOT or segment % (window // MIN_DOT) or not fits_dot(segment * MIN_DOT // window)):
+    if causal_window(config) and not fits_dot(segment):  # the prefix plan's one query block per segment
         return None
     return depth, segment, FlashConfig(block_q=block, block_k=min(64, block), block_bwd=min(64, block))
 
@@ -124,8 +122,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     rows = _part_rows(b, kv_heads, n // kv_heads, t, depth, segment, window)
     plans = []
     if window:  # every segment but the first over its prefix, exactly: one plan whose keys are all global
-        query_rows = rows[0][0]
-        plans.append(exact_plan(query_rows.shape, window, block_size=MIN_DOT))
+        plans.append(exact_plan(rows[0][0].shape, window, block_size=window))
     keys = level_keys(key, depth)
     # Every level's hash in one pass over the unsorted q and k (each level has its own hyperplanes).
     projections = [plan_projections(level_key, h, config, hash_key) for level_key in keys]
@@ -134,8 +131,10 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     ):
         ql, kl, vl = level_problem(q5, k4, v4, level, window)
         kv_length = level_kv_length(b, level, kl.shape[2], window)
-        if quarter_is_exact(kl.shape[2], config):  # every key global: the same kernels attend the quarter exactly
-            plans.append(exact_plan(ql.shape, kl.shape[2], block_size=config.block_size, kv_length=kv_length))
+        if quarter_is_exact(kl.shape[2], config):  # the same kernels attend the quarter exactly
+            half = kl.shape[2]
+            block = half if fits_dot(half) else config.block_size  # one query block where it is a power of two
+            plans.append(exact_plan(ql.shape, half, block_size=block, kv_length=kv_length))
             continue
         ranks = level_rows(query_rank[..., None], 1, level)[..., 0]
         ranks = ranks, shifted_level_rows(key_rank[..., None], level, window)[..., 0]
