@@ -52,8 +52,10 @@ class HyperAttentionConfig:
       uniform_fraction: weight of the uniform distribution in the mixture (keeps every 1 / (m p_j) bounded).
       num_probe_queries: queries whose exact attention rows estimate the column mass (for "column_mass" and heavy
         keys); they cost num_probe_queries * S scores per (batch, kv head).
-      local_window: causal only: the w most recent keys before each recursion boundary are attended exactly, so every
-        query sees at least its last w keys exactly; left out of the blocks and the sample there.
+      local_window: causal only: every diagonal block of the recursion reaches w keys further left, so every query
+        attends at least its w most recent keys exactly (the base case attends each segment's w preceding keys; the
+        lower-left quarters are the paper's size, shifted w keys left). At most half of max(min_seq_len,
+        block_size); larger values are clamped to that.
 
     >>> cfg = HyperAttentionConfig(block_size=128, sample_size=128)
     >>> cfg.block_size

@@ -99,6 +99,18 @@ def test_causal_recursion_never_looks_ahead(rng, t):
     assert not np.allclose(run(v)[:, cut:], changed[:, cut:])
 
 
+@pytest.mark.parametrize("t", [512, 515])
+def test_causal_window_counts_every_key_once(rng, t):
+    # With every quarter's keys global (heavy keys covering each quarter, no samples) the window's recursion is
+    # exact: each segment's prefix and each quarter shifted w keys left tile the causal mask exactly once.
+    q, k, v = random_qkv(rng, b=2, t=t, n=4, kv=2)
+    cfg = ha.HyperAttentionConfig(block_size=32, sample_size=0, num_heavy_keys=512, min_seq_len=64, local_window=24)
+    out, lse = ha.hyper_attention(q, k, v, key=jax.random.key(0), config=cfg, causal=True, return_lse=True)
+    ref_out, ref_lse = ha.exact_attention(q, k, v, causal=True, return_lse=True)
+    np.testing.assert_allclose(out, ref_out, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=2e-5, atol=2e-5)
+
+
 def test_causal_recursion_is_accurate_on_clustered_inputs(rng):
     q, k, v = clustered_qkv(rng, t=2048, n=2, h=32)
     cfg = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=256)
@@ -109,7 +121,9 @@ def test_causal_recursion_is_accurate_on_clustered_inputs(rng):
 def test_causal_off_diagonal_quarter_is_the_non_causal_estimator(rng):
     # One recursion level: the second half's output is merge(exact causal diagonal, HyperAttention lower-left).
     q, k, v = random_qkv(rng, b=1, t=256, n=2)
-    cfg = ha.HyperAttentionConfig(block_size=32, sample_size=16, min_seq_len=128)
+    # No heavy keys (the default's 128 would make the 128-key quarter exact) and no window (the window's recursion:
+    # tests/test_accuracy_options.py).
+    cfg = ha.HyperAttentionConfig(block_size=32, sample_size=16, min_seq_len=128, num_heavy_keys=0, local_window=0)
     key = jax.random.key(9)
     out = ha.hyper_attention(q, k, v, key=key, config=cfg, causal=True)
     key_low, _ = ha.ops.split_level(key)

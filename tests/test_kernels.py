@@ -150,14 +150,17 @@ _COLUMN_MASS = {"sample_distribution": "column_mass", "sample_scheme": "systemat
         # global keys keep their (masked) hash slots: power-of-two blocks, in-kernel row gathers, in-place backward
         # 24 global keys and 80 samples: shared tiles padded to whole kernel chunks (64 keys)
         (False, {"num_sink_keys": 4, "num_heavy_keys": 20, "sample_size": 80, **_COLUMN_MASS}, 2, 128, 128, None),
-        # heavy keys and the window as global keys of every level's plan, in the kernels' own causal function
+        # heavy keys as global keys of every level's plan; the window as key rows shifted 8 left (the first chunk's
+        # quarters cut by kv_length, its probe keys before position 0 masked) and the base case's prefix part
         (True, {"num_heavy_keys": 16, "local_window": 8, **_COLUMN_MASS}, 2, 256, 256, None),
         # sinks: exact over them, the fused recursion on the positions after them (ops.without_sinks)
         (True, {"num_sink_keys": 4, "num_heavy_keys": 12, "local_window": 8, **_COLUMN_MASS}, 2, 256, 256, None),
         # quarters the recursion computes exactly, as plans whose keys are all global: 192 -> 96 -> 48 positions at
-        # min_seq_len 64 (the last level's quarters hold 48 keys), and a window as long as the last quarters
+        # min_seq_len 64 (the last level's quarters hold 48 keys); with a window, 256 -> ... -> 32 at min_seq_len 48,
+        # the last level's exact quarters one block of 32 keys, the first chunk's cut to 16 by kv_length
         (True, {"min_seq_len": 64}, 1, 192, 192, None),
-        (True, {"local_window": 32, **_COLUMN_MASS}, 1, 256, 256, None),
+        (True, {"min_seq_len": 48, "local_window": 16, **_COLUMN_MASS}, 1, 256, 256, None),
+        (True, {"local_window": 32, **_COLUMN_MASS}, 1, 256, 256, None),  # clamped to half the base length: 16
         # 203 positions, 3 sinks: the recursion runs on 200 padded to 256 (ops.causal_padded_length), padding dropped
         (True, {"num_sink_keys": 3, **_COLUMN_MASS}, 1, 203, 203, None),
     ],
