@@ -26,42 +26,51 @@ _KEY_CHUNKS = (256, 128, 64, 32, 16)
 _CHUNKS_PER_PROGRAM = 16  # a loop over several chunks per program keeps loads in flight (num_stages)
 
 
-def _keys_are_real(problems: int, kv_heads: int, padding_programs: int):
-    """Whether this program's keys are real: with a shift, the first problem's first programs read keys before
-    position 0 (loaded from block 0, never counted)."""
+def _program_keys(problems: int, kv_heads: int, stride: int, length: int, span: int, shift: int, chunk: int):
+    """(first key of this program's span in the head's whole sequence, its first step whose keys are real): with a
+    shift, the first problem's first keys lie before position 0 and are never read."""
     problem = rem(div(pl.program_id(0), kv_heads), problems)
-    return (problem > 0) | (pl.program_id(1) >= padding_programs)
+    base = problem * (stride * length) - shift + pl.program_id(1) * span
+    return base, jnp.maximum(-base, 0) // chunk
 
 
-def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale, chunk, keys_real):
+def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale, chunk, steps, keys):
     probes = probe_ref[...]
+    base, first = keys()
 
     def body(step, carry):  # online max and exp-sum of every probe row over this program's keys
         row_max, row_sum = carry
-        s = dot_t(probes, k_ref[pl.ds(pl.multiple_of(step * chunk, chunk), chunk), :]) * scale
+        s = dot_t(probes, k_ref[pl.ds(pl.multiple_of(base + step * chunk, chunk), chunk), :]) * scale
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         row_sum = row_sum * jnp.exp(row_max - new_max) + jnp.sum(jnp.exp(s - new_max[:, None]), axis=1)
         return new_max, row_sum
 
     start = (jnp.full((probes.shape[0],), NEG_START, jnp.float32), jnp.zeros((probes.shape[0],), jnp.float32))
-    row_max, row_sum = lax.fori_loop(0, k_ref.shape[0] // chunk, body, start)
-    counted = keys_real()
-    max_ref[...] = jnp.where(counted, row_max, NEG_START)
-    sum_ref[...] = jnp.where(counted, row_sum, 0.0)
+    row_max, row_sum = lax.fori_loop(first, steps, body, start)
+    max_ref[...] = row_max
+    sum_ref[...] = row_sum
 
 
-def _mass_kernel(probe_ref, k_ref, lse_ref, mass_ref, *, scale, chunk, num_probes, keys_real):
+def _mass_kernel(probe_ref, k_ref, lse_ref, mass_ref, *, scale, chunk, steps, num_probes, keys):
     probes, lse = probe_ref[...], lse_ref[...]
-    # padded probes do not count, nor keys before position 0
-    real = (lax.broadcasted_iota(jnp.int32, (probes.shape[0], chunk), 0) < num_probes) & keys_real()
+    real = lax.broadcasted_iota(jnp.int32, (probes.shape[0], chunk), 0) < num_probes  # padded probes do not count
+    base, first = keys()
 
-    def body(step, carry):
-        keys = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
-        p = jnp.exp(dot_t(probes, k_ref[keys, :]) * scale - lse[:, None])
-        mass_ref[keys] = jnp.sum(jnp.where(real, p, 0.0), axis=0) / num_probes
+    def before_start(step, carry):  # keys before position 0: no mass
+        mass_ref[pl.ds(pl.multiple_of(step * chunk, chunk), chunk)] = jnp.zeros((chunk,), jnp.float32)
         return carry
 
-    lax.fori_loop(0, k_ref.shape[0] // chunk, body, 0)
+    def body(step, carry):
+        p = jnp.exp(
+            dot_t(probes, k_ref[pl.ds(pl.multiple_of(base + step * chunk, chunk), chunk), :]) * scale - lse[:, None]
+        )
+        mass_ref[pl.ds(pl.multiple_of(step * chunk, chunk), chunk)] = (
+            jnp.sum(jnp.where(real, p, 0.0), axis=0) / num_probes
+        )
+        return carry
+
+    lax.fori_loop(0, first, before_start, 0)
+    lax.fori_loop(first, steps, body, 0)
 
 
 def probe_key_chunk(length: int, head_dim: int, shift: int = 0) -> int | None:
@@ -114,14 +123,13 @@ def probe_column_mass_pallas(
     padded = next_power_of_two(num_probes, MIN_DOT)
     probes = jnp.pad(lax.stop_gradient(probes), [(0, 0)] * 3 + [(0, padded - num_probes), (0, 0)])
     steps = length // chunk
-    per_program = next(
-        d for d in range(min(_CHUNKS_PER_PROGRAM, steps), 0, -1) if steps % d == 0 and shift % (chunk * d) == 0
-    )
+    per_program = next(d for d in range(min(_CHUNKS_PER_PROGRAM, steps), 0, -1) if steps % d == 0)
     span = chunk * per_program  # keys per program
     programs = length // span
-    k = lax.stop_gradient(k).reshape(b, s // span, span, kv_heads, h)  # free: slices of the public layout
     grid = (b * c * kv_heads, programs)
-    real = functools.partial(_keys_are_real, c, kv_heads, shift // span)
+    keys = functools.partial(_program_keys, c, kv_heads, stride, length, span, shift, chunk)
+    k = lax.stop_gradient(k)
+    kernel_args = dict(scale=scale, chunk=chunk, steps=per_program, keys=keys)
 
     def unpack(i):  # program -> (batch, problem, kv head)
         return div(i, c * kv_heads), rem(div(i, kv_heads), c), rem(i, kv_heads)
@@ -130,17 +138,17 @@ def probe_column_mass_pallas(
         batch, problem, head = unpack(i)
         return batch, problem, head, 0, 0
 
-    def key_map(i, j):
-        batch, problem, head = unpack(i)
-        return batch, jnp.maximum((problem * stride * length - shift) // span + j, 0), 0, head, 0
+    def key_map(i, j):  # the head's whole sequence: each program reads its span from it (shifted, `_program_keys`)
+        batch, _, head = unpack(i)
+        return batch, 0, head, 0
 
     probe_spec = pl.BlockSpec((None, None, None, padded, h), probe_map)
-    key_spec = pl.BlockSpec((None, None, span, None, h), key_map)
+    key_spec = pl.BlockSpec((None, s, None, h), key_map)
     stat_spec = pl.BlockSpec((None, None, padded), lambda i, j: (i, j, 0))
     params = triton_params(num_warps=4, num_stages=3)
     if lse is None:
         chunk_max, chunk_sum = pl.pallas_call(
-            functools.partial(_stats_kernel, scale=scale, chunk=chunk, keys_real=real),
+            functools.partial(_stats_kernel, **kernel_args),
             grid=grid,
             in_specs=[probe_spec, key_spec],
             out_specs=[stat_spec, stat_spec],
@@ -153,7 +161,7 @@ def probe_column_mass_pallas(
     else:
         lse = jnp.pad(lse.astype(jnp.float32), [(0, 0)] * 3 + [(0, padded - num_probes)]).reshape(-1, padded)
     return pl.pallas_call(
-        functools.partial(_mass_kernel, scale=scale, chunk=chunk, num_probes=num_probes, keys_real=real),
+        functools.partial(_mass_kernel, num_probes=num_probes, **kernel_args),
         grid=grid,
         in_specs=[probe_spec, key_spec, pl.BlockSpec((None, padded), lambda i, j: (i, 0))],
         out_specs=pl.BlockSpec((None, None, None, span), lambda i, j: (*unpack(i), j)),
