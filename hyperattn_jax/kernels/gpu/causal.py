@@ -4,10 +4,10 @@ Same estimator and same random draws (`ops.level_keys`) as `ops.grouped_causal_a
 without its copies, on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`):
 - the diagonal problems of the last level are one segment-causal call on the unsplit sequence (cuDNN's flash forward
   with its float32 lse where it runs, `cudnn_segments.py`; our flash kernel elsewhere); with a window, every segment
-  but the first also attends its prefix (its w preceding keys) exactly, as one more part (a plan whose keys are all
-  global);
+  but the first also attends its prefix (its w preceding keys) exactly, as one more part (`ops.exact_plan`: one
+  block of every prefix key);
 - every level's hash comes from one kernel over the unsorted q and k (each level has its own hyperplanes), and the
-  default config's column-mass probe from two kernels per level that read k in place (shifted by the window);
+  default config's column-mass probe for every level from two kernels that read k in place (shifted by the window);
 - each level's lower-left problems (second-half queries of every chunk over its first-half keys shifted left by the
   window) are planned on strided views, in the batch order the ops recursion stacks them (chunk index
   bit-reversed), and ONE kernel launch per part reads its rows straight from q, k, v by index and merges its part by
@@ -60,7 +60,7 @@ def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfi
     min_seq_len is not a multiple of the block size), head dims or blocks that are not powers of two, a window with
     segments that are not (its prefix plan is one query block per segment). Heavy keys are global
     keys of each level's plan (a shared tile, like the samples); quarters the recursion computes exactly and the
-    base case's prefixes are plans whose keys are all global (`ops.exact_plan`). Sinks are the caller's
+    base case's prefixes are plans that attend every key exactly (`ops.exact_plan`). Sinks are the caller's
     (`ops.without_sinks`): `config` must have none."""
     shape = level_shape(t, config)
     if config.num_sink_keys or shape is None or not (fits_dot(head_dim) and fits_dot(config.block_size)):
@@ -119,7 +119,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the jnp probe where the probe kernels do not fit)
     rows = _part_rows(b, kv_heads, n // kv_heads, t, depth, segment, window)
     plans = []
-    if window:  # every segment but the first over its prefix, exactly: one plan whose keys are all global
+    if window:  # every segment but the first over its prefix, exactly: one block of every prefix key
         plans.append(exact_plan(rows[0][0].shape, window, block_size=window))
     keys = level_keys(key, depth)
     # Every level's hash in one pass over the unsorted q and k (each level has its own hyperplanes).
