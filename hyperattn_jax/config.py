@@ -21,13 +21,13 @@ class HyperAttentionConfig:
 
     The default keeps the paper's hash, sample count, base case and causal recursion (7 projections, 256 samples,
     min_seq_len 4096) and changes what each query attends exactly: blocks of 128 keys, the 128 heaviest key columns
-    found by 16 probe queries (the same 512 keys per query as the paper non-causally), and, causally, the 256 most
-    recent keys before each recursion boundary; the residual is sampled by probed column mass (systematic draws,
-    mixed 50/50 with uniform, unbiased weights). On real LM attention (SmolLM2-135M, 8192 tokens, every layer
-    replaced, docs/accuracy.md "Perplexity by kind of text") perplexity is 1.024x / 1.052x / 1.013x exact on plays /
-    Python code / prose, against 2.7x / 2.4x / 3.0x for the published algorithm; the output error is 0.07x the
-    paper's causal and 0.44-0.49x non-causal. It costs 1.10-1.22x the paper config's GPU time forward+backward and
-    1.20-1.35x forward (one H100, 32k and 131k, causal and not; docs/accuracy.md, "Speed on the GPU").
+    found by 16 probe queries (the same 512 keys per query as the paper), and, causally, each query's 256 most recent
+    keys (`local_window`); the residual is sampled by probed column mass (systematic draws, mixed 50/50 with uniform,
+    unbiased weights). On real LM attention (SmolLM2-135M, 8192 tokens, every layer replaced, docs/accuracy.md
+    "Perplexity by kind of text") perplexity is 1.027x / 1.055x / 1.013x exact on plays / Python code / prose,
+    against 2.7x / 2.4x / 3.0x for the published algorithm; the output error is 0.07x the paper's causal and
+    0.44-0.49x non-causal. It costs 1.09-1.18x the paper config's GPU time forward+backward and 1.18-1.30x forward
+    (one H100, 32k and 131k, causal and not; docs/accuracy.md, "The shifted window").
     `HyperAttentionConfig.paper()` is the published algorithm exactly; `HyperAttentionConfig.accurate()` adds sinks
     and a block of 64 (lowest non-causal error measured, 0.40-0.43x the paper's; slower, and not better on perplexity).
 
@@ -168,7 +168,8 @@ class HyperAttentionConfig:
 
     @property
     def keys_per_query(self) -> int:
-        """Nominal keys each query attends away from the exact base case: b + m + sinks + heavy + window."""
+        """Nominal keys each query attends: b + m + sinks + heavy in every estimated part, plus the causal window's w
+        (attended exactly in the base case)."""
         return self.block_size + self.sample_size + self.num_sink_keys + self.num_heavy_keys + self.local_window
 
     def attends_exactly(self, num_keys: int) -> bool:

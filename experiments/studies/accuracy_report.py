@@ -208,13 +208,13 @@ README_COLUMNS = {
         "perplexity": ("perplexity_kinds_candidates_h100.json", "paper"),
     },
     "default": {
-        "errors": ("accuracy_kinds_candidates_h100.json", "b128+h128+w256"),
-        "perplexity": ("perplexity_kinds_candidates_h100.json", "b128+h128+w256"),
-        "speed": ("accuracy_cost_default_h100.json", "default"),
+        "errors": ("accuracy_kinds_shifted_cpu.json", "default"),
+        "perplexity": ("perplexity_kinds_shifted_cpu.json", "default"),
+        "speed": ("accuracy_cost_shifted_h100.json", "default"),
     },
     "accurate": {
-        "errors": ("accuracy_kinds_presets_cpu.json", "accurate"),
-        "perplexity": ("perplexity_kinds_accurate_cpu.json", "accurate"),
+        "errors": ("accuracy_kinds_shifted_cpu.json", "accurate"),
+        "perplexity": ("perplexity_kinds_shifted_cpu.json", "accurate"),
         "speed": ("accuracy_cost_h100.json", "accurate"),
     },
 }
