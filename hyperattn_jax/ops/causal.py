@@ -5,7 +5,7 @@ Split the sequence in halves: the two diagonal quarters are causal problems of h
 axis, so every problem of one recursion level runs as one batched call), and the lower-left quarter (second-half
 queries, first-half keys) is unmasked, so it is a non-causal HyperAttention merged into the lower-right result by lse.
 
-Accuracy options (docs/accuracy.md), both expressed as one more exactly attended key tile merged by lse:
+Accuracy options (docs/accuracy.md), both exact parts merged by lse:
 - `num_sink_keys` g: the first g keys are taken out before the recursion; every query attends them exactly (query
   i < g causally), and the recursion runs on positions [g, T).
 - `local_window` w: every diagonal block reaches w keys further left (`causal_window`). A node of the recursion
