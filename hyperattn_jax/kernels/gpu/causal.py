@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from hyperattn_jax._numerics import finite_or_zero
 from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
@@ -32,7 +33,7 @@ from hyperattn_jax.kernels.gpu.hyper import (
     estimate_backward_rows,
     fits_dot,
     grouped_inputs,
-    kernel_level_probes,
+    kernel_probe,
     public_layout_ranks,
     row_operands,
     row_positions,
@@ -47,6 +48,7 @@ from hyperattn_jax.ops.causal import (
     prefix_problem,
     quarter_is_exact,
     shifted_level_rows,
+    stack_level_problems,
 )
 from hyperattn_jax.ops.keys import level_keys
 from hyperattn_jax.ops.plan import exact_plan, make_plan, plan_projections
@@ -124,8 +126,6 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     keys = level_keys(key, depth)
     # Every level's hash in one pass over the unsorted q and k (each level has its own hyperplanes).
     projections = [plan_projections(level_key, h, config, hash_key) for level_key in keys]
-    # Every level's column-mass probe in two passes over k (None: make_plan probes in jnp).
-    probes = kernel_level_probes(q, k, config, keys, hash_key=hash_key, shift=window, scale=scale, interpret=interpret)
     for level, (level_key, (query_rank, key_rank)) in enumerate(
         zip(keys, public_layout_ranks(q, k, projections, interpret=interpret), strict=True)
     ):
@@ -138,9 +138,15 @@ def _causal_fwd(q, k, v, key, hash_key, static):
             continue
         ranks = level_rows(query_rank[..., None], 1, level)[..., 0]
         ranks = ranks, shifted_level_rows(key_rank[..., None], level, window)[..., 0]
+
+        def arrange(mass, level=level):  # the probe kernels' problems in the plan's order, keys as the plan has them
+            return jnp.roll(stack_level_problems(mass, level), -window, axis=-1)
+
+        probe = kernel_probe(q, k, quarter_config, scale=scale, interpret=interpret, chunks=2**level, halves=True,
+                             arrange=arrange, shift=window)  # fmt: skip
         plans.append(make_plan(
             ql, kl, key=level_key, config=quarter_config, kv_length=kv_length, hash_key=hash_key, v=vl, scale=scale,
-            ranks=ranks, probe=None if probes is None else probes[level],
+            ranks=ranks, probe=probe,
         ))  # fmt: skip
     # Each part reads its rows of q, k, v by index (its plan was made for [P, K, G, L, H] problems, problem p reading
     # batch element p % B) and merges by lse into out, lse in place.
