@@ -7,7 +7,7 @@ without its copies, on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`)
   but the first also attends its prefix (its w preceding keys) exactly, as one more part (`ops.exact_plan`: one
   block of every prefix key);
 - every level's hash comes from one kernel over the unsorted q and k (each level has its own hyperplanes), and the
-  default config's column-mass probe for every level from two kernels that read k in place (shifted by the window);
+  default config's column-mass probe from two kernels per level that read k in place (shifted by the window);
 - each level's lower-left problems (second-half queries of every chunk over its first-half keys shifted left by the
   window) are planned on strided views, in the batch order the ops recursion stacks them (chunk index
   bit-reversed), and ONE kernel launch per part reads its rows straight from q, k, v by index and merges its part by
