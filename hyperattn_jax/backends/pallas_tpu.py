@@ -38,6 +38,7 @@ from hyperattn_jax.ops.causal import (
     prefix_problem,
     quarter_is_exact,
     segment_rows,
+    unsegment_rows,
     with_sinks,
     without_sinks,
 )
@@ -128,15 +129,14 @@ def _causal_by_levels(q, k, v, key, hash_key, *, config, shape, scale: float, in
                                      interpret=interpret)  # fmt: skip
         return out[..., :t, :], lse[..., :t]
     depth, segment = shape
-    b, kv_heads, g, t, h = q.shape
+    b, t = q.shape[0], q.shape[3]
     window = causal_window(config)
     quarter_config = config.replace(local_window=0)
     out, lse = flash.flash_attention_tpu(
         segment_rows(q, segment), segment_rows(k, segment), segment_rows(v, segment), scale=scale, causal=True,
         interpret=interpret,
     )  # fmt: skip
-    out = jnp.moveaxis(out.astype(jnp.float32).reshape(-1, b, kv_heads, g, segment, h), 0, 3).reshape(q.shape)
-    lse = jnp.moveaxis(lse.reshape(-1, b, kv_heads, g, segment), 0, 3).reshape(b, kv_heads, g, t)
+    out, lse = unsegment_rows(out.astype(jnp.float32), b), unsegment_rows(lse, b)
     if window:
         part = flash.flash_attention_tpu(*prefix_problem(q, k, v, segment, window), scale=scale, causal=False,
                                          interpret=interpret)  # fmt: skip

@@ -274,6 +274,13 @@ def segment_rows(x, segment: int):
     return jnp.moveaxis(x, x.ndim - 3, 0).reshape(-1, *lead, segment, h)
 
 
+def unsegment_rows(x, batch: int):
+    """Inverse of `segment_rows` (for any number of segments): `[C * B, ..., segment, *rest]` -> `[B, ...,
+    C * segment, *rest]`, where `...` is the 3 axes K, G and segment is axis 3."""
+    x = jnp.moveaxis(x.reshape(-1, batch, *x.shape[1:]), 0, 3)  # [B, K, G, C, segment, *rest]
+    return x.reshape(*x.shape[:3], -1, *x.shape[5:])
+
+
 def prefix_problem(q, k, v, segment: int, window: int):
     """The base case's prefix problems: every segment but the first over the w keys before it (`window` > 0).
     q `[B, K, G, T, H]` -> `[(C - 1) * B, K, G, segment, H]`, k, v -> `[(C - 1) * B, K, w, H]`, segment-major."""
@@ -286,13 +293,8 @@ def merge_prefix(out, lse, part_out, part_lse, segment: int):
     """out `[B, K, G, T, H]`, lse `[B, K, G, T]` with the prefix problems' part (`prefix_problem` order) merged by
     lse into positions [segment, T)."""
     batch = out.shape[0]
-
-    def unstack(x):  # [(C - 1) * B, K, G, segment, rest] -> [B, K, G, T - segment, rest]
-        x = jnp.moveaxis(x.reshape(-1, batch, *x.shape[1:]), 0, 3)
-        return x.reshape(*x.shape[:3], -1, *x.shape[5:])
-
     merged_out, merged_lse = merge_partials(
-        out[..., segment:, :], lse[..., segment:], unstack(part_out), unstack(part_lse[..., None])[..., 0]
+        out[..., segment:, :], lse[..., segment:], unsegment_rows(part_out, batch), unsegment_rows(part_lse, batch)
     )
     return out.at[..., segment:, :].set(merged_out), lse.at[..., segment:].set(merged_lse)
 

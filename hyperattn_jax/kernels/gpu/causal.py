@@ -130,7 +130,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
         zip(keys, public_layout_ranks(q, k, projections, interpret=interpret), strict=True)
     ):
         ql, kl, vl = level_problem(q5, k4, v4, level, window)
-        kv_length = level_kv_length(b, level, kl.shape[2], window)
+        kv_length = rows[level - depth][2]  # the level's own part (the prefixes' part, if any, comes first)
         if quarter_is_exact(kl.shape[2], config):  # the same kernels attend the quarter exactly
             half = kl.shape[2]
             block = half if fits_dot(half) else config.block_size  # one query block where it is a power of two

@@ -34,13 +34,18 @@ def _program_keys(problems: int, kv_heads: int, stride: int, length: int, span: 
     return base, jnp.maximum(-base, 0) // chunk
 
 
+def _chunk(step, chunk: int, start=0):
+    """Rows [start + step * chunk, + chunk) of a block (start a multiple of chunk)."""
+    return pl.ds(pl.multiple_of(start + step * chunk, chunk), chunk)
+
+
 def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale, chunk, steps, keys):
     probes = probe_ref[...]
     base, first = keys()
 
     def body(step, carry):  # online max and exp-sum of every probe row over this program's keys
         row_max, row_sum = carry
-        s = dot_t(probes, k_ref[pl.ds(pl.multiple_of(base + step * chunk, chunk), chunk), :]) * scale
+        s = dot_t(probes, k_ref[_chunk(step, chunk, base), :]) * scale
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         row_sum = row_sum * jnp.exp(row_max - new_max) + jnp.sum(jnp.exp(s - new_max[:, None]), axis=1)
         return new_max, row_sum
@@ -57,16 +62,12 @@ def _mass_kernel(probe_ref, k_ref, lse_ref, mass_ref, *, scale, chunk, steps, nu
     base, first = keys()
 
     def before_start(step, carry):  # keys before position 0: no mass
-        mass_ref[pl.ds(pl.multiple_of(step * chunk, chunk), chunk)] = jnp.zeros((chunk,), jnp.float32)
+        mass_ref[_chunk(step, chunk)] = jnp.zeros((chunk,), jnp.float32)
         return carry
 
     def body(step, carry):
-        p = jnp.exp(
-            dot_t(probes, k_ref[pl.ds(pl.multiple_of(base + step * chunk, chunk), chunk), :]) * scale - lse[:, None]
-        )
-        mass_ref[pl.ds(pl.multiple_of(step * chunk, chunk), chunk)] = (
-            jnp.sum(jnp.where(real, p, 0.0), axis=0) / num_probes
-        )
+        p = jnp.exp(dot_t(probes, k_ref[_chunk(step, chunk, base), :]) * scale - lse[:, None])
+        mass_ref[_chunk(step, chunk)] = jnp.sum(jnp.where(real, p, 0.0), axis=0) / num_probes
         return carry
 
     lax.fori_loop(0, first, before_start, 0)
