@@ -36,7 +36,9 @@ from hyperattn_jax.ops.tiles import (
     global_key_tile,
     hyper_attention_tiles,
     plan_rows,
+    sample_value_mix,
     sampled_residual_tile,
+    shrink_sample_values,
     unblock_query_layout,
 )
 
@@ -71,7 +73,9 @@ __all__ = [
     "probe_index",
     "quarter_is_exact",
     "sampled_residual_attention",
+    "sample_value_mix",
     "sampled_residual_tile",
+    "shrink_sample_values",
     "sort_order",
     "sort_orders",
     "sort_rows",

@@ -30,6 +30,7 @@ from hyperattn_jax.ops.sorting import SortOrder, positions_mask, sort_orders
         "sample_log_weight",
         "num_block_keys",
         "global_index",
+        "sample_value_weight",
     ),
     meta_fields=("num_blocks", "query_block", "key_block", "num_global"),
 )
@@ -49,6 +50,8 @@ class SortLSHPlan:
     global_index: int32 `[B, K, num_global]` the global keys (original positions), or None when there are none. They
       keep their place in the hash order, and their block slots are masked (`ops.tiles`): the block grid is the
       paper's whatever the number of global keys (power-of-two blocks for the kernels, shard boundaries kept).
+    sample_value_weight: float32 `[B, K]` lam of `config.sample_shrinkage`: attended sample values are lam v_s +
+      (1 - lam) times the samples' weighted mean value (`ops.tiles.shrink_sample_values`); None: v_s as they are.
     """
 
     query_order: SortOrder
@@ -62,6 +65,7 @@ class SortLSHPlan:
     sample_log_weight: jax.Array | None = None
     num_block_keys: jax.Array | None = None
     global_index: jax.Array | None = None
+    sample_value_weight: jax.Array | None = None
 
     def replace(self, **changes) -> SortLSHPlan:
         return dataclasses.replace(self, **changes)
@@ -182,6 +186,15 @@ def _draw_sorted_positions(key, probability_sorted, m: int, scheme: str):
     return jnp.minimum(position, last_positive[..., None])
 
 
+def sample_value_weight(config: HyperAttentionConfig, num_residual_keys, num_samples: int):
+    """lam = 1 / (1 + c r) of `config.sample_shrinkage` c, r = residual keys per sample (`num_residual_keys` `[B, K]`
+    or `[B, 1]` over m), as float32 `[B, K | 1]`; None where shrinkage is off or nothing is sampled."""
+    if config.sample_shrinkage == 0 or num_samples == 0:
+        return None
+    keys_per_sample = jnp.asarray(num_residual_keys, jnp.float32) / num_samples
+    return 1.0 / (1.0 + config.sample_shrinkage * keys_per_sample)
+
+
 def plan_projections(key, head_dim: int, config: HyperAttentionConfig, hash_key=None):
     """The LSH hyperplanes `[H, P]` that `make_plan(key=key, hash_key=hash_key)` uses."""
     return lsh_projections(plan_keys(key, hash_key).hash, head_dim, config.num_projections)
@@ -239,6 +252,7 @@ def make_plan(
     num_block_keys = jnp.sum(is_normal, axis=-1, dtype=jnp.int32)
     num_blocks = -(-s // config.block_size)
     sample_log_weight = None
+    m_drawn = config.sample_size if sample_index is None else sample_index.shape[-1]
     if sample_index is not None:
         sample_index = sample_index.astype(jnp.int32)
         rate = num_block_keys.astype(jnp.float32) / sample_index.shape[-1]
@@ -265,6 +279,7 @@ def make_plan(
         sample_log_weight=sample_log_weight,
         num_block_keys=num_block_keys,
         global_index=global_index,
+        sample_value_weight=None if sample_index is None else sample_value_weight(config, num_block_keys, m_drawn),
     )
 
 
@@ -313,6 +328,9 @@ def _paper_plan(q, query_rank, key_rank, key_valid, num_valid, sample_key, confi
         sample_index = sample_index.astype(jnp.int32)
     elif config.sample_size > 0:
         sample_index = draw_index(sample_key, (batch, kv_heads, config.sample_size), num_valid[:, None, None])
+    value_weight = None
+    if sample_index is not None:
+        value_weight = sample_value_weight(config, num_valid[:, None], sample_index.shape[-1])
     return SortLSHPlan(
         query_order=query_order,
         key_order=key_order,
@@ -321,4 +339,5 @@ def _paper_plan(q, query_rank, key_rank, key_valid, num_valid, sample_key, confi
         key_block=config.block_size,
         sample_index=sample_index,
         num_valid_keys=num_valid.astype(jnp.float32),
+        sample_value_weight=None if value_weight is None else jnp.broadcast_to(value_weight, (batch, kv_heads)),
     )

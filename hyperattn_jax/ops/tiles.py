@@ -110,8 +110,49 @@ def _take_keys(x, index):
     return jnp.take_along_axis(x, index[..., None], axis=2)[:, :, None]
 
 
+def sample_weights(plan: SortLSHPlan):
+    """Each sample's weight 1 / (m p_j) as float32 `[B, K, m]` (0 for dropped samples), before own-block exclusion."""
+    if plan.sample_log_weight is None:
+        m = plan.sample_index.shape[-1]
+        return jnp.broadcast_to((plan.num_valid_keys / m)[:, None, None], plan.sample_index.shape)
+    return jnp.exp(plan.sample_log_weight)
+
+
+def sample_value_mix(plan: SortLSHPlan):
+    """(lam `[B, K]`, mix `[B, K, m]`) such that the sampled values are attended as lam v_s + sum_t mix_t v_t
+    (`shrink_sample_values`), or None when the plan has no lam. mix = (1 - lam) w_t / sum(w): the samples' mean value
+    under their weights (`sample_weights`), an estimate of the residual keys' mean value."""
+    if plan.sample_value_weight is None:
+        return None
+    weight = sample_weights(plan)
+    lam = plan.sample_value_weight
+    total = jnp.maximum(jnp.sum(weight, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    return lam, (1.0 - lam)[..., None] * weight / total
+
+
+def shrink_sample_values(v_samples, plan: SortLSHPlan):
+    """The sampled values as attended: lam v_s + (1 - lam) v_mean (`sample_value_mix`, lam the plan's
+    `sample_value_weight` of `HyperAttentionConfig.sample_shrinkage`). Linear in v_samples `[B, K, 1, m, H]`;
+    returned unchanged when the plan has no lam."""
+    value_mix = sample_value_mix(plan)
+    if value_mix is None:
+        return v_samples
+    lam, mix = value_mix
+    acc = jnp.promote_types(v_samples.dtype, jnp.float32)
+    mean = jnp.einsum("bkm,bkmh->bkh", mix, v_samples[:, :, 0].astype(acc))[:, :, None, None]
+    return (lam[..., None, None, None] * v_samples.astype(acc) + mean).astype(v_samples.dtype)
+
+
+def shrink_sample_values_transpose(d_values, lam, mix):
+    """The transpose of `shrink_sample_values` for its (lam, mix): the cotangent of the raw sample values from that
+    of the attended ones, d_values `[B, K, 1, m, H]`: lam d_s + mix_s sum_t d_t."""
+    total = jnp.sum(d_values, axis=3, keepdims=True)
+    return lam[..., None, None, None] * d_values + mix[:, :, None, :, None] * total
+
+
 def sampled_residual_tile(k, v, plan: SortLSHPlan) -> KeyTile:
-    """The residual tile: m sampled keys shared by all query blocks, weight 1/(m p_j), excluded from their own block.
+    """The residual tile: m sampled keys shared by all query blocks, weight 1/(m p_j), excluded from their own block,
+    values shrunk toward their mean by the plan's lam (`shrink_sample_values`).
 
     Under the paper's uniform sampling the weight is S/m.
     """
@@ -123,7 +164,8 @@ def sampled_residual_tile(k, v, plan: SortLSHPlan) -> KeyTile:
         log_weight = jnp.log(plan.num_valid_keys / index.shape[-1])[:, None, None, None]
     else:
         log_weight = plan.sample_log_weight[:, :, None, :]
-    return KeyTile(_take_keys(k, index), _take_keys(v, index), jnp.where(in_own_block, -jnp.inf, log_weight))
+    values = shrink_sample_values(_take_keys(v, index), plan)
+    return KeyTile(_take_keys(k, index), values, jnp.where(in_own_block, -jnp.inf, log_weight))
 
 
 def hyper_attention_tiles(k, v, plan: SortLSHPlan) -> list[KeyTile]:
@@ -164,5 +206,6 @@ def plan_rows(plan: SortLSHPlan, query_rows, key_rows) -> tuple[jax.Array, list[
     # Shifted by one so that the zero rows the layout functions pad with read as -1.
     query_index = block_query_layout(query_rows + 1, plan)[..., 0] - 1
     key_rows = key_rows + 1
-    tiles = [TileRows(tile.k[..., 0] - 1, tile.log_weight) for tile in hyper_attention_tiles(key_rows, key_rows, plan)]
+    row_tiles = hyper_attention_tiles(key_rows, key_rows, plan.replace(sample_value_weight=None))  # rows: no shrinking
+    tiles = [TileRows(tile.k[..., 0] - 1, tile.log_weight) for tile in row_tiles]
     return query_index, tiles

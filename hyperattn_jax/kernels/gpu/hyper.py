@@ -35,7 +35,14 @@ from hyperattn_jax.lsh import lsh_ranks
 from hyperattn_jax.ops.estimate import attend_tiles
 from hyperattn_jax.ops.keys import plan_keys
 from hyperattn_jax.ops.plan import make_plan, plan_projections, probe_index
-from hyperattn_jax.ops.tiles import KeyTile, block_query_layout, hyper_attention_tiles, plan_rows
+from hyperattn_jax.ops.tiles import (
+    KeyTile,
+    block_query_layout,
+    hyper_attention_tiles,
+    plan_rows,
+    sample_value_mix,
+    shrink_sample_values,
+)
 
 
 def fits_dot(x: int) -> bool:
@@ -90,21 +97,42 @@ def row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_leng
     """What the row-indexed kernels take for a plan: the int32 query row of every blocked slot `[P, K, G, nb, bq]`
     (-1 = padding); the tiles, per-block ones without k, v (their rows are loaded by index in the kernel; without
     log-weights where all are 0, `_blocks_hold_valid_keys`: one add per score fewer), shared ones (samples, global
-    keys) gathered here and padded to whole kernel chunks (`_kernel_tile_length`); each tile's int32 rows
-    `[P, K, nb | 1, t]`; and which of them the kernel loads by index (None for the gathered ones)."""
+    keys) gathered here, sample values shrunk (`ops.shrink_sample_values`), and padded to whole kernel chunks
+    (`_kernel_tile_length`); each tile's int32 rows `[P, K, nb | 1, t]`; and which of them the kernel loads by index
+    (None for the gathered ones)."""
     unweighted_blocks = _blocks_hold_valid_keys(plan, key_positions.shape[-2], kv_length)
     query_index, tile_rows = plan_rows(plan, query_positions, key_positions) if rows is None else rows
     tiles, rows, in_kernel = [], [], []
-    for index, log_weight in tile_rows:  # index [P, K, nb | 1, t]
+    for position, (index, log_weight) in enumerate(tile_rows):  # index [P, K, nb | 1, t]
         if index.shape[2] == plan.num_blocks > 1 and fits_dot(index.shape[3]):
             tiles.append(KeyTile(None, None, None if unweighted_blocks else log_weight))
             in_kernel.append(index)
         else:
+            values = rows_of(v, index, batch)
+            if _is_sample_tile(plan, position, len(tile_rows)):
+                values = shrink_sample_values(values, plan)
             index, log_weight = _pad_shared_tile(index, log_weight, tuning)
-            tiles.append(KeyTile(rows_of(k, index, batch), rows_of(v, index, batch), log_weight))
+            values = jnp.pad(values, [(0, 0)] * 3 + [(0, index.shape[-1] - values.shape[3]), (0, 0)])
+            tiles.append(KeyTile(rows_of(k, index, batch), values, log_weight))
             in_kernel.append(None)
         rows.append(index)
     return query_index, tiles, rows, in_kernel
+
+
+def _is_sample_tile(plan, position: int, num_tiles: int) -> bool:
+    """Whether tile `position` of the plan's `hyper_attention_tiles` is the sampled residual (always the last)."""
+    return plan.sample_index is not None and position == num_tiles - 1
+
+
+def _value_mixes(plan, rows):
+    """`indexed_tiled_backward`'s value_mixes for `row_operands`' tiles: the sample tile's (lam, mix) with mix
+    zero-padded to the tile's kernel length, None for the others."""
+    value_mix = sample_value_mix(plan)
+    mixes = [None] * len(rows)
+    if value_mix is not None:
+        lam, mix = value_mix
+        mixes[-1] = (lam, jnp.pad(mix, [(0, 0), (0, 0), (0, rows[-1].shape[-1] - mix.shape[-1])]))
+    return mixes
 
 
 def can_backward_in_place(plan, num_queries: int, num_keys: int) -> bool:
@@ -161,6 +189,7 @@ def estimate_backward_rows(
         scale=scale,
         tuning=tuning,
         interpret=interpret,
+        value_mixes=_value_mixes(plan, rows),
     )
 
 

@@ -42,6 +42,7 @@ from hyperattn_jax.kernels.gpu.indexed_forward import (
 )
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 from hyperattn_jax.ops.estimate import tiled_attention_backward
+from hyperattn_jax.ops.tiles import shrink_sample_values_transpose
 
 
 def _dq_kernel(
@@ -220,6 +221,7 @@ def indexed_tiled_backward(
     scale,
     tuning=None,
     interpret=False,
+    value_mixes=None,
 ):
     """Add the gradients of `indexed_tiled_forward`'s attention (one part of a merged attention with final `lse` and
     `delta`) into float32 accumulators, reading every row by index.
@@ -236,6 +238,8 @@ def indexed_tiled_backward(
       grads: (dq `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`) float32 accumulators, or None when this is the first
         part: its kernels then write the gradients instead of adding (every row must be in query_index and in the
         per-block tiles, as for a single non-causal problem).
+      value_mixes: per tile, None or (lam `[P, K]`, mix `[P, K, t]`) for a shared tile whose values are lam v +
+        sum_t mix_t v_t of its rows' v (`ops.sample_value_mix`, shrunk samples): its dv goes back through that map.
 
     Returns:
       the accumulators with this part's dq, dk, dv added (updated in place where XLA can).
@@ -292,7 +296,9 @@ def indexed_tiled_backward(
     q_flat, do_flat = (x.reshape(b, t, kv_heads, g * h) for x in (q_rows, do_rows))
     lse_flat, delta_flat = (x.reshape(b, kv_heads, g * t) for x in (lse, delta))
     # per-block tiles first: without accumulators they write every key row, and the shared tiles add into those
-    for tile, key_index in sorted(zip(tiles, tile_key_index, strict=True), key=lambda pair: pair[0].k is not None):
+    value_mixes = [None] * len(tiles) if value_mixes is None else value_mixes
+    ordered = sorted(zip(tiles, tile_key_index, value_mixes, strict=True), key=lambda item: item[0].k is not None)
+    for tile, key_index, value_mix in ordered:
         length = key_index.shape[-1]
         chunk = min(tuning.block_k_bwd, length)
         w, per_block = tile_log_weights(tile, problems=problems, kv_heads=kv_heads, num_blocks=nb, length=length)
@@ -377,7 +383,14 @@ def indexed_tiled_backward(
         if dk is None:  # no per-block tile wrote them
             dk, dv = (jnp.zeros(k.shape, jnp.float32) for _ in range(2))
         dk = _add_distinct_rows(dk, jnp.sum(part_k, axis=1), write_index, b)
-        dv = _add_distinct_rows(dv, jnp.sum(part_v, axis=1), write_index, b)
+        part_v = jnp.sum(part_v, axis=1)
+        if value_mix is None:
+            dv = _add_distinct_rows(dv, part_v, write_index, b)
+        else:  # d v = lam d v~ (each row once, repeats folded) + mix d(sum of v~) (every slot: scatter-add)
+            lam, mix = value_mix
+            dv = _add_distinct_rows(dv, lam.reshape(pk, 1, 1) * part_v, write_index, b)
+            mixed = mix.reshape(pk, length, 1) * jnp.sum(part_v, axis=1, keepdims=True)
+            dv = _add_rows(dv, mixed, key_index[:, :, 0], b)
     return dq, dk, dv
 
 
@@ -407,8 +420,16 @@ def _add_distinct_rows(total, part, index, batch: int):
     return total.at[problem_batch, target, head].set(rows_of(total, index, batch) + part, mode="drop")
 
 
+def _add_rows(total, part, index, batch: int):
+    """total `[B, S, K, H]` plus part `[P * K, t, H]` at the rows index `[P, K, t]` names (-1: dropped), repeats
+    summed (scatter-add)."""
+    problem_batch, head = row_coordinates(index, batch)
+    target = jnp.where(index >= 0, index, total.shape[1])
+    return total.at[problem_batch, target, head].add(part.reshape(*index.shape, part.shape[-1]), mode="drop")
+
+
 def indexed_tiled_backward_reference(
-    q_rows, k, v, do_rows, lse, delta, query_index, tiles, tile_key_index, grads, *, scale
+    q_rows, k, v, do_rows, lse, delta, query_index, tiles, tile_key_index, grads, *, scale, value_mixes=None
 ):
     """jnp twin of `indexed_tiled_backward`: the part's gradients by `ops.tiled_attention_backward` on the gathered
     rows, added into `grads` (zeros when None) by scatter-add at the rows the plan names."""
@@ -423,7 +444,10 @@ def indexed_tiled_backward_reference(
         grads = (jnp.zeros(q_rows.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dq, dk, dv = grads
     dq = dq.at[problem_batch, jnp.where(query_index < 0, t, query_index), head, group].add(dq_blocks, mode="drop")
-    for index, (dk_tile, dv_tile) in zip(tile_key_index, tile_grads, strict=True):
+    value_mixes = [None] * len(tiles) if value_mixes is None else value_mixes
+    for index, (dk_tile, dv_tile), value_mix in zip(tile_key_index, tile_grads, value_mixes, strict=True):
+        if value_mix is not None:
+            dv_tile = shrink_sample_values_transpose(dv_tile, *value_mix)
         tile_batch, tile_head = row_coordinates(index, b)
         key_row = jnp.where(index < 0, k.shape[1], index)
         dk = dk.at[tile_batch, key_row, tile_head].add(dk_tile, mode="drop")
