@@ -94,7 +94,7 @@ def all_configs(names=()) -> dict[str, ha.HyperAttentionConfig]:
     previous = ha.HyperAttentionConfig(  # the default before issue 22: block 256, no heavy keys, no window
         block_size=256, sample_size=256, num_heavy_keys=0, local_window=0, num_sink_keys=0,
         sample_distribution="column_mass", sample_scheme="systematic", uniform_fraction=0.5, num_probe_queries=16,
-        min_seq_len=MIN_SEQ_LEN,
+        min_seq_len=MIN_SEQ_LEN, sample_shrinkage=0.0,
     )  # fmt: skip
     configs = {
         "paper": ha.HyperAttentionConfig.paper(min_seq_len=MIN_SEQ_LEN),
