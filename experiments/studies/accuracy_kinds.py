@@ -55,6 +55,11 @@ def candidate_configs() -> dict[str, ha.HyperAttentionConfig]:
         "b128+h128+w128": default.replace(block_size=128, num_heavy_keys=128, local_window=128),
         "b128+h64+w64": default.replace(block_size=128, num_heavy_keys=64, local_window=64),
         "b128+s32h96+w128": default.replace(block_size=128, num_sink_keys=32, num_heavy_keys=96, local_window=128),
+        # Sample shrinkage c (the default's 1/32: lam = 1 / (1 + c * residual keys per sample)) and none.
+        "shrinkage_0": default.replace(sample_shrinkage=0.0),
+        "shrinkage_1/64": default.replace(sample_shrinkage=1 / 64),
+        "shrinkage_1/16": default.replace(sample_shrinkage=1 / 16),
+        "shrinkage_1/8": default.replace(sample_shrinkage=1 / 8),
     }
 
 
