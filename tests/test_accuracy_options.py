@@ -92,6 +92,57 @@ def test_option_estimator_and_gradients_equal_dense_definition(rng, name):
     np.testing.assert_allclose(merged[0], out, rtol=2e-5, atol=2e-5)
 
 
+def test_shrunk_estimator_and_gradients_equal_dense_definition(rng):
+    # With shrinkage every sample enters as its own term with value lam v_s + (1 - lam) * the weighted mean of the
+    # sampled values: written here sample by sample, from the plan's indices, weights and lam alone.
+    q, k, v = random_qkv(rng, b=2, t=150, s=170, n=4, kv=2, h=16)
+    options = OPTION_CONFIGS["sinks+heavy+column_mass+systematic"]
+    cfg = ha.HyperAttentionConfig.paper(block_size=32, sample_size=24, min_seq_len=0, sample_shrinkage=0.5, **options)
+    key, scale, kv_length = jax.random.key(7), 0.3, jnp.array([170, 131])
+    gq, gk, gv = _grouped(q, k, v)
+    plan = ops.make_plan(gq, gk, key=key, config=cfg, kv_length=kv_length, v=gv, scale=scale)
+    no_samples = plan.replace(
+        sample_index=plan.sample_index[..., :0], sample_log_weight=plan.sample_log_weight[..., :0]
+    )
+    without_samples = dense_option_weights(no_samples, 150, 170)
+    query_block = plan.query_order.inverse // plan.query_block  # [B, K, G, T]
+    sample_block = jnp.take_along_axis(plan.key_order.inverse // plan.key_block, plan.sample_index, axis=-1)
+    outside = query_block[..., None] != sample_block[:, :, None, None, :]  # [B, K, G, T, m]
+    weight = jnp.exp(plan.sample_log_weight)  # [B, K, m]
+    lam = plan.sample_value_weight[..., None, None]
+    cotangent = jnp.asarray(rng.standard_normal(gq.shape), jnp.float32)
+
+    def dense(q, k, v):
+        s = jnp.einsum("bkgqh,bksh->bkgqs", q, k) * scale
+        k_s, v_s = (jnp.take_along_axis(x, plan.sample_index[..., None], axis=2) for x in (k, v))  # [B, K, m, H]
+        mean = jnp.einsum("bkm,bkmh->bkh", weight, v_s) / jnp.sum(weight, -1)[..., None]
+        shrunk = lam * v_s + (1 - lam) * mean[:, :, None]
+        s_s = jnp.einsum("bkgqh,bkmh->bkgqm", q, k_s) * scale
+        logits = jnp.concatenate([
+            jnp.where(without_samples > 0, s + jnp.log(jnp.where(without_samples > 0, without_samples, 1.0)), -jnp.inf),
+            jnp.where(outside, s_s + jnp.log(weight)[:, :, None, None], -jnp.inf),
+        ], axis=-1)  # fmt: skip
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        p = jnp.exp(logits - lse[..., None])
+        out = jnp.einsum("bkgqs,bksh->bkgqh", p[..., :170], v) + jnp.einsum("bkgqm,bkmh->bkgqh", p[..., 170:], shrunk)
+        return out, lse
+
+    def hyper(q, k, v):
+        return ops.grouped_hyper_attention(q, k, v, key=key, config=cfg, scale=scale, kv_length=kv_length)
+
+    def value_and_grad(fn):
+        loss = lambda *a: (lambda o: (jnp.sum(o[0] * cotangent) + jnp.sum(jnp.sin(o[1])), o))(fn(*a))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(gq, gk, gv)
+
+    (_, (out, lse)), grads = value_and_grad(hyper)
+    (_, (ref_out, ref_lse)), ref_grads = value_and_grad(dense)
+    assert float(jnp.min(plan.sample_value_weight)) < 0.5  # the shrinkage is strong enough to matter
+    np.testing.assert_allclose(out, ref_out, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=2e-5, atol=2e-5)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_global_keys_are_the_sinks_and_the_heaviest_columns(rng):
     q, k, v = random_qkv(rng, b=1, t=256, n=2, kv=1, h=16)
     heavy = np.array([40, 100, 201])
