@@ -56,12 +56,13 @@ class HyperAttentionConfig:
         attends at least its w most recent keys exactly (the base case attends each segment's w preceding keys; the
         lower-left quarters are the paper's size, shifted w keys left). At most half of max(min_seq_len,
         block_size); larger values are clamped to that.
-      sample_shrinkage: c >= 0. Each sampled value is pulled toward the samples' weighted mean value before it is
-        attended, v_s <- lam v_s + (1 - lam) mean(v), lam = 1 / (1 + c r), r = residual keys per sample (valid keys
-        that are not sinks or heavy keys, over m). The residual's estimate is then its sampled mass times the mean
-        value (low variance) plus lam times each sample's deviation from it (high variance where few samples stand
-        for many keys): a small bias for a large cut in variance, the more so the more keys each sample stands for
-        (1/32: lam = 1/2 at 32 keys per sample). 0 is the unbiased estimate (the paper's).
+      sample_shrinkage: non-causal only: c >= 0. Each sampled value is pulled toward the samples' weighted mean value
+        before it is attended, v_s <- lam v_s + (1 - lam) mean(v), lam = 1 / (1 + c r), r = residual keys per sample
+        (valid keys that are not sinks or heavy keys, over m). The residual's estimate is then its sampled mass times
+        the mean value (low variance) plus lam times each sample's deviation from it (high variance where few samples
+        stand for many keys): a small bias for a large cut in variance, the more so the more keys each sample stands
+        for (1/32: lam = 1/2 at 32 keys per sample). 0 is the unbiased estimate (the paper's). The causal recursion's
+        quarters never shrink: there it cost perplexity (docs/accuracy.md, "Sample shrinkage").
 
     >>> cfg = HyperAttentionConfig(block_size=128, sample_size=128)
     >>> cfg.block_size

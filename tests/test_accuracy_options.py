@@ -336,6 +336,17 @@ def test_sample_shrinkage_pulls_sample_values_toward_their_weighted_mean(rng):
     np.testing.assert_array_equal(ops.sampled_residual_tile(gk, gv, plain).v[:, :, 0], raw)
 
 
+def test_sample_shrinkage_is_non_causal_only(rng):
+    q, k, v = random_qkv(rng, b=1, t=512, n=2, kv=1, h=16)
+    cfg = ha.HyperAttentionConfig(block_size=32, sample_size=32, min_seq_len=128, num_heavy_keys=8, local_window=16)
+    for causal, same in ((True, True), (False, False)):
+        on, off = (
+            ha.hyper_attention(q, k, v, key=jax.random.key(1), config=cfg.replace(sample_shrinkage=c), causal=causal)
+            for c in (0.5, 0.0)
+        )
+        assert bool(jnp.array_equal(on, off)) == same, causal
+
+
 def test_sample_shrinkage_cuts_the_error_of_a_spread_residual(rng):
     # Scores with spread 2 and a common value offset: the residual carries most of the mass, its weights vary
     # widely, and its estimate is dominated by the sample-by-sample deviations that shrinkage damps.

@@ -36,6 +36,7 @@ from hyperattn_jax.ops.causal import (
     merge_prefix,
     pad_positions,
     prefix_problem,
+    quarter_config,
     quarter_is_exact,
     segment_rows,
     unsegment_rows,
@@ -131,7 +132,7 @@ def _causal_by_levels(q, k, v, key, hash_key, *, config, shape, scale: float, in
     depth, segment = shape
     b, t = q.shape[0], q.shape[3]
     window = causal_window(config)
-    quarter_config = config.replace(local_window=0)
+    quarters = quarter_config(config)
     out, lse = flash.flash_attention_tpu(
         segment_rows(q, segment), segment_rows(k, segment), segment_rows(v, segment), scale=scale, causal=True,
         interpret=interpret,
@@ -151,7 +152,7 @@ def _causal_by_levels(q, k, v, key, hash_key, *, config, shape, scale: float, in
             part = flash.flash_attention_tpu(q_level, k_level, v_level, scale=scale, causal=False,
                                              kv_length=kv_length, interpret=interpret)  # fmt: skip
         else:
-            plan = make_plan(q_level, k_level, key=keys[level], config=quarter_config, kv_length=kv_length,
+            plan = make_plan(q_level, k_level, key=keys[level], config=quarters, kv_length=kv_length,
                              hash_key=hash_key, v=v_level, scale=scale)  # fmt: skip
             tiles = hyper_attention_tiles(k_level, v_level, plan)
             part = attend_tiles(q_level, tiles, plan, scale=scale, kernel=kernel)

@@ -102,6 +102,13 @@ def causal_window(config: HyperAttentionConfig) -> int:
     return min(config.local_window, causal_base_length(config) // 2)
 
 
+def quarter_config(config: HyperAttentionConfig) -> HyperAttentionConfig:
+    """The config the recursion estimates its lower-left quarters with: no sinks (taken out before the recursion), no
+    window (the recursion's own), no sample shrinkage (non-causal only: in the quarters it moved perplexity the
+    wrong way, results/perplexity_kinds_causal_shrinkage_cpu.json)."""
+    return config.replace(num_sink_keys=0, local_window=0, sample_shrinkage=0.0)
+
+
 def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, parts: AttentionParts):
     """Causal HyperAttention in the grouped layout (q `[B, K, G, T, H]`, k, v `[B, K, T, H]`) on `parts`: its exact
     causal base case (each segment with its prefix) and, for each level's lower-left quarter, its estimate (exact
@@ -113,14 +120,13 @@ def grouped_causal_attention(q, k, v, *, key, config: HyperAttentionConfig, part
 
     num_sinks = config.num_sink_keys
     window = causal_window(config)
-    # The recursion takes the sinks out before it starts, and its quarters carry no window: both are its own.
-    quarter_config = config.replace(num_sink_keys=0, local_window=0)
+    quarters = quarter_config(config)
 
     def off_diagonal(q, k, v, key, kv_length):
         """Second-half queries over keys [a - w, mid - w) (the prefix last): the non-causal estimate."""
         if quarter_is_exact(k.shape[2], config):
             return parts.exact(q, k, v, causal=False, kv_length=kv_length)
-        return parts.estimate(q, k, v, key=key, config=quarter_config, kv_length=kv_length)
+        return parts.estimate(q, k, v, key=key, config=quarters, kv_length=kv_length)
 
     def base_case(q, k_ext, v_ext, has_prefix):
         own = exact_fn(q, k_ext[:, :, window:], v_ext[:, :, window:])

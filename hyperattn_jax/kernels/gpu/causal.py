@@ -46,6 +46,7 @@ from hyperattn_jax.ops.causal import (
     level_rows,
     level_shape,
     prefix_problem,
+    quarter_config,
     quarter_is_exact,
     shifted_level_rows,
     stack_level_problems,
@@ -107,7 +108,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     window = causal_window(config)
-    quarter_config = config.replace(local_window=0)
+    quarters = quarter_config(config)
     q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
     # The base case, causal attention within every segment: cuDNN's flash forward where it runs (faster on Hopper:
     # probe_causal_parts_h200.json), else our flash kernel; out `[B, T, K, G, H]`, lse `[B, K, G, T]`.
@@ -142,10 +143,10 @@ def _causal_fwd(q, k, v, key, hash_key, static):
         def arrange(mass, level=level):  # the probe kernels' problems in the plan's order, keys as the plan has them
             return jnp.roll(stack_level_problems(mass, level), -window, axis=-1)
 
-        probe = kernel_probe(q, k, quarter_config, scale=scale, interpret=interpret, chunks=2**level, halves=True,
+        probe = kernel_probe(q, k, quarters, scale=scale, interpret=interpret, chunks=2**level, halves=True,
                              arrange=arrange, shift=window)  # fmt: skip
         plans.append(make_plan(
-            ql, kl, key=level_key, config=quarter_config, kv_length=kv_length, hash_key=hash_key, v=vl, scale=scale,
+            ql, kl, key=level_key, config=quarters, kv_length=kv_length, hash_key=hash_key, v=vl, scale=scale,
             ranks=ranks, probe=probe,
         ))  # fmt: skip
     # Each part reads its rows of q, k, v by index (its plan was made for [P, K, G, L, H] problems, problem p reading
