@@ -299,6 +299,36 @@ def window_scope_table() -> str:
     return "\n".join(lines)
 
 
+# The sample-shrinkage sweep (accuracy_kinds.py): label -> config name in accuracy_kinds_shrinkage_cpu.json.
+SHRINKAGE_ROWS = {
+    "0 (unbiased)": "shrinkage_0",
+    "1/64": "shrinkage_1/64",
+    "1/32 (the default)": "default",
+    "1/16": "shrinkage_1/16",
+    "1/8": "shrinkage_1/8",
+}
+
+
+def shrinkage_table(file_name: str = "accuracy_kinds_shrinkage_cpu.json", mode: str = "noncausal") -> str:
+    """Mean relative error by kind for each shrinkage c of SHRINKAGE_ROWS, with how many (layer, head) pairs and
+    (layer, kv-head group) means are worse than uniform attention, from one accuracy_kinds.py record."""
+    errors = _record(file_name)["errors"]
+    lines = ["| c | " + " | ".join(KINDS_ORDER) + " |", "|---" * (len(KINDS_ORDER) + 1) + "|"]
+    for label, name in SHRINKAGE_ROWS.items():
+        cells = []
+        for kind in KINDS_ORDER:
+            rows = [e for key, e in errors.items() if key.startswith(f"{kind}/") and key.endswith(f"/{mode}")]
+            mean = np.mean([np.mean(e[name]) for e in rows])
+            heads = sum(int(np.sum(np.greater(e[name], e["uniform"]))) for e in rows)
+            group_means = [
+                (np.reshape(e[name], (3, -1)).mean(1), np.reshape(e["uniform"], (3, -1)).mean(1)) for e in rows
+            ]
+            groups = sum(int(np.sum(ours > uniform)) for ours, uniform in group_means)
+            cells.append(f"{mean:.3f} ({heads} / {groups})")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def kinds_table(data: dict) -> str:
     """Perplexity / exact by kind of text (all 30 layers), from perplexity_kinds.json: mean ± std [min-max] (n)."""
     summary = data["summary"]
@@ -410,6 +440,7 @@ def main():
     data = merged_perplexity()
     print("README:", readme_table(), sep="\n", end="\n\n")
     print("window scope (docs/accuracy.md):", window_scope_table(), sep="\n", end="\n\n")
+    print("sample shrinkage (docs/accuracy.md):", shrinkage_table(), sep="\n", end="\n\n")
     if data is not None:
         print(perplexity_table(data))
         perplexity_figure(data, RESULTS / "accuracy_perplexity.png")
