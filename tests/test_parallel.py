@@ -350,7 +350,8 @@ def test_one_device_mesh_equals_hyper_attention(rng):
 
 def test_bucket_dispatch_refuses_the_accuracy_options_by_name():
     check_paper_plan(paper_config())  # the published plan passes
-    for name, value in {"num_sink_keys": 4, "local_window": 8, "sample_distribution": "column_mass"}.items():
+    options = {"num_sink_keys": 4, "local_window": 8, "sample_distribution": "column_mass", "sample_shrinkage": 0.5}
+    for name, value in options.items():
         with pytest.raises(ValueError, match=f"published plan only.*{name}={value!r}.*all_to_all"):
             check_paper_plan(paper_config(**{name: value}))
 

@@ -47,6 +47,7 @@ _PAPER_VALUES = {
     "sample_distribution": "uniform",
     "sample_scheme": "independent",
     "local_window": 0,
+    "sample_shrinkage": 0.0,
 }
 
 
@@ -57,7 +58,7 @@ def check_paper_plan(config: HyperAttentionConfig) -> None:
         settings = ", ".join(f"{name}={value!r}" for name, value in changed.items())
         raise ValueError(
             f'strategy="bucket_dispatch" reproduces the published plan only (uniform independent samples, no sinks, '
-            f'heavy keys or window); got {settings}. Use strategy="all_to_all" (every config, causal or not) or '
+            f'heavy keys, window or sample shrinkage); got {settings}. Use strategy="all_to_all" (every config, causal or not) or '
             "HyperAttentionConfig.paper(...)."
         )
 
