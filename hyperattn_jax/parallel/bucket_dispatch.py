@@ -58,7 +58,7 @@ def check_paper_plan(config: HyperAttentionConfig) -> None:
         settings = ", ".join(f"{name}={value!r}" for name, value in changed.items())
         raise ValueError(
             f'strategy="bucket_dispatch" reproduces the published plan only (uniform independent samples, no sinks, '
-            f"heavy keys, window or sample shrinkage); got {settings}. Use strategy=\"all_to_all\" (every config, "
+            f'heavy keys, window or sample shrinkage); got {settings}. Use strategy="all_to_all" (every config, '
             "causal or not) or HyperAttentionConfig.paper(...)."
         )
 
