@@ -208,14 +208,14 @@ README_COLUMNS = {
         "perplexity": ("perplexity_kinds_candidates_h100.json", "paper"),
     },
     "default": {
-        "errors": ("accuracy_kinds_shifted_cpu.json", "default"),
+        "errors": ("accuracy_kinds_shrink_cpu.json", "default"),
         "perplexity": ("perplexity_kinds_shifted_cpu.json", "default"),
-        "speed": ("accuracy_cost_shifted_h100.json", "default"),
+        "speed": ("accuracy_cost_shrink_accurate_h100.json", "default"),
     },
     "accurate": {
-        "errors": ("accuracy_kinds_shifted_cpu.json", "accurate"),
+        "errors": ("accuracy_kinds_shrink_cpu.json", "accurate"),
         "perplexity": ("perplexity_kinds_shifted_cpu.json", "accurate"),
-        "speed": ("accuracy_cost_h100.json", "accurate"),
+        "speed": ("accuracy_cost_shrink_accurate_h100.json", "accurate"),
     },
 }
 
