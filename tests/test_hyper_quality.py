@@ -127,10 +127,11 @@ def test_causal_off_diagonal_quarter_is_the_non_causal_estimator(rng):
     key = jax.random.key(9)
     out = ha.hyper_attention(q, k, v, key=key, config=cfg, causal=True)
     key_low, _ = ha.ops.split_level(key)
-    # The quarter has min_seq_len keys: estimated inside the recursion (a public call that size would be exact).
+    # The quarter has min_seq_len keys: estimated inside the recursion (a public call that size would be exact),
+    # without sample shrinkage (non-causal calls only).
     low = ha.ops.grouped_hyper_attention(
         *(ha.ops.group_queries(q[:, 128:], 2), ha.ops.heads_major(k[:, :128]), ha.ops.heads_major(v[:, :128])),
-        key=key_low, config=cfg, scale=q.shape[-1] ** -0.5,
+        key=key_low, config=cfg.replace(sample_shrinkage=0.0), scale=q.shape[-1] ** -0.5,
     )  # fmt: skip
     low = (ha.ops.ungroup_output(low[0]), ha.ops.ungroup_lse(low[1]))
     diag = ha.exact_attention(q[:, 128:], k[:, 128:], v[:, 128:], causal=True, return_lse=True)
