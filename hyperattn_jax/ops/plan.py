@@ -252,7 +252,6 @@ def make_plan(
     num_block_keys = jnp.sum(is_normal, axis=-1, dtype=jnp.int32)
     num_blocks = -(-s // config.block_size)
     sample_log_weight = None
-    m_drawn = config.sample_size if sample_index is None else sample_index.shape[-1]
     if sample_index is not None:
         sample_index = sample_index.astype(jnp.int32)
         rate = num_block_keys.astype(jnp.float32) / sample_index.shape[-1]
@@ -267,6 +266,7 @@ def make_plan(
         sample_index = jnp.take_along_axis(key_order.perm, position, axis=-1)
         drawn = jnp.take_along_axis(probability_sorted, position, axis=-1)
         sample_log_weight = jnp.where(drawn > 0, -jnp.log(m * jnp.where(drawn > 0, drawn, 1.0)), -jnp.inf)
+    value_weight = None if sample_index is None else sample_value_weight(config, num_block_keys, sample_index.shape[-1])
     return SortLSHPlan(
         query_order=query_order,
         key_order=key_order,
@@ -279,7 +279,7 @@ def make_plan(
         sample_log_weight=sample_log_weight,
         num_block_keys=num_block_keys,
         global_index=global_index,
-        sample_value_weight=None if sample_index is None else sample_value_weight(config, num_block_keys, m_drawn),
+        sample_value_weight=value_weight,
     )
 
 
