@@ -186,13 +186,15 @@ def _draw_sorted_positions(key, probability_sorted, m: int, scheme: str):
     return jnp.minimum(position, last_positive[..., None])
 
 
-def sample_value_weight(config: HyperAttentionConfig, num_residual_keys, num_samples: int):
-    """lam = 1 / (1 + c r) of `config.sample_shrinkage` c, r = residual keys per sample (`num_residual_keys` `[B, K]`
-    or `[B, 1]` over m), as float32 `[B, K | 1]`; None where shrinkage is off or nothing is sampled."""
-    if config.sample_shrinkage == 0 or num_samples == 0:
+def sample_value_weight(config: HyperAttentionConfig, num_residual_keys, sample_index):
+    """lam = 1 / (1 + c r) of `config.sample_shrinkage` c, r = residual keys per sample (`num_residual_keys`,
+    broadcastable to `[B, K]`, over m), as float32 `[B, K]`; None where shrinkage is off or nothing is sampled
+    (`sample_index` `[B, K, m]` None)."""
+    if config.sample_shrinkage == 0 or sample_index is None:
         return None
-    keys_per_sample = jnp.asarray(num_residual_keys, jnp.float32) / num_samples
-    return 1.0 / (1.0 + config.sample_shrinkage * keys_per_sample)
+    keys_per_sample = jnp.asarray(num_residual_keys, jnp.float32) / sample_index.shape[-1]
+    lam = 1.0 / (1.0 + config.sample_shrinkage * keys_per_sample)
+    return jnp.broadcast_to(lam, sample_index.shape[:2])
 
 
 def plan_projections(key, head_dim: int, config: HyperAttentionConfig, hash_key=None):
@@ -266,7 +268,6 @@ def make_plan(
         sample_index = jnp.take_along_axis(key_order.perm, position, axis=-1)
         drawn = jnp.take_along_axis(probability_sorted, position, axis=-1)
         sample_log_weight = jnp.where(drawn > 0, -jnp.log(m * jnp.where(drawn > 0, drawn, 1.0)), -jnp.inf)
-    value_weight = None if sample_index is None else sample_value_weight(config, num_block_keys, sample_index.shape[-1])
     return SortLSHPlan(
         query_order=query_order,
         key_order=key_order,
@@ -279,7 +280,7 @@ def make_plan(
         sample_log_weight=sample_log_weight,
         num_block_keys=num_block_keys,
         global_index=global_index,
-        sample_value_weight=value_weight,
+        sample_value_weight=sample_value_weight(config, num_block_keys, sample_index),
     )
 
 
@@ -328,9 +329,6 @@ def _paper_plan(q, query_rank, key_rank, key_valid, num_valid, sample_key, confi
         sample_index = sample_index.astype(jnp.int32)
     elif config.sample_size > 0:
         sample_index = draw_index(sample_key, (batch, kv_heads, config.sample_size), num_valid[:, None, None])
-    value_weight = None
-    if sample_index is not None:
-        value_weight = sample_value_weight(config, num_valid[:, None], sample_index.shape[-1])
     return SortLSHPlan(
         query_order=query_order,
         key_order=key_order,
@@ -339,5 +337,5 @@ def _paper_plan(q, query_rank, key_rank, key_valid, num_valid, sample_key, confi
         key_block=config.block_size,
         sample_index=sample_index,
         num_valid_keys=num_valid.astype(jnp.float32),
-        sample_value_weight=None if value_weight is None else jnp.broadcast_to(value_weight, (batch, kv_heads)),
+        sample_value_weight=sample_value_weight(config, num_valid[:, None], sample_index),
     )

@@ -110,21 +110,22 @@ def _take_keys(x, index):
     return jnp.take_along_axis(x, index[..., None], axis=2)[:, :, None]
 
 
-def sample_weights(plan: SortLSHPlan):
-    """Each sample's weight 1 / (m p_j) as float32 `[B, K, m]` (0 for dropped samples), before own-block exclusion."""
+def sample_log_weights(plan: SortLSHPlan):
+    """Each sample's log-weight log(1 / (m p_j)) as float32 `[B, K, m]` (-inf for dropped samples), before own-block
+    exclusion; log(S / m) under the paper's uniform sampling."""
     if plan.sample_log_weight is None:
         m = plan.sample_index.shape[-1]
-        return jnp.broadcast_to((plan.num_valid_keys / m)[:, None, None], plan.sample_index.shape)
-    return jnp.exp(plan.sample_log_weight)
+        return jnp.broadcast_to(jnp.log(plan.num_valid_keys / m)[:, None, None], plan.sample_index.shape)
+    return plan.sample_log_weight
 
 
 def sample_value_mix(plan: SortLSHPlan):
     """(lam `[B, K]`, mix `[B, K, m]`) such that the sampled values are attended as lam v_s + sum_t mix_t v_t
     (`shrink_sample_values`), or None when the plan has no lam. mix = (1 - lam) w_t / sum(w): the samples' mean value
-    under their weights (`sample_weights`), an estimate of the residual keys' mean value."""
+    under their weights (`sample_log_weights`), an estimate of the residual keys' mean value."""
     if plan.sample_value_weight is None:
         return None
-    weight = sample_weights(plan)
+    weight = jnp.exp(sample_log_weights(plan))
     lam = plan.sample_value_weight
     total = jnp.maximum(jnp.sum(weight, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
     return lam, (1.0 - lam)[..., None] * weight / total
@@ -160,12 +161,8 @@ def sampled_residual_tile(k, v, plan: SortLSHPlan) -> KeyTile:
     sorted_position = jnp.take_along_axis(plan.key_order.inverse, index, axis=2)
     sample_block = sorted_position // plan.key_block  # [B, K, m]
     in_own_block = sample_block[:, :, None, :] == jnp.arange(plan.num_blocks)[:, None]  # [B, K, nb, m]
-    if plan.sample_log_weight is None:
-        log_weight = jnp.log(plan.num_valid_keys / index.shape[-1])[:, None, None, None]
-    else:
-        log_weight = plan.sample_log_weight[:, :, None, :]
-    values = shrink_sample_values(_take_keys(v, index), plan)
-    return KeyTile(_take_keys(k, index), values, jnp.where(in_own_block, -jnp.inf, log_weight))
+    log_weight = jnp.where(in_own_block, -jnp.inf, sample_log_weights(plan)[:, :, None, :])
+    return KeyTile(_take_keys(k, index), shrink_sample_values(_take_keys(v, index), plan), log_weight)
 
 
 def hyper_attention_tiles(k, v, plan: SortLSHPlan) -> list[KeyTile]:

@@ -129,7 +129,7 @@ def _value_mixes(plan, rows):
     zero-padded to the tile's kernel length, None for the others."""
     value_mix = sample_value_mix(plan)
     mixes = [None] * len(rows)
-    if value_mix is not None:
+    if value_mix is not None and _is_sample_tile(plan, len(rows) - 1, len(rows)):
         lam, mix = value_mix
         mixes[-1] = (lam, jnp.pad(mix, [(0, 0), (0, 0), (0, rows[-1].shape[-1] - mix.shape[-1])]))
     return mixes

@@ -421,8 +421,8 @@ def _add_distinct_rows(total, part, index, batch: int):
 
 
 def _add_rows(total, part, index, batch: int):
-    """total `[B, S, K, H]` plus part `[P * K, t, H]` at the rows index `[P, K, t]` names (-1: dropped), repeats
-    summed (scatter-add)."""
+    """total `[B, S, K, H]` plus part (`[P * K, t, H]` or `[P, K, ..., t, H]`) at the rows index `[P, K, ..., t]`
+    names (-1: dropped), repeats summed (scatter-add)."""
     problem_batch, head = row_coordinates(index, batch)
     target = jnp.where(index >= 0, index, total.shape[1])
     return total.at[problem_batch, target, head].add(part.reshape(*index.shape, part.shape[-1]), mode="drop")
@@ -448,8 +448,5 @@ def indexed_tiled_backward_reference(
     for index, (dk_tile, dv_tile), value_mix in zip(tile_key_index, tile_grads, value_mixes, strict=True):
         if value_mix is not None:
             dv_tile = shrink_sample_values_transpose(dv_tile, *value_mix)
-        tile_batch, tile_head = row_coordinates(index, b)
-        key_row = jnp.where(index < 0, k.shape[1], index)
-        dk = dk.at[tile_batch, key_row, tile_head].add(dk_tile, mode="drop")
-        dv = dv.at[tile_batch, key_row, tile_head].add(dv_tile, mode="drop")
+        dk, dv = _add_rows(dk, dk_tile, index, b), _add_rows(dv, dv_tile, index, b)
     return dq, dk, dv
