@@ -57,12 +57,14 @@ class HyperAttentionConfig:
         attends at least its w most recent keys exactly (the base case attends each segment's w preceding keys; the
         lower-left quarters are the paper's size, shifted w keys left). At most half of max(min_seq_len,
         block_size); larger values are clamped to that.
-      sample_shrinkage: non-causal only: c >= 0. Each sampled value is pulled toward the samples' weighted mean value
-        before it is attended, v_s <- lam v_s + (1 - lam) mean(v), lam = 1 / (1 + c r), r = residual keys per sample
-        (valid keys that are not sinks or heavy keys, over m). The residual's estimate is then its sampled mass times
-        the mean value (low variance) plus lam times each sample's deviation from it (high variance where few samples
-        stand for many keys): a small bias for a large cut in variance, the more so the more keys each sample stands
-        for (1/32: lam = 1/2 at 32 keys per sample). 0 is the unbiased estimate (the paper's). The causal recursion's
+      sample_shrinkage: non-causal only: "adaptive", or a number c >= 0. Each sampled value is pulled toward the
+        samples' weighted mean value before it is attended, v_s <- lam v_s + (1 - lam) mean(v), one lam per batch
+        element and kv head (`ops.shrinkage`). The residual's estimate is then its sampled mass times the mean value
+        (low variance) plus lam times the samples' deviation from it (signal, and noise where few samples stand for
+        many keys). "adaptive" fits lam to the data: the positive-part James-Stein factor of that deviation seen by
+        the probe queries (`num_probe_queries`), near 1 where the residual is peaked, near 0 where the samples only
+        disagree. A number c is the fixed rule lam = 1 / (1 + c r), r = residual keys per sample (valid keys that
+        are not sinks or heavy keys, over m). 0 is the unbiased estimate (the paper's). The causal recursion's
         quarters never shrink: there it cost perplexity (docs/accuracy.md, "Sample shrinkage").
 
     >>> cfg = HyperAttentionConfig(block_size=128, sample_size=128)
@@ -85,7 +87,7 @@ class HyperAttentionConfig:
     uniform_fraction: float = 0.5
     num_probe_queries: int = 16
     local_window: int = 256
-    sample_shrinkage: float = 1 / 32
+    sample_shrinkage: float | str = "adaptive"
 
     def __post_init__(self):
         int_fields = ("block_size", "sample_size", "num_projections", "min_seq_len", "num_sink_keys", "num_heavy_keys")
@@ -115,8 +117,9 @@ class HyperAttentionConfig:
         if self.sample_scheme not in SAMPLE_SCHEMES:
             raise ValueError(f"sample_scheme={self.sample_scheme!r} is not one of {SAMPLE_SCHEMES}")
         shrinkage = self.sample_shrinkage
-        if not isinstance(shrinkage, (int, float)) or isinstance(shrinkage, bool) or not 0.0 <= shrinkage < 1e30:
-            raise ValueError(f"sample_shrinkage={shrinkage!r} must be a finite number >= 0")
+        is_number = isinstance(shrinkage, (int, float)) and not isinstance(shrinkage, bool)
+        if shrinkage != "adaptive" and not (is_number and 0.0 <= shrinkage < 1e30):
+            raise ValueError(f"sample_shrinkage={shrinkage!r} must be 'adaptive' or a finite number >= 0")
         fraction = self.uniform_fraction
         if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction <= 1.0:
             raise ValueError(f"uniform_fraction={fraction!r} must be a number in (0, 1]")
@@ -169,7 +172,7 @@ class HyperAttentionConfig:
             uniform_fraction=0.2,
             num_probe_queries=64,
             local_window=64,
-            sample_shrinkage=1 / 32,
+            sample_shrinkage="adaptive",
         ).replace(**changes)
 
     @property

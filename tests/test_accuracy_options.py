@@ -189,7 +189,7 @@ def test_paper_config_is_the_published_algorithm(rng):
     # The default: half the paper's block, 128 probed heavy keys (same keys per query non-causally), a 256-key causal
     # window, and the residual sampled by probed column mass.
     ours = {"sample_distribution": "column_mass", "sample_scheme": "systematic", "num_probe_queries": 16}
-    ours |= {"block_size": 128, "num_heavy_keys": 128, "local_window": 256, "sample_shrinkage": 1 / 32}
+    ours |= {"block_size": 128, "num_heavy_keys": 128, "local_window": 256, "sample_shrinkage": "adaptive"}
     assert ha.HyperAttentionConfig.paper(**ours) == ha.HyperAttentionConfig()
     cfg = ha.HyperAttentionConfig.paper()
     assert cfg.sample_shrinkage == 0

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from hyperattn_jax.config import HyperAttentionConfig
 from hyperattn_jax.lsh import lsh_projections, lsh_rank
 from hyperattn_jax.ops.keys import draw_index, draw_uniform, plan_keys
+from hyperattn_jax.ops.shrinkage import adaptive_value_weight, fixed_value_weight
 from hyperattn_jax.ops.sorting import SortOrder, positions_mask, sort_orders
 
 
@@ -50,8 +51,9 @@ class SortLSHPlan:
     global_index: int32 `[B, K, num_global]` the global keys (original positions), or None when there are none. They
       keep their place in the hash order, and their block slots are masked (`ops.tiles`): the block grid is the
       paper's whatever the number of global keys (power-of-two blocks for the kernels, shard boundaries kept).
-    sample_value_weight: float32 `[B, K]` lam of `config.sample_shrinkage`: attended sample values are lam v_s +
-      (1 - lam) times the samples' weighted mean value (`ops.tiles.shrink_sample_values`); None: v_s as they are.
+    sample_value_weight: float32 `[B, K]` lam of `config.sample_shrinkage` (`ops.shrinkage`): attended sample values
+      are lam v_s + (1 - lam) times the samples' weighted mean value (`ops.tiles.shrink_sample_values`); None: v_s
+      as they are.
     """
 
     query_order: SortOrder
@@ -186,15 +188,24 @@ def _draw_sorted_positions(key, probability_sorted, m: int, scheme: str):
     return jnp.minimum(position, last_positive[..., None])
 
 
-def sample_value_weight(config: HyperAttentionConfig, num_residual_keys, sample_index):
-    """lam = 1 / (1 + c r) of `config.sample_shrinkage` c, r = residual keys per sample (`num_residual_keys`,
-    broadcastable to `[B, K]`, over m), as float32 `[B, K]`; None where shrinkage is off or nothing is sampled
-    (`sample_index` `[B, K, m]` None)."""
-    if config.sample_shrinkage == 0 or sample_index is None:
+def sample_value_weight(plan: SortLSHPlan, config: HyperAttentionConfig, q, k, v, *, probe_key, scale: float):
+    """lam `[B, K]` of `config.sample_shrinkage` for `plan`'s samples (`ops.shrinkage`), or None where shrinkage is
+    off or nothing is sampled: a number c gives the fixed rule 1 / (1 + c r), r = residual keys per sample;
+    "adaptive" fits lam to the data from the probe rows `probe_index(probe_key, ...)` of q (the column-mass probe's
+    queries) and the sampled k, v."""
+    shrinkage, index = config.sample_shrinkage, plan.sample_index
+    if shrinkage == 0 or index is None:
         return None
-    keys_per_sample = jnp.asarray(num_residual_keys, jnp.float32) / sample_index.shape[-1]
-    lam = 1.0 / (1.0 + config.sample_shrinkage * keys_per_sample)
-    return jnp.broadcast_to(lam, sample_index.shape[:2])
+    if shrinkage != "adaptive":
+        residual = plan.num_valid_keys[:, None] if plan.num_block_keys is None else plan.num_block_keys
+        return fixed_value_weight(shrinkage, residual, index.shape[-1], index.shape[:2])
+    if v is None:
+        raise ValueError("sample_shrinkage='adaptive' needs the values: make_plan(..., v=v)")
+    rows = q.reshape(*q.shape[:2], -1, q.shape[-1])
+    probes = rows[:, :, probe_index(probe_key, rows.shape[2], config.num_probe_queries)]
+    log_weight = jnp.zeros(index.shape, jnp.float32) if plan.sample_log_weight is None else plan.sample_log_weight
+    take = functools.partial(jnp.take_along_axis, indices=index[..., None], axis=2)
+    return adaptive_value_weight(probes, take(k), take(v), log_weight, scale=scale)
 
 
 def plan_projections(key, head_dim: int, config: HyperAttentionConfig, hash_key=None):
@@ -220,12 +231,14 @@ def make_plan(
 
     `hash_key`, when given, draws the LSH hyperplanes (e.g. fixed per layer, as in the paper's code) and `key` only the
     samples; otherwise both come from `key`. `sample_index` int `[B, K, m]`, when given, replaces the drawn samples
-    (uniform weight: valid keys / m). `v` `[B, K, S, H]` is needed for sample_distribution="value_norm"; `scale`
-    (default 1/sqrt(H)) for the column-mass probe. `ranks` (query_rank `[B, K, G, T]`, key_rank `[B, K, S]`), when
-    given, are `lsh_rank` of q and k under `plan_projections(key, H, config, hash_key)`, computed by the caller (the
-    kernels hash all causal levels in one pass over the unsorted inputs); q and k are then read only for their shapes
-    and for the column-mass probe. `probe`, when given, replaces `probe_column_mass`: a function of the probe's
-    random key returning the column mass `[B, K, S]` of the same probe rows (`probe_index`), e.g. the kernels'.
+    (uniform weight: valid keys / m). `v` `[B, K, S, H]` is needed for sample_distribution="value_norm" and for
+    sample_shrinkage="adaptive"; `scale` (default 1/sqrt(H)) for the column-mass probe and the adaptive shrinkage.
+    `ranks` (query_rank `[B, K, G, T]`, key_rank `[B, K, S]`), when given, are `lsh_rank` of q and k under
+    `plan_projections(key, H, config, hash_key)`, computed by the caller (the kernels hash all causal levels in one
+    pass over the unsorted inputs); q and k are then read only for their shapes, the column-mass probe and the
+    adaptive shrinkage (its probe rows and sampled keys). `probe`, when given, replaces `probe_column_mass`: a
+    function of the probe's random key returning the column mass `[B, K, S]` of the same probe rows
+    (`probe_index`), e.g. the kernels'.
     """
     batch, _, _, t, head_dim = q.shape
     s = k.shape[2]
@@ -242,8 +255,15 @@ def make_plan(
     key_valid = jnp.broadcast_to((jnp.arange(s) < num_valid[:, None])[:, None], k.shape[:3])
     uses_options = config.num_sink_keys or config.num_heavy_keys or config.needs_probe
     paper_sampling = config.sample_distribution == "uniform" and config.sample_scheme == "independent"
+
+    def with_shrinkage(plan):
+        lam = sample_value_weight(plan, config, q, k, v, probe_key=keys.probe, scale=scale)
+        return plan.replace(sample_value_weight=lam)
+
     if not uses_options and paper_sampling:
-        return _paper_plan(q, query_rank, key_rank, key_valid, num_valid, keys.samples, config, sample_index)
+        return with_shrinkage(
+            _paper_plan(q, query_rank, key_rank, key_valid, num_valid, keys.samples, config, sample_index)
+        )
 
     is_global, global_index, mass = _global_keys(q, k, keys.probe, config, scale, key_valid, probe)
     is_normal = key_valid & ~is_global
@@ -268,7 +288,7 @@ def make_plan(
         sample_index = jnp.take_along_axis(key_order.perm, position, axis=-1)
         drawn = jnp.take_along_axis(probability_sorted, position, axis=-1)
         sample_log_weight = jnp.where(drawn > 0, -jnp.log(m * jnp.where(drawn > 0, drawn, 1.0)), -jnp.inf)
-    return SortLSHPlan(
+    plan = SortLSHPlan(
         query_order=query_order,
         key_order=key_order,
         num_blocks=num_blocks,
@@ -280,8 +300,8 @@ def make_plan(
         sample_log_weight=sample_log_weight,
         num_block_keys=num_block_keys,
         global_index=global_index,
-        sample_value_weight=sample_value_weight(config, num_block_keys, sample_index),
     )
+    return with_shrinkage(plan)
 
 
 def exact_plan(q_shape, num_keys: int, *, block_size: int, kv_length=None) -> SortLSHPlan:
@@ -337,5 +357,4 @@ def _paper_plan(q, query_rank, key_rank, key_valid, num_valid, sample_key, confi
         key_block=config.block_size,
         sample_index=sample_index,
         num_valid_keys=num_valid.astype(jnp.float32),
-        sample_value_weight=sample_value_weight(config, num_valid[:, None], sample_index),
     )
