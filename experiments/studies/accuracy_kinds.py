@@ -1,6 +1,7 @@
 """Relative attention error of HyperAttention variants on real q/k/v of three kinds of text: play, code, prose.
 
 Command:  python3 experiments/studies/accuracy_kinds.py [--layers 2 8 15 22] [--seeds 1] [--configs NAME ...]
+          [--held-out] [--modes causal noncausal] [--output NAME]
 Hardware: CPU (2 cores); any jax >= 0.11.2. Runtime: on 2 busy shared cores, 3-8 minutes for the first
           (document, mode) of a layer (the exact reference, then cached under .carry/accuracy/exact), 20-70 s after.
 Expected (recorded 2026-12-05, layers 2, 15, 22): mean error causal ~0.56 paper(), ~0.08 default, ~0.04
@@ -8,10 +9,10 @@ Expected (recorded 2026-12-05, layers 2, 15, 22): mean error causal ~0.56 paper(
 Writes experiments/results/accuracy_kinds.json.
 
 Inputs: post-RoPE q/k/v of SmolLM2-135M (`hyperattn_jax.data.capture_qkv`) on the first 8192 tokens of one tuning
-document per kind: shakespeare/hamlet (play: dialogue), stdlib/argparse.py (code), milton/areopagitica (prose). The
-held-out documents of the perplexity study (accuracy_perplexity.py) are never used here. Metric as in
-accuracy_qkv.py: relative Frobenius error per head vs exact float32 attention, mean over the 9 heads; "uniform" is
-plain uniform attention, the floor every config must beat. min_seq_len 1024 as in the perplexity runs.
+document per kind: shakespeare/hamlet (play: dialogue), stdlib/argparse.py (code), milton/areopagitica (prose); with
+--held-out, documents no config was tuned on (HELD_OUT). Metric as in accuracy_qkv.py: relative Frobenius error per
+head vs exact float32 attention, mean over the 9 heads; "uniform" is plain uniform attention, the floor every config
+must beat. min_seq_len 1024 as in the perplexity runs.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ from run_record import with_run_record
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "results"
 DOCUMENTS = {"play": "shakespeare/hamlet", "code": "stdlib/argparse.py", "prose": "milton/areopagitica"}
+# --held-out: documents no config was tuned on (the perplexity study's held-out play and module, the other prose
+# document, and verse, a fourth kind).
+HELD_OUT = {
+    "play": "shakespeare/tempest", "code": "stdlib/pydoc.py", "prose": "britannica-1911/shakespeare",
+    "verse": "milton/paradiselost",
+}  # fmt: skip
 MIN_SEQ_LEN = 1024
 
 
@@ -55,8 +62,10 @@ def candidate_configs() -> dict[str, ha.HyperAttentionConfig]:
         "b128+h128+w128": default.replace(block_size=128, num_heavy_keys=128, local_window=128),
         "b128+h64+w64": default.replace(block_size=128, num_heavy_keys=64, local_window=64),
         "b128+s32h96+w128": default.replace(block_size=128, num_sink_keys=32, num_heavy_keys=96, local_window=128),
-        # Sample shrinkage c (the default's 1/32: lam = 1 / (1 + c * residual keys per sample)) and none.
+        # Sample shrinkage: the fixed rule with c (lam = 1 / (1 + c * residual keys per sample); 1/32 was the default
+        # before the adaptive lam) and none.
         "shrinkage_0": default.replace(sample_shrinkage=0.0),
+        "shrinkage_1/32": default.replace(sample_shrinkage=1 / 32),
         "shrinkage_1/64": default.replace(sample_shrinkage=1 / 64),
         "shrinkage_1/16": default.replace(sample_shrinkage=1 / 16),
         "shrinkage_1/8": default.replace(sample_shrinkage=1 / 8),
@@ -85,12 +94,15 @@ def exact_reference(document: str, layer: int, q, k, v, scale: float, causal: bo
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 15, 22])
-    parser.add_argument("--kinds", nargs="+", default=list(DOCUMENTS))
+    parser.add_argument("--kinds", nargs="+", default=None, help="default: every kind of the document set")
+    parser.add_argument("--held-out", action="store_true", help="the HELD_OUT documents instead of the tuning ones")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--configs", nargs="+", default=None)
     parser.add_argument("--modes", nargs="+", default=["causal", "noncausal"])
     parser.add_argument("--output", default="accuracy_kinds")
     args = parser.parse_args()
+    documents = HELD_OUT if args.held_out else DOCUMENTS
+    kinds = args.kinds or list(documents)
     configs = candidate_configs()
     if args.configs:
         configs = {name: configs[name] for name in args.configs}
@@ -98,7 +110,7 @@ def main():
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     results.update(
         experiment="accuracy_kinds",
-        data={kind: DOCUMENTS[kind] for kind in args.kinds},
+        data={kind: documents[kind] for kind in kinds},
         metric="relative Frobenius error per head vs exact float32 attention, mean over 9 heads and seeds",
     )
     results.setdefault("configs", {}).update(
@@ -106,13 +118,13 @@ def main():
          for n, c in configs.items()}
     )  # fmt: skip
     results.setdefault("errors", {})
-    for kind in args.kinds:
+    for kind in kinds:
         for layer in args.layers:
-            q, k, v, scale = load_layer(DOCUMENTS[kind], layer)
+            q, k, v, scale = load_layer(documents[kind], layer)
             for mode in args.modes:
                 causal = mode == "causal"
                 start = time.time()
-                ref = exact_reference(DOCUMENTS[kind], layer, q, k, v, scale, causal)
+                ref = exact_reference(documents[kind], layer, q, k, v, scale, causal)
                 entry = results["errors"].setdefault(f"{kind}/L{layer}/{mode}", {})
                 entry["uniform"] = per_head_error(uniform_attention(v, q.shape[2], causal), ref).tolist()
                 for name, config in configs.items():

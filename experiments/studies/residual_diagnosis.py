@@ -5,14 +5,16 @@ Command:  python3 experiments/studies/residual_diagnosis.py [--document shakespe
 Hardware: CPU (2 cores); any jax >= 0.11.2. Runtime: ~1 minute (the q/k/v capture cached after the first run).
 Expected: on layer 2's first kv-head group, most of each row's mass in the sampled residual, its mass estimated to a
           few percent, and the error above uniform attention's without sample shrinkage (the value-weighted sum is
-          what the samples get wrong), below it with the default's shrinkage.
+          what the samples get wrong), below it with shrinkage (the fixed rule c = 1/32 and the default's adaptive
+          lam).
 Writes experiments/results/residual_diagnosis_cpu.json.
 
-Per query head, non-causal, seed 0, `min_seq_len` 1024, for the default without shrinkage (`sample_shrinkage=0`) and
-the default: relative error against exact float32 attention; the exact attention mass on the keys the estimate
-attends exactly (block and heavy keys), its complement (the residual's true mass) and the estimate's residual mass
-(the sample tile's share of its softmax), mean over queries, and the mean |estimated - true| residual mass; the
-error of uniform attention; the mean of each row's largest attention probability.
+Per query head, non-causal, seed 0, `min_seq_len` 1024, for the default without shrinkage (`sample_shrinkage=0`),
+with the fixed rule (1/32) and the default (adaptive): relative error against exact float32 attention; the exact
+attention mass on the keys the estimate attends exactly (block and heavy keys), its complement (the residual's true
+mass) and the estimate's residual mass (the sample tile's share of its softmax), mean over queries, and the mean
+|estimated - true| residual mass; the error of uniform attention; the mean of each row's largest attention
+probability.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def main():
         "mean_max_probability": np.asarray(jnp.mean(jnp.max(probabilities, -1), -1)[0]).reshape(-1).tolist(),
         "configs": {},
     }
-    for name, shrinkage in (("no_shrinkage", 0.0), ("default", 1 / 32)):
+    for name, shrinkage in (("no_shrinkage", 0.0), ("fixed_1/32", 1 / 32), ("default", "adaptive")):
         config = ha.HyperAttentionConfig(min_seq_len=1024, sample_shrinkage=shrinkage)
         out = ha.hyper_attention(q, k, v, key=jax.random.key(0), config=config, scale=scale)
         true, estimated = residual_masses(q5, k4, v4, config, scale)
