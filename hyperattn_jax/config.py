@@ -23,14 +23,15 @@ class HyperAttentionConfig:
     min_seq_len 4096) and changes what each query attends exactly: blocks of 128 keys, the 128 heaviest key columns
     found by 16 probe queries (the same 512 keys per query as the paper), and, causally, each query's 256 most recent
     keys (`local_window`); the residual is sampled by probed column mass (systematic draws, mixed 50/50 with uniform,
-    unbiased weights), and non-causally each sampled value is pulled toward the samples' mean value
-    (`sample_shrinkage`). On real LM attention (SmolLM2-135M, 8192 tokens, every layer replaced, docs/accuracy.md
-    "Perplexity by kind of text") perplexity is 1.027x / 1.055x / 1.013x exact on plays / Python code / prose,
-    against 2.7x / 2.4x / 3.0x for the published algorithm; the output error is 0.07x the paper's causal and
-    0.37-0.39x non-causal. It costs 1.10-1.20x the paper config's GPU time forward+backward and 1.21-1.39x forward
-    (one H100, 32k and 131k, causal and not; docs/accuracy.md, "Sample shrinkage").
+    unbiased weights), and non-causally each sampled value is pulled toward the samples' mean value as far as the
+    probe queries show the samples disagree (`sample_shrinkage="adaptive"`). On real LM attention (SmolLM2-135M,
+    8192 tokens, every layer replaced, docs/accuracy.md "Perplexity by kind of text") perplexity is 1.027x / 1.055x /
+    1.013x exact on plays / Python code / prose, against 2.7x / 2.4x / 3.0x for the published algorithm; the output
+    error is 0.07x the paper's causal and 0.36-0.39x non-causal, on no (layer, head) worse than uniform attention. It
+    cost 1.10-1.20x the paper config's GPU time forward+backward and 1.21-1.39x forward (one H100, 32k and 131k,
+    causal and not, with the fixed shrinkage that preceded "adaptive"; docs/accuracy.md, "Sample shrinkage").
     `HyperAttentionConfig.paper()` is the published algorithm exactly; `HyperAttentionConfig.accurate()` adds sinks
-    and a block of 64 (lowest non-causal error measured, 0.36-0.37x the paper's; slower, and not better on perplexity).
+    and a block of 64 (lowest non-causal error measured, 0.35x the paper's; slower, and not better on perplexity).
 
     Attributes:
       block_size: keys per sortLSH block (b). A power of two, at most 4096.

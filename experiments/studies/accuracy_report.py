@@ -421,7 +421,12 @@ def main():
             if table is not None:
                 print(table(data), end="\n\n")
             figure(data, RESULTS / f"{stem}.png")
-    for stem in ("accuracy_kinds", "accuracy_kinds_gpu", "accuracy_kinds_candidates_h100"):
+    for stem in (
+        "accuracy_kinds",
+        "accuracy_kinds_gpu",
+        "accuracy_kinds_candidates_h100",
+        "accuracy_kinds_heldout_cpu",
+    ):
         if (RESULTS / f"{stem}.json").is_file():
             print(
                 f"{stem}.json:",
