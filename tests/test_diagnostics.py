@@ -15,7 +15,7 @@ def test_alpha_is_one_for_uniform_attention(rng):
 
 
 def test_hardness_matches_dense_definitions(rng):
-    q, k, _ = random_qkv(rng, t=100, s=90, n=4, kv=2)
+    q, k, v = random_qkv(rng, t=100, s=90, n=4, kv=2)
     cfg = ha.HyperAttentionConfig(block_size=16, sample_size=8, min_seq_len=0)
     key = jax.random.key(4)
     h = diagnostics.hardness(q, k, key=key, config=cfg, query_chunk=32)
@@ -23,7 +23,7 @@ def test_hardness_matches_dense_definitions(rng):
     a = np.exp(scores)
     normalised = a / a.sum(-1, keepdims=True)
     np.testing.assert_allclose(h.alpha, 100 * (normalised**2).sum(-2).max(-1), rtol=1e-4)
-    plan = ops.make_plan(ops.group_queries(q, 2), ops.heads_major(k), key=key, config=cfg)
+    plan = ops.make_plan(ops.group_queries(q, 2), ops.heads_major(k), key=key, config=cfg, v=ops.heads_major(v))
     query_block = np.asarray(plan.query_order.inverse // plan.query_block).reshape(1, 4, 100)
     key_block = np.repeat(np.asarray(plan.key_order.inverse // plan.key_block), 2, axis=1)
     residual = np.where(query_block[..., None] == key_block[:, :, None, :], 0.0, a).sum(-1)

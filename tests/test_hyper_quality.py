@@ -35,7 +35,8 @@ def test_fused_tiles_equal_merged_partials(rng):
 def test_block_part_finds_planted_heavy_entries(rng):
     q, k, v, partner = planted_qkv(rng, t=2048, n=2, h=32)
     cfg = ha.HyperAttentionConfig(block_size=128, sample_size=128, min_seq_len=0)
-    plan = ops.make_plan(ops.group_queries(q, 2), ops.heads_major(k), key=jax.random.key(1), config=cfg)
+    plan = ops.make_plan(ops.group_queries(q, 2), ops.heads_major(k), key=jax.random.key(1), config=cfg,
+                         v=ops.heads_major(v))  # fmt: skip
     query_block = np.asarray(plan.query_order.inverse)[:, :, 0] // plan.query_block  # [B, N, T]
     key_block = np.asarray(plan.key_order.inverse) // plan.key_block  # [B, N, S]
     found = np.mean(query_block == np.take_along_axis(key_block, partner, axis=-1))

@@ -44,7 +44,7 @@ def _value_and_grads(fn, args, cotangents, *, jit=True):
 def _tiled_problem(rng, *, t, s, n, kv, h, config, key):
     q, k, v = random_qkv(rng, b=2, t=t, s=s, n=n, kv=kv, h=h)
     q5, k4, v4 = _grouped(q, k, v)
-    plan = ops.make_plan(q5, k4, key=key, config=config)
+    plan = ops.make_plan(q5, k4, key=key, config=config, v=v4)
     tiles = ops.hyper_attention_tiles(k4, v4, plan)
     return ops.block_query_layout(q5, plan), tiles
 
