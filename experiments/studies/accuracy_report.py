@@ -210,12 +210,12 @@ README_COLUMNS = {
     "default": {
         "errors": ("accuracy_kinds_adaptive_cpu.json", "default"),
         "perplexity": ("perplexity_kinds_shifted_cpu.json", "default"),
-        "speed": ("accuracy_cost_shrink_accurate_h100.json", "default"),
+        "speed": ("accuracy_cost_adaptive_h100.json", "default"),
     },
     "accurate": {
         "errors": ("accuracy_kinds_adaptive_cpu.json", "accurate"),
         "perplexity": ("perplexity_kinds_shifted_cpu.json", "accurate"),
-        "speed": ("accuracy_cost_shrink_accurate_h100.json", "accurate"),
+        "speed": ("accuracy_cost_adaptive_h100.json", "accurate"),
     },
 }
 
@@ -264,6 +264,20 @@ def readme_table() -> str:
             ratios = [r for e in record["timings_ms"].values() for row, r in e.items() if row.startswith(prefix)]
             cells.append(f"{min(ratios):.2f}-{max(ratios):.2f}x ({device})")
         lines.append(f"| GPU time / paper, {label} (32k, 131k, causal and not) | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def cost_table(file_name: str, name: str = "default") -> str:
+    """`name`'s GPU time over paper()'s in one accuracy_cost.py record, per length and mode: latency timings, the
+    pipelined ones in brackets (docs/accuracy.md)."""
+    lines = ["| | forward | forward+backward |", "|---|---|---|"]
+    for row, ratios in _record(file_name)["timings_ms"].items():
+        n, mode = row.split("/")
+        cells = [
+            f"{ratios[f'{name}_over_paper/{kind}/latency']:.2f}x ({ratios[f'{name}_over_paper/{kind}/pipelined']:.2f}x)"
+            for kind in ("fwd", "fwd+bwd")
+        ]
+        lines.append(f"| {int(n) // 1000}k {mode.replace('noncausal', 'non-causal')} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -451,6 +465,7 @@ def main():
     print("README:", readme_table(), sep="\n", end="\n\n")
     print("window scope (docs/accuracy.md):", window_scope_table(), sep="\n", end="\n\n")
     print("sample shrinkage (docs/accuracy.md):", shrinkage_table(), sep="\n", end="\n\n")
+    print("GPU cost (docs/accuracy.md):", cost_table(README_COLUMNS["default"]["speed"][0]), sep="\n", end="\n\n")
     if data is not None:
         print(perplexity_table(data))
         perplexity_figure(data, RESULTS / "accuracy_perplexity.png")
