@@ -332,39 +332,45 @@ def test_kernels_lower_to_triton_for_an_h100(monkeypatch, causal):
 
 
 @pytest.mark.parametrize(
-    ("t", "chunks", "halves", "shift"),
+    ("t", "levels", "shift"),
     [
-        (256, 1, False, 0),  # non-causal, one program per head
-        (8192, 1, False, 0),  # two programs per head, each looping over 16 key chunks
-        (256, 4, True, 0),  # a causal level's 4 problems: second-half queries over first-half keys
-        (256, 4, True, 16),  # keys shifted by a window: [a - w, mid - w), the first chunk's first w before 0
+        (256, 0, 0),  # non-causal, one program per head
+        (8192, 0, 0),  # two programs per head, each looping over 16 key chunks
+        (512, 3, 0),  # three causal levels in the same two passes: second-half queries over first-half keys
+        (512, 3, 16),  # keys shifted by a window: [a - w, mid - w), the first chunk's first w before position 0
     ],
 )
-def test_probe_kernels_match_jnp_probe(rng, t, chunks, halves, shift):
-    from hyperattn_jax.kernels.gpu.probe import probe_column_mass_pallas, probe_queries
+def test_probe_kernels_match_jnp_probe(rng, t, levels, shift):
+    from hyperattn_jax.kernels.gpu.probe import probe_mass_pallas, probe_queries
 
     b, n, kv, h = 2, 4, 2, 16
     q, k, _ = random_qkv(rng, b=b, t=t, n=n, kv=kv, h=h)
     q, k = 3 * q, 3 * k  # peaked rows: the mass varies over orders of magnitude
-    span = t // chunks
-    queries, keys = (slice(span // 2, span), slice(0, span // 2)) if halves else (slice(0, span), slice(0, span))
-    # the problems the kernels cut, as grouped arrays `[C * B, ...]` (chunk-major) for the jnp probe
+    halves = levels > 0
+    cuts = [(t >> level, t >> (level + 1)) for level in range(levels)] if halves else [(t, t)]
     shifted = jnp.roll(k, shift, axis=1)
-    q_problems = jnp.concatenate([q[:, c * span : (c + 1) * span][:, queries] for c in range(chunks)])
-    k_problems = jnp.concatenate([shifted[:, c * span : (c + 1) * span][:, keys] for c in range(chunks)])
-    key_valid = (jnp.arange(k_problems.shape[1]) >= jnp.where(jnp.arange(chunks * b) < b, shift, 0)[:, None])[:, None]
-    probe_key = jax.random.key(int(rng.integers(1 << 30)))
-    expected = ops.probe_column_mass(
-        ops.group_queries(q_problems, kv), ops.heads_major(k_problems), key=probe_key, num_probes=5, scale=0.3,
-        key_valid=key_valid,
-    )  # fmt: skip
-    index = ops.probe_index(probe_key, n // kv * q_problems.shape[1], 5)
-    probes = probe_queries(q, index, num_kv_heads=kv, chunks=chunks, halves=halves)
-    mass = probe_column_mass_pallas(probes, k, chunks=chunks, halves=halves, scale=0.3, interpret=True, shift=shift)
-    mass = jnp.moveaxis(mass, 1, 0).reshape(expected.shape)
-    assert float(jnp.max(expected)) > 30 * float(jnp.min(expected))
-    np.testing.assert_allclose(mass, expected, rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(jnp.sum(mass, -1), 1.0, rtol=1e-5)
+    probes, expected = [], []
+    for level, (span, keys) in enumerate(cuts):
+        chunks = t // span
+        queries = slice(span - keys, span)
+        # the problems the kernels cut, as grouped arrays `[C * B, ...]` (chunk-major) for the jnp probe
+        q_problems = jnp.concatenate([q[:, c * span : (c + 1) * span][:, queries] for c in range(chunks)])
+        k_problems = jnp.concatenate([shifted[:, c * span : c * span + keys] for c in range(chunks)])
+        first = jnp.where(jnp.arange(chunks * b) < b, shift, 0)  # the first chunk's keys before position 0
+        key_valid = (jnp.arange(keys) >= first[:, None])[:, None]
+        probe_key = jax.random.key(int(rng.integers(1 << 30)) + level)
+        mass = ops.probe_column_mass(
+            ops.group_queries(q_problems, kv), ops.heads_major(k_problems), key=probe_key, num_probes=5, scale=0.3,
+            key_valid=key_valid,
+        )  # fmt: skip
+        expected.append(mass.reshape(chunks, b, kv, keys).swapaxes(0, 1))  # [B, C, K, keys]
+        index = ops.probe_index(probe_key, n // kv * q_problems.shape[1], 5)
+        probes.append(probe_queries(q, index, num_kv_heads=kv, chunks=chunks, halves=halves))
+    got = probe_mass_pallas(probes, k, cuts=cuts, shift=shift, scale=0.3, interpret=True)
+    for mass, want in zip(got, expected, strict=True):
+        assert float(jnp.max(want)) > 30 * float(jnp.min(jnp.where(want > 0, want, 1.0)))
+        np.testing.assert_allclose(mass, want, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(jnp.sum(mass, -1), 1.0, rtol=1e-5)
 
 
 def test_hash_kernel_matches_lsh_ranks(rng):

@@ -144,18 +144,25 @@ def test_estimate_equals_the_dense_estimator_for_its_plan(problem, block_size, s
 
 
 @SETTINGS
-@given(st.integers(1, 6), st.integers(0, 100), st.integers(0, 2**32 - 1), st.sampled_from([3, 40]))
-def test_two_stage_top_k_is_lax_top_k(k, extra, seed, levels):
+@given(
+    st.integers(1, 6),
+    st.integers(0, 100),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([3, 40]),
+    st.sampled_from([None, 4, 64]),
+)
+def test_two_stage_top_k_is_lax_top_k(k, extra, seed, levels, chunk):
     # Mostly zeros with about k larger entries scattered over chunks, so the k-th value is often a tie across chunks
-    # whose maxima differ; -inf entries; a length that is not a whole number of chunks.
+    # whose maxima differ; -inf entries; a length that is not a whole number of chunks. None: the default chunk.
     from hyperattn_jax.ops import top_k_index
-    from hyperattn_jax.ops.plan import TOP_K_CHUNK
+    from hyperattn_jax.ops.plan import top_k_chunk
 
-    s = 4 * k * TOP_K_CHUNK + extra
+    s = 4 * k * (chunk or 64) + extra
+    assert chunk is not None or top_k_chunk(s, k) is not None  # the two stages run
     rng = np.random.default_rng(seed)
     x = np.zeros((3, s), np.float32)
     for row in x:
         row[rng.integers(0, s, 2 * k)] = rng.integers(-levels, levels, 2 * k)
         row[rng.random(s) < 0.2] = -np.inf
-    got = np.asarray(jax.jit(top_k_index, static_argnums=1)(jnp.asarray(x), k))
+    got = np.asarray(jax.jit(top_k_index, static_argnums=(1, 2))(jnp.asarray(x), k, chunk))
     np.testing.assert_array_equal(got, np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1]))

@@ -1,15 +1,18 @@
 """Ways to pick the k heaviest of S keys per row (the plan's heavy keys), timed and checked against `lax.top_k`.
 
-Rows are 32 (or 8) kv-head problems of one call at 32k and 131k keys, k = 128: `lax.top_k` (a full sort on a GPU),
-the library's two-stage `top_k_index` (chunk maxima first), `lax.approx_max_k`. `overlap` is the fraction of
-`lax.top_k`'s picks each method returns.
+Rows are the kv-head problems of one call, k = 128; the default shapes are those of a 131k-token call with 32 kv
+heads: non-causal (32 x 131072) and the causal recursion's five levels (2**l problems of 65536 / 2**l keys per kv
+head). Methods: `lax.top_k` (a full sort on a GPU), the library's two-stage `top_k_index` with its own chunk rule
+(`ops.plan.top_k_chunk`) and with fixed chunks, `lax.approx_max_k`. `overlap` is the fraction of `lax.top_k`'s picks
+each method returns; `same_order` whether the indices come in the same order.
 
-    python3 experiments/benchmarks/bench_top_k.py --out experiments/results/bench_top_k_h100.json
+    python3 experiments/benchmarks/bench_top_k.py --out experiments/results/bench_top_k_levels_h100.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -26,6 +29,7 @@ from hyperattn_jax.ops import top_k_index
 METHODS = {
     "lax.top_k": lambda x, k: jax.lax.top_k(x, k)[1],
     "top_k_index": top_k_index,
+    **{f"chunk{c}": functools.partial(lambda x, k, c: top_k_index(x, k, chunk=c), c=c) for c in (8, 16, 32, 64)},
     "approx_max_k": lambda x, k: jax.lax.approx_max_k(x, k)[1],
 }
 
@@ -33,7 +37,8 @@ METHODS = {
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--shapes", default="32x131072,8x131072,32x32768", help="ROWSxKEYS,...")
+    shapes = "32x131072,32x65536,64x32768,128x16384,256x8192,512x4096"
+    parser.add_argument("--shapes", default=shapes, help="ROWSxKEYS,...")
     parser.add_argument("--k", type=int, default=128)
     args = parser.parse_args()
     results = {}
@@ -45,6 +50,8 @@ def main():
         reference = np.asarray(METHODS["lax.top_k"](x, args.k))
         for name, method in METHODS.items():
             fn = jax.jit(method, static_argnums=1)
+            if name.startswith("chunk") and s < 4 * args.k * int(name.removeprefix("chunk")):
+                continue  # that chunk would run one full top-k: the lax.top_k row
             picks = np.asarray(fn(x, args.k))
             overlap = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(picks, reference)])
             ms = median_ms(fn, x, args.k) if jax.default_backend() == "gpu" else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -95,23 +96,30 @@ def probe_column_mass(q, k, *, key, num_probes: int, scale: float, key_valid=Non
     return jnp.mean(jax.nn.softmax(s, axis=-1), axis=2)
 
 
-# Keys per chunk of `top_k_index`'s first stage: 64 beat 256 on an H100 at 32k and 131k keys
-# (experiments/results/bench_top_k_chunks_h100.json).
-TOP_K_CHUNK = 64
+def top_k_chunk(s: int, k: int) -> int | None:
+    """Keys per chunk of `top_k_index`'s first stage over `s` keys, or None where one full top-k is used: the power of
+    two nearest sqrt(s / k), so that both stages sort about sqrt(s k) entries per row (s / chunk maxima, then k chunks'
+    k * chunk entries) instead of s, and only where that is at most a quarter of s (s >= 16 k, e.g. 2048 for the
+    default's 128 heavy keys). Timed on an H100 against a full sort and fixed chunks of 8 to 64 at the causal
+    levels' shapes: experiments/results/bench_top_k_levels_h100.json."""
+    if k < 1 or s < 16 * k:
+        return None
+    chunk = 1 << max(2, math.floor(math.log2(math.sqrt(s / k)) + 0.5))
+    return chunk if s >= 4 * k * chunk else None
 
 
-def top_k_index(x, k: int):
+def top_k_index(x, k: int, chunk: int | None = None):
     """`jax.lax.top_k(x, k)[1]` over the last axis, same indices in the same order (ties: lowest index first).
 
-    A full top-k sorts every entry (on a GPU a radix sort of all S keys, ~1.2 ms for 32 rows of 131072). When S is
-    many chunks of `TOP_K_CHUNK`, first pick the k chunks with the largest maxima (ties: lowest chunk first), then
-    the top k of those k * chunk entries, in index order: every entry of the full top k lies in a picked chunk
-    (a chunk that is not picked has k picked chunks ranked above it, each holding an entry that ranks above all of
-    its own), so the result is identical.
+    A full top-k sorts every entry (on a GPU a radix sort of all S keys, ~1.2 ms for 32 rows of 131072). With chunks
+    (`chunk`, default `top_k_chunk(S, k)`), first pick the k chunks with the largest maxima (ties: lowest chunk
+    first), then the top k of those k * chunk entries, in index order: every entry of the full top k lies in a picked
+    chunk (a chunk that is not picked has k picked chunks ranked above it, each holding an entry that ranks above all
+    of its own), so the result is identical.
     """
     s = x.shape[-1]
-    chunk = TOP_K_CHUNK
-    if s < 4 * k * chunk:
+    chunk = top_k_chunk(s, k) if chunk is None else chunk
+    if chunk is None or s < 4 * k * chunk:
         return jax.lax.top_k(x, k)[1].astype(jnp.int32)
     pad = -s % chunk
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)

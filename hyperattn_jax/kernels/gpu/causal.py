@@ -7,7 +7,7 @@ without its copies, on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`)
   but the first also attends its prefix (its w preceding keys) exactly, as one more part (`ops.exact_plan`: one
   block of every prefix key);
 - every level's hash comes from one kernel over the unsorted q and k (each level has its own hyperplanes), and the
-  default config's column-mass probe from two kernels per level that read k in place (shifted by the window);
+  default config's column-mass probe of every level from two kernels that read k in place (shifted by the window);
 - each level's lower-left problems (second-half queries of every chunk over its first-half keys shifted left by the
   window) are planned on strided views, in the batch order the ops recursion stacks them (chunk index
   bit-reversed), and ONE kernel launch per part reads its rows straight from q, k, v by index and merges its part by
@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from hyperattn_jax._numerics import finite_or_zero
 from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
@@ -33,7 +32,7 @@ from hyperattn_jax.kernels.gpu.hyper import (
     estimate_backward_rows,
     fits_dot,
     grouped_inputs,
-    kernel_probe,
+    kernel_level_probes,
     public_layout_ranks,
     row_operands,
     row_positions,
@@ -49,7 +48,6 @@ from hyperattn_jax.ops.causal import (
     quarter_config,
     quarter_is_exact,
     shifted_level_rows,
-    stack_level_problems,
 )
 from hyperattn_jax.ops.keys import level_keys
 from hyperattn_jax.ops.plan import exact_plan, make_plan, plan_projections
@@ -127,6 +125,10 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     keys = level_keys(key, depth)
     # Every level's hash in one pass over the unsorted q and k (each level has its own hyperplanes).
     projections = [plan_projections(level_key, h, config, hash_key) for level_key in keys]
+    # Every level's column-mass probe in two passes over k (None: make_plan probes in jnp).
+    probes = kernel_level_probes(
+        q, k, quarters, keys, hash_key=hash_key, shift=window, scale=scale, interpret=interpret
+    )
     for level, (level_key, (query_rank, key_rank)) in enumerate(
         zip(keys, public_layout_ranks(q, k, projections, interpret=interpret), strict=True)
     ):
@@ -139,15 +141,9 @@ def _causal_fwd(q, k, v, key, hash_key, static):
             continue
         ranks = level_rows(query_rank[..., None], 1, level)[..., 0]
         ranks = ranks, shifted_level_rows(key_rank[..., None], level, window)[..., 0]
-
-        def arrange(mass, level=level):  # the probe kernels' problems in the plan's order, keys as the plan has them
-            return jnp.roll(stack_level_problems(mass, level), -window, axis=-1)
-
-        probe = kernel_probe(q, k, quarters, scale=scale, interpret=interpret, chunks=2**level, halves=True,
-                             arrange=arrange, shift=window)  # fmt: skip
         plans.append(make_plan(
             ql, kl, key=level_key, config=quarters, kv_length=kv_length, hash_key=hash_key, v=vl, scale=scale,
-            ranks=ranks, probe=probe,
+            ranks=ranks, probe=None if probes is None else probes[level],
         ))  # fmt: skip
     # Each part reads its rows of q, k, v by index (its plan was made for [P, K, G, L, H] problems, problem p reading
     # batch element p % B) and merges by lse into out, lse in place.

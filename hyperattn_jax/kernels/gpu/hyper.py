@@ -25,13 +25,14 @@ from hyperattn_jax.kernels.gpu._common import MIN_DOT
 from hyperattn_jax.kernels.gpu.hash import hash_rows, lsh_ranks_pallas
 from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward, rows_of
-from hyperattn_jax.kernels.gpu.probe import probe_column_mass_pallas, probe_key_chunk, probe_queries
+from hyperattn_jax.kernels.gpu.probe import probe_key_chunk, probe_mass_pallas, probe_queries
 from hyperattn_jax.kernels.gpu.tiled_attention import (
     TiledKernelConfig,
     fused_tiled_attention,
     fused_tiled_attention_backward,
 )
 from hyperattn_jax.lsh import lsh_ranks
+from hyperattn_jax.ops.causal import stack_level_problems
 from hyperattn_jax.ops.estimate import attend_tiles
 from hyperattn_jax.ops.keys import plan_keys
 from hyperattn_jax.ops.plan import make_plan, plan_projections, probe_index
@@ -241,26 +242,47 @@ def public_layout_ranks(q, k, projection_sets, *, interpret):
     ]
 
 
-def kernel_probe(q, k, config, *, scale, interpret, chunks=1, halves=False, arrange=None, shift=0):
+def kernel_probe(q, k, config, *, scale, interpret):
     """A `make_plan(probe=...)` function that runs the column-mass probe kernels (`probe.py`) on public-layout q, k
-    for the problems `chunks`, `halves` and `shift` cut from them, or None where no probe is configured or the
-    shapes do not fit the kernels (make_plan then probes in jnp). `arrange` maps the kernels' mass `[B, C, K, L]` to
-    the plan's problems `[P, K, L]` (default: the single problem, C = 1)."""
+    (one non-causal problem), or None where no probe is configured or the shapes do not fit the kernels (make_plan
+    then probes in jnp)."""
     h, kv_heads = q.shape[-1], k.shape[2]
-    halving = 2 if halves else 1
-    if not config.needs_probe or probe_key_chunk(k.shape[1] // (chunks * halving), h, shift) is None:
+    if not config.needs_probe or probe_key_chunk(k.shape[1], h) is None:
         return None
-    rows = q.shape[2] // kv_heads * (q.shape[1] // (chunks * halving))
+    rows = q.shape[2] // kv_heads * q.shape[1]
 
     def probe(mass_key):
         index = probe_index(mass_key, rows, config.num_probe_queries)
-        probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=chunks, halves=halves)
-        mass = probe_column_mass_pallas(
-            probes, k, chunks=chunks, halves=halves, scale=scale, interpret=interpret, shift=shift
-        )
-        return mass[:, 0] if arrange is None else arrange(mass)
+        probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=1, halves=False)
+        (mass,) = probe_mass_pallas([probes], k, cuts=[(k.shape[1],) * 2], scale=scale, interpret=interpret)
+        return mass[:, 0]
 
     return probe
+
+
+def kernel_level_probes(q, k, config, level_keys, *, hash_key, shift, scale, interpret):
+    """`make_plan(probe=...)` functions for every level of the causal recursion, run by the probe kernels for all
+    levels at once (`probe_mass_pallas`: two passes over k in all), on public-layout q, k; or None where no
+    probe is configured or the shapes do not fit the kernels. Level l's problems are `ops.causal`'s (second-half
+    queries of each of its 2**l chunks over the first half's keys shifted `shift` left), in the plan's order, and
+    its probe rows are those `make_plan(key=level_keys[l], hash_key=hash_key)` draws: each function returns that
+    mass whatever key it is given."""
+    h, kv_heads, t = q.shape[-1], k.shape[2], k.shape[1]
+    depth = len(level_keys)
+    if not config.needs_probe or probe_key_chunk(t >> depth, h, shift) is None:
+        return None
+    probes = []
+    for level, level_key in enumerate(level_keys):
+        rows = q.shape[2] // kv_heads * (t >> (level + 1))
+        index = probe_index(plan_keys(level_key, hash_key).probe, rows, config.num_probe_queries)
+        probes.append(probe_queries(q, index, num_kv_heads=kv_heads, chunks=1 << level, halves=True))
+    cuts = [(t >> level, t >> (level + 1)) for level in range(depth)]
+    masses = probe_mass_pallas(probes, k, cuts=cuts, shift=shift, scale=scale, interpret=interpret)
+
+    def arranged(mass, level):  # [B, C, K, half] -> the plan's problems and key order (the prefix last)
+        return jnp.roll(stack_level_problems(mass, level), -shift, axis=-1)
+
+    return [lambda _, mass=mass, level=level: arranged(mass, level) for level, mass in enumerate(masses)]
 
 
 def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed: bool):
@@ -278,8 +300,8 @@ def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowe
     (key_rank,), lse = lsh_ranks_pallas(k, projections, interpret=interpret, probes=probes[:, 0], scale=scale)
 
     def probe_with_known_lse(mass_key):  # mass_key == plan_keys(key).probe: the probes above
-        mass = probe_column_mass_pallas(
-            probes, k, chunks=1, halves=False, scale=scale, interpret=interpret, lse=lse[:, None]
+        (mass,) = probe_mass_pallas(
+            [probes], k, cuts=[(k.shape[1],) * 2], scale=scale, interpret=interpret, lse=lse[:, None]
         )
         return mass[:, 0]
 

@@ -2,13 +2,17 @@
 
 The jnp probe writes a float32 score matrix `[B, K, probes, S]` and reads it back three times (max, exp-sum, mean);
 in the causal recursion it also reads a transposed copy of k per level. Here k is read twice, in place, in the public
-`[B, S, K, H]` layout: a first pass writes each probe query's max and exp-sum per key chunk, XLA combines those into
-each probe's lse (a few KB), and a second pass recomputes the chunk's scores and writes only the mean softmax weight
+`[B, S, K, H]` layout: a first pass writes each probe query's max and exp-sum per key span, XLA combines those into
+each probe's lse (a few KB), and a second pass recomputes the span's scores and writes only the mean softmax weight
 per key. Same probe rows and natural-log arithmetic as the jnp twin, so the two agree to float32 round-off.
 Non-causal, the first pass runs inside the hash kernel's read of k instead (`hash.py`, `probe_lse` combines either).
 
-Problems come as `chunks` equal slices of the sequence: one (non-causal: every query over every key), or a causal
-recursion level's 2**level chunks, whose problems are the second-half queries of each chunk over its first-half keys.
+Problems come as cuts of the sequence, all probed in the same two passes: a cut (length L, keys n) is the sequence
+in chunks of L whose problems' keys are each chunk's first n. Non-causal: one cut (S, S), every query over every
+key. The causal recursion: one cut per level l, (T / 2**l, T / 2**(l + 1)) (second-half queries over first-half
+keys), all levels' keys shifted w left by its window (keys [a - w, mid - w) of chunk [a, b); the first chunk's keys
+before position 0 get no mass and count in no lse). Each program reads one span of keys once and scores it against
+the probes of the problem that span belongs to in every cut.
 """
 
 from __future__ import annotations
@@ -26,48 +30,70 @@ _KEY_CHUNKS = (256, 128, 64, 32, 16)
 _CHUNKS_PER_PROGRAM = 16  # a loop over several chunks per program keeps loads in flight (num_stages)
 
 
-def _program_keys(problems: int, kv_heads: int, stride: int, length: int, span: int, shift: int, chunk: int):
-    """(first key of this program's span in the head's whole sequence, its first step whose keys are real): with a
-    shift, the first problem's first keys lie before position 0 and are never read."""
-    problem = rem(div(pl.program_id(0), kv_heads), problems)
-    base = problem * (stride * length) - shift + pl.program_id(1) * span
-    return base, jnp.maximum(-base, 0) // chunk
+def _program_span(cuts, span: int, shift: int, chunk: int):
+    """(this program's first key in the head's sequence, its first step whose keys are real, whether its span is a
+    problem's keys in each cut): the span [j * span, (j + 1) * span) of the sequence shifted by `shift` lies in one
+    chunk of every cut (span divides every cut's key count)."""
+    start = pl.program_id(1) * span
+    base = start - shift
+    return base, jnp.maximum(-base, 0) // chunk, [(start % length) < keys for length, keys in cuts]
 
 
-def _chunk(step, chunk: int, start=0):
-    """Rows [start + step * chunk, + chunk) of a block (start a multiple of chunk)."""
-    return pl.ds(pl.multiple_of(start + step * chunk, chunk), chunk)
+def _stats_kernel(*refs, scale, chunk, steps, cuts, program_span):
+    n = len(cuts)
+    probe_refs, k_ref, max_refs, sum_refs = refs[:n], refs[n], refs[n + 1 : 2 * n + 1], refs[2 * n + 1 :]
+    base, first, members = program_span()
+    probes = [ref[...] for ref in probe_refs]
+
+    def body(step, carry):  # the online max and exp-sum over this program's keys of every cut they belong to
+        keys = k_ref[pl.ds(pl.multiple_of(base + step * chunk, chunk), chunk), :]
+
+        def update(rows, state):
+            row_max, row_sum = state
+            s = dot_t(rows, keys) * scale
+            new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+            row_sum = row_sum * jnp.exp(row_max - new_max) + jnp.sum(jnp.exp(s - new_max[:, None]), axis=1)
+            return new_max, row_sum
+
+        return [
+            lax.cond(member, functools.partial(update, rows), lambda state: state, state)
+            for rows, member, state in zip(probes, members, carry, strict=True)
+        ]
+
+    rows = probes[0].shape[0]
+    start = [(jnp.full((rows,), NEG_START, jnp.float32), jnp.zeros((rows,), jnp.float32)) for _ in probes]
+    final = lax.fori_loop(first, steps, body, start)
+    for (row_max, row_sum), member, max_ref, sum_ref in zip(final, members, max_refs, sum_refs, strict=True):
+        max_ref[...] = jnp.where(member, row_max, NEG_START)
+        sum_ref[...] = jnp.where(member, row_sum, 0.0)
 
 
-def _stats_kernel(probe_ref, k_ref, max_ref, sum_ref, *, scale, chunk, steps, keys):
-    probes = probe_ref[...]
-    base, first = keys()
-
-    def body(step, carry):  # online max and exp-sum of every probe row over this program's keys
-        row_max, row_sum = carry
-        s = dot_t(probes, k_ref[_chunk(step, chunk, base), :]) * scale
-        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-        row_sum = row_sum * jnp.exp(row_max - new_max) + jnp.sum(jnp.exp(s - new_max[:, None]), axis=1)
-        return new_max, row_sum
-
-    start = (jnp.full((probes.shape[0],), NEG_START, jnp.float32), jnp.zeros((probes.shape[0],), jnp.float32))
-    row_max, row_sum = lax.fori_loop(first, steps, body, start)
-    max_ref[...] = row_max
-    sum_ref[...] = row_sum
-
-
-def _mass_kernel(probe_ref, k_ref, lse_ref, mass_ref, *, scale, chunk, steps, num_probes, keys):
-    probes, lse = probe_ref[...], lse_ref[...]
-    real = lax.broadcasted_iota(jnp.int32, (probes.shape[0], chunk), 0) < num_probes  # padded probes do not count
-    base, first = keys()
+def _mass_kernel(*refs, scale, chunk, steps, cuts, program_span, num_probes):
+    n = len(cuts)
+    probe_refs, k_ref, lse_refs, mass_refs = refs[:n], refs[n], refs[n + 1 : 2 * n + 1], refs[2 * n + 1 :]
+    base, first, members = program_span()
+    probes, lses = [ref[...] for ref in probe_refs], [ref[...] for ref in lse_refs]
+    real = lax.broadcasted_iota(jnp.int32, (probes[0].shape[0], chunk), 0) < num_probes  # padded probes do not count
 
     def before_start(step, carry):  # keys before position 0: no mass
-        mass_ref[_chunk(step, chunk)] = jnp.zeros((chunk,), jnp.float32)
+        for mass_ref in mass_refs:
+            mass_ref[pl.ds(pl.multiple_of(step * chunk, chunk), chunk)] = jnp.zeros((chunk,), jnp.float32)
         return carry
 
-    def body(step, carry):
-        p = jnp.exp(dot_t(probes, k_ref[_chunk(step, chunk, base), :]) * scale - lse[:, None])
-        mass_ref[_chunk(step, chunk)] = jnp.sum(jnp.where(real, p, 0.0), axis=0) / num_probes
+    def body(step, carry):  # scores only for the cuts whose problem keys these are; zeros for the others
+        keys = k_ref[pl.ds(pl.multiple_of(base + step * chunk, chunk), chunk), :]
+        where = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
+        for rows, lse, member, mass_ref in zip(probes, lses, members, mass_refs, strict=True):
+
+            @pl.when(member)
+            def _(rows=rows, lse=lse, mass_ref=mass_ref):
+                p = jnp.exp(dot_t(rows, keys) * scale - lse[:, None])
+                mass_ref[where] = jnp.sum(jnp.where(real, p, 0.0), axis=0) / num_probes
+
+            @pl.when(jnp.logical_not(member))
+            def _(mass_ref=mass_ref):
+                mass_ref[where] = jnp.zeros((chunk,), jnp.float32)
+
         return carry
 
     lax.fori_loop(0, first, before_start, 0)
@@ -102,72 +128,73 @@ def probe_lse(chunk_max, chunk_sum):
     return top + jnp.log(jnp.sum(chunk_sum * jnp.exp(chunk_max - top[..., None, :]), axis=-2))
 
 
-def probe_column_mass_pallas(
-    probes, k, *, chunks: int, halves: bool, scale: float, interpret: bool = False, lse=None, shift: int = 0
-):
-    """Column mass `[B, C, K, L]` (each problem's row sums to 1) of every problem's keys under its probe rows.
+def probe_mass_pallas(probes_by_cut, k, *, cuts, shift: int = 0, scale: float, interpret: bool = False, lse=None):
+    """Column mass of every problem of every cut (module docstring), each problem's row summing to 1, in two passes
+    over k for all cuts together.
 
-    probes `[B, C, K, R, H]` (from `probe_queries`); k `[B, S, K, H]` public layout, cut into C chunks (keys: the
-    first half of each chunk when `halves`, else the whole chunk), each problem's keys starting `shift` keys early
-    (the causal recursion's window: keys [a - w, mid - w) of chunk [a, b); the first chunk's keys before position 0
-    get mass 0 and count in no lse); `lse` `[B, C, K, R]`, when the probes' lse over their problem's keys is known
-    (the hash kernel computes it with the non-causal hash), skips the first pass. Not differentiated; shapes must
-    pass `probe_key_chunk`.
+    probes_by_cut: per cut (length L, keys n), the probe rows `[B, T / L, K, R, H]` of its problems (from
+    `probe_queries`); k `[B, T, K, H]` public layout; `shift`: every problem's keys start that many keys early;
+    `lse` (one cut only) `[B, 1, K, R]`, when the probes' lse over their problem's keys is known (the hash kernel
+    computes it with the non-causal hash), skips the first pass. Returns per cut the mass `[B, T / L, K, n]`. Not
+    differentiated; shapes must pass `probe_key_chunk` for every cut's key count and the shift.
     """
-    b, c, kv_heads, num_probes, h = probes.shape
-    s = k.shape[1]
-    stride = 2 if halves else 1
-    length = s // (chunks * stride)
-    chunk = probe_key_chunk(length, h, shift)  # keys per inner step
-    if chunk is None or s != length * chunks * stride:
-        raise ValueError(f"probe kernels cannot take {chunks} chunks of {s} keys with head dim {h} and {shift=}")
+    b, _, kv_heads, num_probes, h = probes_by_cut[0].shape
+    t = k.shape[1]
+    fewest = min(keys for _, keys in cuts)
+    chunk = probe_key_chunk(fewest, h, shift)  # keys per inner step
+    if chunk is None or any(t % length or length % keys or keys % fewest for length, keys in cuts):
+        raise ValueError(f"probe kernels cannot take the cuts {cuts} of {t} keys with head dim {h} and {shift=}")
     padded = next_power_of_two(num_probes, MIN_DOT)
-    probes = jnp.pad(lax.stop_gradient(probes), [(0, 0)] * 3 + [(0, padded - num_probes), (0, 0)])
-    steps = length // chunk
+    pad = [(0, 0)] * 3 + [(0, padded - num_probes), (0, 0)]
+    probes_by_cut = [jnp.pad(lax.stop_gradient(probes), pad) for probes in probes_by_cut]
+    steps = fewest // chunk
     per_program = next(d for d in range(min(_CHUNKS_PER_PROGRAM, steps), 0, -1) if steps % d == 0)
     span = chunk * per_program  # keys per program
-    programs = length // span
-    grid = (b * c * kv_heads, programs)
-    keys = functools.partial(_program_keys, c, kv_heads, stride, length, span, shift, chunk)
-    k = lax.stop_gradient(k)
-    kernel_args = dict(scale=scale, chunk=chunk, steps=per_program, keys=keys)
+    grid = (b * kv_heads, t // span)
+    program_span = functools.partial(_program_span, tuple(cuts), span, shift, chunk)
+    kernel_args = dict(scale=scale, chunk=chunk, steps=per_program, cuts=tuple(cuts), program_span=program_span)
 
-    def unpack(i):  # program -> (batch, problem, kv head)
-        return div(i, c * kv_heads), rem(div(i, kv_heads), c), rem(i, kv_heads)
+    def problem_spec(length, *block):  # the problem (of a cut) that this program's span lies in
+        def index(i, j):
+            return div(i, kv_heads), (j * span) // length, rem(i, kv_heads), *(0 for _ in block)
 
-    def probe_map(i, j):
-        batch, problem, head = unpack(i)
-        return batch, problem, head, 0, 0
+        return pl.BlockSpec((None, None, None, *block), index)
 
-    def key_map(i, j):  # the head's whole sequence: each program reads its span from it (shifted, `_program_keys`)
-        batch, _, head = unpack(i)
-        return batch, 0, head, 0
-
-    probe_spec = pl.BlockSpec((None, None, None, padded, h), probe_map)
-    key_spec = pl.BlockSpec((None, s, None, h), key_map)
-    stat_spec = pl.BlockSpec((None, None, padded), lambda i, j: (i, j, 0))
+    probe_specs = [problem_spec(length, padded, h) for length, _ in cuts]
+    key_spec = pl.BlockSpec((None, t, None, h), lambda i, j: (div(i, kv_heads), 0, rem(i, kv_heads), 0))
     params = triton_params(num_warps=4, num_stages=3)
+    k = lax.stop_gradient(k)
     if lse is None:
-        chunk_max, chunk_sum = pl.pallas_call(
+        stat_spec = pl.BlockSpec((None, None, None, padded), lambda i, j: (div(i, kv_heads), j, rem(i, kv_heads), 0))
+        stats = pl.pallas_call(
             functools.partial(_stats_kernel, **kernel_args),
             grid=grid,
-            in_specs=[probe_spec, key_spec],
-            out_specs=[stat_spec, stat_spec],
-            out_shape=[jax.ShapeDtypeStruct((b * c * kv_heads, programs, padded), jnp.float32)] * 2,
+            in_specs=[*probe_specs, key_spec],
+            out_specs=[stat_spec] * (2 * len(cuts)),
+            out_shape=[jax.ShapeDtypeStruct((b, t // span, kv_heads, padded), jnp.float32)] * (2 * len(cuts)),
             compiler_params=params,
             interpret=interpret,
             name="hyper_probe_stats",
-        )(probes, k)
-        lse = probe_lse(chunk_max, chunk_sum)
+        )(*probes_by_cut, k)
+        # each problem's lse from the spans of its chunk (spans outside its keys count 0): [B, T / L, K, R]
+        lses = [
+            probe_lse(*(x.reshape(b, t // length, length // span, kv_heads, padded).swapaxes(2, 3) for x in pair))
+            for (length, _), pair in zip(cuts, zip(stats[: len(cuts)], stats[len(cuts) :], strict=True), strict=True)
+        ]
     else:
-        lse = jnp.pad(lse.astype(jnp.float32), [(0, 0)] * 3 + [(0, padded - num_probes)]).reshape(-1, padded)
-    return pl.pallas_call(
+        lses = [jnp.pad(lse.astype(jnp.float32), [(0, 0)] * 3 + [(0, padded - num_probes)])]
+    masses = pl.pallas_call(
         functools.partial(_mass_kernel, num_probes=num_probes, **kernel_args),
         grid=grid,
-        in_specs=[probe_spec, key_spec, pl.BlockSpec((None, padded), lambda i, j: (i, 0))],
-        out_specs=pl.BlockSpec((None, None, None, span), lambda i, j: (*unpack(i), j)),
-        out_shape=jax.ShapeDtypeStruct((b, c, kv_heads, length), jnp.float32),
+        in_specs=[*probe_specs, key_spec, *(problem_spec(length, padded) for length, _ in cuts)],
+        out_specs=[pl.BlockSpec((None, None, span), lambda i, j: (div(i, kv_heads), rem(i, kv_heads), j))] * len(cuts),
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads, t), jnp.float32)] * len(cuts),
         compiler_params=params,
         interpret=interpret,
         name="hyper_probe_mass",
-    )(probes, k, lse)
+    )(*probes_by_cut, k, *lses)
+    # every problem's keys, in sequence order: [B, K, T] -> [B, T / L, K, n]
+    return [
+        jnp.moveaxis(mass.reshape(b, kv_heads, t // length, length)[..., :keys], 2, 1)
+        for mass, (length, keys) in zip(masses, cuts, strict=True)
+    ]
