@@ -39,6 +39,11 @@ def _program_span(cuts, span: int, shift: int, chunk: int):
     return base, jnp.maximum(-base, 0) // chunk, [(start % length) < keys for length, keys in cuts]
 
 
+def _chunk(step, chunk: int, start=0):
+    """Rows [start + step * chunk, + chunk) of a block (start a multiple of chunk)."""
+    return pl.ds(pl.multiple_of(start + step * chunk, chunk), chunk)
+
+
 def _stats_kernel(*refs, scale, chunk, steps, cuts, program_span):
     n = len(cuts)
     probe_refs, k_ref, max_refs, sum_refs = refs[:n], refs[n], refs[n + 1 : 2 * n + 1], refs[2 * n + 1 :]
@@ -46,7 +51,7 @@ def _stats_kernel(*refs, scale, chunk, steps, cuts, program_span):
     probes = [ref[...] for ref in probe_refs]
 
     def body(step, carry):  # the online max and exp-sum over this program's keys of every cut they belong to
-        keys = k_ref[pl.ds(pl.multiple_of(base + step * chunk, chunk), chunk), :]
+        keys = k_ref[_chunk(step, chunk, base), :]
 
         def update(rows, state):
             row_max, row_sum = state
@@ -77,12 +82,12 @@ def _mass_kernel(*refs, scale, chunk, steps, cuts, program_span, num_probes):
 
     def before_start(step, carry):  # keys before position 0: no mass
         for mass_ref in mass_refs:
-            mass_ref[pl.ds(pl.multiple_of(step * chunk, chunk), chunk)] = jnp.zeros((chunk,), jnp.float32)
+            mass_ref[_chunk(step, chunk)] = jnp.zeros((chunk,), jnp.float32)
         return carry
 
     def body(step, carry):  # scores only for the cuts whose problem keys these are; zeros for the others
-        keys = k_ref[pl.ds(pl.multiple_of(base + step * chunk, chunk), chunk), :]
-        where = pl.ds(pl.multiple_of(step * chunk, chunk), chunk)
+        keys = k_ref[_chunk(step, chunk, base), :]
+        where = _chunk(step, chunk)
         for rows, lse, member, mass_ref in zip(probes, lses, members, mass_refs, strict=True):
 
             @pl.when(member)
