@@ -341,31 +341,14 @@ def test_kernels_lower_to_triton_for_an_h100(monkeypatch, causal):
     ],
 )
 def test_probe_kernels_match_jnp_probe(rng, t, levels, shift):
-    from hyperattn_jax.kernels.gpu.probe import probe_mass_pallas, probe_queries
+    from hyperattn_jax.kernels.gpu.probe import probe_mass_pallas, probe_mass_reference
 
     b, n, kv, h = 2, 4, 2, 16
     q, k, _ = random_qkv(rng, b=b, t=t, n=n, kv=kv, h=h)
     q, k = 3 * q, 3 * k  # peaked rows: the mass varies over orders of magnitude
-    halves = levels > 0
-    cuts = [(t >> level, t >> (level + 1)) for level in range(levels)] if halves else [(t, t)]
-    shifted = jnp.roll(k, shift, axis=1)
-    probes, expected = [], []
-    for level, (span, keys) in enumerate(cuts):
-        chunks = t // span
-        queries = slice(span - keys, span)
-        # the problems the kernels cut, as grouped arrays `[C * B, ...]` (chunk-major) for the jnp probe
-        q_problems = jnp.concatenate([q[:, c * span : (c + 1) * span][:, queries] for c in range(chunks)])
-        k_problems = jnp.concatenate([shifted[:, c * span : c * span + keys] for c in range(chunks)])
-        first = jnp.where(jnp.arange(chunks * b) < b, shift, 0)  # the first chunk's keys before position 0
-        key_valid = (jnp.arange(keys) >= first[:, None])[:, None]
-        probe_key = jax.random.key(int(rng.integers(1 << 30)) + level)
-        mass = ops.probe_column_mass(
-            ops.group_queries(q_problems, kv), ops.heads_major(k_problems), key=probe_key, num_probes=5, scale=0.3,
-            key_valid=key_valid,
-        )  # fmt: skip
-        expected.append(mass.reshape(chunks, b, kv, keys).swapaxes(0, 1))  # [B, C, K, keys]
-        index = ops.probe_index(probe_key, n // kv * q_problems.shape[1], 5)
-        probes.append(probe_queries(q, index, num_kv_heads=kv, chunks=chunks, halves=halves))
+    cuts = [(t >> level, t >> (level + 1)) for level in range(levels)] if levels else [(t, t)]
+    probe_keys = [jax.random.key(int(rng.integers(1 << 30)) + level) for level in range(len(cuts))]
+    expected, probes = probe_mass_reference(q, k, probe_keys, cuts=cuts, shift=shift, scale=0.3, num_probes=5)
     got = probe_mass_pallas(probes, k, cuts=cuts, shift=shift, scale=0.3, interpret=True)
     for mass, want in zip(got, expected, strict=True):
         assert float(jnp.max(want)) > 30 * float(jnp.min(jnp.where(want > 0, want, 1.0)))

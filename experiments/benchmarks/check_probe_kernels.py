@@ -3,10 +3,10 @@
 For each length: the non-causal cut (every query over every key) and the causal recursion's levels down to
 `min_seq_len` (4096), keys shifted by the default's window (256; every problem keeps real keys, as the library clamps
 the window to half the base length), all levels in the kernels' two passes. Inputs are bf16 Gaussians scaled up so
-that the mass spans orders of magnitude; the jnp probe (`ops.probe_column_mass`) runs in float32 on the same bf16
-values and the same probe rows. Non-causal twice: with the kernels' own first pass, and with the lse from the hash
-kernel's read of k (the library's non-causal path). Reported per cut: the largest |kernel - jnp| over the row's
-largest mass, and the L1 difference of the rows (each sums to 1).
+that the mass spans orders of magnitude; the jnp twin (`probe_mass_reference`: `ops.probe_column_mass` per problem)
+accumulates in float32 on the same bf16 values and the same probe rows. Non-causal twice: with the kernels' own first
+pass, and with the lse from the hash kernel's read of k (the library's non-causal path). Reported per cut: the largest
+|kernel - jnp| over the row's largest mass, and the L1 difference of the rows (each sums to 1).
 
     python3 experiments/benchmarks/check_probe_kernels.py --out experiments/results/probe_kernels_check_h100.json
 """
@@ -25,31 +25,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
 from run_record import with_run_record
 
-from hyperattn_jax import ops
 from hyperattn_jax.kernels.gpu.hash import lsh_ranks_pallas
-from hyperattn_jax.kernels.gpu.probe import probe_mass_pallas, probe_queries
+from hyperattn_jax.kernels.gpu.probe import probe_mass_pallas, probe_mass_reference
 from hyperattn_jax.lsh import lsh_projections
 
 NUM_PROBES, SCALE, WINDOW = 16, 0.125, 256
-
-
-def expected_mass(q, k, cut, shift, probe_key, kv):
-    """The jnp probe over the cut's problems `[B, C, K, keys]` and the probe rows it used."""
-    b, t = q.shape[:2]
-    span, keys = cut
-    chunks = t // span
-    shifted = jnp.roll(k, shift, axis=1)
-    q_problems = jnp.concatenate([q[:, c * span : (c + 1) * span][:, span - keys :] for c in range(chunks)])
-    k_problems = jnp.concatenate([shifted[:, c * span : c * span + keys] for c in range(chunks)])
-    first = jnp.where(jnp.arange(chunks * b) < b, shift, 0)  # the first chunk's keys before position 0
-    key_valid = (jnp.arange(keys) >= first[:, None])[:, None]
-    grouped_q, grouped_k = ops.group_queries(q_problems, kv), ops.heads_major(k_problems)
-    mass = ops.probe_column_mass(
-        grouped_q.astype(jnp.float32), grouped_k.astype(jnp.float32), key=probe_key, num_probes=NUM_PROBES,
-        scale=SCALE, key_valid=key_valid,
-    )  # fmt: skip
-    index = ops.probe_index(probe_key, grouped_q.shape[2] * grouped_q.shape[3], NUM_PROBES)
-    return mass.reshape(chunks, b, kv, keys).swapaxes(0, 1), index
 
 
 def main():
@@ -71,11 +51,10 @@ def main():
             ("noncausal_hash_lse", [(t, t)], 0),  # the library's non-causal path: the lse from the hash kernel
             ("causal", [(t >> level, t >> (level + 1)) for level in range(levels)], WINDOW),
         ):
-            probes, expected = [], []
-            for level, cut in enumerate(cuts):
-                mass, index = expected_mass(q, k, cut, shift, jax.random.key(100 + level), args.heads)
-                expected.append(mass)
-                probes.append(probe_queries(q, index, num_kv_heads=args.heads, chunks=t // cut[0], halves=cut[1] < t))
+            probe_keys = [jax.random.key(100 + level) for level in range(len(cuts))]
+            expected, probes = probe_mass_reference(
+                q, k, probe_keys, cuts=cuts, shift=shift, scale=SCALE, num_probes=NUM_PROBES
+            )
             lse = None
             if mode == "noncausal_hash_lse":
                 projections = [lsh_projections(jax.random.key(7), 64, 7)]

@@ -24,7 +24,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from hyperattn_jax._layout import group_queries, heads_major
 from hyperattn_jax.kernels.gpu._common import MIN_DOT, NEG_START, div, dot_t, next_power_of_two, rem, triton_params
+from hyperattn_jax.ops.plan import probe_column_mass, probe_index
 
 _KEY_CHUNKS = (256, 128, 64, 32, 16)
 _CHUNKS_PER_PROGRAM = 16  # a loop over several chunks per program keeps loads in flight (num_stages)
@@ -67,10 +69,10 @@ def _stats_kernel(*refs, scale, chunk, steps, cuts, program_span):
 
     rows = probes[0].shape[0]
     start = [(jnp.full((rows,), NEG_START, jnp.float32), jnp.zeros((rows,), jnp.float32)) for _ in probes]
-    final = lax.fori_loop(first, steps, body, start)
-    for (row_max, row_sum), member, max_ref, sum_ref in zip(final, members, max_refs, sum_refs, strict=True):
-        max_ref[...] = jnp.where(member, row_max, NEG_START)
-        sum_ref[...] = jnp.where(member, row_sum, 0.0)
+    final = lax.fori_loop(first, steps, body, start)  # a cut this span is not in keeps the start: adds nothing
+    for (row_max, row_sum), max_ref, sum_ref in zip(final, max_refs, sum_refs, strict=True):
+        max_ref[...] = row_max
+        sum_ref[...] = row_sum
 
 
 def _mass_kernel(*refs, scale, chunk, steps, cuts, program_span, num_probes):
@@ -203,3 +205,29 @@ def probe_mass_pallas(probes_by_cut, k, *, cuts, shift: int = 0, scale: float, i
         jnp.moveaxis(mass.reshape(b, kv_heads, t // length, length)[..., :keys], 2, 1)
         for mass, (length, keys) in zip(masses, cuts, strict=True)
     ]
+
+
+def probe_mass_reference(q, k, probe_keys, *, cuts, shift: int = 0, scale: float, num_probes: int):
+    """The jnp twin of `probe_mass_pallas`: `ops.probe_column_mass` on each cut's problems, cut from public-layout
+    q `[B, T, N, H]` and k `[B, T, K, H]` as the kernels cut them (module docstring), with probe rows drawn by
+    `probe_keys` (one per cut). Returns per cut the mass `[B, T / L, K, n]` and the probe rows `[B, T / L, K, R, H]`
+    that `probe_mass_pallas` takes."""
+    b, t, n = q.shape[:3]
+    kv_heads = k.shape[2]
+    shifted = jnp.roll(k, shift, axis=1)  # problem keys start `shift` early; the first chunk's wrap around: masked
+    masses, probes = [], []
+    for (length, keys), probe_key in zip(cuts, probe_keys, strict=True):
+        chunks = t // length
+        # the problems as grouped arrays `[C * B, ...]` (chunk-major), queries the last `keys` of each chunk
+        q_problems = jnp.concatenate([q[:, c * length + length - keys : (c + 1) * length] for c in range(chunks)])
+        k_problems = jnp.concatenate([shifted[:, c * length : c * length + keys] for c in range(chunks)])
+        first = jnp.where(jnp.arange(chunks * b) < b, shift, 0)  # the first chunk's keys before position 0
+        key_valid = (jnp.arange(keys) >= first[:, None])[:, None]
+        mass = probe_column_mass(
+            group_queries(q_problems, kv_heads), heads_major(k_problems), key=probe_key, num_probes=num_probes,
+            scale=scale, key_valid=key_valid,
+        )  # fmt: skip
+        masses.append(mass.reshape(chunks, b, kv_heads, keys).swapaxes(0, 1))
+        index = probe_index(probe_key, n // kv_heads * keys, num_probes)
+        probes.append(probe_queries(q, index, num_kv_heads=kv_heads, chunks=chunks, halves=keys < length))
+    return masses, probes
