@@ -2,6 +2,7 @@
 
 Command:  PYTHONPATH=. python3 experiments/benchmarks/profile_single_layer.py --out $OUT/profile_single_layer.json
           [--config paper|default|accurate] [--replace block_size=128,num_heavy_keys=128] [--modes causal_fwd,...]
+          [--top 0] [--hlo-dir $OUT/hlo]
 Hardware: one NVIDIA H100 80GB (the project's lent GPU), jax 0.11.2. Runtime: ~70 s with --skip-sweep, ~110 s for
 the sweep alone (measured, compilation included). Expected result (2026-11-25 06:48 UTC, n = 131072): GPU kernel time
 4.3 ms non-causal fwd, 15.7 ms fwd+bwd, 19.3 ms causal fwd (6.6 of it the exact base case), 71.0 ms causal fwd+bwd;
@@ -83,7 +84,7 @@ def gpu_kernel_times(fn, args, runs=3, top=40):
         if event.get("ph") == "X" and event.get("pid") in gpu:
             total[event["name"]] += event.get("dur", 0) / 1e3 / runs
             launches += 1
-    return {"sum_ms": sum(total.values()), "launches": launches / runs, "kernels": dict(total.most_common(top))}
+    return {"sum_ms": sum(total.values()), "launches": launches / runs, "kernels": dict(total.most_common(top or None))}
 
 
 def main():
@@ -94,6 +95,12 @@ def main():
     parser.add_argument("--config", choices=["paper", "default", "accurate"], default="paper", help="a preset")
     parser.add_argument("--replace", default="", help="config fields changed, e.g. block_size=128,local_window=128")
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd,causal_fwd,causal_fwdbwd")
+    parser.add_argument("--top", type=int, default=40, help="kernels kept per mode, largest first (0: all)")
+    parser.add_argument(
+        "--hlo-dir",
+        help="also write each mode's optimized HLO there (MODE.hlo.txt.gz): XLA names "
+        "its kernels after the fusions, whose metadata give the source lines",
+    )
     args = parser.parse_args()
     n = args.n
     presets = {"paper": ha.HyperAttentionConfig.paper, "default": ha.HyperAttentionConfig,
@@ -136,7 +143,11 @@ def main():
                 continue
             try:
                 wall = median_ms(fn, *fn_args)
-                record["profile"][name] = {"wall_ms": wall, **gpu_kernel_times(fn, fn_args)}
+                record["profile"][name] = {"wall_ms": wall, **gpu_kernel_times(fn, fn_args, top=args.top)}
+                if args.hlo_dir:
+                    os.makedirs(args.hlo_dir, exist_ok=True)
+                    with gzip.open(os.path.join(args.hlo_dir, f"{name}.hlo.txt.gz"), "wt") as f:
+                        f.write(fn.lower(*fn_args).compile().as_text())
             except Exception as error:
                 record["profile"][name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
             entry = record["profile"][name]
