@@ -58,7 +58,8 @@ def main():
             lse = None
             if mode == "noncausal_hash_lse":
                 projections = [lsh_projections(jax.random.key(7), 64, 7)]
-                _, lse = lsh_ranks_pallas(k, projections, interpret=interpret, probes=probes, scale=SCALE)
+                _, lse = lsh_ranks_pallas(k, projections, interpret=interpret, probes=probes[0][:, 0], scale=SCALE)
+                lse = lse[:, None]
             got = probe_mass_pallas(probes, k, cuts=cuts, shift=shift, scale=SCALE, interpret=interpret, lse=lse)
             for level, (mass, want) in enumerate(zip(got, expected, strict=True)):
                 mass, want = np.asarray(mass, np.float64), np.asarray(want, np.float64)

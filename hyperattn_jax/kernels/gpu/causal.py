@@ -6,9 +6,8 @@ without its copies, on the public layout (q `[B, T, N, H]`, k, v `[B, T, K, H]`)
   with its float32 lse where it runs, `cudnn_segments.py`; our flash kernel elsewhere); with a window, every segment
   but the first also attends its prefix (its w preceding keys) exactly, as one more part (`ops.exact_plan`: one
   block of every prefix key);
-- every level's hash comes from one kernel over the unsorted q and one over k (each level has its own hyperplanes),
-  and the default config's column-mass probe of every level from two passes that read k in place (shifted by the
-  window), the first inside the hash of k;
+- every level's hash comes from one kernel over the unsorted q and k (each level has its own hyperplanes), and the
+  default config's column-mass probe of every level from two kernels that read k in place (shifted by the window);
 - each level's lower-left problems (second-half queries of every chunk over its first-half keys shifted left by the
   window) are planned on strided views, in the batch order the ops recursion stacks them (chunk index
   bit-reversed), and ONE kernel launch per part reads its rows straight from q, k, v by index and merges its part by
@@ -33,7 +32,8 @@ from hyperattn_jax.kernels.gpu.hyper import (
     estimate_backward_rows,
     fits_dot,
     grouped_inputs,
-    ranks_and_probes,
+    kernel_level_probes,
+    public_layout_ranks,
     row_operands,
     row_positions,
 )
@@ -50,7 +50,7 @@ from hyperattn_jax.ops.causal import (
     shifted_level_rows,
 )
 from hyperattn_jax.ops.keys import level_keys
-from hyperattn_jax.ops.plan import exact_plan, make_plan
+from hyperattn_jax.ops.plan import exact_plan, make_plan, plan_projections
 
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
@@ -123,12 +123,15 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     if window:  # every segment but the first over its prefix, exactly: one block of every prefix key
         plans.append(exact_plan(rows[0][0].shape, window, block_size=window))
     keys = level_keys(key, depth)
-    # Every level's hash in one pass over the unsorted q and one over k (each level has its own hyperplanes), and
-    # every level's column-mass probe in two passes over k, the first inside the hash (None: make_plan probes in jnp).
-    ranks, probes = ranks_and_probes(
-        q, k, quarters, keys, hash_key=hash_key, scale=scale, interpret=interpret, shift=window
+    # Every level's hash in one pass over the unsorted q and k (each level has its own hyperplanes).
+    projections = [plan_projections(level_key, h, config, hash_key) for level_key in keys]
+    # Every level's column-mass probe in two passes over k (None: make_plan probes in jnp).
+    probes = kernel_level_probes(
+        q, k, quarters, keys, hash_key=hash_key, shift=window, scale=scale, interpret=interpret
     )
-    for level, (level_key, (query_rank, key_rank)) in enumerate(zip(keys, ranks, strict=True)):
+    for level, (level_key, (query_rank, key_rank)) in enumerate(
+        zip(keys, public_layout_ranks(q, k, projections, interpret=interpret), strict=True)
+    ):
         ql, kl, vl = level_problem(q5, k4, v4, level, window)
         kv_length = rows[level - depth][2]  # the level's own part (the prefixes' part, if any, comes first)
         if quarter_is_exact(kl.shape[2], config):  # the same kernels attend the quarter exactly

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from hyperattn_jax.kernels.gpu._common import MIN_DOT, NEG_START, dot, dot_t, next_power_of_two, triton_params
+from hyperattn_jax.kernels.gpu._common import MIN_DOT, dot, dot_t, next_power_of_two, triton_params
 from hyperattn_jax.kernels.gpu.probe import probe_lse
 from hyperattn_jax.lsh import gray_rank, split_hyperplanes
 
@@ -31,45 +31,21 @@ _ROWS = (128, 64, 32, 16)
 _CHUNKS = 8  # steps per program: 0.50 vs 0.57 ms for one per 131k x 32-head input (probe_hash_chunks.json)
 
 
-def _hash_kernel(x_ref, high_ref, low_ref, powers_ref, *refs, rows: int, width: int, probing):
+def _hash_kernel(x_ref, high_ref, low_ref, powers_ref, *refs, rows: int, width: int, scale: float | None):
     """Ranks of a program's positions of one head, `rows` at a time (a loop Triton pipelines: the next rows load
-    while these are hashed), each as a `[rows, levels]` tile. With `probing` = (scale, cuts, shift, length) (keys
-    with probe queries), refs start with each cut's probes `[C, R, H]` (one row set per problem) and end with each
-    cut's probe max and exp-sum over every `rows` keys: the probe's first pass (`probe.py`), done while the keys are
-    loaded for the hash; a run of keys outside its cut's problem keys gets the empty max and sum."""
-    cuts = () if probing is None else probing[1]
-    probe_refs, rank_ref = refs[: len(cuts)], refs[len(cuts)]
-    max_refs, sum_refs = refs[len(cuts) + 1 :: 2], refs[len(cuts) + 2 :: 2]
-    program_start = pl.program_id(1) * x_ref.shape[0]
-
-    def probe_stats(chunk, x):
-        scale, _, shift, length = probing
-        # the run's first key, in the coordinates of the cuts (problem keys start `shift` keys early)
-        position = program_start + chunk * rows + shift
-        for (cut_length, cut_keys), probe_ref, max_ref, sum_ref in zip(cuts, probe_refs, max_refs, sum_refs):
-            problem = position // cut_length
-
-            def score(probe_ref=probe_ref, problem=problem):
-                s = dot_t(probe_ref[problem], x) * scale  # [probes, rows]
-                row_max = jnp.max(s, axis=1)
-                return row_max, jnp.sum(jnp.exp(s - row_max[:, None]), axis=1)
-
-            def empty(probe_ref=probe_ref):
-                return jnp.full(probe_ref.shape[1:2], NEG_START, jnp.float32), jnp.zeros(probe_ref.shape[1:2])
-
-            if cut_keys == cut_length and shift == 0:  # every key is a problem key (non-causal)
-                row_max, row_sum = score()
-            else:  # rows divides the shift and every cut's key count: the run is all problem keys or none
-                member = (position < length) & (position % cut_length < cut_keys)
-                row_max, row_sum = lax.cond(member, score, empty)
-            max_ref[chunk, :] = row_max
-            sum_ref[chunk, :] = row_sum
+    while these are hashed), each as a `[rows, levels]` tile. With `scale` (keys with probe queries), refs start with
+    the probes `[R, H]` and end with the probes' max and exp-sum over each `rows` keys: the probe's first pass
+    (`probe.py`), done while the keys are loaded for the hash."""
+    rank_ref = refs[1] if scale is not None else refs[0]
 
     def hash_chunk(chunk, carry):
         part = pl.ds(pl.multiple_of(chunk * rows, rows), rows)
         x = x_ref[part, :]  # [rows, H]
-        if probing is not None:
-            probe_stats(chunk, x)
+        if scale is not None:
+            s = dot_t(refs[0][...], x) * scale  # [probes, rows]
+            row_max = jnp.max(s, axis=1)
+            refs[-2][chunk, :] = row_max
+            refs[-1][chunk, :] = jnp.sum(jnp.exp(s - row_max[:, None]), axis=1)
         scores = dot(x, high_ref[...]) + dot(x, low_ref[...])  # [rows, hyperplanes]
         bits = (scores > 0).astype(x.dtype)  # 0 / 1, exact in half precision
         # [rows, levels (padded)]: each level's code as a sum of distinct powers of two below 2**width, exact in
@@ -81,15 +57,14 @@ def _hash_kernel(x_ref, high_ref, low_ref, powers_ref, *refs, rows: int, width: 
     lax.fori_loop(0, x_ref.shape[0] // rows, hash_chunk, 0)
 
 
-def hash_rows(length: int, head_dim: int, dtype, width: int, divides=()) -> int | None:
-    """Positions per step for a sequence of `length` (a step size that also divides each of `divides`), or None
-    where the kernel does not take the shape (codes of more than 20 hyperplanes would not sum exactly in the float32
-    code product)."""
+def hash_rows(length: int, head_dim: int, dtype, width: int) -> int | None:
+    """Positions per step for a sequence of `length`, or None where the kernel does not take the shape (codes of
+    more than 20 hyperplanes would not sum exactly in the float32 code product)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or width > 20:
         return None
     if head_dim < MIN_DOT or head_dim & (head_dim - 1):
         return None
-    return next((r for r in _ROWS if all(x % r == 0 for x in (length, *divides))), None)
+    return next((r for r in _ROWS if length % r == 0), None)
 
 
 def lsh_ranks_pallas(
@@ -98,8 +73,6 @@ def lsh_ranks_pallas(
     *,
     interpret: bool = False,
     probes=None,
-    cuts=None,
-    shift: int = 0,
     scale: float | None = None,
     rows=None,
     chunks=None,
@@ -110,12 +83,8 @@ def lsh_ranks_pallas(
     `hash_rows`'s choice), `chunks` (steps per program, default as many as divide T up to `_CHUNKS`) and
     `num_warps` tune the launch.
 
-    With `probes` (x the keys, N their heads) and `scale`, also returns each probe query's natural-log lse over its
-    problem's keys: the column-mass probe's first pass, fused into the hash's read of x. The problems are
-    `probe.py`'s: per cut (length L, keys n) of `cuts` (default one cut (T, T): every key), the keys
-    [c L - shift, c L - shift + n) of problem c (positions before 0 are no keys); `probes` holds per cut the probe
-    rows `[B, T / L, N, R, H]` of its problems, and the lse comes per cut as `[B, T / L, N, R]` float32. `rows` must
-    divide the shift and every cut's n.
+    With `probes` `[B, N, R, H]` (x the keys, N their heads) and `scale`, also returns each probe query's natural-log
+    lse over all T keys `[B, N, R]` float32: the column-mass probe's first pass, fused into the hash's read of x.
     """
     b, t, n, h = x.shape
     width = projection_sets[0].shape[1]
@@ -153,24 +122,17 @@ def lsh_ranks_pallas(
         pl.BlockSpec((padded_planes, padded_levels), lambda j, c, i: (0, 0)),
     ]
     out_specs = [pl.BlockSpec((None, None, span, padded_levels), lambda j, c, i: (i, j, c, 0))]
-    out_shape, args, probing = [jax.ShapeDtypeStruct((b, n, t, padded_levels), rank_dtype)], [], None
+    out_shape, args = [jax.ShapeDtypeStruct((b, n, t, padded_levels), rank_dtype)], []
     if probes is not None:
-        cuts = [(t, t)] if cuts is None else [tuple(cut) for cut in cuts]
-        if any(t % length or length % keys or keys % rows for length, keys in cuts) or shift % rows:
-            raise ValueError(f"{rows} positions per step must divide the {shift=} and every cut of {cuts} ({t=})")
-        num_probes = probes[0].shape[3]
+        num_probes = probes.shape[2]
         padded = next_power_of_two(num_probes, MIN_DOT)
-        pad = [(0, 0)] * 3 + [(0, padded - num_probes), (0, 0)]
-        args = [jnp.pad(lax.stop_gradient(cut_probes), pad) for cut_probes in probes]
-        in_specs += [
-            pl.BlockSpec((None, t // length, None, padded, h), lambda j, c, i: (i, 0, j, 0, 0)) for length, _ in cuts
-        ]
+        args = [jnp.pad(lax.stop_gradient(probes), [(0, 0), (0, 0), (0, padded - num_probes), (0, 0)])]
+        in_specs.append(pl.BlockSpec((None, None, padded, h), lambda j, c, i: (i, j, 0, 0)))
         stat_spec = pl.BlockSpec((None, None, chunks, padded), lambda j, c, i: (i, j, c, 0))
-        out_specs += [stat_spec] * (2 * len(cuts))
-        out_shape += [jax.ShapeDtypeStruct((b, n, t // rows, padded), jnp.float32)] * (2 * len(cuts))
-        probing = (float(scale), tuple(cuts), shift, t)
+        out_specs += [stat_spec, stat_spec]
+        out_shape += [jax.ShapeDtypeStruct((b, n, t // rows, padded), jnp.float32)] * 2
     outputs = pl.pallas_call(
-        functools.partial(_hash_kernel, rows=rows, width=width, probing=probing),
+        functools.partial(_hash_kernel, rows=rows, width=width, scale=None if probes is None else float(scale)),
         grid=(n, t // span, b),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -183,13 +145,4 @@ def lsh_ranks_pallas(
     ranks = [outputs[0][..., level].astype(jnp.int32) for level in range(levels)]
     if probes is None:
         return ranks
-    lses = []
-    for (length, _), chunk_max, chunk_sum in zip(cuts, outputs[1::2], outputs[2::2], strict=True):
-        # runs in the cuts' coordinates (rolled by the shift: the runs that wrap around are no problem's keys),
-        # grouped by problem: [B, N, T / L, L / rows, R] -> each problem's lse [B, T / L, N, R]
-        by_problem = [
-            jnp.roll(x, shift // rows, axis=2).reshape(b, n, t // length, length // rows, padded)
-            for x in (chunk_max, chunk_sum)
-        ]
-        lses.append(jnp.swapaxes(probe_lse(*by_problem), 1, 2)[..., :num_probes])
-    return ranks, lses
+    return ranks, probe_lse(outputs[1], outputs[2])[..., :num_probes]

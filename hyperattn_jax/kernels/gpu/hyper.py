@@ -242,54 +242,70 @@ def public_layout_ranks(q, k, projection_sets, *, interpret):
     ]
 
 
-def ranks_and_probes(q, k, config, keys, *, hash_key, scale, interpret, shift=None, probe_allowed=True):
-    """The plans' LSH ranks and column-mass probes for public-layout q `[B, T, N, H]`, k `[B, S, K, H]`, one plan
-    per key of `keys`: a list of (query_rank `[B, K, G, T]`, key_rank `[B, K, S]`) as `make_plan(ranks=...)` takes
-    them, and a list of `make_plan(probe=...)` functions, or None where no probe is configured, `probe_allowed` is
-    False or the shapes do not fit the probe kernels (make_plan then probes in jnp).
+def kernel_probe(q, k, config, *, scale, interpret):
+    """A `make_plan(probe=...)` function that runs the column-mass probe kernels (`probe.py`) on public-layout q, k
+    (one non-causal problem), or None where no probe is configured or the shapes do not fit the kernels (make_plan
+    then probes in jnp)."""
+    h, kv_heads = q.shape[-1], k.shape[2]
+    if not config.needs_probe or probe_key_chunk(k.shape[1], h) is None:
+        return None
+    rows = q.shape[2] // kv_heads * q.shape[1]
 
-    Non-causal (`shift` None, one key): every query over every key. Causal (`shift` the window): key l is level l's
-    of the recursion, whose problems are `ops.causal`'s (second-half queries of each of its 2**l chunks over the first
-    half's keys shifted `shift` left), in the plan's order. Each plan's probe rows are those `make_plan(key=...,
-    hash_key=hash_key)` draws. All plans are hashed in one pass over q and one over k, and probed in two passes over
-    k, the first of them inside the hash of k where the hash kernel takes the shapes (it reads every key row anyway).
-    """
-    b, t, n, h = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
-    causal = shift is not None
-    shift = shift or 0
-    projections = [plan_projections(key, h, config, hash_key) for key in keys]
-    cuts = [(s >> level, s >> (level + 1)) for level in range(len(keys))] if causal else [(s, s)]
-    fewest = min(keys for _, keys in cuts)
-    if not (config.needs_probe and probe_allowed) or probe_key_chunk(fewest, h, shift) is None:
-        return public_layout_ranks(q, k, projections, interpret=interpret), None
+    def probe(mass_key):
+        index = probe_index(mass_key, rows, config.num_probe_queries)
+        probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=1, halves=False)
+        (mass,) = probe_mass_pallas([probes], k, cuts=[(k.shape[1],) * 2], scale=scale, interpret=interpret)
+        return mass[:, 0]
+
+    return probe
+
+
+def kernel_level_probes(q, k, config, level_keys, *, hash_key, shift, scale, interpret):
+    """`make_plan(probe=...)` functions for every level of the causal recursion, run by the probe kernels for all
+    levels at once (`probe_mass_pallas`: two passes over k in all), on public-layout q, k; or None where no
+    probe is configured or the shapes do not fit the kernels. Level l's problems are `ops.causal`'s (second-half
+    queries of each of its 2**l chunks over the first half's keys shifted `shift` left), in the plan's order, and
+    its probe rows are those `make_plan(key=level_keys[l], hash_key=hash_key)` draws: each function returns that
+    mass whatever key it is given."""
+    h, kv_heads, t = q.shape[-1], k.shape[2], k.shape[1]
+    depth = len(level_keys)
+    if not config.needs_probe or probe_key_chunk(t >> depth, h, shift) is None:
+        return None
     probes = []
-    for (length, _), key in zip(cuts, keys, strict=True):
-        chunks = s // length
-        rows = n // kv_heads * (t // chunks // 2 if causal else t)  # a problem's grouped query rows
-        index = probe_index(plan_keys(key, hash_key).probe, rows, config.num_probe_queries)
-        probes.append(probe_queries(q, index, num_kv_heads=kv_heads, chunks=chunks, halves=causal))
-    width = projections[0].shape[1]
-    key_rows = hash_rows(s, h, k.dtype, width, divides=(shift, fewest))
-    lses = None
-    if key_rows and hash_rows(t, h, q.dtype, width):
-        query_ranks = lsh_ranks_pallas(q, projections, interpret=interpret)
-        key_ranks, lses = lsh_ranks_pallas(
-            k, projections, interpret=interpret, probes=probes, cuts=cuts, shift=shift, scale=scale, rows=key_rows
+    for level, level_key in enumerate(level_keys):
+        rows = q.shape[2] // kv_heads * (t >> (level + 1))
+        index = probe_index(plan_keys(level_key, hash_key).probe, rows, config.num_probe_queries)
+        probes.append(probe_queries(q, index, num_kv_heads=kv_heads, chunks=1 << level, halves=True))
+    cuts = [(t >> level, t >> (level + 1)) for level in range(depth)]
+    masses = probe_mass_pallas(probes, k, cuts=cuts, shift=shift, scale=scale, interpret=interpret)
+
+    def arranged(mass, level):  # [B, C, K, half] -> the plan's problems and key order (the prefix last)
+        return jnp.roll(stack_level_problems(mass, level), -shift, axis=-1)
+
+    return [lambda _, mass=mass, level=level: arranged(mass, level) for level, mass in enumerate(masses)]
+
+
+def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed: bool):
+    """The non-causal plan's ranks and `make_plan(probe=...)` function. Where the hash and probe kernels both take
+    the shapes, the probe's first pass (each probe query's lse over all keys) runs inside the hash of k, which reads
+    every key row anyway; its probe rows are those `make_plan` would pick (`plan_keys(key).probe`)."""
+    projections = [plan_projections(key, q.shape[-1], config, hash_key)]
+    probe = kernel_probe(q, k, config, scale=scale, interpret=interpret) if probe_allowed else None
+    kv_heads, width = k.shape[2], projections[0].shape[1]
+    if probe is None or not all(hash_rows(x.shape[1], x.shape[3], x.dtype, width) for x in (q, k)):
+        return public_layout_ranks(q, k, projections, interpret=interpret)[0], probe
+    index = probe_index(plan_keys(key).probe, q.shape[2] // kv_heads * q.shape[1], config.num_probe_queries)
+    probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=1, halves=False)
+    (query_rank,) = lsh_ranks_pallas(q, projections, interpret=interpret)
+    (key_rank,), lse = lsh_ranks_pallas(k, projections, interpret=interpret, probes=probes[:, 0], scale=scale)
+
+    def probe_with_known_lse(mass_key):  # mass_key == plan_keys(key).probe: the probes above
+        (mass,) = probe_mass_pallas(
+            [probes], k, cuts=[(k.shape[1],) * 2], scale=scale, interpret=interpret, lse=lse[:, None]
         )
-        ranks = [
-            (query_rank.reshape(b, kv_heads, -1, t), key_rank)
-            for query_rank, key_rank in zip(query_ranks, key_ranks, strict=True)
-        ]
-    else:
-        ranks = public_layout_ranks(q, k, projections, interpret=interpret)
-    masses = probe_mass_pallas(probes, k, cuts=cuts, shift=shift, scale=scale, interpret=interpret, lse=lses)
-    # each plan's problems and key order: [B, C, K, n] -> [C * B, K, n], the prefix last (causal); [B, K, S]
-    masses = [
-        jnp.roll(stack_level_problems(mass, level), -shift, axis=-1) if causal else mass[:, 0]
-        for level, mass in enumerate(masses)
-    ]
-    return ranks, [lambda _, mass=mass: mass for mass in masses]
+        return mass[:, 0]
+
+    return (query_rank.reshape(q.shape[0], kv_heads, -1, q.shape[1]), key_rank), probe_with_known_lse
 
 
 def grouped_inputs(q, k, v):
@@ -307,10 +323,8 @@ def plan_inputs(q, k, key, config, hash_key, *, scale, interpret, probe_allowed:
     `dict(ranks=..., probe=...)`. q, k enter with their gradients stopped: the plan is a constant of the estimator
     (and the kernels' pallas_calls are never differentiated)."""
     q, k = jax.lax.stop_gradient((q, k))
-    ranks, probes = ranks_and_probes(
-        q, k, config, [key], hash_key=hash_key, scale=scale, interpret=interpret, probe_allowed=probe_allowed
-    )
-    return dict(ranks=ranks[0], probe=None if probes is None else probes[0])
+    ranks, probe = _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed)
+    return dict(ranks=ranks, probe=probe)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

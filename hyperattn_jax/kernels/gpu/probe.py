@@ -5,8 +5,7 @@ in the causal recursion it also reads a transposed copy of k per level. Here k i
 `[B, S, K, H]` layout: a first pass writes each probe query's max and exp-sum per key span, XLA combines those into
 each probe's lse (a few KB), and a second pass recomputes the span's scores and writes only the mean softmax weight
 per key. Same probe rows and natural-log arithmetic as the jnp twin, so the two agree to float32 round-off.
-Where the hash kernel takes the shapes, the first pass runs inside its read of k instead (`hash.py`; `probe_lse`
-combines either pass's partial sums).
+Non-causal, the first pass runs inside the hash kernel's read of k instead (`hash.py`, `probe_lse` combines either).
 
 Problems come as cuts of the sequence, all probed in the same two passes: a cut (length L, keys n) is the sequence
 in chunks of L whose problems' keys are each chunk's first n. Non-causal: one cut (S, S), every query over every
@@ -142,8 +141,8 @@ def probe_mass_pallas(probes_by_cut, k, *, cuts, shift: int = 0, scale: float, i
 
     probes_by_cut: per cut (length L, keys n), the probe rows `[B, T / L, K, R, H]` of its problems (from
     `probe_queries`); k `[B, T, K, H]` public layout; `shift`: every problem's keys start that many keys early;
-    `lse`, per cut the probes' lse over their problem's keys `[B, T / L, K, R]` where it is known (the hash kernel
-    computes it while it hashes k), skips the first pass. Returns per cut the mass `[B, T / L, K, n]`. Not
+    `lse` (one cut only) `[B, 1, K, R]`, when the probes' lse over their problem's keys is known (the hash kernel
+    computes it with the non-causal hash), skips the first pass. Returns per cut the mass `[B, T / L, K, n]`. Not
     differentiated; shapes must pass `probe_key_chunk` for every cut's key count and the shift.
     """
     b, _, kv_heads, num_probes, h = probes_by_cut[0].shape
@@ -190,7 +189,7 @@ def probe_mass_pallas(probes_by_cut, k, *, cuts, shift: int = 0, scale: float, i
             for (length, _), pair in zip(cuts, zip(stats[: len(cuts)], stats[len(cuts) :], strict=True), strict=True)
         ]
     else:
-        lses = [jnp.pad(x.astype(jnp.float32), [(0, 0)] * 3 + [(0, padded - num_probes)]) for x in lse]
+        lses = [jnp.pad(lse.astype(jnp.float32), [(0, 0)] * 3 + [(0, padded - num_probes)])]
     masses = pl.pallas_call(
         functools.partial(_mass_kernel, num_probes=num_probes, **kernel_args),
         grid=grid,
