@@ -313,3 +313,23 @@ def test_accurate_options_beat_the_paper_on_a_sink_at_equal_cost(rng, causal):
 
     paper_error, our_error = error(paper), error(ours)
     assert our_error < 0.5 * paper_error, (our_error, paper_error)
+
+
+@pytest.mark.parametrize("scheme", ["systematic", "independent"])
+@pytest.mark.parametrize("top_offset", [False, True])
+def test_sample_draws_land_on_keys_with_probability(rng, monkeypatch, scheme, top_offset):
+    # Keys in hash order, the last ones (and some in between) without probability, some with mass the normalised
+    # cdf barely resolves: every draw must land on a key with probability, also when the systematic offset is the
+    # largest float32 below 1, where (m - 1 + offset) / m rounds up to 1.
+    from hyperattn_jax.ops import plan as plan_module
+
+    probability = rng.exponential(size=(2, 3, 120)) * (rng.random((2, 3, 120)) < 0.7)
+    probability[..., 0] = 1.0  # every row has a key with probability
+    probability[..., 90:] *= 1e-9
+    probability[..., 110:] = 0.0
+    probability = jnp.asarray(probability / probability.sum(-1, keepdims=True), jnp.float32)
+    if top_offset:
+        monkeypatch.setattr(plan_module, "draw_uniform", lambda key, shape: jnp.full(shape, 1.0 - 2.0**-24))
+    position = plan_module._draw_sorted_positions(jax.random.key(int(rng.integers(1 << 30))), probability, 256, scheme)
+    drawn = np.take_along_axis(np.asarray(probability), np.asarray(position), axis=-1)
+    assert position.shape == (2, 3, 256) and bool(np.all(drawn > 0))

@@ -21,6 +21,8 @@ from hyperattn_jax.ops.keys import draw_index, draw_uniform, plan_keys
 from hyperattn_jax.ops.shrinkage import adaptive_value_weight, fixed_value_weight
 from hyperattn_jax.ops.sorting import SortOrder, positions_mask, sort_orders
 
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
+
 
 @functools.partial(
     jax.tree_util.register_dataclass,
@@ -184,17 +186,17 @@ def _draw_sorted_positions(key, probability_sorted, m: int, scheme: str):
     cdf = cdf / cdf[..., -1:]
     if scheme == "systematic":
         offset = draw_uniform(key, (*cdf.shape[:2], 1))
-        u = (jnp.arange(m, dtype=jnp.float32) + offset) / m
+        # (m - 1 + offset) / m can round up to 1: keep every point below 1
+        u = jnp.minimum((jnp.arange(m, dtype=jnp.float32) + offset) / m, _BELOW_ONE)
     else:
         u = draw_uniform(key, (*cdf.shape[:2], m))
     # The binary search is a loop, which on a GPU costs a host round trip per step (~17 steps): unrolled there. Not on
     # the CPU, where XLA takes minutes to compile the unrolled search (same results either way).
     method = "scan_unrolled" if jax.default_backend() == "gpu" else "scan"
     search = jax.vmap(jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right", method=method)))
-    position = search(cdf, u).astype(jnp.int32)
-    # Round-off can put u past the last normalised cdf value; the last key with probability is the right draw then.
-    last_positive = cdf.shape[-1] - 1 - jnp.argmax(jnp.flip(probability_sorted > 0, -1), axis=-1).astype(jnp.int32)
-    return jnp.minimum(position, last_positive[..., None])
+    # The normalised cdf is exactly 1 from the last key with probability on (x / x), so every u < 1 lands on a key
+    # with probability; the bound only matters for a row without any (its cdf is NaN; every draw is dropped).
+    return jnp.minimum(search(cdf, u).astype(jnp.int32), cdf.shape[-1] - 1)
 
 
 def sample_value_weight(plan: SortLSHPlan, config: HyperAttentionConfig, q, k, v, *, probe_key, scale: float):
