@@ -28,8 +28,8 @@ class HyperAttentionConfig:
     8192 tokens, every layer replaced, docs/accuracy.md "Perplexity by kind of text") perplexity is 1.027x / 1.055x /
     1.013x exact on plays / Python code / prose, against 2.7x / 2.4x / 3.0x for the published algorithm; the output
     error is 0.07x the paper's causal and 0.36-0.39x non-causal (0.40-0.43x on documents never tuned on). It
-    costs 1.10-1.18x the paper config's GPU time forward+backward and 1.19-1.34x forward (one H100, 32k and 131k,
-    causal and not; docs/accuracy.md, "Sample shrinkage").
+    costs 1.09-1.17x the paper config's GPU time forward+backward and 1.19-1.32x forward (one H100, 32k and 131k,
+    causal and not, pipelined timings; docs/accuracy.md, "Sample shrinkage").
     `HyperAttentionConfig.paper()` is the published algorithm exactly; `HyperAttentionConfig.accurate()` adds sinks
     and a block of 64 (lowest non-causal error measured, 0.35x the paper's; slower, and not better on perplexity).
 

@@ -210,12 +210,12 @@ README_COLUMNS = {
     "default": {
         "errors": ("accuracy_kinds_adaptive_cpu.json", "default"),
         "perplexity": ("perplexity_kinds_shifted_cpu.json", "default"),
-        "speed": ("accuracy_cost_probe_topk_h100.json", "default"),
+        "speed": ("accuracy_cost_draw_guard_h100.json", "default"),
     },
     "accurate": {
         "errors": ("accuracy_kinds_adaptive_cpu.json", "accurate"),
         "perplexity": ("perplexity_kinds_shifted_cpu.json", "accurate"),
-        "speed": ("accuracy_cost_adaptive_h100.json", "accurate"),
+        "speed": ("accuracy_cost_draw_guard_h100.json", "accurate"),
     },
 }
 
