@@ -242,24 +242,6 @@ def public_layout_ranks(q, k, projection_sets, *, interpret):
     ]
 
 
-def kernel_probe(q, k, config, *, scale, interpret):
-    """A `make_plan(probe=...)` function that runs the column-mass probe kernels (`probe.py`) on public-layout q, k
-    (one non-causal problem), or None where no probe is configured or the shapes do not fit the kernels (make_plan
-    then probes in jnp)."""
-    h, kv_heads = q.shape[-1], k.shape[2]
-    if not config.needs_probe or probe_key_chunk(k.shape[1], h) is None:
-        return None
-    rows = q.shape[2] // kv_heads * q.shape[1]
-
-    def probe(mass_key):
-        index = probe_index(mass_key, rows, config.num_probe_queries)
-        probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=1, halves=False)
-        (mass,) = probe_mass_pallas([probes], k, cuts=[(k.shape[1],) * 2], scale=scale, interpret=interpret)
-        return mass[:, 0]
-
-    return probe
-
-
 def kernel_level_probes(q, k, config, level_keys, *, hash_key, shift, scale, interpret):
     """`make_plan(probe=...)` functions for every level of the causal recursion, run by the probe kernels for all
     levels at once (`probe_mass_pallas`: two passes over k in all), on public-layout q, k; or None where no
@@ -286,26 +268,26 @@ def kernel_level_probes(q, k, config, level_keys, *, hash_key, shift, scale, int
 
 
 def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed: bool):
-    """The non-causal plan's ranks and `make_plan(probe=...)` function. Where the hash and probe kernels both take
-    the shapes, the probe's first pass (each probe query's lse over all keys) runs inside the hash of k, which reads
-    every key row anyway; its probe rows are those `make_plan` would pick (`plan_keys(key).probe`)."""
+    """The non-causal plan's ranks and `make_plan(probe=...)` function (None where no probe is configured or allowed,
+    or the shapes do not fit the probe kernels: make_plan then probes in jnp). The probe rows are those `make_plan`
+    picks (`plan_keys(key).probe`); where the hash kernel takes the shapes, the probe's first pass (each probe
+    query's lse over all keys) runs inside the hash of k, which reads every key row anyway."""
     projections = [plan_projections(key, q.shape[-1], config, hash_key)]
-    probe = kernel_probe(q, k, config, scale=scale, interpret=interpret) if probe_allowed else None
-    kv_heads, width = k.shape[2], projections[0].shape[1]
-    if probe is None or not all(hash_rows(x.shape[1], x.shape[3], x.dtype, width) for x in (q, k)):
-        return public_layout_ranks(q, k, projections, interpret=interpret)[0], probe
+    s, kv_heads, width = k.shape[1], k.shape[2], projections[0].shape[1]
+    if not (probe_allowed and config.needs_probe) or probe_key_chunk(s, q.shape[-1]) is None:
+        return public_layout_ranks(q, k, projections, interpret=interpret)[0], None
     index = probe_index(plan_keys(key).probe, q.shape[2] // kv_heads * q.shape[1], config.num_probe_queries)
     probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=1, halves=False)
-    (query_rank,) = lsh_ranks_pallas(q, projections, interpret=interpret)
-    (key_rank,), lse = lsh_ranks_pallas(k, projections, interpret=interpret, probes=probes[:, 0], scale=scale)
-
-    def probe_with_known_lse(mass_key):  # mass_key == plan_keys(key).probe: the probes above
-        (mass,) = probe_mass_pallas(
-            [probes], k, cuts=[(k.shape[1],) * 2], scale=scale, interpret=interpret, lse=lse[:, None]
-        )
-        return mass[:, 0]
-
-    return (query_rank.reshape(q.shape[0], kv_heads, -1, q.shape[1]), key_rank), probe_with_known_lse
+    lse = None
+    if all(hash_rows(x.shape[1], x.shape[3], x.dtype, width) for x in (q, k)):
+        (query_rank,) = lsh_ranks_pallas(q, projections, interpret=interpret)
+        (key_rank,), lse = lsh_ranks_pallas(k, projections, interpret=interpret, probes=probes[:, 0], scale=scale)
+        ranks = query_rank.reshape(q.shape[0], kv_heads, -1, q.shape[1]), key_rank
+        lse = lse[:, None]
+    else:
+        ranks = public_layout_ranks(q, k, projections, interpret=interpret)[0]
+    (mass,) = probe_mass_pallas([probes], k, cuts=[(s, s)], scale=scale, interpret=interpret, lse=lse)
+    return ranks, lambda _: mass[:, 0]  # make_plan passes plan_keys(key).probe: the rows above
 
 
 def grouped_inputs(q, k, v):
