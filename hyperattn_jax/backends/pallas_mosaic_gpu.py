@@ -1,12 +1,15 @@
 """Pallas Mosaic GPU (Hopper) kernels where they exist, the Triton path's kernels elsewhere: bf16/fp16, H 64/128.
 
-What runs on Mosaic GPU today: the forward of the non-causal estimate (`kernels/mosaic_gpu/tiled_attention.py`: one
-online softmax over the sorted key block, global keys and samples with per-key log-weights; TMA copies, wgmma), on
-queries and key tiles gathered into sorted copies by XLA. What still runs on the Triton path (`pallas_triton`,
-`kernels/gpu/`), unchanged: the LSH hash and column-mass probe kernels that feed `ops.make_plan`, the non-causal
-backward (`hyper._estimate_bwd`: the row-indexed or blocked backward kernels, with this forward's out and lse), the
-whole causal recursion and exact attention (S <= min_seq_len). So the plan and random draws are the same as the xla
-and Triton paths' for the same key, and the two GPU backends differ only in the forward kernel.
+What runs on Mosaic GPU today: the forward of the non-causal estimate, one online softmax over the sorted key block,
+global keys and samples with per-key log-weights (wgmma). Where the query blocks are whole 64-row chunks and the
+per-block tiles are rows of k, v (`kernels/mosaic_gpu/indexed_forward.py`), the kernel gathers the queries and key
+blocks from the unsorted q, k, v itself (cp.async per row) and stores out at its rows, as the Triton path does;
+elsewhere XLA gathers them into sorted copies first (`kernels/mosaic_gpu/tiled_attention.py`, TMA). What still
+runs on the Triton path (`pallas_triton`, `kernels/gpu/`), unchanged: the LSH hash and column-mass probe kernels
+that feed `ops.make_plan`, the non-causal backward (`hyper._estimate_bwd`: the row-indexed or blocked backward
+kernels, with this forward's out and lse), the whole causal recursion and exact attention (S <= min_seq_len). So
+the plan and random draws are the same as the xla and Triton paths' for the same key, and the two GPU backends
+differ only in the forward kernel.
 
 Selectable only by name (`implementation="pallas_mosaic_gpu"`): `implementation=None` keeps picking `pallas_triton`
 until a device measurement shows this path faster (none exists yet).
@@ -23,6 +26,7 @@ from hyperattn_jax._layout import ungroup_output
 from hyperattn_jax.backends import pallas_triton
 from hyperattn_jax.kernels.gpu import hyper
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
+from hyperattn_jax.kernels.mosaic_gpu.indexed_forward import indexed_tiled_forward_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     DTYPES,
     HEAD_DIMS,
@@ -50,9 +54,21 @@ def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
     return None
 
 
-def forward(q, k, v, plan, *, scale: float, tiling: MosaicTiling, interpret: bool):
-    """The estimate under `plan` on the Mosaic GPU kernel: public-layout q `[B, T, N, H]`, k, v `[B, S, K, H]` in;
-    out `[B, T, N, H]` and lse `[B, K, G, T]` float32 out. XLA gathers the sorted query blocks and key tiles."""
+def forward(q, k, v, kv_length, plan, rows, *, scale: float, tiling: MosaicTiling, interpret: bool):
+    """The estimate under `plan` on the Mosaic GPU kernels: public-layout q `[B, T, N, H]`, k, v `[B, S, K, H]` in;
+    out `[B, T, N, H]` and lse `[B, K, G, T]` float32 out. `rows`: the plan as int32 rows (`plan_and_rows`)."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    if hyper.can_gather_in_kernel(h, plan) and plan.query_block % tiling.block_q == 0:
+        query_index, tiles, _, key_index = hyper.row_operands(
+            k, v, plan, hyper.row_positions((b, kv_heads, n // kv_heads, t, 1)),
+            hyper.row_positions((b, kv_heads, k.shape[1], 1)), b, kv_length, rows=rows,
+        )  # fmt: skip
+        q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
+        out, lse = indexed_tiled_forward_mosaic(
+            q_rows, k, v, query_index, tiles, key_index, scale=scale, tiling=tiling, interpret=interpret
+        )
+        return out.reshape(q.shape), lse
     q5, k4, v4 = hyper.grouped_inputs(q, k, v)
     kernel = functools.partial(tiled_attention_mosaic, tiling=tiling, interpret=interpret)
     out, lse = attend_tiles(q5, hyper_attention_tiles(k4, v4, plan), plan, scale=scale, kernel=kernel)
@@ -68,7 +84,7 @@ def estimate(q, k, v, kv_length, plan, rows, static):
 
 def _estimate_fwd(q, k, v, kv_length, plan, rows, static):
     scale, tiling, _, interpret = static
-    out, lse = forward(q, k, v, plan, scale=scale, tiling=tiling, interpret=interpret)
+    out, lse = forward(q, k, v, kv_length, plan, rows, scale=scale, tiling=tiling, interpret=interpret)
     return (out, lse), (q, k, v, kv_length, plan, rows, out, lse)
 
 

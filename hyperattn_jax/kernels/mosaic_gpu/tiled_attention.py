@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hyperattn_jax.kernels.configs import MosaicTiling
+from hyperattn_jax.kernels.mosaic_gpu.row_copies import swizzled
 from hyperattn_jax.ops.tiles import KeyTile, tile_shapes
 
 LOG2_E = math.log2(math.e)
@@ -117,9 +118,69 @@ def _operands(q_blocks, tiles, layout: _Layout):
     return q, flat
 
 
-def _swizzled(shape, dtype):
-    """Shared memory laid out for TMA and wgmma: (8, 64)-element tiles, 128-byte swizzle (16-bit dtypes)."""
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+class SoftmaxState(NamedTuple):
+    """One warpgroup's online softmax over the chunks so far (base 2): row max, row sum, unnormalised output."""
+
+    row_max: jax.Array  # [block_q] float32
+    row_sum: jax.Array  # [block_q] float32
+    acc: jax.Array  # [block_q, H] float32, WGMMA layout
+
+
+def softmax_start(block_q: int, head_dim: int) -> SoftmaxState:
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    return SoftmaxState(
+        plgpu.layout_cast(jnp.full((block_q,), NEG_START, jnp.float32), row_layout),
+        plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row_layout),
+        plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+    )
+
+
+def attend_chunk(state, q_smem, k_smem, v_smem, w_smem, *, scale, p_smem=None, before_weights=None,
+                 before_values=None) -> SoftmaxState:  # fmt: skip
+    """One key chunk into the online softmax: S = q k^T (wgmma from shared memory), plus the keys' base-2
+    log-weights `w_smem` (None: all 0), P = exp2(S - max), acc += P v (wgmma with P in registers, or through
+    `p_smem` where given: the interpreter's case). `before_weights` / `before_values`: waits (e.g. on the TMA
+    barriers of w and v) run just before each is first read, so the copies overlap the QK product."""
+    block_q, block_k = q_smem.shape[0], k_smem.shape[0]
+    dtype = q_smem.dtype
+
+    def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.T)
+        return acc_ref[...]
+
+    s = pl.run_scoped(qk, plgpu.ACC((block_q, block_k), jnp.float32)) * (scale * LOG2_E)
+    if w_smem is not None:
+        if before_weights is not None:
+            before_weights()
+        w = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+        s = s + lax.broadcast_in_dim(w, s.shape, [1])
+    new_max = jnp.maximum(state.row_max, s.max(axis=1))
+    p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
+    correction = jnp.exp2(state.row_max - new_max)
+    row_sum = state.row_sum * correction + p.sum(axis=1)
+    p16 = p.astype(dtype)
+    if p_smem is not None:
+        p_smem[...] = p16
+        plgpu.commit_smem()  # make the generic-proxy store visible to the wgmma (async proxy)
+    if before_values is not None:
+        before_values()
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16 if p_smem is None else p_smem, v_smem)
+        return acc_ref[...]
+
+    acc = state.acc * lax.broadcast_in_dim(correction, state.acc.shape, [0]) + pl.run_scoped(
+        pv, plgpu.ACC(state.acc.shape, jnp.float32)
+    )
+    return SoftmaxState(new_max, row_sum, acc)
+
+
+def softmax_finish(state: SoftmaxState, dtype):
+    """out (dtype) and the natural-log lse; a row without any unmasked key gets out 0 and lse -inf."""
+    has_keys = state.row_sum > 0
+    safe_sum = jnp.where(has_keys, state.row_sum, 1.0)
+    out = (state.acc / lax.broadcast_in_dim(safe_sum, state.acc.shape, [0])).astype(dtype)
+    return out, jnp.where(has_keys, state.row_max * LN_2 + jnp.log(safe_sum), -jnp.inf)
 
 
 def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p_in_registers: bool):
@@ -131,8 +192,6 @@ def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p
     o_smem, lse_smem, q_bar, k_bar, v_bar, w_bar, consumed = scratch[-7:]
     block_q, block_k, warpgroups = tiling.block_q, tiling.block_k, tiling.compute_warpgroups
     dtype = q_ref.dtype
-    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-
     chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
     wg = lax.axis_index("wg") if warpgroups > 1 else 0
     rows = pl.ds(chunk * tiling.rows + wg * block_q, block_q)
@@ -169,49 +228,21 @@ def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p
 
     plgpu.copy_gmem_to_smem(q_ref.at[problem, head, rows], q_smem, q_bar)
     refill(0)
-    row_max = plgpu.layout_cast(jnp.full((block_q,), NEG_START, jnp.float32), row_layout)
-    row_sum = plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row_layout)
-    acc = plgpu.layout_cast(jnp.zeros((block_q, layout.head_dim), jnp.float32), plgpu.Layout.WGMMA)
+    state = softmax_start(block_q, layout.head_dim)
     plgpu.barrier_wait(q_bar)
-    qk_scale = scale * LOG2_E
     for step in range(len(steps)):
         slot = step % 2
         if step + 1 < len(steps):  # the other slot's readers (the previous step's wgmmas) have finished
             refill(step + 1)
         plgpu.barrier_wait(k_bar.at[slot])
-
-        def qk(acc_ref, slot=slot):
-            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-            return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((block_q, block_k), jnp.float32))
-        plgpu.barrier_wait(w_bar.at[slot])
-        w = plgpu.load(w_smem.at[slot], layout=col_layout, optimized=False)
-        s = s * qk_scale + lax.broadcast_in_dim(w, s.shape, [1])
-        new_max = jnp.maximum(row_max, s.max(axis=1))
-        p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
-        correction = jnp.exp2(row_max - new_max)
-        row_sum = row_sum * correction + p.sum(axis=1)
-        row_max = new_max
-        p16 = p.astype(dtype)
-        if p_smem is not None:
-            p_smem[...] = p16
-            plgpu.commit_smem()  # make the generic-proxy store visible to the wgmma (async proxy)
-        plgpu.barrier_wait(v_bar.at[slot])
-
-        def pv(acc_ref, slot=slot, p16=p16):
-            plgpu.wgmma(acc_ref, p16 if p_smem is None else p_smem, v_smem.at[slot])
-            return acc_ref[...]
-
-        acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + pl.run_scoped(
-            pv, plgpu.ACC((block_q, layout.head_dim), jnp.float32)
-        )
+        state = attend_chunk(
+            state, q_smem, k_smem.at[slot], v_smem.at[slot], w_smem.at[slot], scale=scale, p_smem=p_smem,
+            before_weights=functools.partial(plgpu.barrier_wait, w_bar.at[slot]),
+            before_values=functools.partial(plgpu.barrier_wait, v_bar.at[slot]),
+        )  # fmt: skip
         if warpgroups > 1 and step + 2 < len(steps):  # this warpgroup is done with the slot: it may be refilled
             plgpu.barrier_arrive(consumed.at[slot])
-    has_keys = row_sum > 0
-    safe_sum = jnp.where(has_keys, row_sum, 1.0)
-    o_smem[...] = (acc / lax.broadcast_in_dim(safe_sum, acc.shape, [0])).astype(dtype)
-    lse_smem[...] = jnp.where(has_keys, row_max * LN_2 + jnp.log(safe_sum), -jnp.inf)
+    o_smem[...], lse_smem[...] = softmax_finish(state, dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[problem, head, rows])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[problem, head, rows])
@@ -231,12 +262,12 @@ def _forward_call(q, flat, layout: _Layout, *, scale: float, tiling: MosaicTilin
     block_q, block_k, warpgroups = tiling.block_q, tiling.block_k, tiling.compute_warpgroups
     p_in_registers = tiling.p_in_registers and interpret is None
     scratch = [
-        _swizzled((warpgroups, block_q, h), q.dtype),
-        _swizzled((2, block_k, h), q.dtype),
-        _swizzled((2, block_k, h), q.dtype),
+        swizzled((warpgroups, block_q, h), q.dtype),
+        swizzled((2, block_k, h), q.dtype),
+        swizzled((2, block_k, h), q.dtype),
         plgpu.SMEM((2, block_k), jnp.float32),
-        *([] if p_in_registers else [_swizzled((warpgroups, block_q, block_k), q.dtype)]),
-        _swizzled((warpgroups, block_q, h), q.dtype),
+        *([] if p_in_registers else [swizzled((warpgroups, block_q, block_k), q.dtype)]),
+        swizzled((warpgroups, block_q, h), q.dtype),
         plgpu.SMEM((warpgroups, block_q), jnp.float32),
         plgpu.Barrier(num_barriers=warpgroups),  # q, one per warpgroup
         plgpu.Barrier(num_barriers=2),  # k, v, log-weights: one per slot

@@ -1,0 +1,158 @@
+"""Device check of the Mosaic GPU forward that gathers its rows in the kernel (`indexed_tiled_forward_mosaic`).
+
+Command:  PYTHONPATH=. python3 experiments/benchmarks/check_mosaic_indexed.py --out $OUT/mosaic_indexed.json
+Hardware: one H100 80GB or H200 (Hopper: wgmma, TMA, cp.async), jax 0.11.2 or newer. Runtime: ~4 min, one call.
+
+(a) Agreement, `--check-n` tokens, B=1, N=8 query heads over K=2 kv heads, bf16, one key: `implementation=
+  "pallas_mosaic_gpu"` (which now runs the row-gathering kernel wherever the query blocks are whole 64-row chunks),
+  `pallas_triton` and `xla` (out, lse; dq, dk, dv against xla) for `paper()` at H 64 and 128 and the default config
+  at H 64 (`check_mosaic_gpu.check_implementations`); and the two row-gathering kernels (Mosaic, Triton) on the
+  same row operands against their jnp twin `indexed_tiled_forward_reference` in float32.
+(b) Timings at `--n`, B=1, N=K=32, H=64, bf16, `paper()` and the default: the non-causal forward and
+  forward+backward of cuDNN, `pallas_triton` and `pallas_mosaic_gpu` (the backward is the Triton path's for both),
+  and the two row-gathering kernels alone on the same operands with their FLOP rates (Mosaic with 128- and 64-key
+  chunks). Median of many blocking calls after warm-up, all in this one process: compare ratios within the run.
+Guard: a failing call is recorded and the rest still runs; no timing starts after --budget-s seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from check_mosaic_gpu import _error, _inputs, _relative, _time, check_implementations, time_end_to_end
+
+import hyperattn_jax as ha
+from hyperattn_jax.backends.pallas_triton import plan_and_rows
+from hyperattn_jax.kernels.configs import MosaicTiling, TiledKernelConfig
+from hyperattn_jax.kernels.gpu import hyper
+from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward, indexed_tiled_forward_reference
+from hyperattn_jax.kernels.mosaic_gpu.indexed_forward import indexed_tiled_forward_mosaic
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
+
+INTERPRET = jax.default_backend() != "gpu"  # a CPU dry run: the kernels in their interpreters
+CONFIGS = {"paper": ha.HyperAttentionConfig.paper(), "default": ha.HyperAttentionConfig()}
+
+
+def _row_operands(q, k, v, config, key):
+    """The plan's row operands for public-layout q, k, v, as both backends build them: (q_rows, query_index, tiles,
+    key_index)."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    plan, rows = plan_and_rows(q, k, v, key, None, None, config=config, scale=h**-0.5, interpret=INTERPRET)
+    query_index, tiles, _, key_index = hyper.row_operands(
+        k, v, plan, hyper.row_positions((b, kv, n // kv, t, 1)), hyper.row_positions((b, kv, k.shape[1], 1)), b, None,
+        rows=rows,
+    )  # fmt: skip
+    return q.reshape(b, t, kv, n // kv, h), query_index, tiles, key_index
+
+
+def _kernels(scale):
+    return {
+        "triton_indexed": lambda q, k, v, qi, ts, ki: indexed_tiled_forward(
+            q, k, v, qi, ts, ki, scale=scale, tuning=TiledKernelConfig(), interpret=INTERPRET
+        ),
+        "mosaic_indexed_k128": lambda q, k, v, qi, ts, ki: indexed_tiled_forward_mosaic(
+            q, k, v, qi, ts, ki, scale=scale, tiling=MosaicTiling(block_k=128)
+        ),
+        "mosaic_indexed_k64": lambda q, k, v, qi, ts, ki: indexed_tiled_forward_mosaic(
+            q, k, v, qi, ts, ki, scale=scale, tiling=MosaicTiling(block_k=64)
+        ),
+    }
+
+
+def check_kernels(n, head_dim, config, key) -> dict:
+    """The row-gathering kernels against the float32 twin on the same operands (out, lse)."""
+    q, k, v, _ = _inputs(n, 8, 2, head_dim, seed=n + head_dim)
+    row = {"n": n, "heads": 8, "kv_heads": 2, "head_dim": head_dim}
+    q_rows, query_index, tiles, key_index = jax.jit(_row_operands, static_argnames="config")(q, k, v, config, key)
+    f32 = [tile._replace(k=None if tile.k is None else tile.k.astype(jnp.float32),
+                         v=None if tile.v is None else tile.v.astype(jnp.float32)) for tile in tiles]  # fmt: skip
+    twin = jax.jit(indexed_tiled_forward_reference, static_argnames="scale")(
+        q_rows.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), query_index, f32, key_index,
+        scale=head_dim**-0.5,
+    )  # fmt: skip
+    for name, kernel in _kernels(head_dim**-0.5).items():
+        try:
+            out, lse = jax.jit(kernel)(q_rows, k, v, query_index, tiles, key_index)
+            row[f"{name}_vs_twin"] = {"out": _relative(out, twin[0]), "lse": _relative(lse, twin[1])}
+        except Exception as error:
+            row[f"{name}_error"] = _error(error)
+    return row
+
+
+def time_kernels(n, config, key) -> dict:
+    """The row-gathering kernels alone on the same operands, with FLOP rates (4 B N T keys-per-query H)."""
+    q, k, v, _ = _inputs(n, 32, 32, 64, seed=n)
+    operands = jax.jit(_row_operands, static_argnames="config")(q, k, v, config, key)
+    _, query_index, tiles, key_index = operands
+    keys_per_query = sum(t.k.shape[3] if i is None else i.shape[-1] for t, i in zip(tiles, key_index))
+    flops = 4 * 32 * n * keys_per_query * 64
+    row = {"n": n, "keys_per_query": keys_per_query, "flops": flops}
+    q_rows = operands[0]
+    for name, kernel in _kernels(64**-0.5).items():
+        row[name] = _time(jax.jit(kernel), q_rows, k, v, query_index, tiles, key_index)
+        if "ms" in row[name]:
+            row[name]["tflops"] = flops / row[name]["ms"] / 1e9
+    for name in ("mosaic_indexed_k128", "mosaic_indexed_k64"):
+        if "ms" in row["triton_indexed"] and "ms" in row[name]:
+            row[f"speedup_{name}_over_triton"] = row["triton_indexed"]["ms"] / row[name]["ms"]
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="experiments/results/mosaic_indexed.json")
+    parser.add_argument("--check-n", type=int, default=8192)
+    parser.add_argument("--n", default="32768,131072")
+    parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd")
+    parser.add_argument("--budget-s", type=float, default=400.0, help="start no timing after this many seconds")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+    start = time.monotonic()
+    key = jax.random.key(0)
+    record = {"note": args.note, "configs": {name: dataclasses.asdict(c) for name, c in CONFIGS.items()}}
+    record.update(batch=1, dtype="bfloat16", checks=[], kernel_checks=[], timings=[], kernels=[])
+
+    def save():
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(with_run_record(record), f, indent=1)
+
+    def add(kind: str, run, **where):
+        """One row, unless the budget is spent (a device call has a time limit: the JSON so far stays)."""
+        if time.monotonic() - start > args.budget_s:
+            row = {**where, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
+        else:
+            try:
+                row = {**where, **run()}
+            except Exception as error:
+                row = {**where, "error": _error(error)}
+        record[kind].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+
+    for name, head_dim in (("paper", 64), ("paper", 128), ("default", 64)):
+        add("checks", lambda c=CONFIGS[name], h=head_dim: check_implementations(args.check_n, h, c, key), config=name)
+        add("kernel_checks", lambda c=CONFIGS[name], h=head_dim: check_kernels(args.check_n, h, c, key), config=name)
+    for n in [int(x) for x in args.n.split(",") if x]:
+        for name, config in CONFIGS.items():
+            add("kernels", lambda n=n, c=config: time_kernels(n, c, key), config=name)
+            for mode in args.modes.split(","):
+                add("timings", lambda n=n, m=mode, c=config: time_end_to_end(n, m, c, key), config=name)
+    record["elapsed_s"] = time.monotonic() - start
+    save()
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

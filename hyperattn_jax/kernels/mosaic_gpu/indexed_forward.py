@@ -1,0 +1,242 @@
+"""Tile-attention forward on Pallas Mosaic GPU that gathers its rows in the kernel: no sorted copies of q, k, v, out.
+
+The Mosaic twin of `kernels/gpu/indexed_forward.py` (same arguments, same jnp twin
+`indexed_tiled_forward_reference`): each program (64 blocked query slots of one query head) copies its queries
+`q[query_index]` and, chunk by chunk, its block's keys `k[key_index]`, `v[key_index]` from the unsorted public-layout
+arrays into shared memory (`row_copies.gather_rows`: cp.async, 16 bytes per copy), runs the online softmax of
+`tiled_attention.attend_chunk` (wgmma) over them and over the shared tiles (samples, global keys: small,
+pre-gathered, copied by TMA as in `tiled_attention.py`), and stores out and lse at the query rows. Key chunks are
+double buffered: the gathers of the next chunk are in flight while the current one is multiplied.
+
+Why: with XLA's sorted copies (`tiled_attention_mosaic`), the Mosaic path was 42-47% slower end to end than the
+Triton path, which reads rows by index (`results/mosaic_check_h100.json`), though its kernel alone was 5-14% faster.
+
+Scope: the non-causal forward (no merge into a running output yet, so the causal levels stay on Triton), one compute
+warpgroup, query blocks a multiple of 64 slots, H 64 or 128, bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from hyperattn_jax.kernels.configs import MosaicTiling
+from hyperattn_jax.kernels.gpu.indexed_forward import row_coordinates, tile_log_weights
+from hyperattn_jax.kernels.mosaic_gpu.row_copies import (
+    gather_rows,
+    scatter_rows,
+    scatter_values,
+    swizzled,
+    wait_gathers,
+)
+from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
+    DTYPES,
+    HEAD_DIMS,
+    LOG2_E,
+    attend_chunk,
+    interpret_params,
+    softmax_finish,
+    softmax_start,
+)
+from hyperattn_jax.ops.tiles import KeyTile
+
+
+class _Tile(NamedTuple):
+    """Static facts of one key tile in the kernel."""
+
+    indexed: bool  # rows gathered in the kernel (else pre-gathered k, v copied by TMA)
+    weighted: bool  # has log-weights (else every key counts once)
+    length: int  # keys, a multiple of block_k
+
+
+def _pad_last(x, size: int, value):
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])]
+    return jnp.pad(x, pad, constant_values=value) if size != x.shape[-1] else x
+
+
+def _tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int, block_k: int):
+    """Per tile: its `_Tile` and arrays. Indexed: absolute rows of the flattened k, v `[P K, nb, t]` (-1 read as
+    row 0, masked by weight -inf) and base-2 log-weights `[P K, nb | 1, t]` if any; pre-gathered: k, v
+    `[P K, nb | 1, t, H]` and log-weights. Lengths padded to whole chunks (weight -inf)."""
+    batch, keys, kv_heads, h = k.shape
+    pk = problems * kv_heads
+    facts, arrays = [], []
+    for tile, index in zip(tiles, tile_key_index, strict=True):
+        length = tile.k.shape[3] if index is None else index.shape[-1]
+        padded = -(-length // block_k) * block_k
+        w, _ = tile_log_weights(tile, problems=problems, kv_heads=kv_heads, num_blocks=num_blocks,
+                                               length=length)  # fmt: skip
+        if w is None and padded != length:
+            w = jnp.zeros((pk, 1, length), jnp.float32)
+        tile_arrays = []
+        if index is not None:
+            problem_batch, head = row_coordinates(index, batch)
+            rows = (problem_batch * keys + jnp.maximum(index, 0)) * kv_heads + head
+            tile_arrays.append(_pad_last(rows.reshape(pk, num_blocks, length).astype(jnp.int32), padded, 0))
+        else:
+            for x in (tile.k, tile.v):
+                x = x.reshape(pk, x.shape[2], length, h)
+                tile_arrays.append(jnp.pad(x, [(0, 0), (0, 0), (0, padded - length), (0, 0)]))
+        if w is not None:  # base 2 here saves a multiply per score in the kernel
+            tile_arrays.append(_pad_last(w * LOG2_E, padded, -jnp.inf))
+        facts.append(_Tile(index is not None, w is not None, padded))
+        arrays.append(tile_arrays)
+    return tuple(facts), arrays
+
+
+def _query_rows(query_index, batch: int, t: int, groups: int, padded: bool):
+    """Absolute rows of the flattened q `[B T K G, H]` each slot reads, of the flattened out `[B T' K G, H]` and
+    lse `[B K G T']` it writes (T' = T + 1 with padding slots, which write the spare last position): `[P K, G, nb bq]`
+    each."""
+    problems, kv_heads = query_index.shape[:2]
+    problem_batch, head = row_coordinates(query_index, batch)
+    group = jnp.arange(groups).reshape(1, 1, groups, 1, 1)
+    t_out = t + 1 if padded else t
+    store = jnp.where(query_index >= 0, query_index, t)
+    load = ((problem_batch * t + jnp.maximum(query_index, 0)) * kv_heads + head) * groups + group
+    out = ((problem_batch * t_out + store) * kv_heads + head) * groups + group
+    lse = ((problem_batch * kv_heads + head) * groups + group) * t_out + store
+    return [x.reshape(problems * kv_heads, groups, -1).astype(jnp.int32) for x in (load, out, lse)]
+
+
+def _block_of(ref, block):
+    """The query block's entry of a `[P K, nb | 1, ...]` operand (entry 0 of one shared by every block)."""
+    return block if ref.shape[1] > 1 else 0
+
+
+def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, tiles, query_block: int,
+            block_k: int, scale: float, interpret: bool, p_in_registers: bool):  # fmt: skip
+    num_inputs = sum((1 if tile.indexed else 2) + tile.weighted for tile in tiles)
+    tile_refs, (o_ref, lse_ref) = refs[:num_inputs], refs[num_inputs : num_inputs + 2]
+    scratch = list(refs[num_inputs + 2 :])
+    q_smem, k_smem, v_smem, w_smem, o_smem, lse_smem, k_bar, v_bar, w_bar = scratch[:9]
+    p_smem = None if p_in_registers else scratch[9]
+    block_q = q_smem.shape[0]
+    chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
+    rows = pl.ds(chunk * block_q, block_q)
+    block = lax.div(chunk, jnp.int32(query_block // block_q))
+
+    per_tile, position = [], 0  # each tile's refs: (rows | (k, v)), then weights or None
+    for tile in tiles:
+        count = (1 if tile.indexed else 2) + tile.weighted
+        tile_ref = tile_refs[position : position + count]
+        per_tile.append((tile_ref[: count - tile.weighted], tile_ref[count - 1] if tile.weighted else None))
+        position += count
+    steps = [(i, c) for i, tile in enumerate(tiles) for c in range(tile.length // block_k)]
+    groups = []  # the cp.async groups committed so far, by name: gathers complete in order
+
+    def issue(step: int, slot: int):
+        i, c = steps[step]
+        (sources, w_ref), tile = per_tile[i], tiles[i]
+        keys = pl.ds(c * block_k, block_k)
+        if tile.indexed:
+            gather_rows(sources[0].at[problem, block, keys], [(k_ref, k_smem.at[slot]), (v_ref, v_smem.at[slot])],
+                        interpret=interpret)  # fmt: skip
+            groups.append(step)
+        else:
+            for src, dst, bar in zip(sources, (k_smem, v_smem), (k_bar, v_bar), strict=True):
+                plgpu.copy_gmem_to_smem(src.at[problem, _block_of(src, block), keys], dst.at[slot], bar.at[slot])
+        if w_ref is not None:
+            weights = w_ref.at[problem, _block_of(w_ref, block), keys]
+            plgpu.copy_gmem_to_smem(weights, w_smem.at[slot], w_bar.at[slot])
+
+    def wait_for(name):
+        wait_gathers(len(groups) - 1 - groups.index(name), interpret=interpret)
+
+    gather_rows(q_load_ref.at[problem, head, rows], [(q_ref, q_smem)], interpret=interpret)
+    groups.append("q")
+    issue(0, 0)
+    wait_for("q")
+    state = softmax_start(block_q, q_smem.shape[1])
+    for step in range(len(steps)):
+        slot = step % 2
+        if step + 1 < len(steps):  # the other slot's readers (the previous step's wgmmas) have finished
+            issue(step + 1, 1 - slot)
+        tile = tiles[steps[step][0]]
+        if tile.indexed:
+            wait_for(step)
+        else:
+            plgpu.barrier_wait(k_bar.at[slot])
+        state = attend_chunk(
+            state, q_smem, k_smem.at[slot], v_smem.at[slot], w_smem.at[slot] if tile.weighted else None, scale=scale,
+            p_smem=p_smem, before_weights=functools.partial(plgpu.barrier_wait, w_bar.at[slot]),
+            before_values=None if tile.indexed else functools.partial(plgpu.barrier_wait, v_bar.at[slot]),
+        )  # fmt: skip
+    o_smem[...], lse_smem[...] = softmax_finish(state, q_smem.dtype)
+    plgpu.commit_smem()
+    scatter_rows(o_smem, out_rows_ref.at[problem, head, rows], o_ref, interpret=interpret)
+    scatter_values(lse_smem, lse_rows_ref.at[problem, head, rows], lse_ref, interpret=interpret)
+
+
+def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_index, *, scale, tiling=None,
+                                 interpret=None):  # fmt: skip
+    """`kernels.gpu.indexed_tiled_forward` (without `merge_into`) on Mosaic GPU: rows gathered in the kernel.
+
+    Args:
+      q_rows: `[B, T, K, G, H]` (the public `[B, T, N, H]` split by kv head), bfloat16/float16, H in (64, 128).
+      k, v: `[B, S, K, H]`, public layout, q's dtype.
+      query_index: int32 `[P, K, G, nb, bq]`: row of q_rows in each blocked slot of problem p (batch p % B), -1 =
+        padding; bq a multiple of 64.
+      tiles, tile_key_index: as `indexed_tiled_forward`'s (per-block tiles by rows, shared ones pre-gathered).
+      scale: softmax scale. tiling: `MosaicTiling` (one compute warpgroup). interpret: as `tiled_attention_mosaic`.
+
+    Returns:
+      out `[B, T, K, G, H]` (q's dtype) and lse `[B, K, G, T]` float32 at the rows query_index names (others
+      unspecified). No gradient rule.
+    """
+    tiles = [KeyTile(*tile) for tile in tiles]
+    tiling = MosaicTiling() if tiling is None else tiling
+    b, t, kv_heads, groups, h = q_rows.shape
+    problems, nb, bq = query_index.shape[0], query_index.shape[3], query_index.shape[4]
+    if jnp.dtype(q_rows.dtype) not in DTYPES or h not in HEAD_DIMS:
+        raise ValueError(f"the Mosaic GPU kernel takes {DTYPES} and head dims {HEAD_DIMS}, got {q_rows.dtype}, {h=}")
+    if bq % tiling.block_q or tiling.compute_warpgroups != 1:
+        raise ValueError(f"query blocks must be a multiple of {tiling.block_q} slots ({bq=}), one warpgroup")
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    if not isinstance(interpret, plgpu.InterpretGPUParams):
+        interpret = interpret_params() if interpret else None
+    padded = math.prod(query_index.shape) != b * kv_heads * groups * t
+    t_out = t + 1 if padded else t
+    facts, tile_arrays = _tile_operands(k, v, tiles, tile_key_index, problems=problems, num_blocks=nb,
+                                        block_k=tiling.block_k)  # fmt: skip
+    p_in_registers = tiling.p_in_registers and interpret is None
+    block_q, block_k = tiling.block_q, tiling.block_k
+    scratch = [
+        swizzled((block_q, h), q_rows.dtype),
+        swizzled((2, block_k, h), q_rows.dtype),
+        swizzled((2, block_k, h), q_rows.dtype),
+        plgpu.SMEM((2, block_k), jnp.float32),
+        swizzled((block_q, h), q_rows.dtype),
+        plgpu.SMEM((block_q,), jnp.float32),
+        *(plgpu.Barrier(num_barriers=2) for _ in range(3)),  # pre-gathered k, v and the weights: one per slot
+        *([] if p_in_registers else [swizzled((block_q, block_k), q_rows.dtype)]),
+    ]
+    kernel = functools.partial(_kernel, tiles=facts, query_block=bq, block_k=block_k, scale=float(scale),
+                               interpret=interpret is not None, p_in_registers=p_in_registers)  # fmt: skip
+    out, lse = plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((b * t_out * kv_heads * groups, h), q_rows.dtype),
+            jax.ShapeDtypeStruct((b * kv_heads * groups * t_out,), jnp.float32),
+        ),
+        scratch_types=scratch,
+        grid=(nb * bq // block_q, groups, problems * kv_heads),
+        grid_names=("rows", "group", "problem"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )(
+        *_query_rows(query_index, b, t, groups, padded),
+        q_rows.reshape(-1, h),
+        k.reshape(-1, h),
+        v.reshape(-1, h),
+        *(x for arrays in tile_arrays for x in arrays),
+    )
+    out, lse = out.reshape(b, t_out, kv_heads, groups, h), lse.reshape(b, kv_heads, groups, t_out)
+    return (out[:, :t], lse[..., :t]) if padded else (out, lse)

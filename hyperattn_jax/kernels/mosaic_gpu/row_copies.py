@@ -1,0 +1,180 @@
+"""Row copies by index between global and shared memory, for the Mosaic GPU kernels (Hopper has no gather-TMA).
+
+TMA copies boxes of contiguous rows; reading the rows a plan names (`q[query_index]`, `k[key_index]`) needs one copy
+per row. Hopper's way is what the Triton kernels compile to: each of the warpgroup's 128 threads issues 16-byte
+`cp.async` copies from its rows' addresses in global memory into shared memory, 8 consecutive threads covering one
+128-byte row segment (coalesced). Pallas exposes no gathered `cp.async` (jax's own cp.async copy refuses gathers),
+so these helpers write it in Mosaic GPU's MLIR through `plgpu.inline_mgpu`, on jax's internal MLIR dialect bindings.
+
+The destination is the layout wgmma and TMA use (`swizzled`): (8, 64)-element tiles of 1024 bytes, row-major, and
+inside a tile the 16-byte piece j of row r stored at piece j XOR (r mod 8) (the 128-byte swizzle). Outputs go the
+other way: 16-byte vector loads from the swizzled shared buffer, stored at their rows in global memory.
+
+In jax's Mosaic GPU interpreter (CPU tests) the same helpers copy one row at a time with Pallas loads and stores: the
+interpreter models shared memory logically, so its tests check which rows go where, and the device check the
+swizzle arithmetic and the cp.async synchronisation.
+"""
+
+from __future__ import annotations
+
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, llvm, memref, nvvm
+
+WARPGROUP = 128  # threads
+PIECE = 16  # bytes per cp.async copy and per vector load/store
+TILE = (8, 64)  # elements of a swizzled tile (16-bit): 8 rows of 128 bytes
+SWIZZLED = (plgpu.TilingTransform(TILE), plgpu.SwizzleTransform(128))
+
+
+def swizzled(shape, dtype):
+    """Shared memory laid out for TMA, wgmma and these copies: (8, 64)-element tiles, 128-byte swizzle."""
+    return plgpu.SMEM(shape, dtype, transforms=SWIZZLED)
+
+
+def _int(value: int, bits: int = 32):
+    return mgpu_utils.c(value, ir.IntegerType.get_signless(bits))
+
+
+def _pieces(num_rows: int, head_dim: int):
+    """(row, piece) i32 values of every 16-byte piece this thread copies, and the pieces per row. Piece number
+    L = 128 i + thread covers row L // pieces_per_row: consecutive threads read consecutive bytes of a row."""
+    pieces_per_row = head_dim * 2 // PIECE
+    total = num_rows * pieces_per_row
+    if total % WARPGROUP:
+        raise ValueError(f"{num_rows} rows of {head_dim} 16-bit elements are not a whole number of 16-byte pieces "
+                         f"per thread")  # fmt: skip
+    thread = arith.remui(mgpu_utils.thread_idx(), _int(WARPGROUP))
+    for i in range(total // WARPGROUP):
+        linear = arith.addi(thread, _int(i * WARPGROUP))
+        yield arith.divui(linear, _int(pieces_per_row)), arith.remui(linear, _int(pieces_per_row)), pieces_per_row
+
+
+def _swizzled_offset(row, piece, pieces_per_row: int):
+    """Byte offset of 16-byte `piece` of `row` in a swizzled buffer (`swizzled`): tile (row // 8, piece // 8) of
+    1024 bytes, then row r = row mod 8 at 128 r, then piece (piece mod 8) XOR r."""
+    r = arith.remui(row, _int(8))
+    tile = arith.addi(arith.muli(arith.divui(row, _int(8)), _int(pieces_per_row // 8)), arith.divui(piece, _int(8)))
+    inside = arith.addi(arith.muli(r, _int(128)), arith.muli(arith.xori(arith.remui(piece, _int(8)), r), _int(PIECE)))
+    return arith.addi(arith.muli(tile, _int(1024)), inside)
+
+
+def _global_offset(row_value, piece, row_bytes: int):
+    """Byte offset (i64) of 16-byte `piece` of row `row_value` (i32) of a row-major global array."""
+    i64 = ir.IntegerType.get_signless(64)
+    row_offset = arith.muli(arith.extui(i64, row_value), _int(row_bytes, 64))
+    return arith.addi(row_offset, arith.extui(i64, arith.muli(piece, _int(PIECE))))
+
+
+def _global_pointer(ref):
+    return llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(ref))
+
+
+def _byte(pointer, offset):
+    return mgpu_utils.getelementptr(pointer, [offset], ir.IntegerType.get_signless(8))
+
+
+def _load_index(ref, position):
+    return memref.load(ref, [arith.index_cast(ir.IndexType.get(), position)])
+
+
+def gather_rows(rows_ref, pairs, *, interpret: bool):
+    """For each (src, dst) in pairs: dst[i] = src[rows[i]] for every row i of dst, where src is a global `[R, H]`
+    16-bit array, rows_ref int32 `[n]` global (valid rows only) and dst a `swizzled` shared `[n, H]` buffer. On the
+    GPU the copies are asynchronous: one cp.async group for all pairs, complete after `wait_gathers`."""
+    if interpret:
+
+        def copy_row(i, carry):
+            row = rows_ref[i]
+            for src, dst in pairs:
+                dst[pl.ds(i, 1), :] = src[pl.ds(row, 1), :]
+            return carry
+
+        lax.fori_loop(0, pairs[0][1].shape[0], copy_row, 0)
+        return
+    num_rows, head_dim = pairs[0][1].shape
+    read = plgpu.RefType(write=False)
+
+    @plgpu.inline_mgpu(arg_types=(read, [(read, plgpu.RefType(SWIZZLED)) for _ in pairs]))
+    def gather(ctx, rows, refs):
+        del ctx
+        pointers = [(_global_pointer(src), mgpu_utils.memref_ptr(dst)) for src, dst in refs]
+        for row, piece, pieces_per_row in _pieces(num_rows, head_dim):
+            source = _global_offset(_load_index(rows, row), piece, head_dim * 2)
+            target = _swizzled_offset(row, piece, pieces_per_row)
+            for src_pointer, dst_pointer in pointers:
+                nvvm.cp_async_shared_global(
+                    _byte(dst_pointer, target), _byte(src_pointer, source), PIECE, nvvm.LoadCacheModifierKind.CG
+                )
+        nvvm.cp_async_commit_group()
+
+    gather(rows_ref, list(pairs))
+
+
+def wait_gathers(pending: int, *, interpret: bool):
+    """Wait until at most `pending` of this thread's most recent gather groups are in flight, then make every
+    thread's copies visible to the warpgroup and to wgmma (a proxy fence and a warpgroup barrier)."""
+    if not interpret:
+
+        @plgpu.inline_mgpu()
+        def wait(ctx):
+            del ctx
+            nvvm.cp_async_wait_group(pending)
+
+        wait()
+    plgpu.commit_smem()
+
+
+def scatter_rows(src_smem, rows_ref, dst_ref, *, interpret: bool):
+    """dst[rows[i]] = src[i] for every row i of the `swizzled` shared `[n, H]` src (written and committed before
+    the call): dst a global `[R, H]` array of src's dtype, rows_ref int32 `[n]` global. Synchronous stores."""
+    num_rows, head_dim = src_smem.shape
+    if interpret:
+
+        def copy_row(i, carry):
+            dst_ref[pl.ds(rows_ref[i], 1), :] = src_smem[pl.ds(i, 1), :]
+            return carry
+
+        lax.fori_loop(0, num_rows, copy_row, 0)
+        return
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(SWIZZLED, write=False), plgpu.RefType(write=False), plgpu.RefType()))
+    def scatter(ctx, src, rows, dst):
+        del ctx
+        vector = ir.VectorType.get((PIECE // 4,), ir.IntegerType.get_signless(32))
+        src_pointer, dst_pointer = mgpu_utils.memref_ptr(src), _global_pointer(dst)
+        for row, piece, pieces_per_row in _pieces(num_rows, head_dim):
+            value = llvm.load(vector, _byte(src_pointer, _swizzled_offset(row, piece, pieces_per_row)))
+            llvm.store(value, _byte(dst_pointer, _global_offset(_load_index(rows, row), piece, head_dim * 2)))
+
+    scatter(src_smem, rows_ref, dst_ref)
+
+
+def scatter_values(src_smem, index_ref, dst_ref, *, interpret: bool):
+    """dst[index[i]] = src[i] for float32 src `[n]` in shared memory (plain layout, committed), index int32 `[n]`
+    and dst float32 in global memory: one thread per value, n <= 128."""
+    (count,) = src_smem.shape
+    if interpret:
+
+        def copy_value(i, carry):
+            dst_ref[pl.ds(index_ref[i], 1)] = src_smem[pl.ds(i, 1)]
+            return carry
+
+        lax.fori_loop(0, count, copy_value, 0)
+        return
+    if count > WARPGROUP:
+        raise ValueError(f"one value per thread: {count} > {WARPGROUP}")
+    read = plgpu.RefType(write=False)
+
+    @plgpu.inline_mgpu(arg_types=(read, read, plgpu.RefType()))
+    def scatter(ctx, src, index, dst):
+        del ctx
+        thread = arith.remui(mgpu_utils.thread_idx(), _int(WARPGROUP))
+        with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, thread, _int(count))):
+            position = arith.index_cast(ir.IndexType.get(), _load_index(index, thread))
+            memref.store(memref.load(src, [arith.index_cast(ir.IndexType.get(), thread)]), dst, [position])
+
+    scatter(src_smem, index_ref, dst_ref)
