@@ -15,6 +15,9 @@ from helpers import planted_qkv, random_qkv
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
+from hyperattn_jax.kernels.gpu import hyper
+from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward_reference
+from hyperattn_jax.kernels.mosaic_gpu.indexed_forward import indexed_tiled_forward_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import MosaicTiling, interpret_params, tiled_attention_mosaic
 
 
@@ -160,3 +163,117 @@ def test_device_kernel_lowers_to_mosaic_gpu_for_cuda(h, warpgroups):
     text = jax.jit(forward).trace(q_blocks, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     assert f"wgmma.mma_async.sync.aligned.m64n{h}k16.f32.bf16.bf16" in text  # the PV product, P from registers
+
+
+def _float32_tiles(tiles):
+    return [t._replace(k=None if t.k is None else t.k.astype(jnp.float32),
+                       v=None if t.v is None else t.v.astype(jnp.float32)) for t in tiles]  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _row_problem(q, k, v, config, key):
+    """The plan's row operands (q_rows, query_index, tiles, key_index), as the backends build them."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q5, k4, v4 = ops.group_queries(q, kv), ops.heads_major(k), ops.heads_major(v)
+    plan = ops.make_plan(q5, k4, key=key, config=config, v=v4)
+    query_index, tiles, _, key_index = hyper.row_operands(
+        k, v, plan, hyper.row_positions((b, kv, n // kv, t, 1)), hyper.row_positions((b, kv, t, 1)), b, None
+    )
+    return q.reshape(b, t, kv, n // kv, h), query_index, tiles, key_index
+
+
+@pytest.mark.parametrize(
+    ("config", "h", "dtype", "block_k"),
+    [
+        # the default's tiles: weighted sorted blocks (global keys' slots masked), global keys, samples; GQA
+        (ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=0), 64, jnp.bfloat16, 64),
+        # paper(): unweighted blocks of 128 keys read in one chunk, fp16, H 128
+        (ha.HyperAttentionConfig.paper(block_size=128, sample_size=64, min_seq_len=0), 128, jnp.float16, 128),
+    ],
+)
+def test_indexed_forward_matches_jnp_twin(rng, config, h, dtype, block_k):
+    # The row-gathering kernel (rows copied one at a time in the interpreter) against its jnp twin in float32 on the
+    # same plan rows: which rows each slot reads and where its out and lse go.
+    q, k, v = _planted(rng, t=256, n=2, kv=1, h=h, dtype=dtype)
+    q_rows, query_index, tiles, key_index = _row_problem(q, k, v, config, jax.random.key(int(rng.integers(1 << 30))))
+    assert any(index is not None for index in key_index)  # the sorted blocks are gathered in the kernel
+    scale = h**-0.5
+    out, lse = indexed_tiled_forward_mosaic(
+        q_rows, k, v, query_index, tiles, key_index, scale=scale, tiling=MosaicTiling(block_k=block_k)
+    )
+    f32 = (x.astype(jnp.float32) for x in (q_rows, k, v))
+    want_out, want_lse = indexed_tiled_forward_reference(*f32, query_index, _float32_tiles(tiles), key_index,
+                                                         scale=scale)  # fmt: skip
+    assert out.dtype == dtype and float(jnp.max(jnp.abs(want_out))) > 0.5  # planted rows: far from uniform's ~0
+    assert _relative(out, want_out) < 4e-3, _relative(out, want_out)  # measured 2e-3 (bf16 rounding of P and out)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_indexed_forward_padding_slots_and_shared_tiles(rng):
+    # Padding slots (-1: read row 0, masked nowhere, their outputs dropped), rows no slot names left alone, and a
+    # pre-gathered tile whose keys are shared by the query blocks but whose log-weights differ per block.
+    t, h, nb, bq = 192, 64, 2, 128
+    q, k, v = (jnp.asarray(rng.standard_normal((1, t, 1, *s)), jnp.bfloat16) for s in ((1, h), (h,), (h,)))
+    slots = np.full(nb * bq, -1)
+    slots[: t - 32] = rng.permutation(t)[: t - 32]  # 32 rows named by no slot, 96 padding slots
+    query_index = jnp.asarray(rng.permutation(slots), jnp.int32).reshape(1, 1, 1, nb, bq)
+    key_index = jnp.asarray(rng.integers(0, t, (1, 1, nb, 64)), jnp.int32)
+    shared_k, shared_v = (jnp.asarray(rng.standard_normal((1, 1, 1, 64, h)), jnp.bfloat16) for _ in range(2))
+    weights = jnp.asarray(rng.standard_normal((1, 1, nb, 64)), jnp.float32).at[:, :, 1, 40:].set(-jnp.inf)
+    tiles = [ops.KeyTile(None, None, None), ops.KeyTile(shared_k, shared_v, weights)]
+    out, lse = indexed_tiled_forward_mosaic(q, k, v, query_index, tiles, [key_index, None], scale=0.125,
+                                            tiling=MosaicTiling(block_k=64))  # fmt: skip
+    f32 = (x.astype(jnp.float32) for x in (q, k, v))
+    want_out, want_lse = indexed_tiled_forward_reference(*f32, query_index, _float32_tiles(tiles),
+                                                         [key_index, None], scale=0.125)  # fmt: skip
+    named = np.zeros(t, bool)
+    named[slots[slots >= 0]] = True
+    assert out.shape == want_out.shape and lse.shape == want_lse.shape
+    assert _relative(out[:, named], want_out[:, named]) < 4e-3
+    np.testing.assert_allclose(lse[..., named], want_lse[..., named], rtol=1e-4, atol=1e-4)
+
+
+def test_backend_gathers_rows_in_the_kernel(rng, monkeypatch):
+    # pallas_mosaic_gpu runs the row-gathering kernel where the query blocks are whole 64-row chunks, and the
+    # sorted-copy kernel where they are not (blocks of 32 queries).
+    from hyperattn_jax.backends import pallas_mosaic_gpu
+
+    calls = []
+    for name in ("indexed_tiled_forward_mosaic", "tiled_attention_mosaic"):
+        original = getattr(pallas_mosaic_gpu, name)
+        monkeypatch.setattr(pallas_mosaic_gpu, name, lambda *a, name=name, original=original, **kw: calls.append(name)
+                            or original(*a, **kw))  # fmt: skip
+    for t, block in ((128, 64), (128, 32)):
+        cfg = ha.HyperAttentionConfig.paper(block_size=block, sample_size=32, min_seq_len=0)
+        q, k, v = random_qkv(rng, b=1, t=t, n=1, kv=1, h=64, dtype=jnp.bfloat16)
+        out = ha.hyper_attention(q, k, v, key=jax.random.key(0), config=cfg, implementation="pallas_mosaic_gpu",
+                                 interpret=True)  # fmt: skip
+        assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    assert calls == ["indexed_tiled_forward_mosaic", "tiled_attention_mosaic"]
+
+
+@pytest.mark.parametrize("h", [64, 128])
+def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h):
+    # The GPU variant of the row-gathering kernel (cp.async row copies, vector stores at the rows, wgmma) through
+    # Mosaic GPU's passes to LLVM for CUDA, on the CPU.
+    b, t, nb, bq = 1, 1024, 4, 256
+    q_rows = jax.ShapeDtypeStruct((b, t, 2, 2, h), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, t, 2, h), jnp.bfloat16)
+    query_index = jax.ShapeDtypeStruct((1, 2, 2, nb, bq), jnp.int32)
+    key_index = jax.ShapeDtypeStruct((1, 2, nb, 256), jnp.int32)
+    shared = [jax.ShapeDtypeStruct((1, 2, 1, 128, h), jnp.bfloat16)] * 2 + [
+        jax.ShapeDtypeStruct((1, 2, nb, 128), jnp.float32)
+    ]
+
+    def forward(q_rows, k, v, query_index, key_index, shared_k, shared_v, weights):
+        tiles = [ops.KeyTile(None, None, None), ops.KeyTile(shared_k, shared_v, weights)]
+        return indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, [key_index, None], scale=h**-0.5,
+                                            interpret=False)  # fmt: skip
+
+    lowered = (
+        jax.jit(forward).trace(q_rows, kv, kv, query_index, key_index, *shared).lower(lowering_platforms=("cuda",))
+    )
+    text = lowered.as_text()
+    for instruction in ("cp.async.shared.global", "cp.async.wait.group", f"wgmma.mma_async.sync.aligned.m64n{h}k16"):
+        assert instruction in text, instruction

@@ -17,6 +17,8 @@ swizzle arithmetic and the cp.async synchronisation.
 
 from __future__ import annotations
 
+import dataclasses
+
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -28,6 +30,14 @@ WARPGROUP = 128  # threads
 PIECE = 16  # bytes per cp.async copy and per vector load/store
 TILE = (8, 64)  # elements of a swizzled tile (16-bit): 8 rows of 128 bytes
 SWIZZLED = (plgpu.TilingTransform(TILE), plgpu.SwizzleTransform(128))
+
+
+def _ref_type(transforms=(), *, write: bool = True):
+    """`plgpu.RefType` for an inline_mgpu argument. jax >= 0.12 needs read-only inputs marked (write=False, else the
+    kernel is refused for writing to an input); jax 0.11 has no such field."""
+    if "write" in {field.name for field in dataclasses.fields(plgpu.RefType)}:
+        return plgpu.RefType(transforms, write=write)
+    return plgpu.RefType(transforms)
 
 
 def swizzled(shape, dtype):
@@ -96,9 +106,9 @@ def gather_rows(rows_ref, pairs, *, interpret: bool):
         lax.fori_loop(0, pairs[0][1].shape[0], copy_row, 0)
         return
     num_rows, head_dim = pairs[0][1].shape
-    read = plgpu.RefType(write=False)
+    read = _ref_type(write=False)
 
-    @plgpu.inline_mgpu(arg_types=(read, [(read, plgpu.RefType(SWIZZLED)) for _ in pairs]))
+    @plgpu.inline_mgpu(arg_types=(read, [(read, _ref_type(SWIZZLED)) for _ in pairs]))
     def gather(ctx, rows, refs):
         del ctx
         pointers = [(_global_pointer(src), mgpu_utils.memref_ptr(dst)) for src, dst in refs]
@@ -141,7 +151,7 @@ def scatter_rows(src_smem, rows_ref, dst_ref, *, interpret: bool):
         lax.fori_loop(0, num_rows, copy_row, 0)
         return
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(SWIZZLED, write=False), plgpu.RefType(write=False), plgpu.RefType()))
+    @plgpu.inline_mgpu(arg_types=(_ref_type(SWIZZLED, write=False), _ref_type(write=False), _ref_type()))
     def scatter(ctx, src, rows, dst):
         del ctx
         vector = ir.VectorType.get((PIECE // 4,), ir.IntegerType.get_signless(32))
@@ -167,9 +177,9 @@ def scatter_values(src_smem, index_ref, dst_ref, *, interpret: bool):
         return
     if count > WARPGROUP:
         raise ValueError(f"one value per thread: {count} > {WARPGROUP}")
-    read = plgpu.RefType(write=False)
+    read = _ref_type(write=False)
 
-    @plgpu.inline_mgpu(arg_types=(read, read, plgpu.RefType()))
+    @plgpu.inline_mgpu(arg_types=(read, read, _ref_type()))
     def scatter(ctx, src, index, dst):
         del ctx
         thread = arith.remui(mgpu_utils.thread_idx(), _int(WARPGROUP))
