@@ -184,24 +184,25 @@ def _row_problem(q, k, v, config, key):
 
 
 @pytest.mark.parametrize(
-    ("config", "h", "dtype", "block_k"),
+    ("config", "h", "dtype", "tiling"),
     [
-        # the default's tiles: weighted sorted blocks (global keys' slots masked), global keys, samples; GQA
-        (ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=0), 64, jnp.bfloat16, 64),
-        # paper(): unweighted blocks of 128 keys read in one chunk, fp16, H 128
-        (ha.HyperAttentionConfig.paper(block_size=128, sample_size=64, min_seq_len=0), 128, jnp.float16, 128),
+        # the default's tiles: weighted sorted blocks (global keys' slots masked), global keys, samples; GQA; key
+        # rows staged in shared memory a chunk ahead
+        (ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=0), 64, jnp.bfloat16,
+         MosaicTiling(block_k=64)),
+        # paper(): unweighted blocks of 128 keys read in one chunk, fp16, H 128, key rows loaded by each gather
+        (ha.HyperAttentionConfig.paper(block_size=128, sample_size=64, min_seq_len=0), 128, jnp.float16,
+         MosaicTiling(block_k=128, stage_rows=False)),
     ],
-)
-def test_indexed_forward_matches_jnp_twin(rng, config, h, dtype, block_k):
+)  # fmt: skip
+def test_indexed_forward_matches_jnp_twin(rng, config, h, dtype, tiling):
     # The row-gathering kernel (rows copied one at a time in the interpreter) against its jnp twin in float32 on the
     # same plan rows: which rows each slot reads and where its out and lse go.
     q, k, v = _planted(rng, t=256, n=2, kv=1, h=h, dtype=dtype)
     q_rows, query_index, tiles, key_index = _row_problem(q, k, v, config, jax.random.key(int(rng.integers(1 << 30))))
     assert any(index is not None for index in key_index)  # the sorted blocks are gathered in the kernel
     scale = h**-0.5
-    out, lse = indexed_tiled_forward_mosaic(
-        q_rows, k, v, query_index, tiles, key_index, scale=scale, tiling=MosaicTiling(block_k=block_k)
-    )
+    out, lse = indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, key_index, scale=scale, tiling=tiling)
     f32 = (x.astype(jnp.float32) for x in (q_rows, k, v))
     want_out, want_lse = indexed_tiled_forward_reference(*f32, query_index, _float32_tiles(tiles), key_index,
                                                          scale=scale)  # fmt: skip

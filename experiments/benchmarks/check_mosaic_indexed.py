@@ -5,13 +5,16 @@ Hardware: one H100 80GB or H200 (Hopper: wgmma, TMA, cp.async), jax 0.11.2 or ne
 
 (a) Agreement, `--check-n` tokens, B=1, N=8 query heads over K=2 kv heads, bf16, one key: `implementation=
   "pallas_mosaic_gpu"` (which now runs the row-gathering kernel wherever the query blocks are whole 64-row chunks),
-  `pallas_triton` and `xla` (out, lse; dq, dk, dv against xla) for `paper()` at H 64 and 128 and the default config
-  at H 64 (`check_mosaic_gpu.check_implementations`); and the two row-gathering kernels (Mosaic, Triton) on the
-  same row operands against their jnp twin `indexed_tiled_forward_reference` in float32.
+  `pallas_triton` and `xla` (out, lse; dq, dk, dv against xla) for `paper()` and the default at `--head-dims`
+  (`check_mosaic_gpu.check_implementations`); and the row-gathering kernels (Mosaic variants, Triton) on the same
+  row operands against their jnp twin `indexed_tiled_forward_reference` in float32.
 (b) Timings at `--n`, B=1, N=K=32, H=64, bf16, `paper()` and the default: the non-causal forward and
   forward+backward of cuDNN, `pallas_triton` and `pallas_mosaic_gpu` (the backward is the Triton path's for both),
-  and the two row-gathering kernels alone on the same operands with their FLOP rates (Mosaic with 128- and 64-key
-  chunks). Median of many blocking calls after warm-up, all in this one process: compare ratios within the run.
+  and the row-gathering kernels alone on the same operands with their FLOP rates (Mosaic with 128- and 64-key
+  chunks, key rows staged in shared memory or not: `MosaicTiling.stage_rows`). Median of many blocking calls after
+  warm-up, all in this one process: compare ratios within the run.
+Recorded: `results/mosaic_indexed_h100.json` (H100, before `stage_rows`: every key-row load was direct) and
+`results/mosaic_indexed_staged_h100.json`.
 Guard: a failing call is recorded and the rest still runs; no timing starts after --budget-s seconds.
 """
 
@@ -57,17 +60,22 @@ def _row_operands(q, k, v, config, key):
 
 
 def _kernels(scale):
-    return {
+    """The Triton row-indexed kernel and the Mosaic variants: 128- or 64-key chunks, key rows staged in shared memory
+    by TMA (the default) or loaded from global memory by each gather ("direct")."""
+    kernels = {
         "triton_indexed": lambda q, k, v, qi, ts, ki: indexed_tiled_forward(
             q, k, v, qi, ts, ki, scale=scale, tuning=TiledKernelConfig(), interpret=INTERPRET
-        ),
-        "mosaic_indexed_k128": lambda q, k, v, qi, ts, ki: indexed_tiled_forward_mosaic(
-            q, k, v, qi, ts, ki, scale=scale, tiling=MosaicTiling(block_k=128)
-        ),
-        "mosaic_indexed_k64": lambda q, k, v, qi, ts, ki: indexed_tiled_forward_mosaic(
-            q, k, v, qi, ts, ki, scale=scale, tiling=MosaicTiling(block_k=64)
-        ),
+        )
     }
+    for block_k in (128, 64):
+        for stage_rows in (True, False):
+            tiling = MosaicTiling(block_k=block_k, stage_rows=stage_rows)
+            kernels[f"mosaic_indexed_k{block_k}{'' if stage_rows else '_direct'}"] = (
+                lambda q, k, v, qi, ts, ki, tiling=tiling: indexed_tiled_forward_mosaic(
+                    q, k, v, qi, ts, ki, scale=scale, tiling=tiling
+                )
+            )
+    return kernels
 
 
 def check_kernels(n, head_dim, config, key) -> dict:
@@ -103,7 +111,7 @@ def time_kernels(n, config, key) -> dict:
         row[name] = _time(jax.jit(kernel), q_rows, k, v, query_index, tiles, key_index)
         if "ms" in row[name]:
             row[name]["tflops"] = flops / row[name]["ms"] / 1e9
-    for name in ("mosaic_indexed_k128", "mosaic_indexed_k64"):
+    for name in [name for name in row if name.startswith("mosaic_")]:
         if "ms" in row["triton_indexed"] and "ms" in row[name]:
             row[f"speedup_{name}_over_triton"] = row["triton_indexed"]["ms"] / row[name]["ms"]
     return row
@@ -116,6 +124,7 @@ def main():
     parser.add_argument("--n", default="32768,131072")
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd")
     parser.add_argument("--budget-s", type=float, default=400.0, help="start no timing after this many seconds")
+    parser.add_argument("--head-dims", default="64,128", help="head dims of (a), for every config")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     start = time.monotonic()
@@ -141,7 +150,7 @@ def main():
         print(json.dumps(row), flush=True)
         save()
 
-    for name, head_dim in (("paper", 64), ("paper", 128), ("default", 64)):
+    for name, head_dim in [(name, int(h)) for name in CONFIGS for h in args.head_dims.split(",")]:
         add("checks", lambda c=CONFIGS[name], h=head_dim: check_implementations(args.check_n, h, c, key), config=name)
         add("kernel_checks", lambda c=CONFIGS[name], h=head_dim: check_kernels(args.check_n, h, c, key), config=name)
     for n in [int(x) for x in args.n.split(",") if x]:

@@ -119,6 +119,9 @@ class MosaicTiling:
     # Compute warpgroups per program, each with its own block_q rows of the same query block: with 2, one k/v chunk
     # in shared memory serves 2 * block_q queries (half the copies per query), as in FlashAttention-3.
     compute_warpgroups: int = 1
+    # Row-gathering kernel: each chunk's key rows reach shared memory by TMA a chunk ahead of its cp.async gathers
+    # (False: the gathers load them from global memory, a dependent load before every copy issues).
+    stage_rows: bool = True
 
     def __post_init__(self):
         if self.block_q != ROWS_PER_WARPGROUP:

@@ -112,12 +112,12 @@ def _block_of(ref, block):
 
 
 def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, tiles, query_block: int,
-            block_k: int, scale: float, interpret: bool, p_in_registers: bool):  # fmt: skip
+            block_k: int, scale: float, interpret: bool, p_in_registers: bool, stage_rows: bool):  # fmt: skip
     num_inputs = sum((1 if tile.indexed else 2) + tile.weighted for tile in tiles)
     tile_refs, (o_ref, lse_ref) = refs[:num_inputs], refs[num_inputs : num_inputs + 2]
     scratch = list(refs[num_inputs + 2 :])
-    q_smem, k_smem, v_smem, w_smem, o_smem, lse_smem, k_bar, v_bar, w_bar = scratch[:9]
-    p_smem = None if p_in_registers else scratch[9]
+    q_smem, k_smem, v_smem, w_smem, o_smem, lse_smem, k_bar, v_bar, w_bar, rows_smem, rows_bar = scratch[:11]
+    p_smem = None if p_in_registers else scratch[11]
     block_q = q_smem.shape[0]
     chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
     rows = pl.ds(chunk * block_q, block_q)
@@ -132,13 +132,29 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     steps = [(i, c) for i, tile in enumerate(tiles) for c in range(tile.length // block_k)]
     groups = []  # the cp.async groups committed so far, by name: gathers complete in order
 
+    def key_rows(step: int):
+        i, c = steps[step]
+        return per_tile[i][0][0].at[problem, block, pl.ds(c * block_k, block_k)]
+
+    def stage(step: int):
+        """Copy an indexed step's key rows into shared memory (TMA) a step before its gathers read them, so that the
+        gathers wait on no global load. The slot held the rows of step - 2, whose gathers every thread has issued
+        (the barrier orders those reads before the copy)."""
+        if stage_rows and step < len(steps) and tiles[steps[step][0]].indexed:
+            if step >= 2:
+                plgpu.commit_smem()
+            plgpu.copy_gmem_to_smem(key_rows(step), rows_smem.at[step % 2], rows_bar.at[step % 2])
+
     def issue(step: int, slot: int):
         i, c = steps[step]
         (sources, w_ref), tile = per_tile[i], tiles[i]
         keys = pl.ds(c * block_k, block_k)
         if tile.indexed:
-            gather_rows(sources[0].at[problem, block, keys], [(k_ref, k_smem.at[slot]), (v_ref, v_smem.at[slot])],
-                        interpret=interpret)  # fmt: skip
+            rows_ref = key_rows(step)
+            if stage_rows:
+                plgpu.barrier_wait(rows_bar.at[slot])
+                rows_ref = rows_smem.at[slot]
+            gather_rows(rows_ref, [(k_ref, k_smem.at[slot]), (v_ref, v_smem.at[slot])], interpret=interpret)
             groups.append(step)
         else:
             for src, dst, bar in zip(sources, (k_smem, v_smem), (k_bar, v_bar), strict=True):
@@ -150,6 +166,8 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     def wait_for(name):
         wait_gathers(len(groups) - 1 - groups.index(name), interpret=interpret)
 
+    stage(0)
+    stage(1)
     gather_rows(q_load_ref.at[problem, head, rows], [(q_ref, q_smem)], interpret=interpret)
     groups.append("q")
     issue(0, 0)
@@ -157,6 +175,7 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     state = softmax_start(block_q, q_smem.shape[1])
     for step in range(len(steps)):
         slot = step % 2
+        stage(step + 2)
         if step + 1 < len(steps):  # the other slot's readers (the previous step's wgmmas) have finished
             issue(step + 1, 1 - slot)
         tile = tiles[steps[step][0]]
@@ -216,10 +235,13 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         swizzled((block_q, h), q_rows.dtype),
         plgpu.SMEM((block_q,), jnp.float32),
         *(plgpu.Barrier(num_barriers=2) for _ in range(3)),  # pre-gathered k, v and the weights: one per slot
+        plgpu.SMEM((2, block_k), jnp.int32),  # the key rows of the next gathers (`MosaicTiling.stage_rows`)
+        plgpu.Barrier(num_barriers=2),
         *([] if p_in_registers else [swizzled((block_q, block_k), q_rows.dtype)]),
     ]
     kernel = functools.partial(_kernel, tiles=facts, query_block=bq, block_k=block_k, scale=float(scale),
-                               interpret=interpret is not None, p_in_registers=p_in_registers)  # fmt: skip
+                               interpret=interpret is not None, p_in_registers=p_in_registers,
+                               stage_rows=tiling.stage_rows)  # fmt: skip
     out, lse = plgpu.kernel(
         kernel,
         out_type=(
