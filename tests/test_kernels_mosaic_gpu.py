@@ -187,9 +187,9 @@ def _row_problem(q, k, v, config, key):
     ("config", "h", "dtype", "tiling"),
     [
         # the default's tiles: weighted sorted blocks (global keys' slots masked), global keys, samples; GQA; key
-        # rows staged in shared memory a chunk ahead
+        # rows staged in shared memory a chunk ahead; a ring of 3 chunk slots
         (ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=0), 64, jnp.bfloat16,
-         MosaicTiling(block_k=64)),
+         MosaicTiling(block_k=64, stages=3)),
         # paper(): unweighted blocks of 128 keys read in one chunk, fp16, H 128, key rows loaded by each gather
         (ha.HyperAttentionConfig.paper(block_size=128, sample_size=64, min_seq_len=0), 128, jnp.float16,
          MosaicTiling(block_k=128, stage_rows=False)),

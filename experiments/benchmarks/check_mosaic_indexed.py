@@ -10,11 +10,12 @@ Hardware: one H100 80GB or H200 (Hopper: wgmma, TMA, cp.async), jax 0.11.2 or ne
   row operands against their jnp twin `indexed_tiled_forward_reference` in float32.
 (b) Timings at `--n`, B=1, N=K=32, H=64, bf16, `paper()` and the default: the non-causal forward and
   forward+backward of cuDNN, `pallas_triton` and `pallas_mosaic_gpu` (the backward is the Triton path's for both),
-  and the row-gathering kernels alone on the same operands with their FLOP rates (Mosaic with 128- and 64-key
-  chunks, key rows staged in shared memory or not: `MosaicTiling.stage_rows`). Median of many blocking calls after
+  and the row-gathering kernels alone on the same operands with their FLOP rates (Mosaic `VARIANTS`: keys per
+  chunk, ring depth, key rows staged or not). Median of many blocking calls after
   warm-up, all in this one process: compare ratios within the run.
-Recorded: `results/mosaic_indexed_h100.json` (H100, before `stage_rows`: every key-row load was direct) and
-`results/mosaic_indexed_staged_h100.json`.
+Recorded (H100): `results/mosaic_indexed_h100.json` (before `stage_rows`: every key-row load direct; variants k128,
+k64), `results/mosaic_indexed_staged_h100.json` (staged or direct, two slots; q and out in separate buffers) and
+`results/mosaic_indexed_ring_h100.json` (`VARIANTS`, out written into q's buffer).
 Guard: a failing call is recorded and the rest still runs; no timing starts after --budget-s seconds.
 """
 
@@ -59,22 +60,29 @@ def _row_operands(q, k, v, config, key):
     return q.reshape(b, t, kv, n // kv, h), query_index, tiles, key_index
 
 
+# Mosaic variants: k = keys per chunk, s = chunk slots in the ring (`MosaicTiling.stages`), "direct": key rows loaded
+# from global memory by each gather instead of staged in shared memory by TMA (`MosaicTiling.stage_rows`).
+VARIANTS = {
+    "k128_s2": MosaicTiling(block_k=128, stages=2),
+    "k128_s3": MosaicTiling(block_k=128, stages=3),
+    "k64_s2": MosaicTiling(block_k=64, stages=2),
+    "k64_s3": MosaicTiling(block_k=64, stages=3),
+    "k64_s4": MosaicTiling(block_k=64, stages=4),
+    "k64_s3_direct": MosaicTiling(block_k=64, stages=3, stage_rows=False),
+}
+
+
 def _kernels(scale):
-    """The Triton row-indexed kernel and the Mosaic variants: 128- or 64-key chunks, key rows staged in shared memory
-    by TMA (the default) or loaded from global memory by each gather ("direct")."""
+    """The Triton row-indexed kernel and the Mosaic variants (`VARIANTS`)."""
     kernels = {
         "triton_indexed": lambda q, k, v, qi, ts, ki: indexed_tiled_forward(
             q, k, v, qi, ts, ki, scale=scale, tuning=TiledKernelConfig(), interpret=INTERPRET
         )
     }
-    for block_k in (128, 64):
-        for stage_rows in (True, False):
-            tiling = MosaicTiling(block_k=block_k, stage_rows=stage_rows)
-            kernels[f"mosaic_indexed_k{block_k}{'' if stage_rows else '_direct'}"] = (
-                lambda q, k, v, qi, ts, ki, tiling=tiling: indexed_tiled_forward_mosaic(
-                    q, k, v, qi, ts, ki, scale=scale, tiling=tiling
-                )
-            )
+    for name, tiling in VARIANTS.items():
+        kernels[f"mosaic_indexed_{name}"] = lambda q, k, v, qi, ts, ki, tiling=tiling: indexed_tiled_forward_mosaic(
+            q, k, v, qi, ts, ki, scale=scale, tiling=tiling
+        )
     return kernels
 
 

@@ -122,12 +122,15 @@ class MosaicTiling:
     # Row-gathering kernel: each chunk's key rows reach shared memory by TMA a chunk ahead of its cp.async gathers
     # (False: the gathers load them from global memory, a dependent load before every copy issues).
     stage_rows: bool = True
+    stages: int = 2  # row-gathering kernel: key-chunk slots in its ring (stages - 1 chunks in flight)
 
     def __post_init__(self):
         if self.block_q != ROWS_PER_WARPGROUP:
             raise ValueError(f"MosaicTiling.{self.block_q=} must be {ROWS_PER_WARPGROUP} (one warpgroup)")
         if self.block_k not in (64, 128, 256):
             raise ValueError(f"MosaicTiling.{self.block_k=} must be 64, 128 or 256")
+        if self.stages not in (2, 3, 4):
+            raise ValueError(f"MosaicTiling.{self.stages=} must be 2, 3 or 4")
         if self.compute_warpgroups not in (1, 2):
             raise ValueError(f"MosaicTiling.{self.compute_warpgroups=} must be 1 or 2")
 

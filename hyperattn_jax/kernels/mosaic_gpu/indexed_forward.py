@@ -113,12 +113,14 @@ def _block_of(ref, block):
 
 def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, tiles, query_block: int,
             block_k: int, scale: float, interpret: bool, p_in_registers: bool, stage_rows: bool):  # fmt: skip
+    """One program: 64 query slots of one query head. Key chunks go through a ring of `stages` slots: the gathers of
+    the next stages - 1 chunks are in flight while one is multiplied."""
     num_inputs = sum((1 if tile.indexed else 2) + tile.weighted for tile in tiles)
     tile_refs, (o_ref, lse_ref) = refs[:num_inputs], refs[num_inputs : num_inputs + 2]
     scratch = list(refs[num_inputs + 2 :])
-    q_smem, k_smem, v_smem, w_smem, o_smem, lse_smem, k_bar, v_bar, w_bar, rows_smem, rows_bar = scratch[:11]
-    p_smem = None if p_in_registers else scratch[11]
-    block_q = q_smem.shape[0]
+    q_smem, k_smem, v_smem, w_smem, lse_smem, k_bar, v_bar, w_bar, rows_smem, rows_bar = scratch[:10]
+    p_smem = None if p_in_registers else scratch[10]
+    block_q, stages = q_smem.shape[0], k_smem.shape[0]
     chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
     rows = pl.ds(chunk * block_q, block_q)
     block = lax.div(chunk, jnp.int32(query_block // block_q))
@@ -138,12 +140,13 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
 
     def stage(step: int):
         """Copy an indexed step's key rows into shared memory (TMA) a step before its gathers read them, so that the
-        gathers wait on no global load. The slot held the rows of step - 2, whose gathers every thread has issued
-        (the barrier orders those reads before the copy)."""
+        gathers wait on no global load. The slot held the rows of step - stages, whose gathers every thread has
+        issued (the barrier orders those reads before the copy)."""
         if stage_rows and step < len(steps) and tiles[steps[step][0]].indexed:
-            if step >= 2:
+            if step >= stages:
                 plgpu.commit_smem()
-            plgpu.copy_gmem_to_smem(key_rows(step), rows_smem.at[step % 2], rows_bar.at[step % 2])
+            slot = step % stages
+            plgpu.copy_gmem_to_smem(key_rows(step), rows_smem.at[slot], rows_bar.at[slot])
 
     def issue(step: int, slot: int):
         i, c = steps[step]
@@ -166,18 +169,20 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     def wait_for(name):
         wait_gathers(len(groups) - 1 - groups.index(name), interpret=interpret)
 
-    stage(0)
-    stage(1)
+    for step in range(stages):
+        stage(step)
     gather_rows(q_load_ref.at[problem, head, rows], [(q_ref, q_smem)], interpret=interpret)
     groups.append("q")
-    issue(0, 0)
+    for step in range(min(stages - 1, len(steps))):
+        issue(step, step)
     wait_for("q")
     state = softmax_start(block_q, q_smem.shape[1])
     for step in range(len(steps)):
-        slot = step % 2
-        stage(step + 2)
-        if step + 1 < len(steps):  # the other slot's readers (the previous step's wgmmas) have finished
-            issue(step + 1, 1 - slot)
+        slot = step % stages
+        stage(step + stages)
+        ahead = step + stages - 1
+        if ahead < len(steps):  # its slot's readers (the previous step's wgmmas) have finished
+            issue(ahead, ahead % stages)
         tile = tiles[steps[step][0]]
         if tile.indexed:
             wait_for(step)
@@ -188,6 +193,7 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
             p_smem=p_smem, before_weights=functools.partial(plgpu.barrier_wait, w_bar.at[slot]),
             before_values=None if tile.indexed else functools.partial(plgpu.barrier_wait, v_bar.at[slot]),
         )  # fmt: skip
+    o_smem = q_smem  # every wgmma reading q has completed: its buffer takes the output (one CTA more per SM)
     o_smem[...], lse_smem[...] = softmax_finish(state, q_smem.dtype)
     plgpu.commit_smem()
     scatter_rows(o_smem, out_rows_ref.at[problem, head, rows], o_ref, interpret=interpret)
@@ -226,17 +232,16 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
     facts, tile_arrays = _tile_operands(k, v, tiles, tile_key_index, problems=problems, num_blocks=nb,
                                         block_k=tiling.block_k)  # fmt: skip
     p_in_registers = tiling.p_in_registers and interpret is None
-    block_q, block_k = tiling.block_q, tiling.block_k
+    block_q, block_k, stages = tiling.block_q, tiling.block_k, tiling.stages
     scratch = [
-        swizzled((block_q, h), q_rows.dtype),
-        swizzled((2, block_k, h), q_rows.dtype),
-        swizzled((2, block_k, h), q_rows.dtype),
-        plgpu.SMEM((2, block_k), jnp.float32),
-        swizzled((block_q, h), q_rows.dtype),
+        swizzled((block_q, h), q_rows.dtype),  # q, then out
+        swizzled((stages, block_k, h), q_rows.dtype),
+        swizzled((stages, block_k, h), q_rows.dtype),
+        plgpu.SMEM((stages, block_k), jnp.float32),
         plgpu.SMEM((block_q,), jnp.float32),
-        *(plgpu.Barrier(num_barriers=2) for _ in range(3)),  # pre-gathered k, v and the weights: one per slot
-        plgpu.SMEM((2, block_k), jnp.int32),  # the key rows of the next gathers (`MosaicTiling.stage_rows`)
-        plgpu.Barrier(num_barriers=2),
+        *(plgpu.Barrier(num_barriers=stages) for _ in range(3)),  # pre-gathered k, v and the weights: one per slot
+        plgpu.SMEM((stages, block_k), jnp.int32),  # the key rows of the next gathers (`MosaicTiling.stage_rows`)
+        plgpu.Barrier(num_barriers=stages),
         *([] if p_in_registers else [swizzled((block_q, block_k), q_rows.dtype)]),
     ]
     kernel = functools.partial(_kernel, tiles=facts, query_block=bq, block_k=block_k, scale=float(scale),
