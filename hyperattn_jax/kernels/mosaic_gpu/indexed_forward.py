@@ -5,8 +5,9 @@ The Mosaic twin of `kernels/gpu/indexed_forward.py` (same arguments, same jnp tw
 `q[query_index]` and, chunk by chunk, its block's keys `k[key_index]`, `v[key_index]` from the unsorted public-layout
 arrays into shared memory (`row_copies.gather_rows`: cp.async, 16 bytes per copy), runs the online softmax of
 `tiled_attention.attend_chunk` (wgmma) over them and over the shared tiles (samples, global keys: small,
-pre-gathered, copied by TMA as in `tiled_attention.py`), and stores out and lse at the query rows. Key chunks are
-double buffered: the gathers of the next chunk are in flight while the current one is multiplied.
+pre-gathered, copied by TMA as in `tiled_attention.py`), and stores out and lse at the query rows. Key chunks go
+through a ring of `MosaicTiling.stages` slots: the gathers of the next chunks are in flight while one is multiplied;
+each indexed chunk's key rows reach shared memory by TMA a chunk before its gathers read them (`stage_rows`).
 
 Why: with XLA's sorted copies (`tiled_attention_mosaic`), the Mosaic path was 42-47% slower end to end than the
 Triton path, which reads rows by index (`results/mosaic_check_h100.json`), though its kernel alone was 5-14% faster.
@@ -71,8 +72,7 @@ def _tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: in
     for tile, index in zip(tiles, tile_key_index, strict=True):
         length = tile.k.shape[3] if index is None else index.shape[-1]
         padded = -(-length // block_k) * block_k
-        w, _ = tile_log_weights(tile, problems=problems, kv_heads=kv_heads, num_blocks=num_blocks,
-                                               length=length)  # fmt: skip
+        w, _ = tile_log_weights(tile, problems=problems, kv_heads=kv_heads, num_blocks=num_blocks, length=length)
         if w is None and padded != length:
             w = jnp.zeros((pk, 1, length), jnp.float32)
         tile_arrays = []
@@ -193,7 +193,7 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
             p_smem=p_smem, before_weights=functools.partial(plgpu.barrier_wait, w_bar.at[slot]),
             before_values=None if tile.indexed else functools.partial(plgpu.barrier_wait, v_bar.at[slot]),
         )  # fmt: skip
-    o_smem = q_smem  # every wgmma reading q has completed: its buffer takes the output (one CTA more per SM)
+    o_smem = q_smem  # every wgmma reading q has completed: its buffer takes the output (8 KB less at H 64)
     o_smem[...], lse_smem[...] = softmax_finish(state, q_smem.dtype)
     plgpu.commit_smem()
     scatter_rows(o_smem, out_rows_ref.at[problem, head, rows], o_ref, interpret=interpret)
@@ -229,6 +229,8 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         interpret = interpret_params() if interpret else None
     padded = math.prod(query_index.shape) != b * kv_heads * groups * t
     t_out = t + 1 if padded else t
+    if max(b * t_out * kv_heads * groups, b * k.shape[1] * kv_heads) >= 2**31:  # rows are int32 in the kernel
+        raise ValueError(f"too many rows for int32 row numbers: q {q_rows.shape}, k {k.shape}")
     facts, tile_arrays = _tile_operands(k, v, tiles, tile_key_index, problems=problems, num_blocks=nb,
                                         block_k=tiling.block_k)  # fmt: skip
     p_in_registers = tiling.p_in_registers and interpret is None

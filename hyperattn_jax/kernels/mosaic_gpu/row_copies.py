@@ -1,10 +1,11 @@
 """Row copies by index between global and shared memory, for the Mosaic GPU kernels (Hopper has no gather-TMA).
 
 TMA copies boxes of contiguous rows; reading the rows a plan names (`q[query_index]`, `k[key_index]`) needs one copy
-per row. Hopper's way is what the Triton kernels compile to: each of the warpgroup's 128 threads issues 16-byte
+per row. Without a gathering TMA the usual way is cp.async: each of the warpgroup's 128 threads issues 16-byte
 `cp.async` copies from its rows' addresses in global memory into shared memory, 8 consecutive threads covering one
 128-byte row segment (coalesced). Pallas exposes no gathered `cp.async` (jax's own cp.async copy refuses gathers),
-so these helpers write it in Mosaic GPU's MLIR through `plgpu.inline_mgpu`, on jax's internal MLIR dialect bindings.
+so these helpers write it in Mosaic GPU's MLIR through `plgpu.inline_mgpu` (experimental APIs: jaxlib's MLIR dialects
+and `jax.experimental.mosaic.gpu.utils`; tested on jax 0.11.2 and 0.12).
 
 The destination is the layout wgmma and TMA use (`swizzled`): (8, 64)-element tiles of 1024 bytes, row-major, and
 inside a tile the 16-byte piece j of row r stored at piece j XOR (r mod 8) (the 128-byte swizzle). Outputs go the

@@ -12,13 +12,13 @@ tile, which key range) is static, so the loop over chunks is unrolled in Python 
 With `compute_warpgroups=2` a program runs two compute warpgroups on 2 x 64 rows of the same query block that share
 each k/v chunk in shared memory; the first warpgroup refills a slot once both have arrived on its "consumed"
 barrier (FlashAttention-3's layout without its producer warpgroup). Not yet: a producer warpgroup (warp
-specialisation), the G query heads of a kv head sharing one k/v load, in-kernel row gathers.
+specialisation), the G query heads of a kv head sharing one k/v load.
 
 Row gathers: this kernel reads queries and key tiles already gathered into sorted order by XLA (`ops` builds
-`block_query_layout` / `hyper_attention_tiles`, one gather each). It is the simplest correct choice: TMA copies whole
-boxes of contiguous rows, so reading rows by index in the kernel means a gather-TMA (Blackwell) or per-row copies,
-and it keeps this kernel's operands identical to the Triton tiled kernel's (same twin, same tests). The fused gathers
-of the Triton path (`indexed_forward.py`) saved ~1.5 ms of 6.5 ms at 131k: the next step once this kernel is timed.
+`block_query_layout` / `hyper_attention_tiles`, one gather each), which cost its path 42-47% more time than the
+Triton path at 32k-131k on an H100 (`results/mosaic_check_h100.json`). `indexed_forward.py` gathers the rows in the
+kernel instead and runs wherever the query blocks are whole 64-slot chunks; this kernel takes the other shapes. The
+chunk math (`attend_chunk`) is shared by both.
 
 Interpret mode (CPU): jax's Mosaic GPU interpreter (`plgpu.InterpretGPUParams`) runs this kernel with two
 differences, both static: it simulates wgmma only with both operands in shared memory, so P goes through shared
