@@ -193,6 +193,11 @@ def _row_problem(q, k, v, config, key):
         # paper(): unweighted blocks of 128 keys read in one chunk, fp16, H 128, key rows loaded by each gather
         (ha.HyperAttentionConfig.paper(block_size=128, sample_size=64, min_seq_len=0), 128, jnp.float16,
          MosaicTiling(block_k=128, stage_rows=False)),
+        # a producer warpgroup gathers, the other multiplies (warp specialisation): the full/consumed barriers order
+        # them (without the consumer's wait on `full` the interpreter's output is wrong). One gathered chunk followed
+        # by two copied ones: the producer must announce the gather before it waits for that slot (it deadlocked)
+        (ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=0), 64, jnp.bfloat16,
+         MosaicTiling(block_k=64, producer=True)),
     ],
 )  # fmt: skip
 def test_indexed_forward_matches_jnp_twin(rng, config, h, dtype, tiling):
@@ -254,8 +259,8 @@ def test_backend_gathers_rows_in_the_kernel(rng, monkeypatch):
     assert calls == ["indexed_tiled_forward_mosaic", "tiled_attention_mosaic"]
 
 
-@pytest.mark.parametrize("h", [64, 128])
-def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h):
+@pytest.mark.parametrize(("h", "producer"), [(64, False), (128, False), (64, True)])
+def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer):
     # The GPU variant of the row-gathering kernel (cp.async row copies, vector stores at the rows, wgmma) through
     # Mosaic GPU's passes to LLVM for CUDA, on the CPU.
     b, t, nb, bq = 1, 1024, 4, 256
@@ -270,7 +275,7 @@ def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h):
     def forward(q_rows, k, v, query_index, key_index, shared_k, shared_v, weights):
         tiles = [ops.KeyTile(None, None, None), ops.KeyTile(shared_k, shared_v, weights)]
         return indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, [key_index, None], scale=h**-0.5,
-                                            interpret=False)  # fmt: skip
+                                            tiling=MosaicTiling(producer=producer), interpret=False)  # fmt: skip
 
     lowered = (
         jax.jit(forward).trace(q_rows, kv, kv, query_index, key_index, *shared).lower(lowering_platforms=("cuda",))

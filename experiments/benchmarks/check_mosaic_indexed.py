@@ -61,7 +61,8 @@ def _row_operands(q, k, v, config, key):
 
 
 # Mosaic variants: k = keys per chunk, s = chunk slots in the ring (`MosaicTiling.stages`), "direct": key rows loaded
-# from global memory by each gather instead of staged in shared memory by TMA (`MosaicTiling.stage_rows`).
+# from global memory by each gather instead of staged in shared memory by TMA (`MosaicTiling.stage_rows`),
+# "producer": `MosaicTiling.producer` (added after `mosaic_indexed_ring_h100.json`, not yet run on a GPU).
 VARIANTS = {
     "k128_s2": MosaicTiling(block_k=128, stages=2),
     "k128_s3": MosaicTiling(block_k=128, stages=3),
@@ -69,6 +70,10 @@ VARIANTS = {
     "k64_s3": MosaicTiling(block_k=64, stages=3),
     "k64_s4": MosaicTiling(block_k=64, stages=4),
     "k64_s3_direct": MosaicTiling(block_k=64, stages=3, stage_rows=False),
+    # a producer warpgroup issues the copies, the other only multiplies (warp specialisation)
+    "k128_s2_producer": MosaicTiling(block_k=128, stages=2, producer=True),
+    "k128_s3_producer": MosaicTiling(block_k=128, stages=3, producer=True),
+    "k64_s3_producer": MosaicTiling(block_k=64, stages=3, producer=True),
 }
 
 

@@ -123,6 +123,9 @@ class MosaicTiling:
     # (False: the gathers load them from global memory, a dependent load before every copy issues).
     stage_rows: bool = True
     stages: int = 2  # row-gathering kernel: key-chunk slots in its ring (stages - 1 chunks in flight)
+    # Row-gathering kernel: a second warpgroup issues the key chunks' copies while the first only multiplies (warp
+    # specialisation). Not yet measured on a GPU.
+    producer: bool = False
 
     def __post_init__(self):
         if self.block_q != ROWS_PER_WARPGROUP:

@@ -112,14 +112,17 @@ def _block_of(ref, block):
 
 
 def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, tiles, query_block: int,
-            block_k: int, scale: float, interpret: bool, p_in_registers: bool, stage_rows: bool):  # fmt: skip
+            block_k: int, scale: float, interpret: bool, p_in_registers: bool, stage_rows: bool,
+            producer: bool):  # fmt: skip
     """One program: 64 query slots of one query head. Key chunks go through a ring of `stages` slots: the gathers of
-    the next stages - 1 chunks are in flight while one is multiplied."""
+    the next stages - 1 chunks are in flight while one is multiplied, issued by the computing warpgroup itself or,
+    with `producer`, by a second warpgroup (`_gather_and_compute`)."""
     num_inputs = sum((1 if tile.indexed else 2) + tile.weighted for tile in tiles)
     tile_refs, (o_ref, lse_ref) = refs[:num_inputs], refs[num_inputs : num_inputs + 2]
     scratch = list(refs[num_inputs + 2 :])
     q_smem, k_smem, v_smem, w_smem, lse_smem, k_bar, v_bar, w_bar, rows_smem, rows_bar = scratch[:10]
     p_smem = None if p_in_registers else scratch[10]
+    stage_rows = stage_rows and not producer  # a producer's row loads stall no product
     block_q, stages = q_smem.shape[0], k_smem.shape[0]
     chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
     rows = pl.ds(chunk * block_q, block_q)
@@ -158,7 +161,8 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
                 plgpu.barrier_wait(rows_bar.at[slot])
                 rows_ref = rows_smem.at[slot]
             gather_rows(rows_ref, [(k_ref, k_smem.at[slot]), (v_ref, v_smem.at[slot])], interpret=interpret)
-            groups.append(step)
+            if not producer:
+                groups.append(step)
         else:
             for src, dst, bar in zip(sources, (k_smem, v_smem), (k_bar, v_bar), strict=True):
                 plgpu.copy_gmem_to_smem(src.at[problem, _block_of(src, block), keys], dst.at[slot], bar.at[slot])
@@ -169,6 +173,28 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     def wait_for(name):
         wait_gathers(len(groups) - 1 - groups.index(name), interpret=interpret)
 
+    def attend(state, step: int):
+        slot, tile = step % stages, tiles[steps[step][0]]
+        return attend_chunk(
+            state, q_smem, k_smem.at[slot], v_smem.at[slot], w_smem.at[slot] if tile.weighted else None, scale=scale,
+            p_smem=p_smem, before_weights=functools.partial(plgpu.barrier_wait, w_bar.at[slot]),
+            before_values=None if tile.indexed else functools.partial(plgpu.barrier_wait, v_bar.at[slot]),
+        )  # fmt: skip
+
+    def finish(state):
+        o_smem = q_smem  # every wgmma reading q has completed: its buffer takes the output (8 KB less at H 64)
+        o_smem[...], lse_smem[...] = softmax_finish(state, q_smem.dtype)
+        plgpu.commit_smem()
+        scatter_rows(o_smem, out_rows_ref.at[problem, head, rows], o_ref, interpret=interpret)
+        scatter_values(lse_smem, lse_rows_ref.at[problem, head, rows], lse_ref, interpret=interpret)
+
+    if producer:
+        full, consumed = scratch[-2:]
+        _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_bar, stages=stages,
+                            gather_queries=lambda: gather_rows(q_load_ref.at[problem, head, rows], [(q_ref, q_smem)],
+                                                               interpret=interpret),
+                            start=lambda: softmax_start(block_q, q_smem.shape[1]), interpret=interpret)  # fmt: skip
+        return
     for step in range(stages):
         stage(step)
     gather_rows(q_load_ref.at[problem, head, rows], [(q_ref, q_smem)], interpret=interpret)
@@ -183,21 +209,56 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
         ahead = step + stages - 1
         if ahead < len(steps):  # its slot's readers (the previous step's wgmmas) have finished
             issue(ahead, ahead % stages)
-        tile = tiles[steps[step][0]]
-        if tile.indexed:
+        if tiles[steps[step][0]].indexed:
             wait_for(step)
         else:
             plgpu.barrier_wait(k_bar.at[slot])
-        state = attend_chunk(
-            state, q_smem, k_smem.at[slot], v_smem.at[slot], w_smem.at[slot] if tile.weighted else None, scale=scale,
-            p_smem=p_smem, before_weights=functools.partial(plgpu.barrier_wait, w_bar.at[slot]),
-            before_values=None if tile.indexed else functools.partial(plgpu.barrier_wait, v_bar.at[slot]),
-        )  # fmt: skip
-    o_smem = q_smem  # every wgmma reading q has completed: its buffer takes the output (8 KB less at H 64)
-    o_smem[...], lse_smem[...] = softmax_finish(state, q_smem.dtype)
-    plgpu.commit_smem()
-    scatter_rows(o_smem, out_rows_ref.at[problem, head, rows], o_ref, interpret=interpret)
-    scatter_values(lse_smem, lse_rows_ref.at[problem, head, rows], lse_ref, interpret=interpret)
+        state = attend(state, step)
+    finish(state)
+
+
+def _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_bar, *, stages, gather_queries, start,
+                        interpret):  # fmt: skip
+    """Warp specialisation (FlashAttention-3's layout): warpgroup 1 only copies key chunks into the ring (cp.async
+    gathers and TMA), warpgroup 0 only multiplies. A gathered chunk is announced on `full` once its copies are
+    complete and fenced for wgmma (the producer keeps one more gather in flight meanwhile); the computing warpgroup
+    hands each slot back on `consumed` once its products are done."""
+    warpgroup = lax.axis_index("wg")
+
+    @pl.when(warpgroup == 1)
+    def _gather():
+        in_flight, groups = [], []
+
+        def announce(step: int):
+            wait_gathers(len(groups) - 1 - groups.index(step), interpret=interpret)
+            plgpu.barrier_arrive(full.at[step % stages])
+
+        for step in range(len(steps)):
+            if step >= stages:  # the slot comes back once step - stages is computed: it must have been announced
+                while in_flight and in_flight[0] <= step - stages:
+                    announce(in_flight.pop(0))
+                plgpu.barrier_wait(consumed.at[step % stages])
+            issue(step, step % stages)
+            if tiles[steps[step][0]].indexed:
+                groups.append(step)
+                in_flight.append(step)
+            while len(in_flight) > 1:
+                announce(in_flight.pop(0))
+        for step in in_flight:
+            announce(step)
+
+    @pl.when(warpgroup == 0)
+    def _compute():
+        gather_queries()
+        wait_gathers(0, interpret=interpret)
+        state = start()
+        for step in range(len(steps)):
+            slot = step % stages
+            plgpu.barrier_wait((full if tiles[steps[step][0]].indexed else k_bar).at[slot])
+            state = attend(state, step)
+            if step + stages < len(steps):
+                plgpu.barrier_arrive(consumed.at[slot])
+        finish(state)
 
 
 def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_index, *, scale, tiling=None,
@@ -245,10 +306,12 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         plgpu.SMEM((stages, block_k), jnp.int32),  # the key rows of the next gathers (`MosaicTiling.stage_rows`)
         plgpu.Barrier(num_barriers=stages),
         *([] if p_in_registers else [swizzled((block_q, block_k), q_rows.dtype)]),
+        # with a producer warpgroup: a gathered slot is full, a slot's products are done
+        *([plgpu.Barrier(num_barriers=stages)] * 2 if tiling.producer else []),
     ]
     kernel = functools.partial(_kernel, tiles=facts, query_block=bq, block_k=block_k, scale=float(scale),
                                interpret=interpret is not None, p_in_registers=p_in_registers,
-                               stage_rows=tiling.stage_rows)  # fmt: skip
+                               stage_rows=tiling.stage_rows, producer=tiling.producer)  # fmt: skip
     out, lse = plgpu.kernel(
         kernel,
         out_type=(
@@ -260,6 +323,7 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         grid_names=("rows", "group", "problem"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
+        **(dict(num_threads=2, thread_name="wg") if tiling.producer else {}),
     )(
         *_query_rows(query_index, b, t, groups, padded),
         q_rows.reshape(-1, h),
