@@ -283,3 +283,19 @@ def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer):
     text = lowered.as_text()
     for instruction in ("cp.async.shared.global", "cp.async.wait.group", f"wgmma.mma_async.sync.aligned.m64n{h}k16"):
         assert instruction in text, instruction
+
+
+def test_indexed_forward_refuses_what_it_cannot_run():
+    # Clear errors before any kernel: a ring that overflows shared memory (4 slots of 128 keys at H 128: 283 KB of
+    # 227), query blocks that are not whole 64-slot chunks.
+    h, t = 128, 256
+    q_rows = jnp.zeros((1, t, 1, 1, h), jnp.bfloat16)
+    k = v = jnp.zeros((1, t, 1, h), jnp.bfloat16)
+    tiles, key_index = [ops.KeyTile(None, None, None)], [jnp.zeros((1, 1, 2, 128), jnp.int32)]
+    query_index = jnp.arange(t, dtype=jnp.int32).reshape(1, 1, 1, 2, 128)
+    with pytest.raises(ValueError, match="shared memory"):
+        indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, key_index, scale=0.1,
+                                     tiling=MosaicTiling(stages=4))  # fmt: skip
+    with pytest.raises(ValueError, match="multiple of 64"):
+        indexed_tiled_forward_mosaic(q_rows, k, v, query_index.reshape(1, 1, 1, 8, 32), tiles,
+                                     [key_index[0].reshape(1, 1, 8, 32)], scale=0.1)  # fmt: skip

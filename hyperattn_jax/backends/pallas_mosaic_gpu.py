@@ -30,6 +30,7 @@ from hyperattn_jax.kernels.mosaic_gpu.indexed_forward import indexed_tiled_forwa
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     DTYPES,
     HEAD_DIMS,
+    SMEM_LIMIT,
     MosaicTiling,
     smem_bytes,
     tiled_attention_mosaic,
@@ -39,7 +40,6 @@ from hyperattn_jax.ops.tiles import hyper_attention_tiles
 
 NAME = "pallas_mosaic_gpu"
 PLATFORMS = ("gpu",)
-SMEM_LIMIT = 227 * 1024  # bytes of shared memory one H100/H200 block may use
 
 
 def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:

@@ -120,7 +120,8 @@ class MosaicTiling:
     # in shared memory serves 2 * block_q queries (half the copies per query), as in FlashAttention-3.
     compute_warpgroups: int = 1
     # Row-gathering kernel: each chunk's key rows reach shared memory by TMA a chunk ahead of its cp.async gathers
-    # (False: the gathers load them from global memory, a dependent load before every copy issues).
+    # (False: the gathers load them from global memory, a dependent load before every copy issues; ignored with a
+    # producer warpgroup, whose row loads hold up no product).
     stage_rows: bool = True
     stages: int = 2  # row-gathering kernel: key-chunk slots in its ring (stages - 1 chunks in flight)
     # Row-gathering kernel: a second warpgroup issues the key chunks' copies while the first only multiplies (warp

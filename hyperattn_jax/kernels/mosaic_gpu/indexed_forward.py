@@ -41,6 +41,7 @@ from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     DTYPES,
     HEAD_DIMS,
     LOG2_E,
+    SMEM_LIMIT,
     attend_chunk,
     interpret_params,
     softmax_finish,
@@ -104,6 +105,13 @@ def _query_rows(query_index, batch: int, t: int, groups: int, padded: bool):
     out = ((problem_batch * t_out + store) * kv_heads + head) * groups + group
     lse = ((problem_batch * kv_heads + head) * groups + group) * t_out + store
     return [x.reshape(problems * kv_heads, groups, -1).astype(jnp.int32) for x in (load, out, lse)]
+
+
+def _smem_bytes(head_dim: int, tiling: MosaicTiling) -> int:
+    """Shared memory of one program on the GPU (16-bit inputs, P in registers; barriers not counted): q (then out),
+    the ring's k, v, log-weights and key rows, the lse."""
+    ring = tiling.stages * tiling.block_k * (2 * 2 * head_dim + 4 + 4)
+    return 2 * tiling.block_q * head_dim + ring + 4 * tiling.block_q
 
 
 def _block_of(ref, block):
@@ -292,6 +300,8 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
     t_out = t + 1 if padded else t
     if max(b * t_out * kv_heads * groups, b * k.shape[1] * kv_heads) >= 2**31:  # rows are int32 in the kernel
         raise ValueError(f"too many rows for int32 row numbers: q {q_rows.shape}, k {k.shape}")
+    if (need := _smem_bytes(h, tiling)) > SMEM_LIMIT:
+        raise ValueError(f"{tiling} needs {need} bytes of shared memory at {h=} (limit {SMEM_LIMIT})")
     facts, tile_arrays = _tile_operands(k, v, tiles, tile_key_index, problems=problems, num_blocks=nb,
                                         block_k=tiling.block_k)  # fmt: skip
     p_in_registers = tiling.p_in_registers and interpret is None

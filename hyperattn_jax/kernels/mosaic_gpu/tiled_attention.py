@@ -51,6 +51,7 @@ LN_2 = math.log(2.0)
 NEG_START = -1e30
 HEAD_DIMS = (64, 128)  # multiples of 64 16-bit elements: whole 128-byte swizzle rows
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one H100/H200 block may use
 
 
 class _Layout(NamedTuple):
