@@ -173,14 +173,10 @@ def _float32_tiles(tiles):
 @functools.partial(jax.jit, static_argnames="config")
 def _row_problem(q, k, v, config, key):
     """The plan's row operands (q_rows, query_index, tiles, key_index), as the backends build them."""
-    b, t, n, h = q.shape
     kv = k.shape[2]
     q5, k4, v4 = ops.group_queries(q, kv), ops.heads_major(k), ops.heads_major(v)
     plan = ops.make_plan(q5, k4, key=key, config=config, v=v4)
-    query_index, tiles, _, key_index = hyper.row_operands(
-        k, v, plan, hyper.row_positions((b, kv, n // kv, t, 1)), hyper.row_positions((b, kv, t, 1)), b, None
-    )
-    return q.reshape(b, t, kv, n // kv, h), query_index, tiles, key_index
+    return hyper.public_row_operands(q, k, v, plan, None)
 
 
 @pytest.mark.parametrize(

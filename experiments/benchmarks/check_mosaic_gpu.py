@@ -193,13 +193,20 @@ def time_kernels(n, config, key, variants=VARIANTS, triton: bool = True) -> dict
         **{f"mosaic_{v}": (lambda qb, ts, t=t: tiled_attention_mosaic(qb, ts, scale=scale, tiling=t))
            for v, t in variants.items()},
     }  # fmt: skip
+    return {**row, **time_kernels_on(kernels, (q_blocks, tiles), flops, baseline="triton_tiled")}
+
+
+def time_kernels_on(kernels: dict, args, flops: int, baseline: str) -> dict:
+    """Each kernel's median time on the same args with its FLOP rate, and every "mosaic_*" kernel's speed-up over
+    `baseline` (where both ran)."""
+    row = {}
     for name, kernel in kernels.items():
-        row[name] = _time(jax.jit(kernel), q_blocks, tiles)
+        row[name] = _time(jax.jit(kernel), *args)
         if "ms" in row[name]:
             row[name]["tflops"] = flops / row[name]["ms"] / 1e9
-    for variant in variants:
-        if "ms" in row.get("triton_tiled", {}) and "ms" in row[f"mosaic_{variant}"]:
-            row[f"speedup_mosaic_{variant}_over_triton"] = row["triton_tiled"]["ms"] / row[f"mosaic_{variant}"]["ms"]
+    for name in [name for name in row if name.startswith("mosaic_")]:
+        if "ms" in row.get(baseline, {}) and "ms" in row[name]:
+            row[f"speedup_{name}_over_triton"] = row[baseline]["ms"] / row[name]["ms"]
     return row
 
 

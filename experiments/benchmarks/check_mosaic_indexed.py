@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from check_mosaic_gpu import _error, _inputs, _relative, _time, check_implementations, time_end_to_end
+from check_mosaic_gpu import _error, _inputs, _relative, check_implementations, time_end_to_end, time_kernels_on
 
 import hyperattn_jax as ha
 from hyperattn_jax.backends.pallas_triton import plan_and_rows
@@ -50,14 +50,8 @@ CONFIGS = {"paper": ha.HyperAttentionConfig.paper(), "default": ha.HyperAttentio
 def _row_operands(q, k, v, config, key):
     """The plan's row operands for public-layout q, k, v, as both backends build them: (q_rows, query_index, tiles,
     key_index)."""
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    plan, rows = plan_and_rows(q, k, v, key, None, None, config=config, scale=h**-0.5, interpret=INTERPRET)
-    query_index, tiles, _, key_index = hyper.row_operands(
-        k, v, plan, hyper.row_positions((b, kv, n // kv, t, 1)), hyper.row_positions((b, kv, k.shape[1], 1)), b, None,
-        rows=rows,
-    )  # fmt: skip
-    return q.reshape(b, t, kv, n // kv, h), query_index, tiles, key_index
+    plan, rows = plan_and_rows(q, k, v, key, None, None, config=config, scale=q.shape[-1] ** -0.5, interpret=INTERPRET)
+    return hyper.public_row_operands(q, k, v, plan, None, rows)
 
 
 # Mosaic variants: k = keys per chunk, s = chunk slots in the ring (`MosaicTiling.stages`), "direct": key rows loaded
@@ -119,15 +113,8 @@ def time_kernels(n, config, key) -> dict:
     keys_per_query = sum(t.k.shape[3] if i is None else i.shape[-1] for t, i in zip(tiles, key_index))
     flops = 4 * 32 * n * keys_per_query * 64
     row = {"n": n, "keys_per_query": keys_per_query, "flops": flops}
-    q_rows = operands[0]
-    for name, kernel in _kernels(64**-0.5).items():
-        row[name] = _time(jax.jit(kernel), q_rows, k, v, query_index, tiles, key_index)
-        if "ms" in row[name]:
-            row[name]["tflops"] = flops / row[name]["ms"] / 1e9
-    for name in [name for name in row if name.startswith("mosaic_")]:
-        if "ms" in row["triton_indexed"] and "ms" in row[name]:
-            row[f"speedup_{name}_over_triton"] = row["triton_indexed"]["ms"] / row[name]["ms"]
-    return row
+    args = (operands[0], k, v, query_index, tiles, key_index)
+    return {**row, **time_kernels_on(_kernels(64**-0.5), args, flops, baseline="triton_indexed")}
 
 
 def main():

@@ -57,14 +57,8 @@ def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
 def forward(q, k, v, kv_length, plan, rows, *, scale: float, tiling: MosaicTiling, interpret: bool):
     """The estimate under `plan` on the Mosaic GPU kernels: public-layout q `[B, T, N, H]`, k, v `[B, S, K, H]` in;
     out `[B, T, N, H]` and lse `[B, K, G, T]` float32 out. `rows`: the plan as int32 rows (`plan_and_rows`)."""
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    if hyper.can_gather_in_kernel(h, plan) and plan.query_block % tiling.block_q == 0:
-        query_index, tiles, _, key_index = hyper.row_operands(
-            k, v, plan, hyper.row_positions((b, kv_heads, n // kv_heads, t, 1)),
-            hyper.row_positions((b, kv_heads, k.shape[1], 1)), b, kv_length, rows=rows,
-        )  # fmt: skip
-        q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    if hyper.can_gather_in_kernel(q.shape[-1], plan) and plan.query_block % tiling.block_q == 0:
+        q_rows, query_index, tiles, key_index = hyper.public_row_operands(q, k, v, plan, kv_length, rows)
         out, lse = indexed_tiled_forward_mosaic(
             q_rows, k, v, query_index, tiles, key_index, scale=scale, tiling=tiling, interpret=interpret
         )

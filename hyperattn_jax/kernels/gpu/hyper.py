@@ -120,6 +120,19 @@ def row_operands(k, v, plan, query_positions, key_positions, batch: int, kv_leng
     return query_index, tiles, rows, in_kernel
 
 
+def public_row_operands(q, k, v, plan, kv_length, rows=None, tuning=None):
+    """`row_operands` of a non-causal plan made for the grouped public-layout q `[B, T, N, H]`, k, v `[B, S, K, H]`
+    (`rows`: its `ops.plan_rows`, computed here when None), with q split by kv head: (q_rows `[B, T, K, G, H]`,
+    query_index, tiles, key_index), what the row-indexed forward kernels take."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    query_index, tiles, _, key_index = row_operands(
+        k, v, plan, row_positions((b, kv_heads, n // kv_heads, t, 1)), row_positions((b, kv_heads, k.shape[1], 1)),
+        b, kv_length, tuning, rows,
+    )  # fmt: skip
+    return q.reshape(b, t, kv_heads, n // kv_heads, h), query_index, tiles, key_index
+
+
 def _is_sample_tile(plan, position: int, num_tiles: int) -> bool:
     """Whether tile `position` of the plan's `hyper_attention_tiles` is the sampled residual (always the last)."""
     return plan.sample_index is not None and position == num_tiles - 1
@@ -321,14 +334,8 @@ def estimate(q, k, v, kv_length, plan, rows, static):
 
 def _estimate_fwd(q, k, v, kv_length, plan, rows, static):
     scale, tuning, interpret = static
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    if can_gather_in_kernel(h, plan):
-        query_index, tiles, _, key_index = row_operands(
-            k, v, plan, row_positions((b, kv_heads, n // kv_heads, t, 1)), row_positions((b, kv_heads, k.shape[1], 1)),
-            b, kv_length, tuning, rows,
-        )  # fmt: skip
-        q_rows = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    if can_gather_in_kernel(q.shape[-1], plan):
+        q_rows, query_index, tiles, key_index = public_row_operands(q, k, v, plan, kv_length, rows, tuning)
         out, lse = indexed_tiled_forward(
             q_rows, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning, interpret=interpret
         )
