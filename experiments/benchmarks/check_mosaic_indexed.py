@@ -71,21 +71,23 @@ VARIANTS = {
 }
 
 
-def _kernels(scale):
-    """The Triton row-indexed kernel and the Mosaic variants (`VARIANTS`)."""
+def _kernels(scale, variants=None):
+    """The Triton row-indexed kernel and the Mosaic variants (`VARIANTS`, or those named in `variants`)."""
     kernels = {
         "triton_indexed": lambda q, k, v, qi, ts, ki: indexed_tiled_forward(
             q, k, v, qi, ts, ki, scale=scale, tuning=TiledKernelConfig(), interpret=INTERPRET
         )
     }
     for name, tiling in VARIANTS.items():
+        if variants is not None and name not in variants:
+            continue
         kernels[f"mosaic_indexed_{name}"] = lambda q, k, v, qi, ts, ki, tiling=tiling: indexed_tiled_forward_mosaic(
             q, k, v, qi, ts, ki, scale=scale, tiling=tiling
         )
     return kernels
 
 
-def check_kernels(n, head_dim, config, key) -> dict:
+def check_kernels(n, head_dim, config, key, variants=None) -> dict:
     """The row-gathering kernels against the float32 twin on the same operands (out, lse)."""
     q, k, v, _ = _inputs(n, 8, 2, head_dim, seed=n + head_dim)
     row = {"n": n, "heads": 8, "kv_heads": 2, "head_dim": head_dim}
@@ -96,7 +98,7 @@ def check_kernels(n, head_dim, config, key) -> dict:
         q_rows.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), query_index, f32, key_index,
         scale=head_dim**-0.5,
     )  # fmt: skip
-    for name, kernel in _kernels(head_dim**-0.5).items():
+    for name, kernel in _kernels(head_dim**-0.5, variants).items():
         try:
             out, lse = jax.jit(kernel)(q_rows, k, v, query_index, tiles, key_index)
             row[f"{name}_vs_twin"] = {"out": _relative(out, twin[0]), "lse": _relative(lse, twin[1])}
@@ -105,7 +107,7 @@ def check_kernels(n, head_dim, config, key) -> dict:
     return row
 
 
-def time_kernels(n, config, key) -> dict:
+def time_kernels(n, config, key, variants=None) -> dict:
     """The row-gathering kernels alone on the same operands, with FLOP rates (4 B N T keys-per-query H)."""
     q, k, v, _ = _inputs(n, 32, 32, 64, seed=n)
     operands = jax.jit(_row_operands, static_argnames="config")(q, k, v, config, key)
@@ -114,7 +116,7 @@ def time_kernels(n, config, key) -> dict:
     flops = 4 * 32 * n * keys_per_query * 64
     row = {"n": n, "keys_per_query": keys_per_query, "flops": flops}
     args = (operands[0], k, v, query_index, tiles, key_index)
-    return {**row, **time_kernels_on(_kernels(64**-0.5), args, flops, baseline="triton_indexed")}
+    return {**row, **time_kernels_on(_kernels(64**-0.5, variants), args, flops, baseline="triton_indexed")}
 
 
 def main():
@@ -125,11 +127,19 @@ def main():
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd")
     parser.add_argument("--budget-s", type=float, default=400.0, help="start no timing after this many seconds")
     parser.add_argument("--head-dims", default="64,128", help="head dims of (a), for every config")
+    parser.add_argument("--variants", default="", help="comma-separated names of VARIANTS (default: all)")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
+    variants = [name for name in args.variants.split(",") if name] or None
+    if unknown := set(variants or ()) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
     start = time.monotonic()
     key = jax.random.key(0)
-    record = {"note": args.note, "configs": {name: dataclasses.asdict(c) for name, c in CONFIGS.items()}}
+    record = {
+        "note": args.note,
+        "variants": variants or sorted(VARIANTS),
+        "configs": {name: dataclasses.asdict(c) for name, c in CONFIGS.items()},
+    }
     record.update(batch=1, dtype="bfloat16", checks=[], kernel_checks=[], timings=[], kernels=[])
 
     def save():
@@ -152,10 +162,14 @@ def main():
 
     for name, head_dim in [(name, int(h)) for name in CONFIGS for h in args.head_dims.split(",")]:
         add("checks", lambda c=CONFIGS[name], h=head_dim: check_implementations(args.check_n, h, c, key), config=name)
-        add("kernel_checks", lambda c=CONFIGS[name], h=head_dim: check_kernels(args.check_n, h, c, key), config=name)
+        add(
+            "kernel_checks",
+            lambda c=CONFIGS[name], h=head_dim: check_kernels(args.check_n, h, c, key, variants),
+            config=name,
+        )
     for n in [int(x) for x in args.n.split(",") if x]:
         for name, config in CONFIGS.items():
-            add("kernels", lambda n=n, c=config: time_kernels(n, c, key), config=name)
+            add("kernels", lambda n=n, c=config: time_kernels(n, c, key, variants), config=name)
             for mode in args.modes.split(","):
                 add("timings", lambda n=n, m=mode, c=config: time_end_to_end(n, m, c, key), config=name)
     record["elapsed_s"] = time.monotonic() - start
