@@ -85,11 +85,12 @@ def _inputs(n, heads, kv_heads, head_dim, seed):
     return q, k, v, g
 
 
-def _functions(implementation, config, key):
+def _functions(implementation, config, key, causal: bool = False):
     def forward(q, k, v):
         if implementation == "cudnn":
-            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), None
-        return ha.hyper_attention(q, k, v, key=key, config=config, return_lse=True, implementation=implementation)
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn"), None
+        return ha.hyper_attention(q, k, v, key=key, config=config, causal=causal, return_lse=True,
+                                  implementation=implementation)  # fmt: skip
 
     def loss(q, k, v, cotangent):
         return jnp.sum(forward(q, k, v)[0].astype(jnp.float32) * cotangent.astype(jnp.float32))
@@ -110,14 +111,14 @@ def check(n, head_dim, config, key) -> dict:
     return {**check_implementations(n, head_dim, config, key), **check_variants(n, head_dim, config, key, VARIANTS)}
 
 
-def check_implementations(n, head_dim, config, key) -> dict:
+def check_implementations(n, head_dim, config, key, causal: bool = False) -> dict:
     """The three implementations for the same key: out and lse, and dq, dk, dv against xla."""
     q, k, v, g = _inputs(n, 8, 2, head_dim, seed=n + head_dim)
-    row = {"n": n, "heads": 8, "kv_heads": 2, "head_dim": head_dim}
+    row = {"n": n, "heads": 8, "kv_heads": 2, "head_dim": head_dim, "causal": causal}
     outs, grads = {}, {}
     for name in IMPLEMENTATIONS:
         try:
-            forward, fwd_bwd = _functions(name, config, key)
+            forward, fwd_bwd = _functions(name, config, key, causal)
             outs[name] = jax.block_until_ready(forward(q, k, v))
             if name != "pallas_triton":  # its backward is the one pallas_mosaic_gpu runs (checked against xla there)
                 grads[name] = jax.block_until_ready(fwd_bwd(q, k, v, g)[1])
@@ -161,13 +162,13 @@ def _time(fn, *args) -> dict:
 
 
 def time_end_to_end(n, mode, config, key) -> dict:
-    """(b) one mode at n: cuDNN, pallas_triton, pallas_mosaic_gpu."""
+    """(b) one mode at n ("noncausal_fwd", "causal_fwdbwd", ...): cuDNN, pallas_triton, pallas_mosaic_gpu."""
     q, k, v, g = _inputs(n, 32, 32, 64, seed=n)
-    backward = mode.endswith("fwdbwd")
+    backward, causal = mode.endswith("fwdbwd"), mode.startswith("causal")
     row = {"n": n, "heads": 32, "kv_heads": 32, "head_dim": 64, "mode": mode}
     outs = {}
     for name in ("cudnn", "pallas_triton", "pallas_mosaic_gpu"):
-        forward, fwd_bwd = _functions(name, config, key)
+        forward, fwd_bwd = _functions(name, config, key, causal)
         row[name] = _time(fwd_bwd, q, k, v, g) if backward else _time(forward, q, k, v)
         if not backward and "ms" in row[name] and name != "cudnn":
             outs[name] = forward(q, k, v)[0]

@@ -5,11 +5,12 @@ Hardware: one H100 80GB or H200 (Hopper: wgmma, TMA, cp.async), jax 0.11.2 or ne
 
 (a) Agreement, `--check-n` tokens, B=1, N=8 query heads over K=2 kv heads, bf16, one key: `implementation=
   "pallas_mosaic_gpu"` (which now runs the row-gathering kernel wherever the query blocks are whole 64-row chunks),
-  `pallas_triton` and `xla` (out, lse; dq, dk, dv against xla) for `paper()` and the default at `--head-dims`
+  `pallas_triton` and `xla` (out, lse; dq, dk, dv against xla) for `paper()` and the default at `--head-dims`,
+  non-causal and causal (`--check-causal`: the causal recursion's parts run on the Mosaic kernel, merged in place)
   (`check_mosaic_gpu.check_implementations`); and the row-gathering kernels (Mosaic variants, Triton) on the same
   row operands against their jnp twin `indexed_tiled_forward_reference` in float32.
-(b) Timings at `--n`, B=1, N=K=32, H=64, bf16, `paper()` and the default: the non-causal forward and
-  forward+backward of cuDNN, `pallas_triton` and `pallas_mosaic_gpu` (the backward is the Triton path's for both),
+(b) Timings at `--n`, B=1, N=K=32, H=64, bf16, `paper()` and the default: `--modes` (forward and forward+backward,
+  causal or not) of cuDNN, `pallas_triton` and `pallas_mosaic_gpu` (the backward is the Triton path's for both),
   and the row-gathering kernels alone on the same operands with their FLOP rates (Mosaic `VARIANTS`: keys per
   chunk, ring depth, key rows staged or not). Median of many blocking calls after
   warm-up, all in this one process: compare ratios within the run.
@@ -127,6 +128,12 @@ def main():
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd")
     parser.add_argument("--budget-s", type=float, default=400.0, help="start no timing after this many seconds")
     parser.add_argument("--head-dims", default="64,128", help="head dims of (a), for every config")
+    parser.add_argument(
+        "--check-causal",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="(a) causal calls too (their recursion's parts on the Mosaic kernel, merged in place)",
+    )
     parser.add_argument("--variants", default="", help="comma-separated names of VARIANTS (default: all)")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
@@ -161,7 +168,9 @@ def main():
         save()
 
     for name, head_dim in [(name, int(h)) for name in CONFIGS for h in args.head_dims.split(",")]:
-        add("checks", lambda c=CONFIGS[name], h=head_dim: check_implementations(args.check_n, h, c, key), config=name)
+        for causal in [False, True][: 2 if args.check_causal else 1]:
+            add("checks", lambda c=CONFIGS[name], h=head_dim, causal=causal: check_implementations(
+                args.check_n, h, c, key, causal), config=name)  # fmt: skip
         add(
             "kernel_checks",
             lambda c=CONFIGS[name], h=head_dim: check_kernels(args.check_n, h, c, key, variants),

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from hyperattn_jax._layout import ungroup_output
 from hyperattn_jax.backends import pallas_triton
 from hyperattn_jax.kernels.gpu import hyper
+from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 from hyperattn_jax.kernels.mosaic_gpu.indexed_forward import indexed_tiled_forward_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
@@ -91,12 +92,23 @@ def _estimate_bwd(static, residuals, cotangents):
 estimate.defvjp(_estimate_fwd, _estimate_bwd)
 
 
+def level_forward(q_rows, k, v, query_index, tiles, key_index, *, scale, tuning, interpret, merge_into):
+    """A part of the fused causal recursion (a level's lower-left problems, a prefix or an exact quarter) merged into
+    the running out and lse: on the Mosaic row-gathering kernel where its query blocks are whole 64-slot chunks,
+    else on the Triton one (`indexed_tiled_forward`'s arguments)."""
+    tiling = MosaicTiling()
+    if query_index.shape[-1] % tiling.block_q == 0:
+        return indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, key_index, scale=scale, tiling=tiling,
+                                            interpret=interpret, merge_into=merge_into)  # fmt: skip
+    return indexed_tiled_forward(q_rows, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning,
+                                 interpret=interpret, merge_into=merge_into)  # fmt: skip
+
+
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False):
     """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32."""
-    if causal or config.attends_exactly(k.shape[1]):  # not yet ported: the Triton path runs these
-        return pallas_triton.attention(
-            q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale, interpret=interpret
-        )
+    if causal or config.attends_exactly(k.shape[1]):  # the Triton path, with the recursion's parts on Mosaic
+        return pallas_triton.attention(q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale,
+                                       interpret=interpret, level_forward=level_forward)  # fmt: skip
     # the same plan as pallas_triton's; its rows feed the Triton backward
     plan, rows = pallas_triton.plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale,
                                              interpret=interpret)  # fmt: skip

@@ -37,7 +37,6 @@ from hyperattn_jax.kernels.gpu.hyper import (
     row_operands,
     row_positions,
 )
-from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
 from hyperattn_jax.ops.causal import (
     causal_window,
     level_kv_length,
@@ -97,12 +96,14 @@ def _part_rows(b: int, kv_heads: int, groups: int, t: int, depth: int, segment: 
 def estimate(q, k, v, key, hash_key, static):
     """Causal HyperAttention on the fused kernels for shapes `recursion_shape` accepts: q `[B, T, N, H]`, k, v
     `[B, T, K, H]` (public layout) -> out `[B, T, N, H]` (q's dtype), lse `[B, K, G, T]` float32.
-    `static` = (config, scale, TiledKernelConfig, interpret, recursion_shape(...))."""
+    `static` = (config, scale, TiledKernelConfig, interpret, recursion_shape(...), level_forward): level_forward
+    runs every part after the base case, `indexed_tiled_forward` or a kernel with its arguments and `merge_into`
+    (the Mosaic GPU backend's)."""
     return _causal_fwd(q, k, v, key, hash_key, static)[0]
 
 
 def _causal_fwd(q, k, v, key, hash_key, static):
-    config, scale, tuning, interpret, (depth, segment, flash_tuning) = static
+    config, scale, tuning, interpret, (depth, segment, flash_tuning), level_forward = static
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     window = causal_window(config)
@@ -149,7 +150,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     # batch element p % B) and merges by lse into out, lse in place.
     for plan, (query_rows, key_rows, kv_length) in zip(plans, rows, strict=True):
         query_index, tiles, _, key_index = row_operands(k, v, plan, query_rows, key_rows, b, kv_length, tuning)
-        out, lse = indexed_tiled_forward(
+        out, lse = level_forward(
             q_rows, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning, interpret=interpret,
             merge_into=(out, lse),
         )  # fmt: skip
@@ -158,7 +159,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
 
 
 def _causal_bwd(static, residuals, cotangents):
-    config, scale, tuning, interpret, (depth, segment, flash_tuning) = static
+    config, scale, tuning, interpret, (depth, segment, flash_tuning), _ = static
     q, k, v, out, lse, plans = residuals
     d_out, d_lse = cotangents
     lse = finite_or_zero(lse)

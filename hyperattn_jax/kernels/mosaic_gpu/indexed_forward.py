@@ -32,6 +32,7 @@ from hyperattn_jax.kernels.configs import MosaicTiling
 from hyperattn_jax.kernels.gpu.indexed_forward import row_coordinates, tile_log_weights
 from hyperattn_jax.kernels.mosaic_gpu.row_copies import (
     gather_rows,
+    gather_values,
     scatter_rows,
     scatter_values,
     swizzled,
@@ -45,6 +46,7 @@ from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     attend_chunk,
     interpret_params,
     softmax_finish,
+    softmax_merge,
     softmax_start,
 )
 from hyperattn_jax.ops.tiles import KeyTile
@@ -107,11 +109,11 @@ def _query_rows(query_index, batch: int, t: int, groups: int, padded: bool):
     return [x.reshape(problems * kv_heads, groups, -1).astype(jnp.int32) for x in (load, out, lse)]
 
 
-def _smem_bytes(head_dim: int, tiling: MosaicTiling) -> int:
+def _smem_bytes(head_dim: int, tiling: MosaicTiling, merge: bool = False) -> int:
     """Shared memory of one program on the GPU (16-bit inputs, P in registers; barriers not counted): q (then out),
-    the ring's k, v, log-weights and key rows, the lse."""
+    the ring's k, v, log-weights and key rows, the lse; with `merge`, the earlier out rows and lse."""
     ring = tiling.stages * tiling.block_k * (2 * 2 * head_dim + 4 + 4)
-    return 2 * tiling.block_q * head_dim + ring + 4 * tiling.block_q
+    return (1 + merge) * (2 * tiling.block_q * head_dim + 4 * tiling.block_q) + ring
 
 
 def _block_of(ref, block):
@@ -121,15 +123,18 @@ def _block_of(ref, block):
 
 def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, tiles, query_block: int,
             block_k: int, scale: float, interpret: bool, p_in_registers: bool, stage_rows: bool,
-            producer: bool):  # fmt: skip
+            producer: bool, merge: bool):  # fmt: skip
     """One program: 64 query slots of one query head. Key chunks go through a ring of `stages` slots: the gathers of
     the next stages - 1 chunks are in flight while one is multiplied, issued by the computing warpgroup itself or,
-    with `producer`, by a second warpgroup (`_gather_and_compute`)."""
+    with `producer`, by a second warpgroup (`_gather_and_compute`). With `merge`, o_ref and lse_ref hold an earlier
+    partial result: its rows are gathered with the queries and merged by lse before the stores."""
     num_inputs = sum((1 if tile.indexed else 2) + tile.weighted for tile in tiles)
     tile_refs, (o_ref, lse_ref) = refs[:num_inputs], refs[num_inputs : num_inputs + 2]
     scratch = list(refs[num_inputs + 2 :])
     q_smem, k_smem, v_smem, w_smem, lse_smem, k_bar, v_bar, w_bar, rows_smem, rows_bar = scratch[:10]
-    p_smem = None if p_in_registers else scratch[10]
+    rest = scratch[10:]
+    earlier_smem, earlier_lse_smem = (rest.pop(0), rest.pop(0)) if merge else (None, None)
+    p_smem = None if p_in_registers else rest.pop(0)
     stage_rows = stage_rows and not producer  # a producer's row loads stall no product
     block_q, stages = q_smem.shape[0], k_smem.shape[0]
     chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
@@ -189,7 +194,17 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
             before_values=None if tile.indexed else functools.partial(plgpu.barrier_wait, v_bar.at[slot]),
         )  # fmt: skip
 
+    def gather_queries():
+        """q's rows and, with `merge`, the earlier partial out (the same rows: no padding slots) and lse: one cp.async
+        group for the rows; the lse values by plain loads."""
+        pairs = [(q_ref, q_smem)] + ([(o_ref, earlier_smem)] if merge else [])
+        gather_rows(q_load_ref.at[problem, head, rows], pairs, interpret=interpret)
+        if merge:
+            gather_values(lse_ref, lse_rows_ref.at[problem, head, rows], earlier_lse_smem, interpret=interpret)
+
     def finish(state):
+        if merge:  # the earlier gathers were waited for with the queries'
+            state = softmax_merge(state, earlier_smem, earlier_lse_smem)
         o_smem = q_smem  # every wgmma reading q has completed: its buffer takes the output (8 KB less at H 64)
         o_smem[...], lse_smem[...] = softmax_finish(state, q_smem.dtype)
         plgpu.commit_smem()
@@ -197,15 +212,14 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
         scatter_values(lse_smem, lse_rows_ref.at[problem, head, rows], lse_ref, interpret=interpret)
 
     if producer:
-        full, consumed = scratch[-2:]
+        full, consumed = rest
         _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_bar, stages=stages,
-                            gather_queries=lambda: gather_rows(q_load_ref.at[problem, head, rows], [(q_ref, q_smem)],
-                                                               interpret=interpret),
-                            start=lambda: softmax_start(block_q, q_smem.shape[1]), interpret=interpret)  # fmt: skip
+                            gather_queries=gather_queries, start=lambda: softmax_start(block_q, q_smem.shape[1]),
+                            interpret=interpret)  # fmt: skip
         return
     for step in range(stages):
         stage(step)
-    gather_rows(q_load_ref.at[problem, head, rows], [(q_ref, q_smem)], interpret=interpret)
+    gather_queries()
     groups.append("q")
     for step in range(min(stages - 1, len(steps))):
         issue(step, step)
@@ -270,8 +284,8 @@ def _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_b
 
 
 def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_index, *, scale, tiling=None,
-                                 interpret=None):  # fmt: skip
-    """`kernels.gpu.indexed_tiled_forward` (without `merge_into`) on Mosaic GPU: rows gathered in the kernel.
+                                 interpret=None, merge_into=None):  # fmt: skip
+    """`kernels.gpu.indexed_tiled_forward` on Mosaic GPU: rows gathered in the kernel.
 
     Args:
       q_rows: `[B, T, K, G, H]` (the public `[B, T, N, H]` split by kv head), bfloat16/float16, H in (64, 128).
@@ -280,10 +294,14 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         padding; bq a multiple of 64.
       tiles, tile_key_index: as `indexed_tiled_forward`'s (per-block tiles by rows, shared ones pre-gathered).
       scale: softmax scale. tiling: `MosaicTiling` (one compute warpgroup). interpret: as `tiled_attention_mosaic`.
+      merge_into: optional (out `[B, T, K, G, H]` in q's dtype, lse `[B, K, G, T]` float32) of other parts of the
+        same attention: the kernel merges its part into them by lse at the rows it names and returns them updated
+        in place (passed to the kernel as mutable refs, so XLA aliases the buffers). Every query slot must hold a
+        real row (no padding), as for the Triton kernel.
 
     Returns:
       out `[B, T, K, G, H]` (q's dtype) and lse `[B, K, G, T]` float32 at the rows query_index names (others
-      unspecified). No gradient rule.
+      unspecified, or merge_into's). No gradient rule.
     """
     tiles = [KeyTile(*tile) for tile in tiles]
     tiling = MosaicTiling() if tiling is None else tiling
@@ -296,11 +314,15 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     if not isinstance(interpret, plgpu.InterpretGPUParams):
         interpret = interpret_params() if interpret else None
-    padded = math.prod(query_index.shape) != b * kv_heads * groups * t
+    merge = merge_into is not None
+    if merge and (merge_into[0].shape != q_rows.shape or merge_into[1].shape != (b, kv_heads, groups, t)):
+        raise ValueError(f"merge_into must be out {q_rows.shape} and lse {(b, kv_heads, groups, t)}, got "
+                         f"{merge_into[0].shape} and {merge_into[1].shape}")  # fmt: skip
+    padded = not merge and math.prod(query_index.shape) != b * kv_heads * groups * t
     t_out = t + 1 if padded else t
     if max(b * t_out * kv_heads * groups, b * k.shape[1] * kv_heads) >= 2**31:  # rows are int32 in the kernel
         raise ValueError(f"too many rows for int32 row numbers: q {q_rows.shape}, k {k.shape}")
-    if (need := _smem_bytes(h, tiling)) > SMEM_LIMIT:
+    if (need := _smem_bytes(h, tiling, merge)) > SMEM_LIMIT:
         raise ValueError(f"{tiling} needs {need} bytes of shared memory at {h=} (limit {SMEM_LIMIT})")
     facts, tile_arrays = _tile_operands(k, v, tiles, tile_key_index, problems=problems, num_blocks=nb,
                                         block_k=tiling.block_k)  # fmt: skip
@@ -315,31 +337,41 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         *(plgpu.Barrier(num_barriers=stages) for _ in range(3)),  # pre-gathered k, v and the weights: one per slot
         plgpu.SMEM((stages, block_k), jnp.int32),  # the key rows of the next gathers (`MosaicTiling.stage_rows`)
         plgpu.Barrier(num_barriers=stages),
+        # with merge_into: the earlier out rows and lse of the program's queries
+        *([swizzled((block_q, h), q_rows.dtype), plgpu.SMEM((block_q,), jnp.float32)] if merge else []),
         *([] if p_in_registers else [swizzled((block_q, block_k), q_rows.dtype)]),
         # with a producer warpgroup: a gathered slot is full, a slot's products are done
         *([plgpu.Barrier(num_barriers=stages)] * 2 if tiling.producer else []),
     ]
     kernel = functools.partial(_kernel, tiles=facts, query_block=bq, block_k=block_k, scale=float(scale),
                                interpret=interpret is not None, p_in_registers=p_in_registers,
-                               stage_rows=tiling.stage_rows, producer=tiling.producer)  # fmt: skip
-    out, lse = plgpu.kernel(
+                               stage_rows=tiling.stage_rows, producer=tiling.producer, merge=merge)  # fmt: skip
+    outputs = (
+        jax.ShapeDtypeStruct((b * t_out * kv_heads * groups, h), q_rows.dtype),
+        jax.ShapeDtypeStruct((b * kv_heads * groups * t_out,), jnp.float32),
+    )
+    call = plgpu.kernel(
         kernel,
-        out_type=(
-            jax.ShapeDtypeStruct((b * t_out * kv_heads * groups, h), q_rows.dtype),
-            jax.ShapeDtypeStruct((b * kv_heads * groups * t_out,), jnp.float32),
-        ),
+        out_type=() if merge else outputs,
         scratch_types=scratch,
         grid=(nb * bq // block_q, groups, problems * kv_heads),
         grid_names=("rows", "group", "problem"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
         **(dict(num_threads=2, thread_name="wg") if tiling.producer else {}),
-    )(
+    )
+    operands = (
         *_query_rows(query_index, b, t, groups, padded),
         q_rows.reshape(-1, h),
         k.reshape(-1, h),
         v.reshape(-1, h),
         *(x for arrays in tile_arrays for x in arrays),
     )
+    if merge:  # written in place: refs in, read back after the kernel
+        refs = [jax.new_ref(x.reshape(shape.shape)) for x, shape in zip(merge_into, outputs, strict=True)]
+        call(*operands, *refs)
+        out, lse = (ref[...] for ref in refs)
+    else:
+        out, lse = call(*operands)
     out, lse = out.reshape(b, t_out, kv_heads, groups, h), lse.reshape(b, kv_heads, groups, t_out)
     return (out[:, :t], lse[..., :t]) if padded else (out, lse)

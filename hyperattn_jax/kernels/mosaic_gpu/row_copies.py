@@ -164,6 +164,34 @@ def scatter_rows(src_smem, rows_ref, dst_ref, *, interpret: bool):
     scatter(src_smem, rows_ref, dst_ref)
 
 
+def gather_values(src_ref, index_ref, dst_smem, *, interpret: bool):
+    """dst[i] = src[index[i]] for float32 src in global memory, index int32 `[n]` (global) and dst `[n]` in shared
+    memory (plain layout): one thread per value, n <= 128. Synchronous loads; the stores are visible to the
+    warpgroup after a `plgpu.commit_smem` (e.g. `wait_gathers`')."""
+    (count,) = dst_smem.shape
+    if interpret:
+
+        def copy_value(i, carry):
+            dst_smem[pl.ds(i, 1)] = src_ref[pl.ds(index_ref[i], 1)]
+            return carry
+
+        lax.fori_loop(0, count, copy_value, 0)
+        return
+    if count > WARPGROUP:
+        raise ValueError(f"one value per thread: {count} > {WARPGROUP}")
+    read = _ref_type(write=False)
+
+    @plgpu.inline_mgpu(arg_types=(read, read, _ref_type()))
+    def gather(ctx, src, index, dst):
+        del ctx
+        thread = arith.remui(mgpu_utils.thread_idx(), _int(WARPGROUP))
+        with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, thread, _int(count))):
+            position = arith.index_cast(ir.IndexType.get(), _load_index(index, thread))
+            memref.store(memref.load(src, [position]), dst, [arith.index_cast(ir.IndexType.get(), thread)])
+
+    gather(src_ref, index_ref, dst_smem)
+
+
 def scatter_values(src_smem, index_ref, dst_ref, *, interpret: bool):
     """dst[index[i]] = src[i] for float32 src `[n]` in shared memory (plain layout, committed), index int32 `[n]`
     and dst float32 in global memory: one thread per value, n <= 128."""

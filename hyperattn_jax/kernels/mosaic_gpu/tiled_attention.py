@@ -176,6 +176,22 @@ def attend_chunk(state, q_smem, k_smem, v_smem, w_smem, *, scale, p_smem=None, b
     return SoftmaxState(new_max, row_sum, acc)
 
 
+def softmax_merge(state: SoftmaxState, out_smem, lse_smem) -> SoftmaxState:
+    """The state with an earlier partial result of the same rows merged in: out `[block_q, H]` (normalised, in
+    `swizzled` shared memory) and its natural-log lse `[block_q]` float32, as one more chunk whose row max is lse (in
+    base 2), row sum 1 and output out. A side without keys (lse -inf, or the start max) gets weight 0."""
+    earlier_max = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(1), optimized=False) * LOG2_E
+    earlier = plgpu.load(out_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+    new_max = jnp.maximum(state.row_max, earlier_max)
+    earlier_weight, own_weight = jnp.exp2(earlier_max - new_max), jnp.exp2(state.row_max - new_max)
+
+    def per_row(x):
+        return lax.broadcast_in_dim(x, state.acc.shape, [0])
+
+    acc = earlier * per_row(earlier_weight) + state.acc * per_row(own_weight)
+    return SoftmaxState(new_max, earlier_weight + state.row_sum * own_weight, acc)
+
+
 def softmax_finish(state: SoftmaxState, dtype):
     """out (dtype) and the natural-log lse; a row without any unmasked key gets out 0 and lse -inf."""
     has_keys = state.row_sum > 0
