@@ -14,6 +14,9 @@ Hardware: one H100 80GB or H200 (Hopper: wgmma, TMA, cp.async), jax 0.11.2 or ne
   and the row-gathering kernels alone on the same operands with their FLOP rates (Mosaic `VARIANTS`: keys per
   chunk, ring depth, key rows staged or not). Median of many blocking calls after
   warm-up, all in this one process: compare ratios within the run.
+(c) `--profile-n`: Mosaic GPU's on-device profile of each selected variant at that n (B=1, N=K=32, H=64): mean
+  microseconds per program in each named region of the kernel ("issue" copies, "wait", "attend", "store"; the
+  producer's "wait_slot", "announce"), per warpgroup, profiling overhead included.
 Recorded (H100): `results/mosaic_indexed_h100.json` (before `stage_rows`: every key-row load direct; variants k128,
 k64), `results/mosaic_indexed_staged_h100.json` (staged or direct, two slots; q and out in separate buffers) and
 `results/mosaic_indexed_ring_h100.json` (`VARIANTS`, out written into q's buffer).
@@ -27,6 +30,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -120,6 +124,54 @@ def time_kernels(n, config, key, variants=None) -> dict:
     return {**row, **time_kernels_on(_kernels(64**-0.5, variants), args, flops, baseline="triton_indexed")}
 
 
+def summarise_trace(path, warpgroups: int) -> dict:
+    """Mean microseconds per program in each named region of a Mosaic GPU profile (Perfetto JSON: one track per
+    program and warpgroup, begin/end events), per warpgroup (0 computes; 1 is the producer, if any), and each
+    warpgroup's mean span from its first event to its last."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    open_at, totals, spans = {}, {}, {}
+    for event in events:
+        track = event["tid"] - 1
+        warpgroup = track % warpgroups
+        first, last = spans.setdefault(track, (event["ts"], event["ts"]))
+        spans[track] = (min(first, event["ts"]), max(last, event["ts"]))
+        if event["ph"] == "B":
+            open_at.setdefault(track, []).append(event["ts"])
+        else:
+            region = totals.setdefault(warpgroup, {})
+            region[event["name"]] = region.get(event["name"], 0.0) + event["ts"] - open_at[track].pop()
+    programs = len(spans) // warpgroups
+    summary = {"programs": programs}
+    for warpgroup, region in sorted(totals.items()):
+        span = sum(last - first for track, (first, last) in spans.items() if track % warpgroups == warpgroup)
+        summary[f"warpgroup_{warpgroup}_us"] = {
+            "span": span / programs, **{name: total / programs for name, total in sorted(region.items())}
+        }  # fmt: skip
+    return summary
+
+
+def profile_kernels(n, config, key, variants) -> dict:
+    """Mosaic GPU's on-device profile of the row-gathering kernel (one call per variant, `profile_dir`): where a
+    program's time goes, per warpgroup and named region (`summarise_trace`). The traces stay in a temporary folder."""
+    q, k, v, _ = _inputs(n, 32, 32, 64, seed=n)
+    q_rows, query_index, tiles, key_index = jax.jit(_row_operands, static_argnames="config")(q, k, v, config, key)
+    row = {"n": n}
+    for name in variants:
+        tiling = VARIANTS[name]
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                call = jax.jit(lambda q, k, v, qi, ts, ki, tiling=tiling: indexed_tiled_forward_mosaic(
+                    q, k, v, qi, ts, ki, scale=64**-0.5, tiling=tiling, profile_dir=folder))  # fmt: skip
+                jax.block_until_ready(call(q_rows, k, v, query_index, tiles, key_index))
+                jax.effects_barrier()  # the trace is written by a host callback
+                [trace] = Path(folder).glob("*.json")
+                row[f"mosaic_indexed_{name}"] = summarise_trace(trace, 2 if tiling.producer else 1)
+            except Exception as error:
+                row[f"mosaic_indexed_{name}_error"] = _error(error)
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="experiments/results/mosaic_indexed.json")
@@ -135,6 +187,7 @@ def main():
         help="(a) causal calls too (their recursion's parts on the Mosaic kernel, merged in place)",
     )
     parser.add_argument("--variants", default="", help="comma-separated names of VARIANTS (default: all)")
+    parser.add_argument("--profile-n", default="", help="n at which to profile the kernel variants (after the timings)")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     variants = [name for name in args.variants.split(",") if name] or None
@@ -147,7 +200,7 @@ def main():
         "variants": variants or sorted(VARIANTS),
         "configs": {name: dataclasses.asdict(c) for name, c in CONFIGS.items()},
     }
-    record.update(batch=1, dtype="bfloat16", checks=[], kernel_checks=[], timings=[], kernels=[])
+    record.update(batch=1, dtype="bfloat16", checks=[], kernel_checks=[], timings=[], kernels=[], profiles=[])
 
     def save():
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -181,6 +234,9 @@ def main():
             add("kernels", lambda n=n, c=config: time_kernels(n, c, key, variants), config=name)
             for mode in args.modes.split(","):
                 add("timings", lambda n=n, m=mode, c=config: time_end_to_end(n, m, c, key), config=name)
+    for n in [int(x) for x in args.profile_n.split(",") if x]:
+        for name, config in CONFIGS.items():
+            add("profiles", lambda n=n, c=config: profile_kernels(n, c, key, variants or list(VARIANTS)), config=name)
     record["elapsed_s"] = time.monotonic() - start
     save()
     print("wrote", args.out)

@@ -218,26 +218,33 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
                             gather_queries=gather_queries, start=lambda: softmax_start(block_q, q_smem.shape[1]),
                             interpret=interpret)  # fmt: skip
         return
-    for step in range(stages):
-        stage(step)
-    gather_queries()
-    groups.append("q")
-    for step in range(min(stages - 1, len(steps))):
-        issue(step, step)
-    wait_for("q")
+    # named scopes: the regions of a profiled call's trace (`profile_dir`); nothing otherwise
+    with jax.named_scope("issue"):
+        for step in range(stages):
+            stage(step)
+        gather_queries()
+        groups.append("q")
+        for step in range(min(stages - 1, len(steps))):
+            issue(step, step)
+    with jax.named_scope("wait"):
+        wait_for("q")
     state = softmax_start(block_q, q_smem.shape[1])
     for step in range(len(steps)):
         slot = step % stages
-        stage(step + stages)
-        ahead = step + stages - 1
-        if ahead < len(steps):  # its slot's readers (the previous step's wgmmas) have finished
-            issue(ahead, ahead % stages)
-        if tiles[steps[step][0]].indexed:
-            wait_for(step)
-        else:
-            plgpu.barrier_wait(k_bar.at[slot])
-        state = attend(state, step)
-    finish(state)
+        with jax.named_scope("issue"):
+            stage(step + stages)
+            ahead = step + stages - 1
+            if ahead < len(steps):  # its slot's readers (the previous step's wgmmas) have finished
+                issue(ahead, ahead % stages)
+        with jax.named_scope("wait"):
+            if tiles[steps[step][0]].indexed:
+                wait_for(step)
+            else:
+                plgpu.barrier_wait(k_bar.at[slot])
+        with jax.named_scope("attend"):
+            state = attend(state, step)
+    with jax.named_scope("store"):
+        finish(state)
 
 
 def _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_bar, *, stages, gather_queries, start,
@@ -258,34 +265,52 @@ def _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_b
 
         for step in range(len(steps)):
             if step >= stages:  # the slot comes back once step - stages is computed: it must have been announced
-                while in_flight and in_flight[0] <= step - stages:
-                    announce(in_flight.pop(0))
-                plgpu.barrier_wait(consumed.at[step % stages])
-            issue(step, step % stages)
+                with jax.named_scope("announce"):
+                    while in_flight and in_flight[0] <= step - stages:
+                        announce(in_flight.pop(0))
+                with jax.named_scope("wait_slot"):
+                    plgpu.barrier_wait(consumed.at[step % stages])
+            with jax.named_scope("issue"):
+                issue(step, step % stages)
             if tiles[steps[step][0]].indexed:
                 groups.append(step)
                 in_flight.append(step)
-            while len(in_flight) > 1:
-                announce(in_flight.pop(0))
-        for step in in_flight:
-            announce(step)
+            with jax.named_scope("announce"):
+                while len(in_flight) > 1:
+                    announce(in_flight.pop(0))
+        with jax.named_scope("announce"):
+            for step in in_flight:
+                announce(step)
 
     @pl.when(warpgroup == 0)
     def _compute():
-        gather_queries()
-        wait_gathers(0, interpret=interpret)
+        with jax.named_scope("issue"):
+            gather_queries()
+        with jax.named_scope("wait"):
+            wait_gathers(0, interpret=interpret)
         state = start()
         for step in range(len(steps)):
             slot = step % stages
-            plgpu.barrier_wait((full if tiles[steps[step][0]].indexed else k_bar).at[slot])
-            state = attend(state, step)
+            with jax.named_scope("wait"):
+                plgpu.barrier_wait((full if tiles[steps[step][0]].indexed else k_bar).at[slot])
+            with jax.named_scope("attend"):
+                state = attend(state, step)
             if step + stages < len(steps):
                 plgpu.barrier_arrive(consumed.at[slot])
-        finish(state)
+        with jax.named_scope("store"):
+            finish(state)
+
+
+def _profile_params(profile_dir, num_chunks: int) -> dict:
+    """CompilerParams fields of a profiled call: room for the two events of each of a warpgroup's regions (about
+    four per key chunk; any past that are dropped, not written over other memory)."""
+    if profile_dir is None:
+        return {}
+    return dict(profile_dir=str(profile_dir), profile_space=2 * (4 * num_chunks + 8), profile_bounds_check=True)
 
 
 def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_index, *, scale, tiling=None,
-                                 interpret=None, merge_into=None):  # fmt: skip
+                                 interpret=None, merge_into=None, profile_dir=None):  # fmt: skip
     """`kernels.gpu.indexed_tiled_forward` on Mosaic GPU: rows gathered in the kernel.
 
     Args:
@@ -299,6 +324,9 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         same attention: the kernel merges its part into them by lse at the rows it names and returns them updated
         in place (passed to the kernel as mutable refs, so XLA aliases the buffers). Every query slot must hold a
         real row (no padding), as for the Triton kernel.
+      profile_dir: a folder for Mosaic GPU's on-device profile of this call: a Perfetto trace of every warpgroup's
+        named regions ("issue" copies, "wait", "attend", "store"; the producer's "wait_slot", "announce") per
+        program, with the profiling overhead (GPU only; for `experiments/benchmarks/check_mosaic_indexed.py`).
 
     Returns:
       out `[B, T, K, G, H]` (q's dtype) and lse `[B, K, G, T]` float32 at the rows query_index names (others
@@ -357,7 +385,9 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         scratch_types=scratch,
         grid=(nb * bq // block_q, groups, problems * kv_heads),
         grid_names=("rows", "group", "problem"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, **_profile_params(profile_dir, sum(f.length // block_k for f in facts))
+        ),
         interpret=interpret,
         **(dict(num_threads=2, thread_name="wg") if tiling.producer else {}),
     )
