@@ -307,8 +307,8 @@ def test_causal_parts_merge_on_mosaic(rng, monkeypatch):
     original = pallas_mosaic_gpu.indexed_tiled_forward_mosaic
     monkeypatch.setattr(pallas_mosaic_gpu, "indexed_tiled_forward_mosaic",
                         lambda *a, **kw: merged.append(kw["merge_into"] is not None) or original(*a, **kw))  # fmt: skip
-    cfg = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=128, num_probe_queries=64)
-    q, k, v = random_qkv(rng, b=1, t=512, n=2, kv=1, h=64, dtype=jnp.bfloat16)
+    cfg = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=64, num_probe_queries=64)
+    q, k, v = random_qkv(rng, b=1, t=256, n=2, kv=1, h=64, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
     results = {}
     for implementation in ("xla", "pallas_mosaic_gpu"):
@@ -323,7 +323,8 @@ def test_causal_parts_merge_on_mosaic(rng, monkeypatch):
 
         (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
         results[implementation] = jax.tree.leaves((out, grads))
-    assert merged and all(merged), merged  # the prefixes' part and both levels, each merged in place
+    # every part on the Mosaic kernel, merged in place: the prefixes, the estimated level, the exact last quarters
+    assert len(merged) >= 3 and all(merged), merged
     for a, b in zip(results["pallas_mosaic_gpu"], results["xla"], strict=True):
         assert a.shape == b.shape
         assert _relative(a, b) < 1e-2, _relative(a, b)  # measured 2.3e-3 (out), 5e-8 (lse), 2.9e-3-3.4e-3 (grads)
