@@ -11,12 +11,13 @@ cuDNN / ours that grow with n, at n = 131072 non-causal fwd ~102x, fwd+bwd ~101x
 the causal forward beats cuDNN from 8k on; every mode runs up to 1M tokens (causal fwd+bwd at 1M in ~0.54 s).
 
 In ONE process: `jax.nn.dot_product_attention(implementation="cudnn")` (exact baseline), our `xla` path and our
-`pallas_triton` path on a GPU; jax's splash attention, `xla` and `pallas_tpu` on a TPU (docs/tpu.md; `--methods`
-defaults to the platform's three, and a method for another platform is refused with the platform it needs);
-B=1, N=32 (K=32 kv heads, or --kv-heads), bf16, HyperAttentionConfig.paper() (block 256, sample 256, 7
-projections, min_seq_len 4096).
-Before timing, the kernel output is compared with the xla path for the same key (relative error, forward and
-gradients). Timings: median of many runs after warm-up, each run ended by `block_until_ready`. The exact baseline
+`pallas_triton` path on a GPU (add `pallas_mosaic_gpu` to `--methods` for the Mosaic GPU path); jax's splash
+attention, `xla` and `pallas_tpu` on a TPU (docs/tpu.md; `--methods` defaults to the platform's three, and a method
+for another platform is refused with the platform it needs); B=1, N=32 (K=32 kv heads, or --kv-heads for
+grouped-query attention, e.g. 8 with --head-dims 128: a Llama layer), bf16, HyperAttentionConfig.paper() (block
+256, sample 256, 7 projections, min_seq_len 4096) or, with --config default, HyperAttentionConfig().
+Before timing, each kernel path's output is compared with the xla path for the same key (relative error, forward
+and gradients). Timings: median of many runs after warm-up, each run ended by `block_until_ready`. The exact baseline
 is timed up to --max-exact-n and the xla path up to --max-xla-n; beyond, only HyperAttention is timed.
 Writes JSON (device, jax version, date, config, every timing, ratios, compiled memory of each function).
 """
@@ -61,7 +62,7 @@ def _compiled_bytes(fn, args):
 # (GPU) and jax's splash attention (TPU, jax.experimental.pallas.ops.tpu); ratios are baseline time / ours.
 METHODS = {"gpu": ("cudnn", "xla", "pallas_triton"), "tpu": ("splash", "xla", "pallas_tpu"), "cpu": ("xla",)}
 EXACT = {"cudnn": "gpu", "splash": "tpu"}
-KERNELS = {"pallas_triton": "gpu", "pallas_tpu": "tpu"}
+KERNELS = {"pallas_triton": "gpu", "pallas_mosaic_gpu": "gpu", "pallas_tpu": "tpu"}
 
 
 def check_methods(methods, platform: str) -> None:
@@ -149,6 +150,7 @@ def main():
     parser.add_argument("--n", default="4096,8192,16384,32768,65536,131072")
     parser.add_argument("--n-hyper-only", default="262144,524288,1048576", help="HyperAttention alone (no cuDNN)")
     parser.add_argument("--head-dims", default="64")
+    parser.add_argument("--config", choices=("paper", "default"), default="paper")
     parser.add_argument("--kv-heads", type=int, default=NUM_HEADS, help="below 32: grouped-query attention")
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd,causal_fwd,causal_fwdbwd")
     parser.add_argument(
@@ -165,9 +167,11 @@ def main():
     except ValueError as error:
         parser.error(str(error))
     baseline = next((m for m in methods if m in EXACT), None)
-    kernel = next((m for m in methods if m in KERNELS), None)
+    kernels = [m for m in methods if m in KERNELS]
+    kernel = next(iter(kernels), None)  # the one whose ratio is printed
 
-    config = ha.HyperAttentionConfig.paper()  # the published algorithm (the defaults carry accuracy options)
+    # paper(): the published algorithm; "default": HyperAttentionConfig() with its accuracy options
+    config = ha.HyperAttentionConfig.paper() if args.config == "paper" else ha.HyperAttentionConfig()
     key = jax.random.key(0)
     device = jax.devices()[0]
     record = {
@@ -176,6 +180,7 @@ def main():
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": {
+            "name": args.config,
             "batch": 1,
             "num_heads": NUM_HEADS,
             "num_kv_heads": args.kv_heads,
@@ -195,12 +200,12 @@ def main():
 
     head_dims = [int(x) for x in args.head_dims.split(",")]
     for head_dim in head_dims:
-        for n in [int(x) for x in args.check_n.split(",") if x and kernel]:
+        for n, method in [(int(x), m) for x in args.check_n.split(",") if x for m in kernels]:
             for causal in (False, True):
-                errors = check_against_xla(n, head_dim, causal, config, key, kernel, args.kv_heads)
-                record["checks"].append({"n": n, "head_dim": head_dim, "causal": causal, **errors})
+                errors = check_against_xla(n, head_dim, causal, config, key, method, args.kv_heads)
+                record["checks"].append({"n": n, "head_dim": head_dim, "causal": causal, "method": method, **errors})
                 cells = " ".join(f"{name}={value:.2e}" for name, value in errors.items())
-                print(f"check H={head_dim} n={n} causal={causal}: {cells}")
+                print(f"check {method} H={head_dim} n={n} causal={causal}: {cells}")
         save()
 
     modes = args.modes.split(",")
