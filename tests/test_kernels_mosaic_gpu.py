@@ -194,6 +194,13 @@ def _row_problem(q, k, v, config, key):
         # by two copied ones: the producer must announce the gather before it waits for that slot (it deadlocked)
         (ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=0), 64, jnp.bfloat16,
          MosaicTiling(block_k=64, producer=True)),
+        # two compute warpgroups on 2 x 64 slots of a 128-query block share each chunk: each gathers half of its
+        # rows (static row offsets in the swizzled layout), the first one issues the TMA copies; a ring of 3 slots
+        (ha.HyperAttentionConfig(block_size=128, sample_size=64, min_seq_len=0), 64, jnp.bfloat16,
+         MosaicTiling(block_k=64, stages=3, compute_warpgroups=2)),
+        # the same with a producer warpgroup gathering for both (3 warpgroups)
+        (ha.HyperAttentionConfig(block_size=128, sample_size=64, min_seq_len=0), 128, jnp.float16,
+         MosaicTiling(block_k=64, compute_warpgroups=2, producer=True)),
     ],
 )  # fmt: skip
 def test_indexed_forward_matches_jnp_twin(rng, config, h, dtype, tiling):
@@ -255,8 +262,9 @@ def test_backend_gathers_rows_in_the_kernel(rng, monkeypatch):
     assert calls == ["indexed_tiled_forward_mosaic", "tiled_attention_mosaic"]
 
 
-@pytest.mark.parametrize(("h", "producer"), [(64, False), (128, False), (64, True)])
-def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer):
+@pytest.mark.parametrize(("h", "producer", "warpgroups"), [(64, False, 1), (128, False, 1), (64, True, 1),
+                                                           (64, False, 2), (128, True, 2)])  # fmt: skip
+def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer, warpgroups):
     # The GPU variant of the row-gathering kernel (cp.async row copies, vector stores at the rows, wgmma) through
     # Mosaic GPU's passes to LLVM for CUDA, on the CPU.
     b, t, nb, bq = 1, 1024, 4, 256
@@ -271,7 +279,8 @@ def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer):
     def forward(q_rows, k, v, query_index, key_index, shared_k, shared_v, weights):
         tiles = [ops.KeyTile(None, None, None), ops.KeyTile(shared_k, shared_v, weights)]
         return indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, [key_index, None], scale=h**-0.5,
-                                            tiling=MosaicTiling(producer=producer), interpret=False)  # fmt: skip
+                                            tiling=MosaicTiling(producer=producer, compute_warpgroups=warpgroups),
+                                            interpret=False)  # fmt: skip
 
     lowered = (
         jax.jit(forward).trace(q_rows, kv, kv, query_index, key_index, *shared).lower(lowering_platforms=("cuda",))

@@ -117,7 +117,8 @@ class MosaicTiling:
     block_k: int = 128  # keys per double-buffered chunk (tiles are padded to a multiple, log-weight -inf)
     p_in_registers: bool = True  # the PV wgmma reads P from registers; the interpreter needs it in shared memory
     # Compute warpgroups per program, each with its own block_q rows of the same query block: with 2, one k/v chunk
-    # in shared memory serves 2 * block_q queries (half the copies per query), as in FlashAttention-3.
+    # in shared memory serves 2 * block_q queries (half the copies per query), as in FlashAttention-3. In the
+    # row-gathering kernel each of them gathers half of every chunk's rows (or the producer gathers them all).
     compute_warpgroups: int = 1
     # Row-gathering kernel: each chunk's key rows reach shared memory by TMA a chunk ahead of its cp.async gathers
     # (False: the gathers load them from global memory, a dependent load before every copy issues; ignored with a

@@ -111,10 +111,11 @@ def _query_rows(query_index, batch: int, t: int, groups: int, padded: bool):
 
 
 def _smem_bytes(head_dim: int, tiling: MosaicTiling, merge: bool = False) -> int:
-    """Shared memory of one program on the GPU (16-bit inputs, P in registers; barriers not counted): q (then out),
-    the ring's k, v, log-weights and key rows, the lse; with `merge`, the earlier out rows and lse."""
+    """Shared memory of one program on the GPU (16-bit inputs, P in registers; barriers not counted): per compute
+    warpgroup q (then out) and the lse, with `merge` also the earlier out rows and lse; the ring's k, v, log-weights
+    and key rows."""
     ring = tiling.stages * tiling.block_k * (2 * 2 * head_dim + 4 + 4)
-    return (1 + merge) * (2 * tiling.block_q * head_dim + 4 * tiling.block_q) + ring
+    return tiling.compute_warpgroups * (1 + merge) * (2 * tiling.block_q * head_dim + 4 * tiling.block_q) + ring
 
 
 def _block_of(ref, block):
@@ -124,11 +125,13 @@ def _block_of(ref, block):
 
 def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, tiles, query_block: int,
             block_k: int, scale: float, interpret: bool, p_in_registers: bool, stage_rows: bool,
-            producer: bool, merge: bool):  # fmt: skip
-    """One program: 64 query slots of one query head. Key chunks go through a ring of `stages` slots: the gathers of
-    the next stages - 1 chunks are in flight while one is multiplied, issued by the computing warpgroup itself or,
-    with `producer`, by a second warpgroup (`_gather_and_compute`). With `merge`, o_ref and lse_ref hold an earlier
-    partial result: its rows are gathered with the queries and merged by lse before the stores."""
+            producer: bool, merge: bool, warpgroups: int):  # fmt: skip
+    """One program: `warpgroups` x 64 query slots of one query head and query block, one compute warpgroup per 64.
+    Key chunks go through a ring of `stages` slots shared by the compute warpgroups: the gathers of the next
+    stages - 1 chunks are in flight while one is multiplied, issued by the computing warpgroups themselves (each its
+    share of the rows) or, with `producer`, by one more warpgroup (`_gather_and_compute`). With `merge`, o_ref and
+    lse_ref hold an earlier partial result: its rows are gathered with the queries and merged by lse before the
+    stores."""
     num_inputs = sum((1 if tile.indexed else 2) + tile.weighted for tile in tiles)
     tile_refs, (o_ref, lse_ref) = refs[:num_inputs], refs[num_inputs : num_inputs + 2]
     scratch = list(refs[num_inputs + 2 :])
@@ -136,11 +139,17 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     rest = scratch[10:]
     earlier_smem, earlier_lse_smem = (rest.pop(0), rest.pop(0)) if merge else (None, None)
     p_smem = None if p_in_registers else rest.pop(0)
-    stage_rows = stage_rows and not producer  # a producer's row loads stall no product
-    block_q, stages = q_smem.shape[0], k_smem.shape[0]
+    full, consumed = rest if rest else (None, None)  # a gathered slot is full, a slot's products are done
+    shared = warpgroups > 1 or producer  # the ring's slots are shared between warpgroups: barriers order them
+    stage_rows = stage_rows and not shared  # a producer's row loads stall no product
+    block_q, stages = q_smem.shape[1], k_smem.shape[0]
     chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
-    rows = pl.ds(chunk * block_q, block_q)
-    block = lax.div(chunk, jnp.int32(query_block // block_q))
+    # this compute warpgroup's queries and buffers (with a producer, whose index is `warpgroups`, unused by it)
+    me = lax.axis_index("wg") if shared else 0
+    rows = pl.ds((chunk * warpgroups + me) * block_q, block_q)
+    block = lax.div(chunk, jnp.int32(query_block // (warpgroups * block_q)))
+    q_mine, lse_mine = q_smem.at[me], lse_smem.at[me]
+    p_mine = None if p_smem is None else p_smem.at[me]
 
     per_tile, position = [], 0  # each tile's refs: (rows | (k, v)), then weights or None
     for tile in tiles:
@@ -151,9 +160,9 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     steps = [(i, c) for i, tile in enumerate(tiles) for c in range(tile.length // block_k)]
     groups = []  # the cp.async groups committed so far, by name: gathers complete in order
 
-    def key_rows(step: int):
+    def key_rows(step: int, first: int = 0, count: int = block_k):
         i, c = steps[step]
-        return per_tile[i][0][0].at[problem, block, pl.ds(c * block_k, block_k)]
+        return per_tile[i][0][0].at[problem, block, pl.ds(c * block_k + first, count)]
 
     def stage(step: int):
         """Copy an indexed step's key rows into shared memory (TMA) a step before its gathers read them, so that the
@@ -165,24 +174,44 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
             slot = step % stages
             plgpu.copy_gmem_to_smem(key_rows(step), rows_smem.at[slot], rows_bar.at[slot])
 
+    def gather_keys(step: int, slot: int, share: int):
+        """Rows [share * n, (share + 1) * n) of an indexed step's chunk, n = block_k / parts, into its slot."""
+        parts = 1 if producer else warpgroups
+        count = block_k // parts
+        rows_ref = key_rows(step, share * count, count)
+        if stage_rows:
+            plgpu.barrier_wait(rows_bar.at[slot])
+            rows_ref = rows_smem.at[slot]
+        pairs = [(k_ref, k_smem.at[slot]), (v_ref, v_smem.at[slot])]
+        gather_rows(rows_ref, pairs, first=share * count, interpret=interpret)
+
     def issue(step: int, slot: int):
+        """The copies of chunk `step` into `slot`: by the producer, or by the compute warpgroups, each gathering
+        its share of an indexed chunk's rows, the first one issuing the TMA copies (pre-gathered tiles, weights)."""
         i, c = steps[step]
         (sources, w_ref), tile = per_tile[i], tiles[i]
         keys = pl.ds(c * block_k, block_k)
         if tile.indexed:
-            rows_ref = key_rows(step)
-            if stage_rows:
-                plgpu.barrier_wait(rows_bar.at[slot])
-                rows_ref = rows_smem.at[slot]
-            gather_rows(rows_ref, [(k_ref, k_smem.at[slot]), (v_ref, v_smem.at[slot])], interpret=interpret)
+            if producer or warpgroups == 1:
+                gather_keys(step, slot, 0)
+            else:  # a static branch per warpgroup: static row offsets in the swizzled layout
+                for share in range(warpgroups):
+                    pl.when(me == share)(functools.partial(gather_keys, step, slot, share))
             if not producer:
                 groups.append(step)
+
+        def copies():
+            if not tile.indexed:
+                for src, dst, bar in zip(sources, (k_smem, v_smem), (k_bar, v_bar), strict=True):
+                    plgpu.copy_gmem_to_smem(src.at[problem, _block_of(src, block), keys], dst.at[slot], bar.at[slot])
+            if w_ref is not None:
+                weights = w_ref.at[problem, _block_of(w_ref, block), keys]
+                plgpu.copy_gmem_to_smem(weights, w_smem.at[slot], w_bar.at[slot])
+
+        if producer or warpgroups == 1:
+            copies()
         else:
-            for src, dst, bar in zip(sources, (k_smem, v_smem), (k_bar, v_bar), strict=True):
-                plgpu.copy_gmem_to_smem(src.at[problem, _block_of(src, block), keys], dst.at[slot], bar.at[slot])
-        if w_ref is not None:
-            weights = w_ref.at[problem, _block_of(w_ref, block), keys]
-            plgpu.copy_gmem_to_smem(weights, w_smem.at[slot], w_bar.at[slot])
+            pl.when(me == 0)(copies)
 
     def wait_for(name):
         wait_gathers(len(groups) - 1 - groups.index(name), interpret=interpret)
@@ -190,32 +219,32 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     def attend(state, step: int):
         slot, tile = step % stages, tiles[steps[step][0]]
         return attend_chunk(
-            state, q_smem, k_smem.at[slot], v_smem.at[slot], w_smem.at[slot] if tile.weighted else None, scale=scale,
-            p_smem=p_smem, before_weights=functools.partial(plgpu.barrier_wait, w_bar.at[slot]),
+            state, q_mine, k_smem.at[slot], v_smem.at[slot], w_smem.at[slot] if tile.weighted else None, scale=scale,
+            p_smem=p_mine, before_weights=functools.partial(plgpu.barrier_wait, w_bar.at[slot]),
             before_values=None if tile.indexed else functools.partial(plgpu.barrier_wait, v_bar.at[slot]),
         )  # fmt: skip
 
     def gather_queries():
         """q's rows and, with `merge`, the earlier partial out (the same rows: no padding slots) and lse: one cp.async
         group for the rows; the lse values by plain loads."""
-        pairs = [(q_ref, q_smem)] + ([(o_ref, earlier_smem)] if merge else [])
+        pairs = [(q_ref, q_mine)] + ([(o_ref, earlier_smem.at[me])] if merge else [])
         gather_rows(q_load_ref.at[problem, head, rows], pairs, interpret=interpret)
         if merge:
-            gather_values(lse_ref, lse_rows_ref.at[problem, head, rows], earlier_lse_smem, interpret=interpret)
+            gather_values(lse_ref, lse_rows_ref.at[problem, head, rows], earlier_lse_smem.at[me], interpret=interpret)
 
     def finish(state):
         if merge:  # the earlier gathers were waited for with the queries'
-            state = softmax_merge(state, earlier_smem, earlier_lse_smem)
-        o_smem = q_smem  # every wgmma reading q has completed: its buffer takes the output (8 KB less at H 64)
-        o_smem[...], lse_smem[...] = softmax_finish(state, q_smem.dtype)
+            state = softmax_merge(state, earlier_smem.at[me], earlier_lse_smem.at[me])
+        o_smem = q_mine  # every wgmma reading q has completed: its buffer takes the output (8 KB less at H 64)
+        o_smem[...], lse_mine[...] = softmax_finish(state, q_mine.dtype)
         plgpu.commit_smem()
         scatter_rows(o_smem, out_rows_ref.at[problem, head, rows], o_ref, interpret=interpret)
-        scatter_values(lse_smem, lse_rows_ref.at[problem, head, rows], lse_ref, interpret=interpret)
+        scatter_values(lse_mine, lse_rows_ref.at[problem, head, rows], lse_ref, interpret=interpret)
 
+    start = functools.partial(softmax_start, block_q, q_smem.shape[-1])
     if producer:
-        full, consumed = rest
         _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_bar, stages=stages,
-                            gather_queries=gather_queries, start=lambda: softmax_start(block_q, q_smem.shape[1]),
+                            warpgroups=warpgroups, gather_queries=gather_queries, start=start,
                             interpret=interpret)  # fmt: skip
         return
     # named scopes: the regions of a profiled call's trace (`profile_dir`); nothing otherwise
@@ -228,34 +257,42 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
             issue(step, step)
     with jax.named_scope("wait"):
         wait_for("q")
-    state = softmax_start(block_q, q_smem.shape[1])
+    state = start()
     for step in range(len(steps)):
         slot = step % stages
+        indexed = tiles[steps[step][0]].indexed
         with jax.named_scope("issue"):
             stage(step + stages)
             ahead = step + stages - 1
             if ahead < len(steps):  # its slot's readers (the previous step's wgmmas) have finished
+                if shared and ahead >= stages:  # every warpgroup's: they arrived on `consumed`
+                    plgpu.barrier_wait(consumed.at[ahead % stages])
                 issue(ahead, ahead % stages)
         with jax.named_scope("wait"):
-            if tiles[steps[step][0]].indexed:
+            if indexed:
                 wait_for(step)
+                if shared:  # every warpgroup's share of the rows is in
+                    plgpu.barrier_arrive(full.at[slot])
+                    plgpu.barrier_wait(full.at[slot])
             else:
                 plgpu.barrier_wait(k_bar.at[slot])
         with jax.named_scope("attend"):
             state = attend(state, step)
+        if shared and step + stages < len(steps):
+            plgpu.barrier_arrive(consumed.at[slot])
     with jax.named_scope("store"):
         finish(state)
 
 
-def _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_bar, *, stages, gather_queries, start,
-                        interpret):  # fmt: skip
-    """Warp specialisation (FlashAttention-3's layout): warpgroup 1 only copies key chunks into the ring (cp.async
-    gathers and TMA), warpgroup 0 only multiplies. A gathered chunk is announced on `full` once its copies are
-    complete and fenced for wgmma (the producer keeps one more gather in flight meanwhile); the computing warpgroup
-    hands each slot back on `consumed` once its products are done."""
+def _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_bar, *, stages, warpgroups,
+                        gather_queries, start, interpret):  # fmt: skip
+    """Warp specialisation (FlashAttention-3's layout): the last warpgroup only copies key chunks into the ring
+    (cp.async gathers and TMA), the `warpgroups` before it only multiply. A gathered chunk is announced on `full`
+    once its copies are complete and fenced for wgmma (the producer keeps one more gather in flight meanwhile); each
+    computing warpgroup hands each slot back on `consumed` once its products are done."""
     warpgroup = lax.axis_index("wg")
 
-    @pl.when(warpgroup == 1)
+    @pl.when(warpgroup == warpgroups)
     def _gather():
         in_flight, groups = [], []
 
@@ -282,7 +319,7 @@ def _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_b
             for step in in_flight:
                 announce(step)
 
-    @pl.when(warpgroup == 0)
+    @pl.when(warpgroup < warpgroups)
     def _compute():
         with jax.named_scope("issue"):
             gather_queries()
@@ -319,7 +356,9 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
       query_index: int32 `[P, K, G, nb, bq]`: row of q_rows in each blocked slot of problem p (batch p % B), -1 =
         padding; bq a multiple of 64.
       tiles, tile_key_index: as `indexed_tiled_forward`'s (per-block tiles by rows, shared ones pre-gathered).
-      scale: softmax scale. tiling: `MosaicTiling` (one compute warpgroup). interpret: as `tiled_attention_mosaic`.
+      scale: softmax scale. tiling: `MosaicTiling`; with `compute_warpgroups=2` a program takes 2 x 64 slots of one
+        query block (bq a multiple of 128), whose key chunks both warpgroups share (half the gathers per query).
+        interpret: as `tiled_attention_mosaic`.
       merge_into: optional (out `[B, T, K, G, H]` in q's dtype, lse `[B, K, G, T]` float32) of other parts of the
         same attention: the kernel merges its part into them by lse at the rows it names and returns them updated
         in place (passed to the kernel as mutable refs, so XLA aliases the buffers). Every query slot must hold a
@@ -338,8 +377,9 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
     problems, nb, bq = query_index.shape[0], query_index.shape[3], query_index.shape[4]
     if jnp.dtype(q_rows.dtype) not in DTYPES or h not in HEAD_DIMS:
         raise ValueError(f"the Mosaic GPU kernel takes {DTYPES} and head dims {HEAD_DIMS}, got {q_rows.dtype}, {h=}")
-    if bq % tiling.block_q or tiling.compute_warpgroups != 1:
-        raise ValueError(f"query blocks must be a multiple of {tiling.block_q} slots ({bq=}), one warpgroup")
+    if bq % tiling.rows:
+        raise ValueError(f"query blocks must be a multiple of {tiling.rows} slots ({bq=}): {tiling.block_q} per "
+                         f"compute warpgroup")  # fmt: skip
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     if not isinstance(interpret, plgpu.InterpretGPUParams):
         interpret = interpret_params() if interpret else None
@@ -357,24 +397,29 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
                                         block_k=tiling.block_k)  # fmt: skip
     p_in_registers = tiling.p_in_registers and interpret is None
     block_q, block_k, stages = tiling.block_q, tiling.block_k, tiling.stages
+    warpgroups, producer = tiling.compute_warpgroups, tiling.producer
     scratch = [
-        swizzled((block_q, h), q_rows.dtype),  # q, then out
+        swizzled((warpgroups, block_q, h), q_rows.dtype),  # q, then out: one per compute warpgroup
         swizzled((stages, block_k, h), q_rows.dtype),
         swizzled((stages, block_k, h), q_rows.dtype),
         plgpu.SMEM((stages, block_k), jnp.float32),
-        plgpu.SMEM((block_q,), jnp.float32),
+        plgpu.SMEM((warpgroups, block_q), jnp.float32),
         *(plgpu.Barrier(num_barriers=stages) for _ in range(3)),  # pre-gathered k, v and the weights: one per slot
         plgpu.SMEM((stages, block_k), jnp.int32),  # the key rows of the next gathers (`MosaicTiling.stage_rows`)
         plgpu.Barrier(num_barriers=stages),
-        # with merge_into: the earlier out rows and lse of the program's queries
-        *([swizzled((block_q, h), q_rows.dtype), plgpu.SMEM((block_q,), jnp.float32)] if merge else []),
-        *([] if p_in_registers else [swizzled((block_q, block_k), q_rows.dtype)]),
-        # with a producer warpgroup: a gathered slot is full, a slot's products are done
-        *([plgpu.Barrier(num_barriers=stages)] * 2 if tiling.producer else []),
-    ]
+        # with merge_into: the earlier out rows and lse of each compute warpgroup's queries
+        *([swizzled((warpgroups, block_q, h), q_rows.dtype), plgpu.SMEM((warpgroups, block_q), jnp.float32)]
+          if merge else []),
+        *([] if p_in_registers else [swizzled((warpgroups, block_q, block_k), q_rows.dtype)]),
+        # with warpgroups sharing the ring: a gathered slot is full (announced by the producer, or by every compute
+        # warpgroup for its share of the rows), a slot's products are done (by every compute warpgroup)
+        *([plgpu.Barrier(num_arrivals=1 if producer else warpgroups, num_barriers=stages),
+           plgpu.Barrier(num_arrivals=warpgroups, num_barriers=stages)] if producer or warpgroups > 1 else []),
+    ]  # fmt: skip
     kernel = functools.partial(_kernel, tiles=facts, query_block=bq, block_k=block_k, scale=float(scale),
                                interpret=interpret is not None, p_in_registers=p_in_registers,
-                               stage_rows=tiling.stage_rows, producer=tiling.producer, merge=merge)  # fmt: skip
+                               stage_rows=tiling.stage_rows, producer=producer, merge=merge,
+                               warpgroups=warpgroups)  # fmt: skip
     outputs = (
         jax.ShapeDtypeStruct((b * t_out * kv_heads * groups, h), q_rows.dtype),
         jax.ShapeDtypeStruct((b * kv_heads * groups * t_out,), jnp.float32),
@@ -383,13 +428,13 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         kernel,
         out_type=() if merge else outputs,
         scratch_types=scratch,
-        grid=(nb * bq // block_q, groups, problems * kv_heads),
+        grid=(nb * bq // tiling.rows, groups, problems * kv_heads),
         grid_names=("rows", "group", "problem"),
         compiler_params=plgpu.CompilerParams(
             approx_math=True, **_profile_params(profile_dir, sum(f.length // block_k for f in facts))
         ),
         interpret=interpret,
-        **(dict(num_threads=2, thread_name="wg") if tiling.producer else {}),
+        **(dict(num_threads=warpgroups + producer, thread_name="wg") if warpgroups + producer > 1 else {}),
     )
     operands = (
         *_query_rows(query_index, b, t, groups, padded),

@@ -92,21 +92,25 @@ def _load_index(ref, position):
     return memref.load(ref, [arith.index_cast(ir.IndexType.get(), position)])
 
 
-def gather_rows(rows_ref, pairs, *, interpret: bool):
-    """For each (src, dst) in pairs: dst[i] = src[rows[i]] for every row i of dst, where src is a global `[R, H]`
-    16-bit array, rows_ref int32 `[n]` global (valid rows only) and dst a `swizzled` shared `[n, H]` buffer. On the
-    GPU the copies are asynchronous: one cp.async group for all pairs, complete after `wait_gathers`."""
+def gather_rows(rows_ref, pairs, *, first: int = 0, interpret: bool):
+    """For each (src, dst) in pairs: dst[first + i] = src[rows[i]] for every row i of rows_ref, where src is a
+    global `[R, H]` 16-bit array, rows_ref int32 `[n]` global or shared (valid rows only) and dst a `swizzled` shared
+    `[first + n or more, H]` buffer (`first` a multiple of 8). On the GPU the copies are asynchronous: one cp.async
+    group for all pairs, complete after `wait_gathers`."""
+    (num_rows,) = rows_ref.shape
     if interpret:
 
         def copy_row(i, carry):
             row = rows_ref[i]
             for src, dst in pairs:
-                dst[pl.ds(i, 1), :] = src[pl.ds(row, 1), :]
+                dst[pl.ds(first + i, 1), :] = src[pl.ds(row, 1), :]
             return carry
 
-        lax.fori_loop(0, pairs[0][1].shape[0], copy_row, 0)
+        lax.fori_loop(0, num_rows, copy_row, 0)
         return
-    num_rows, head_dim = pairs[0][1].shape
+    head_dim = pairs[0][1].shape[1]
+    if first % TILE[0]:
+        raise ValueError(f"gathered rows start at a whole swizzle tile of {TILE[0]} rows, got {first=}")
     read = _ref_type(write=False)
 
     @plgpu.inline_mgpu(arg_types=(read, [(read, _ref_type(SWIZZLED)) for _ in pairs]))
@@ -115,7 +119,7 @@ def gather_rows(rows_ref, pairs, *, interpret: bool):
         pointers = [(_global_pointer(src), mgpu_utils.memref_ptr(dst)) for src, dst in refs]
         for row, piece, pieces_per_row in _pieces(num_rows, head_dim):
             source = _global_offset(_load_index(rows, row), piece, head_dim * 2)
-            target = _swizzled_offset(row, piece, pieces_per_row)
+            target = _swizzled_offset(arith.addi(row, _int(first)), piece, pieces_per_row)
             for src_pointer, dst_pointer in pointers:
                 nvvm.cp_async_shared_global(
                     _byte(dst_pointer, target), _byte(src_pointer, source), PIECE, nvvm.LoadCacheModifierKind.CG
