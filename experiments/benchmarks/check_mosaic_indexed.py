@@ -61,7 +61,7 @@ def _row_operands(q, k, v, config, key):
 
 # Mosaic variants: k = keys per chunk, s = chunk slots in the ring (`MosaicTiling.stages`), "direct": key rows loaded
 # from global memory by each gather instead of staged in shared memory by TMA (`MosaicTiling.stage_rows`),
-# "producer": `MosaicTiling.producer` (added after `mosaic_indexed_ring_h100.json`, not yet run on a GPU).
+# "producer": `MosaicTiling.producer` (added after `mosaic_indexed_ring_h100.json`), "2wg": two compute warpgroups.
 VARIANTS = {
     "k128_s2": MosaicTiling(block_k=128, stages=2),
     "k128_s3": MosaicTiling(block_k=128, stages=3),
@@ -73,6 +73,10 @@ VARIANTS = {
     "k128_s2_producer": MosaicTiling(block_k=128, stages=2, producer=True),
     "k128_s3_producer": MosaicTiling(block_k=128, stages=3, producer=True),
     "k64_s3_producer": MosaicTiling(block_k=64, stages=3, producer=True),
+    # two compute warpgroups (2 x 64 slots of one query block) share each chunk: half the gathers per query
+    "k128_s2_2wg": MosaicTiling(block_k=128, compute_warpgroups=2),
+    "k64_s3_2wg": MosaicTiling(block_k=64, stages=3, compute_warpgroups=2),
+    "k128_s2_2wg_producer": MosaicTiling(block_k=128, compute_warpgroups=2, producer=True),
 }
 
 
