@@ -60,7 +60,7 @@ def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
 def forward(q, k, v, kv_length, plan, rows, *, scale: float, tiling: MosaicTiling, interpret: bool):
     """The estimate under `plan` on the Mosaic GPU kernels: public-layout q `[B, T, N, H]`, k, v `[B, S, K, H]` in;
     out `[B, T, N, H]` and lse `[B, K, G, T]` float32 out. `rows`: the plan as int32 rows (`plan_and_rows`)."""
-    if hyper.can_gather_in_kernel(q.shape[-1], plan) and plan.query_block % tiling.block_q == 0:
+    if hyper.can_gather_in_kernel(q.shape[-1], plan) and plan.query_block % tiling.rows == 0:
         q_rows, query_index, tiles, key_index = hyper.public_row_operands(q, k, v, plan, kv_length, rows)
         out, lse = indexed_tiled_forward_mosaic(
             q_rows, k, v, query_index, tiles, key_index, scale=scale, tiling=tiling, interpret=interpret
@@ -99,7 +99,7 @@ def level_forward(q_rows, k, v, query_index, tiles, key_index, *, scale, tuning,
     the running out and lse: on the Mosaic row-gathering kernel where its query blocks are whole 64-slot chunks,
     else on the Triton one (`indexed_tiled_forward`'s arguments)."""
     tiling = MosaicTiling()
-    if query_index.shape[-1] % tiling.block_q == 0:
+    if query_index.shape[-1] % tiling.rows == 0:
         return indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, key_index, scale=scale, tiling=tiling,
                                             interpret=interpret, merge_into=merge_into)  # fmt: skip
     return indexed_tiled_forward(q_rows, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning,
