@@ -43,6 +43,7 @@ from hyperattn_jax.ops.tiles import hyper_attention_tiles
 
 NAME = "pallas_mosaic_gpu"
 PLATFORMS = ("gpu",)
+TILING = MosaicTiling()  # the kernels' tiling in this backend (docs/kernels.md has the variants measured)
 
 
 def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
@@ -98,9 +99,8 @@ def level_forward(q_rows, k, v, query_index, tiles, key_index, *, scale, tuning,
     """A part of the fused causal recursion (a level's lower-left problems, a prefix or an exact quarter) merged into
     the running out and lse: on the Mosaic row-gathering kernel where its query blocks are whole 64-slot chunks,
     else on the Triton one (`indexed_tiled_forward`'s arguments)."""
-    tiling = MosaicTiling()
-    if query_index.shape[-1] % tiling.rows == 0:
-        return indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, key_index, scale=scale, tiling=tiling,
+    if query_index.shape[-1] % TILING.rows == 0:
+        return indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, key_index, scale=scale, tiling=TILING,
                                             interpret=interpret, merge_into=merge_into)  # fmt: skip
     return indexed_tiled_forward(q_rows, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning,
                                  interpret=interpret, merge_into=merge_into)  # fmt: skip
@@ -114,5 +114,5 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
     # the same plan as pallas_triton's; its rows feed the Triton backward
     plan, rows = pallas_triton.plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale,
                                              interpret=interpret)  # fmt: skip
-    static = (float(scale), MosaicTiling(), TiledKernelConfig(), bool(interpret))
+    static = (float(scale), TILING, TiledKernelConfig(), bool(interpret))
     return estimate(q, k, v, kv_length, plan, rows, static)
