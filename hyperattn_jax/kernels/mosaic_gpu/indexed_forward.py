@@ -12,8 +12,8 @@ each indexed chunk's key rows reach shared memory by TMA a chunk before its gath
 Why: with XLA's sorted copies (`tiled_attention_mosaic`), the Mosaic path was 42-47% slower end to end than the
 Triton path, which reads rows by index (`results/mosaic_check_h100.json`), though its kernel alone was 5-14% faster.
 
-Scope: the forward, one compute warpgroup (and optionally a producer one), query blocks a multiple of 64 slots, H 64
-or 128, bf16/fp16. With `merge_into` (a causal recursion's part) the program also gathers the running out rows and
+Scope: the forward, one or two compute warpgroups per program (two share each key chunk) and optionally a producer
+warpgroup that issues every copy, query blocks a multiple of 64 slots per compute warpgroup, H 64 or 128, bf16/fp16. With `merge_into` (a causal recursion's part) the program also gathers the running out rows and
 lse of its queries and merges its part into them by lse before the stores, in place.
 """
 
