@@ -184,12 +184,8 @@ def main():
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd")
     parser.add_argument("--budget-s", type=float, default=400.0, help="start no timing after this many seconds")
     parser.add_argument("--head-dims", default="64,128", help="head dims of (a), for every config")
-    parser.add_argument(
-        "--check-causal",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="(a) causal calls too (their recursion's parts on the Mosaic kernel, merged in place)",
-    )
+    parser.add_argument("--check-causal", choices=("no", "also", "only"), default="also",
+                        help="(a) causal calls too, or only (the recursion's parts on the Mosaic kernel)")  # fmt: skip
     parser.add_argument("--variants", default="", help="comma-separated names of VARIANTS (default: all)")
     parser.add_argument("--profile-n", default="", help="n at which to profile the kernel variants (after the timings)")
     parser.add_argument("--note", default="")
@@ -225,7 +221,7 @@ def main():
         save()
 
     for name, head_dim in [(name, int(h)) for name in CONFIGS for h in args.head_dims.split(",")]:
-        for causal in [False, True][: 2 if args.check_causal else 1]:
+        for causal in {"no": [False], "also": [False, True], "only": [True]}[args.check_causal]:
             add("checks", lambda c=CONFIGS[name], h=head_dim, causal=causal: check_implementations(
                 args.check_n, h, c, key, causal), config=name)  # fmt: skip
         add(
