@@ -6,6 +6,7 @@ in registers. The lowering test covers the device variant: Pallas -> Mosaic GPU 
 """
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,11 @@ def test_explicit_only_and_unsupported_calls():
     assert "float32" in pallas_mosaic_gpu.unsupported(dtype=jnp.float32, head_dim=64, **call)
     choice = registry.choose(implementation="pallas_mosaic_gpu", dtype=jnp.float32, head_dim=64, interpret=True, **call)
     assert choice.name == "xla"
+    # the kernels are Hopper's (wgmma, TMA): another GPU runs the call on xla and says why
+    gpu = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
+    assert "Hopper" in pallas_mosaic_gpu.not_hopper(gpu)
+    assert pallas_mosaic_gpu.not_hopper(types.SimpleNamespace(**{**vars(gpu), "compute_capability": "9.0"})) is None
+    assert pallas_mosaic_gpu.not_hopper(jax.devices("cpu")[0]) is None  # the interpreter's case
 
 
 @pytest.mark.parametrize(("h", "warpgroups"), [(64, 1), (128, 1), (128, 2)])

@@ -46,9 +46,20 @@ PLATFORMS = ("gpu",)
 TILING = MosaicTiling()  # the kernels' tiling in this backend (docs/kernels.md has the variants measured)
 
 
+def not_hopper(device) -> str | None:
+    """Why `device` cannot run the kernels (wgmma and TMA are Hopper's: compute capability 9.x), None if it can or
+    is not a CUDA GPU (the interpreter runs them elsewhere)."""
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or capability is None or str(capability).startswith("9."):
+        return None
+    return f"the Mosaic GPU kernels need a Hopper GPU (compute capability 9.x), got {capability} ({device.device_kind})"
+
+
 def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
     """Why the Mosaic GPU kernel cannot take a call (None when it can)."""
     del config, causal  # causal and exact calls run the Triton path, which takes every config
+    if (why := not_hopper(jax.devices()[0])) is not None:
+        return why
     if jnp.dtype(dtype) not in DTYPES:
         return f"the Mosaic GPU kernel takes bfloat16/float16 inputs, got {jnp.dtype(dtype)}"
     if head_dim not in HEAD_DIMS:

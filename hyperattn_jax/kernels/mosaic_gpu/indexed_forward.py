@@ -13,8 +13,9 @@ Why: with XLA's sorted copies (`tiled_attention_mosaic`), the Mosaic path was 42
 Triton path, which reads rows by index (`results/mosaic_check_h100.json`), though its kernel alone was 5-14% faster.
 
 Scope: the forward, one or two compute warpgroups per program (two share each key chunk) and optionally a producer
-warpgroup that issues every copy, query blocks a multiple of 64 slots per compute warpgroup, H 64 or 128, bf16/fp16. With `merge_into` (a causal recursion's part) the program also gathers the running out rows and
-lse of its queries and merges its part into them by lse before the stores, in place.
+warpgroup that issues every copy, query blocks a multiple of 64 slots per compute warpgroup, H 64 or 128, bf16/fp16.
+With `merge_into` (a causal recursion's part) the program also gathers the running out rows and lse of its queries
+and merges its part into them by lse before the stores, in place.
 """
 
 from __future__ import annotations
