@@ -130,8 +130,8 @@ def time_kernels(n, config, key, variants=None) -> dict:
 
 def summarise_trace(path, warpgroups: int) -> dict:
     """Mean microseconds per program in each named region of a Mosaic GPU profile (Perfetto JSON: one track per
-    program and warpgroup, begin/end events), per warpgroup (0 computes; 1 is the producer, if any), and each
-    warpgroup's mean span from its first event to its last."""
+    program and warpgroup, begin/end events), per warpgroup (the compute warpgroups first, then the producer, if
+    any), and each warpgroup's mean span from its first event to its last."""
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     open_at, totals, spans = {}, {}, {}
@@ -170,7 +170,7 @@ def profile_kernels(n, config, key, variants) -> dict:
                 jax.block_until_ready(call(q_rows, k, v, query_index, tiles, key_index))
                 jax.effects_barrier()  # the trace is written by a host callback
                 [trace] = Path(folder).glob("*.json")
-                row[f"mosaic_indexed_{name}"] = summarise_trace(trace, 2 if tiling.producer else 1)
+                row[f"mosaic_indexed_{name}"] = summarise_trace(trace, tiling.compute_warpgroups + tiling.producer)
             except Exception as error:
                 row[f"mosaic_indexed_{name}_error"] = _error(error)
     return row
