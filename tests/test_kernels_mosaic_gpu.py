@@ -312,6 +312,33 @@ def test_indexed_forward_refuses_what_it_cannot_run():
                                      [key_index[0].reshape(1, 1, 8, 32)], scale=0.1)  # fmt: skip
 
 
+@pytest.mark.parametrize("tiling", [MosaicTiling(block_k=64), MosaicTiling(block_k=64, compute_warpgroups=2)])
+def test_indexed_forward_merges_into_an_earlier_part(rng, tiling):
+    # merge_into: the part of the second half's rows (a causal level's queries) merged by lse into an earlier partial
+    # result in place, against the twin's merge; rows no slot names keep the earlier out and lse exactly, and an
+    # earlier row without keys (lse -inf) takes this part alone.
+    t, h, groups = 256, 64, 2
+    q, k, v = _planted(rng, t=t, n=groups, kv=1, h=h, dtype=jnp.bfloat16)
+    q_rows = q.reshape(1, t, 1, groups, h)
+    slots = (t // 2 + rng.permutation(t // 2)).reshape(1, 128)
+    query_index = jnp.asarray(np.stack([slots] * groups), jnp.int32).reshape(1, 1, groups, 1, 128)
+    key_index = jnp.asarray(rng.integers(0, t // 2, (1, 1, 1, 128)), jnp.int32)
+    earlier_out = jnp.asarray(rng.standard_normal(q_rows.shape), jnp.bfloat16)
+    # about as heavy as this part (its lse is 6-8 for most rows), so both sides weigh in
+    earlier_lse = jnp.asarray(2 * rng.standard_normal((1, 1, groups, t)) + 7, jnp.float32).at[..., 200].set(-jnp.inf)
+    tiles = [ops.KeyTile(None, None, None)]
+    out, lse = indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, [key_index], scale=0.125, tiling=tiling,
+                                            merge_into=(earlier_out, earlier_lse))  # fmt: skip
+    f32 = (x.astype(jnp.float32) for x in (q_rows, k, v))
+    want_out, want_lse = indexed_tiled_forward_reference(
+        *f32, query_index, tiles, [key_index], scale=0.125, merge_into=(earlier_out.astype(jnp.float32), earlier_lse)
+    )
+    assert _relative(out, want_out) < 4e-3, _relative(out, want_out)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(out[:, : t // 2], earlier_out[:, : t // 2])
+    np.testing.assert_array_equal(lse[..., : t // 2], earlier_lse[..., : t // 2])
+
+
 def test_causal_parts_merge_on_mosaic(rng, monkeypatch):
     # implementation="pallas_mosaic_gpu" on a causal call: the fused recursion's parts after the base case (the
     # window's prefixes and every level's lower-left problems) run on the Mosaic row-gathering kernel, merged by lse
@@ -323,7 +350,7 @@ def test_causal_parts_merge_on_mosaic(rng, monkeypatch):
     monkeypatch.setattr(pallas_mosaic_gpu, "indexed_tiled_forward_mosaic",
                         lambda *a, **kw: merged.append(kw["merge_into"] is not None) or original(*a, **kw))  # fmt: skip
     cfg = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=64, num_probe_queries=64)
-    q, k, v = random_qkv(rng, b=1, t=256, n=2, kv=1, h=64, dtype=jnp.bfloat16)
+    q, k, v = _planted(rng, t=256, n=2, kv=1, h=64, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
     results = {}
     for implementation in ("xla", "pallas_mosaic_gpu"):

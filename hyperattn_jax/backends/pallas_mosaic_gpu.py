@@ -108,8 +108,8 @@ estimate.defvjp(_estimate_fwd, _estimate_bwd)
 
 def level_forward(q_rows, k, v, query_index, tiles, key_index, *, scale, tuning, interpret, merge_into):
     """A part of the fused causal recursion (a level's lower-left problems, a prefix or an exact quarter) merged into
-    the running out and lse: on the Mosaic row-gathering kernel where its query blocks are whole 64-slot chunks,
-    else on the Triton one (`indexed_tiled_forward`'s arguments)."""
+    the running out and lse: on the Mosaic row-gathering kernel where its query blocks are whole programs
+    (`TILING.rows` slots), else on the Triton one (`indexed_tiled_forward`'s arguments)."""
     if query_index.shape[-1] % TILING.rows == 0:
         return indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, key_index, scale=scale, tiling=TILING,
                                             interpret=interpret, merge_into=merge_into)  # fmt: skip
