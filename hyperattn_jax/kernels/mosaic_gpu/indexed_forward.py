@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hyperattn_jax.kernels.configs import MosaicTiling
-from hyperattn_jax.kernels.gpu.indexed_forward import row_coordinates, tile_log_weights
 from hyperattn_jax.kernels.mosaic_gpu.row_copies import (
     gather_rows,
     gather_values,
@@ -40,10 +38,10 @@ from hyperattn_jax.kernels.mosaic_gpu.row_copies import (
     swizzled,
     wait_gathers,
 )
+from hyperattn_jax.kernels.mosaic_gpu.row_operands import query_rows, tile_operands
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     DTYPES,
     HEAD_DIMS,
-    LOG2_E,
     SMEM_LIMIT,
     attend_chunk,
     interpret_params,
@@ -52,63 +50,6 @@ from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     softmax_start,
 )
 from hyperattn_jax.ops.tiles import KeyTile
-
-
-class _Tile(NamedTuple):
-    """Static facts of one key tile in the kernel."""
-
-    indexed: bool  # rows gathered in the kernel (else pre-gathered k, v copied by TMA)
-    weighted: bool  # has log-weights (else every key counts once)
-    length: int  # keys, a multiple of block_k
-
-
-def _pad_last(x, size: int, value):
-    pad = [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])]
-    return jnp.pad(x, pad, constant_values=value) if size != x.shape[-1] else x
-
-
-def _tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int, block_k: int):
-    """Per tile: its `_Tile` and arrays. Indexed: absolute rows of the flattened k, v `[P K, nb, t]` (-1 read as
-    row 0, masked by weight -inf) and base-2 log-weights `[P K, nb | 1, t]` if any; pre-gathered: k, v
-    `[P K, nb | 1, t, H]` and log-weights. Lengths padded to whole chunks (weight -inf)."""
-    batch, keys, kv_heads, h = k.shape
-    pk = problems * kv_heads
-    facts, arrays = [], []
-    for tile, index in zip(tiles, tile_key_index, strict=True):
-        length = tile.k.shape[3] if index is None else index.shape[-1]
-        padded = -(-length // block_k) * block_k
-        w, _ = tile_log_weights(tile, problems=problems, kv_heads=kv_heads, num_blocks=num_blocks, length=length)
-        if w is None and padded != length:
-            w = jnp.zeros((pk, 1, length), jnp.float32)
-        tile_arrays = []
-        if index is not None:
-            problem_batch, head = row_coordinates(index, batch)
-            rows = (problem_batch * keys + jnp.maximum(index, 0)) * kv_heads + head
-            tile_arrays.append(_pad_last(rows.reshape(pk, num_blocks, length).astype(jnp.int32), padded, 0))
-        else:
-            for x in (tile.k, tile.v):
-                x = x.reshape(pk, x.shape[2], length, h)
-                tile_arrays.append(jnp.pad(x, [(0, 0), (0, 0), (0, padded - length), (0, 0)]))
-        if w is not None:  # base 2 here saves a multiply per score in the kernel
-            tile_arrays.append(_pad_last(w * LOG2_E, padded, -jnp.inf))
-        facts.append(_Tile(index is not None, w is not None, padded))
-        arrays.append(tile_arrays)
-    return tuple(facts), arrays
-
-
-def _query_rows(query_index, batch: int, t: int, groups: int, padded: bool):
-    """Absolute rows of the flattened q `[B T K G, H]` each slot reads, of the flattened out `[B T' K G, H]` and
-    lse `[B K G T']` it writes (T' = T + 1 with padding slots, which write the spare last position): `[P K, G, nb bq]`
-    each."""
-    problems, kv_heads = query_index.shape[:2]
-    problem_batch, head = row_coordinates(query_index, batch)
-    group = jnp.arange(groups).reshape(1, 1, groups, 1, 1)
-    t_out = t + 1 if padded else t
-    store = jnp.where(query_index >= 0, query_index, t)
-    load = ((problem_batch * t + jnp.maximum(query_index, 0)) * kv_heads + head) * groups + group
-    out = ((problem_batch * t_out + store) * kv_heads + head) * groups + group
-    lse = ((problem_batch * kv_heads + head) * groups + group) * t_out + store
-    return [x.reshape(problems * kv_heads, groups, -1).astype(jnp.int32) for x in (load, out, lse)]
 
 
 def _smem_bytes(head_dim: int, tiling: MosaicTiling, merge: bool = False) -> int:
@@ -394,7 +335,7 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         raise ValueError(f"too many rows for int32 row numbers: q {q_rows.shape}, k {k.shape}")
     if (need := _smem_bytes(h, tiling, merge)) > SMEM_LIMIT:
         raise ValueError(f"{tiling} needs {need} bytes of shared memory at {h=} (limit {SMEM_LIMIT})")
-    facts, tile_arrays = _tile_operands(k, v, tiles, tile_key_index, problems=problems, num_blocks=nb,
+    facts, tile_arrays = tile_operands(k, v, tiles, tile_key_index, problems=problems, num_blocks=nb,
                                         block_k=tiling.block_k)  # fmt: skip
     p_in_registers = tiling.p_in_registers and interpret is None
     block_q, block_k, stages = tiling.block_q, tiling.block_k, tiling.stages
@@ -438,7 +379,7 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         **(dict(num_threads=warpgroups + producer, thread_name="wg") if warpgroups + producer > 1 else {}),
     )
     operands = (
-        *_query_rows(query_index, b, t, groups, padded),
+        *query_rows(query_index, b, t, groups, padded),
         q_rows.reshape(-1, h),
         k.reshape(-1, h),
         v.reshape(-1, h),
