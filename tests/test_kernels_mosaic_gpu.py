@@ -6,7 +6,9 @@ in registers. The lowering test covers the device variant: Pallas -> Mosaic GPU 
 """
 
 import functools
+import json
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -370,3 +372,28 @@ def test_causal_parts_merge_on_mosaic(rng, monkeypatch):
     for a, b in zip(results["pallas_mosaic_gpu"], results["xla"], strict=True):
         assert a.shape == b.shape
         assert _relative(a, b) < 1e-2, _relative(a, b)  # measured 2.3e-3 (out), 5e-8 (lse), 2.9e-3-3.4e-3 (grads)
+
+
+def test_profile_summary_per_warpgroup(tmp_path, monkeypatch):
+    # check_mosaic_indexed.summarise_trace reads Mosaic GPU's Perfetto trace (one track per program and warpgroup:
+    # the compute warpgroups, then the producer) into mean microseconds per program and region, per warpgroup.
+    benchmarks = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    from check_mosaic_indexed import summarise_trace
+
+    regions = [("issue", 1.0), ("wait", 2.0), ("attend", 3.0)], [("wait_slot", 0.5), ("issue", 4.0)]
+    events = []
+    for program in range(4):
+        for warpgroup in range(3):  # two compute warpgroups, then the producer
+            ts, track = 100.0 * program, 1 + warpgroup + 3 * program
+            for name, duration in regions[warpgroup == 2]:
+                events += [{"name": name, "ph": "B", "ts": ts, "tid": track},
+                           {"name": name, "ph": "E", "ts": ts + duration, "tid": track}]  # fmt: skip
+                ts += duration
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    summary = summarise_trace(path, warpgroups=3)
+    assert summary["programs"] == 4
+    for warpgroup in (0, 1):
+        assert summary[f"warpgroup_{warpgroup}_us"] == {"span": 6.0, "issue": 1.0, "wait": 2.0, "attend": 3.0}
+    assert summary["warpgroup_2_us"] == {"span": 4.5, "wait_slot": 0.5, "issue": 4.0}
