@@ -7,6 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def outputs_and_gradients(q, k, v, *, key, config, implementation, causal=False, kv_length=None, interpret=True):
+    """out, lse and the gradients dq, dk, dv of a loss that takes both (lse's cotangent takes a separate path through
+    every backward), for comparing implementations on the same key. Jitted: one compile of forward + backward."""
+    import hyperattn_jax as ha
+
+    def loss(q, k, v):
+        out = ha.hyper_attention(q, k, v, key=key, config=config, causal=causal, return_lse=True,
+                                 implementation=implementation, interpret=interpret, kv_length=kv_length)  # fmt: skip
+        weighted = jnp.sum(out[0].astype(jnp.float32) * jnp.cos(q.astype(jnp.float32)))
+        return weighted + jnp.sum(jnp.sin(out[1])), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return jax.tree.leaves((out, grads))
+
+
 def random_qkv(rng, b=1, t=64, s=None, n=2, kv=None, h=16, dtype=jnp.float32):
     s = t if s is None else s
     kv = n if kv is None else kv

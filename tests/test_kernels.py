@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_qkv
+from helpers import outputs_and_gradients, random_qkv
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
@@ -173,22 +173,12 @@ def test_pallas_implementation_matches_xla_for_the_same_key(rng, causal, options
         assert recursion_shape(causal_padded_length(t, rest), 16, rest) is not None
     q, k, v = random_qkv(rng, b=b, t=t, s=s, n=n, kv=n // 2, h=16, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
-    results = {}
-    for implementation in ("xla", "pallas_triton"):
-
-        def loss(q, k, v, implementation=implementation):
-            out = ha.hyper_attention(
-                q, k, v, key=key, config=cfg, causal=causal, return_lse=True, implementation=implementation,
-                interpret=True,
-                kv_length=None if kv_length is None else jnp.array(kv_length),
-            )  # fmt: skip
-            # lse enters the loss too: its cotangent takes a separate path through every backward
-            weighted = jnp.sum(out[0].astype(jnp.float32) * jnp.cos(q.astype(jnp.float32)))
-            return weighted + jnp.sum(jnp.sin(out[1])), out
-
-        # jitted: one compile of forward + backward instead of dozens of eager pieces (the same computation)
-        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-        results[implementation] = jax.tree.leaves((out, grads))
+    kv_length = None if kv_length is None else jnp.array(kv_length)
+    results = {
+        implementation: outputs_and_gradients(q, k, v, key=key, config=cfg, implementation=implementation,
+                                              causal=causal, kv_length=kv_length)
+        for implementation in ("xla", "pallas_triton")
+    }  # fmt: skip
     for a, b in zip(results["pallas_triton"], results["xla"], strict=True):
         assert a.shape == b.shape
         assert _relative(a, b) < 2e-2, _relative(a, b)

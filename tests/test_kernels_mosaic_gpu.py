@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import planted_qkv, random_qkv
+from helpers import outputs_and_gradients, planted_qkv, random_qkv
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
@@ -118,19 +118,11 @@ def test_backend_matches_xla_for_the_same_key(rng):
     cfg = ha.HyperAttentionConfig.paper(block_size=64, sample_size=64, min_seq_len=64)
     q, k, v = random_qkv(rng, b=1, t=128, n=2, kv=1, h=64, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
-    results = {}
-    for implementation in ("xla", "pallas_mosaic_gpu"):
-
-        def loss(q, k, v, implementation=implementation):
-            out = ha.hyper_attention(
-                q, k, v, key=key, config=cfg, return_lse=True, implementation=implementation,
-                interpret=implementation != "xla",
-            )  # fmt: skip
-            weighted = jnp.sum(out[0].astype(jnp.float32) * jnp.cos(q.astype(jnp.float32)))
-            return weighted + jnp.sum(jnp.sin(out[1])), out
-
-        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-        results[implementation] = jax.tree.leaves((out, grads))
+    results = {
+        implementation: outputs_and_gradients(q, k, v, key=key, config=cfg, implementation=implementation,
+                                              interpret=implementation != "xla")
+        for implementation in ("xla", "pallas_mosaic_gpu")
+    }  # fmt: skip
     for a, b in zip(results["pallas_mosaic_gpu"], results["xla"], strict=True):
         assert a.shape == b.shape
         assert _relative(a, b) < 2e-2, _relative(a, b)
@@ -326,7 +318,7 @@ def test_indexed_forward_merges_into_an_earlier_part(rng, tiling):
     query_index = jnp.asarray(np.stack([slots] * groups), jnp.int32).reshape(1, 1, groups, 1, 128)
     key_index = jnp.asarray(rng.integers(0, t // 2, (1, 1, 1, 128)), jnp.int32)
     earlier_out = jnp.asarray(rng.standard_normal(q_rows.shape), jnp.bfloat16)
-    # about as heavy as this part (its lse is 6-8 for most rows), so both sides weigh in
+    # about as heavy as this part (its lse: median 7.4, 5-95% 6.3-19), so both sides weigh in
     earlier_lse = jnp.asarray(2 * rng.standard_normal((1, 1, groups, t)) + 7, jnp.float32).at[..., 200].set(-jnp.inf)
     tiles = [ops.KeyTile(None, None, None)]
     out, lse = indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, [key_index], scale=0.125, tiling=tiling,
@@ -354,24 +346,17 @@ def test_causal_parts_merge_on_mosaic(rng, monkeypatch):
     cfg = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=64, num_probe_queries=64)
     q, k, v = _planted(rng, t=256, n=2, kv=1, h=64, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
-    results = {}
-    for implementation in ("xla", "pallas_mosaic_gpu"):
-
-        def loss(q, k, v, implementation=implementation):
-            out = ha.hyper_attention(
-                q, k, v, key=key, config=cfg, causal=True, return_lse=True, implementation=implementation,
-                interpret=implementation != "xla",
-            )  # fmt: skip
-            weighted = jnp.sum(out[0].astype(jnp.float32) * jnp.cos(q.astype(jnp.float32)))
-            return weighted + jnp.sum(jnp.sin(out[1])), out
-
-        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-        results[implementation] = jax.tree.leaves((out, grads))
+    results = {
+        implementation: outputs_and_gradients(q, k, v, key=key, config=cfg, implementation=implementation, causal=True,
+                                              interpret=implementation != "xla")
+        for implementation in ("xla", "pallas_mosaic_gpu")
+    }  # fmt: skip
     # every part on the Mosaic kernel, merged in place: the prefixes, the estimated level, the exact last quarters
     assert len(merged) >= 3 and all(merged), merged
     for a, b in zip(results["pallas_mosaic_gpu"], results["xla"], strict=True):
         assert a.shape == b.shape
-        assert _relative(a, b) < 1e-2, _relative(a, b)  # measured 2.3e-3 (out), 5e-8 (lse), 2.9e-3-3.4e-3 (grads)
+        # measured (two seeds): out 7-8e-4, lse 9e-8, dq 1.9-2.0e-3, dk 3.5e-3, dv 2.9-3.0e-3 (bf16 rounding)
+        assert _relative(a, b) < 1e-2, _relative(a, b)
 
 
 def test_profile_summary_per_warpgroup(tmp_path, monkeypatch):

@@ -168,15 +168,15 @@ def scatter_rows(src_smem, rows_ref, dst_ref, *, interpret: bool):
     scatter(src_smem, rows_ref, dst_ref)
 
 
-def gather_values(src_ref, index_ref, dst_smem, *, interpret: bool):
-    """dst[i] = src[index[i]] for float32 src in global memory, index int32 `[n]` (global) and dst `[n]` in shared
-    memory (plain layout): one thread per value, n <= 128. Synchronous loads; the stores are visible to the
-    warpgroup after a `plgpu.commit_smem` (e.g. `wait_gathers`')."""
-    (count,) = dst_smem.shape
+def _copy_values(src, index_ref, dst, *, gather: bool, interpret: bool):
+    """float32 values by index between global memory and a plain `[n]` shared buffer, one thread per value (n <=
+    128): dst[i] = src[index[i]] (`gather`, src global) or dst[index[i]] = src[i] (src shared). Synchronous."""
+    count = index_ref.shape[0]
     if interpret:
 
         def copy_value(i, carry):
-            dst_smem[pl.ds(i, 1)] = src_ref[pl.ds(index_ref[i], 1)]
+            source, target = (pl.ds(index_ref[i], 1), pl.ds(i, 1)) if gather else (pl.ds(i, 1), pl.ds(index_ref[i], 1))
+            dst[target] = src[source]
             return carry
 
         lax.fori_loop(0, count, copy_value, 0)
@@ -186,38 +186,26 @@ def gather_values(src_ref, index_ref, dst_smem, *, interpret: bool):
     read = _ref_type(write=False)
 
     @plgpu.inline_mgpu(arg_types=(read, read, _ref_type()))
-    def gather(ctx, src, index, dst):
+    def copy(ctx, src, index, dst):
         del ctx
         thread = arith.remui(mgpu_utils.thread_idx(), _int(WARPGROUP))
         with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, thread, _int(count))):
             position = arith.index_cast(ir.IndexType.get(), _load_index(index, thread))
-            memref.store(memref.load(src, [position]), dst, [arith.index_cast(ir.IndexType.get(), thread)])
+            own = arith.index_cast(ir.IndexType.get(), thread)
+            source, target = (position, own) if gather else (own, position)
+            memref.store(memref.load(src, [source]), dst, [target])
 
-    gather(src_ref, index_ref, dst_smem)
+    copy(src, index_ref, dst)
+
+
+def gather_values(src_ref, index_ref, dst_smem, *, interpret: bool):
+    """dst[i] = src[index[i]] for float32 src in global memory, index int32 `[n]` (global) and dst `[n]` in shared
+    memory (plain layout): one thread per value, n <= 128. Synchronous loads; the stores are visible to the
+    warpgroup after a `plgpu.commit_smem` (e.g. `wait_gathers`')."""
+    _copy_values(src_ref, index_ref, dst_smem, gather=True, interpret=interpret)
 
 
 def scatter_values(src_smem, index_ref, dst_ref, *, interpret: bool):
     """dst[index[i]] = src[i] for float32 src `[n]` in shared memory (plain layout, committed), index int32 `[n]`
     and dst float32 in global memory: one thread per value, n <= 128."""
-    (count,) = src_smem.shape
-    if interpret:
-
-        def copy_value(i, carry):
-            dst_ref[pl.ds(index_ref[i], 1)] = src_smem[pl.ds(i, 1)]
-            return carry
-
-        lax.fori_loop(0, count, copy_value, 0)
-        return
-    if count > WARPGROUP:
-        raise ValueError(f"one value per thread: {count} > {WARPGROUP}")
-    read = _ref_type(write=False)
-
-    @plgpu.inline_mgpu(arg_types=(read, read, _ref_type()))
-    def scatter(ctx, src, index, dst):
-        del ctx
-        thread = arith.remui(mgpu_utils.thread_idx(), _int(WARPGROUP))
-        with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, thread, _int(count))):
-            position = arith.index_cast(ir.IndexType.get(), _load_index(index, thread))
-            memref.store(memref.load(src, [arith.index_cast(ir.IndexType.get(), thread)]), dst, [position])
-
-    scatter(src_smem, index_ref, dst_ref)
+    _copy_values(src_smem, index_ref, dst_ref, gather=False, interpret=interpret)
