@@ -382,3 +382,98 @@ def test_profile_summary_per_warpgroup(tmp_path, monkeypatch):
     for warpgroup in (0, 1):
         assert summary[f"warpgroup_{warpgroup}_us"] == {"span": 6.0, "issue": 1.0, "wait": 2.0, "attend": 3.0}
     assert summary["warpgroup_2_us"] == {"span": 4.5, "wait_slot": 0.5, "issue": 4.0}
+
+
+def _backward_problem(rng, *, t, h, n, kv, block, samples, heavy, dtype):
+    """Sorted blocks and tiles of planted q, k, v, a random output cotangent, and the twin's lse and delta."""
+    config = ha.HyperAttentionConfig.paper(block_size=block, sample_size=samples, min_seq_len=0, num_heavy_keys=heavy)
+    q, k, v = _planted(rng, t=t, n=n, kv=kv, h=h, dtype=dtype)
+    q_blocks, tiles = _blocked_problem(q, k, v, config, jax.random.key(int(rng.integers(1 << 30))))
+    out, lse = _jit_twin(q_blocks, tiles, h**-0.5)
+    d_out = jnp.asarray(rng.standard_normal(out.shape), dtype)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1) - 0.1  # a d lse of 0.1 per row
+    return q_blocks, tiles, d_out, lse, delta
+
+
+@pytest.mark.parametrize(
+    ("t", "h", "n", "kv", "block", "samples", "heavy", "dtype", "block_k"),
+    [
+        (128, 64, 2, 1, 64, 64, 8, jnp.bfloat16, 64),  # GQA; sorted block, 8 heavy keys (padded), samples
+        (256, 128, 2, 2, 128, 128, 0, jnp.float16, 128),  # H=128, fp16, 128-key chunks
+        (100, 64, 2, 1, 32, 40, 0, jnp.bfloat16, 64),  # odd T: 4 blocks of 25 queries (padded to 64), keys to 64
+    ],
+)
+def test_backward_matches_jnp_twin(rng, t, h, n, kv, block, samples, heavy, dtype, block_k):
+    from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import tiled_attention_backward_mosaic
+
+    q_blocks, tiles, d_out, lse, delta = _backward_problem(
+        rng, t=t, h=h, n=n, kv=kv, block=block, samples=samples, heavy=heavy, dtype=dtype
+    )
+    f32 = [ops.KeyTile(x.k.astype(jnp.float32), x.v.astype(jnp.float32), x.log_weight) for x in tiles]
+    want_dq, want_tiles = jax.jit(ops.tiled_attention_backward, static_argnames="scale")(
+        q_blocks.astype(jnp.float32), f32, d_out.astype(jnp.float32), lse, delta, scale=h**-0.5
+    )
+    tiling = MosaicTiling(block_k=block_k)  # 2 runs of blocks sum the shared tiles' partial dk, dv:
+    dq, grads = tiled_attention_backward_mosaic(q_blocks, tiles, d_out, lse, delta, scale=h**-0.5, tiling=tiling,
+                                                shared_splits_wanted=2)  # fmt: skip
+    assert dq.shape == want_dq.shape and dq.dtype == jnp.float32
+    # The kernels round P and dS to 16 bits for their second products (measured: dq 1.2e-3..1.5e-3, dk 7e-4..2e-3,
+    # dv 3e-5..9e-4 relative, over these cases).
+    assert _relative(dq, want_dq) < 5e-3, _relative(dq, want_dq)
+    for (dk, dv), (want_dk, want_dv) in zip(grads, want_tiles, strict=True):
+        assert dk.shape == want_dk.shape and dv.shape == want_dv.shape
+        assert _relative(dk, want_dk) < 5e-3, _relative(dk, want_dk)
+        assert _relative(dv, want_dv) < 5e-3, _relative(dv, want_dv)
+
+
+def test_backend_backward_on_mosaic_matches_the_triton_one(rng):
+    # The non-causal estimate's backward on the Mosaic kernels (sorted copies) against the Triton kernels (rows
+    # gathered in the kernel) for the same plan and forward: only the backward kernels differ.
+    from hyperattn_jax.backends import pallas_mosaic_gpu
+
+    cfg = ha.HyperAttentionConfig.paper(block_size=64, sample_size=64, min_seq_len=64)
+    q, k, v = _planted(rng, t=128, n=2, kv=1, h=64, dtype=jnp.bfloat16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)  # fixed: the gradients are the kernels' alone
+
+    def gradients(backward):
+        def loss(q, k, v):
+            out, lse = pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=False, scale=0.125,
+                                                   interpret=True, backward=backward)  # fmt: skip
+            return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(jnp.sin(lse))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(gradients("mosaic"), gradients("triton"), strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert float(jnp.max(jnp.abs(want.astype(jnp.float32)))) > 0
+        # both round dS to 16 bits before its products (measured: dq equal after the cast to bf16, dk, dv 1.3e-3)
+        assert _relative(got, want) < 1e-2, _relative(got, want)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=False, scale=0.125, backward="cudnn")
+
+
+@pytest.mark.parametrize("h", [64, 128])
+def test_backward_kernels_lower_to_mosaic_gpu_for_cuda(h):
+    # dS and P^T from registers into their wgmmas (the GPU variant), lowered for CUDA on the CPU; tiles of every
+    # kind: per-block keys, shared keys with per-block log-weights (samples), shared keys with one row (global keys).
+    from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import tiled_attention_backward_mosaic
+
+    nb, block = 4, 256
+    q_blocks = jax.ShapeDtypeStruct((1, 2, 2, nb, block, h), jnp.bfloat16)
+    row_stats = jax.ShapeDtypeStruct((1, 2, 2, nb, block), jnp.float32)
+    shapes = [((1, 2, nb, block, h), (1, 2, nb, block)), ((1, 2, 1, 256, h), (1, 2, nb, 256)),
+              ((1, 2, 1, 128, h), (1, 2, 1, 128))]  # fmt: skip
+    args = [jax.ShapeDtypeStruct(s, x) for kv, w in shapes for s, x in ((kv, jnp.bfloat16),) * 2 + ((w, jnp.float32),)]
+
+    def backward(q_blocks, d_out, lse, delta, *flat):
+        tiles = [ops.KeyTile(*flat[i : i + 3]) for i in range(0, len(flat), 3)]
+        return tiled_attention_backward_mosaic(q_blocks, tiles, d_out, lse, delta, scale=h**-0.5, interpret=False)
+
+    lowered = (
+        jax.jit(backward).trace(q_blocks, q_blocks, row_stats, row_stats, *args).lower(lowering_platforms=("cuda",))
+    )
+    text = lowered.as_text()
+    assert text.count("mosaic_gpu") >= 4  # the dq kernel and one dk/dv kernel per tile
+    assert f"wgmma.mma_async.sync.aligned.m64n{h}k16.f32.bf16.bf16" in text  # dq += dS k, dk += dS^T q, dv += P^T dO
+    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in text  # S^T = k q^T, dP^T = v dO^T

@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hyperattn_jax._layout import ungroup_output
+from hyperattn_jax._layout import group_queries, ungroup_output
 from hyperattn_jax.backends import pallas_triton
 from hyperattn_jax.kernels.gpu import hyper
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
@@ -38,12 +38,14 @@ from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     smem_bytes,
     tiled_attention_mosaic,
 )
+from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import tiled_attention_backward_mosaic
 from hyperattn_jax.ops.estimate import attend_tiles
-from hyperattn_jax.ops.tiles import hyper_attention_tiles
+from hyperattn_jax.ops.tiles import KeyTile, hyper_attention_tiles
 
 NAME = "pallas_mosaic_gpu"
 PLATFORMS = ("gpu",)
 TILING = MosaicTiling()  # the kernels' tiling in this backend (docs/kernels.md has the variants measured)
+BACKWARDS = ("triton", "mosaic")  # the non-causal estimate's backward kernels (`attention`'s `backward`)
 
 
 def not_hopper(device) -> str | None:
@@ -86,21 +88,43 @@ def forward(q, k, v, kv_length, plan, rows, *, scale: float, tiling: MosaicTilin
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def estimate(q, k, v, kv_length, plan, rows, static):
-    """Non-causal estimate: Mosaic GPU forward, the Triton path's backward (`hyper.estimate`'s, same residuals).
-    `static` = (scale, MosaicTiling, TiledKernelConfig, interpret)."""
+    """Non-causal estimate: Mosaic GPU forward; the Triton path's backward (`hyper.estimate`'s, same residuals) or
+    the Mosaic one on sorted copies. `static` = (scale, MosaicTiling, TiledKernelConfig, interpret, backward), with
+    backward one of `BACKWARDS`."""
     return _estimate_fwd(q, k, v, kv_length, plan, rows, static)[0]
 
 
 def _estimate_fwd(q, k, v, kv_length, plan, rows, static):
-    scale, tiling, _, interpret = static
+    scale, tiling, _, interpret, _ = static
     out, lse = forward(q, k, v, kv_length, plan, rows, scale=scale, tiling=tiling, interpret=interpret)
     return (out, lse), (q, k, v, kv_length, plan, rows, out, lse)
 
 
+def _mosaic_tiled_backward(q_blocks, tiles, d_out, lse, delta, *, scale, tiling, interpret):
+    """`tiled_attention_backward_mosaic` with its float32 gradients in the inputs' dtypes (`hyper.estimate_backward`'s
+    `tiled_backward`)."""
+    dq, grads = tiled_attention_backward_mosaic(q_blocks, tiles, d_out, lse, delta, scale=scale, tiling=tiling,
+                                                interpret=interpret)  # fmt: skip
+    d_tiles = [
+        KeyTile(dk.astype(tile.k.dtype), dv.astype(tile.v.dtype), jnp.zeros_like(tile.log_weight))
+        for tile, (dk, dv) in zip(tiles, grads, strict=True)
+    ]
+    return dq.astype(q_blocks.dtype), d_tiles
+
+
 def _estimate_bwd(static, residuals, cotangents):
-    scale, _, tuning, interpret = static
-    # not yet ported: the Triton backward kernels, run with this forward's out and lse
-    return hyper._estimate_bwd((scale, tuning, interpret), residuals, cotangents)
+    scale, tiling, tuning, interpret, backward = static
+    if backward == "triton":  # the Triton backward kernels (rows gathered in the kernels), with this forward's out, lse
+        return hyper._estimate_bwd((scale, tuning, interpret), residuals, cotangents)
+    q, k, v, _, plan, _, out, lse = residuals
+    d_out, d_lse = cotangents
+    tiled_backward = functools.partial(_mosaic_tiled_backward, scale=scale, tiling=tiling, interpret=interpret)
+    grads = hyper.estimate_backward(
+        *hyper.grouped_inputs(q, k, v), plan, group_queries(d_out, k.shape[2]), lse,
+        hyper.output_delta(out, d_out, d_lse), scale=scale, tuning=tuning, interpret=interpret,
+        tiled_backward=tiled_backward,
+    )  # fmt: skip
+    return (*hyper.public_grads(*grads), None, None, None)
 
 
 estimate.defvjp(_estimate_fwd, _estimate_bwd)
@@ -117,13 +141,17 @@ def level_forward(q_rows, k, v, query_index, tiles, key_index, *, scale, tuning,
                                  interpret=interpret, merge_into=merge_into)  # fmt: skip
 
 
-def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False):
-    """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32."""
+def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False, backward="triton"):
+    """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32.
+    `backward` (non-causal calls): "triton", the Triton path's kernels that gather their rows, or "mosaic", the
+    Mosaic GPU kernels on sorted copies (`kernels/mosaic_gpu/tiled_backward.py`; not yet timed on a GPU)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if causal or config.attends_exactly(k.shape[1]):  # the Triton path, with the recursion's parts on Mosaic
         return pallas_triton.attention(q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale,
                                        interpret=interpret, level_forward=level_forward)  # fmt: skip
     # the same plan as pallas_triton's; its rows feed the Triton backward
     plan, rows = pallas_triton.plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale,
                                              interpret=interpret)  # fmt: skip
-    static = (float(scale), TILING, TiledKernelConfig(), bool(interpret))
+    static = (float(scale), TILING, TiledKernelConfig(), bool(interpret), backward)
     return estimate(q, k, v, kv_length, plan, rows, static)

@@ -207,10 +207,16 @@ def estimate_backward_rows(
     )
 
 
-def estimate_backward(q, k, v, plan, d_out, lse, delta, *, scale, tuning, interpret):
+def estimate_backward(q, k, v, plan, d_out, lse, delta, *, scale, tuning, interpret, tiled_backward=None):
     """dq, dk, dv (grouped layout) of the estimator under `plan` as one part of an attention whose final lse and
     delta are given (`fused_tiled_attention_backward`): the blocked layouts are gathered here and their transposes
-    (gathers by the inverse permutation) bring the gradients back to the original rows."""
+    (gathers by the inverse permutation) bring the gradients back to the original rows. `tiled_backward`: another
+    kernel for the blocked gradients, called as `(q_blocks, tiles, d_out, lse, delta)` and returning them in the
+    inputs' dtypes (None: the Triton one)."""
+    if tiled_backward is None:
+        tiled_backward = functools.partial(
+            fused_tiled_attention_backward, scale=scale, tuning=tuning, interpret=interpret
+        )
 
     def blocked(q, k, v):
         return block_query_layout(q, plan), hyper_attention_tiles(k, v, plan)
@@ -218,16 +224,8 @@ def estimate_backward(q, k, v, plan, d_out, lse, delta, *, scale, tuning, interp
     (q_blocks, tiles), blocked_vjp = jax.vjp(blocked, q, k, v)
     stats = jnp.stack([lse, delta], axis=-1)  # one gather for both row statistics
     lse_blocks, delta_blocks = jnp.moveaxis(block_query_layout(stats, plan), -1, 0)
-    d_q_blocks, d_tiles = fused_tiled_attention_backward(
-        q_blocks,
-        tiles,
-        block_query_layout(d_out.astype(q.dtype), plan),
-        lse_blocks,
-        delta_blocks,
-        scale=scale,
-        tuning=tuning,
-        interpret=interpret,
-    )
+    d_out_blocks = block_query_layout(d_out.astype(q.dtype), plan)
+    d_q_blocks, d_tiles = tiled_backward(q_blocks, tiles, d_out_blocks, lse_blocks, delta_blocks)
     return blocked_vjp((d_q_blocks, d_tiles))
 
 

@@ -225,7 +225,7 @@ def _dkdv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _shared_splits(num_blocks: int, wanted: int) -> int:
+def shared_splits(num_blocks: int, wanted: int) -> int:
     """Largest divisor of num_blocks that is at most `wanted` (each split sums an equal run of query blocks)."""
     return max(d for d in range(1, min(num_blocks, wanted) + 1) if num_blocks % d == 0)
 
@@ -238,7 +238,7 @@ def _dkdv_call(q, do, lse, delta, k, v, w, tile: int, layout: _Layout, *, scale,
     chunk = min(tuning.block_k_bwd, length)
     rows = min(tuning.block_q_bwd, layout.query_block_padded)
     nb = layout.num_blocks
-    splits = _shared_splits(nb, tuning.shared_splits) if shared else 1
+    splits = shared_splits(nb, tuning.shared_splits) if shared else 1
     key_blocks = 1 if shared else nb
     grid = (bk, key_blocks, length // chunk, splits)
     full_q = pl.BlockSpec((None, g, rows_total, hp), lambda b, i, c, r: (b, 0, 0, 0))

@@ -105,7 +105,6 @@ def _pad(x, axis: int, size: int, value=0.0):
 def _operands(q_blocks, tiles, layout: _Layout):
     """q `[BK, G, nb * bqp, H]` and per tile k, v `[BK, nb | 1, tp, H]`, base-2 log-weights `[BK, nb | 1, tp]`."""
     bk = layout.batch * layout.kv_heads
-    q = _pad(q_blocks, 4, layout.query_block_padded).reshape(bk, layout.groups, -1, layout.head_dim)
     flat = []
     for tile, length, per_block in zip(tiles, layout.tile_lengths_padded, layout.weight_per_block, strict=True):
         weight_blocks = layout.num_blocks if per_block else 1
@@ -116,7 +115,13 @@ def _operands(q_blocks, tiles, layout: _Layout):
         # padded keys get -inf; base 2 here saves a multiply per score in the kernel
         w = _pad(w * LOG2_E, 3, length, -jnp.inf).reshape(bk, weight_blocks, length)
         flat += [k, v, w]
-    return q, flat
+    return padded_rows(q_blocks, layout), flat
+
+
+def padded_rows(x, layout: _Layout):
+    """Blocked rows `[B, K, G, nb, bq, ...]` padded to bqp and flattened to `[BK, G, nb * bqp, ...]`."""
+    x = _pad(x, 4, layout.query_block_padded)
+    return x.reshape(layout.batch * layout.kv_heads, layout.groups, -1, *x.shape[5:])
 
 
 class SoftmaxState(NamedTuple):
@@ -200,6 +205,20 @@ def softmax_finish(state: SoftmaxState, dtype):
     return out, jnp.where(has_keys, state.row_max * LN_2 + jnp.log(safe_sum), -jnp.inf)
 
 
+def issue_chunk(tile_refs, layout: _Layout, chunk, block_k: int, slot: int, query_block, problem, k_smem, v_smem,
+                w_smem, k_bar, v_bar, w_bar):  # fmt: skip
+    """TMA copies of one key chunk, `chunk` = (tile, c): keys c * block_k.. of that tile as query block
+    `query_block` sees them (k, v, base-2 log-weights) into buffer `slot`, each on its own barrier."""
+    tile, c = chunk
+    k_ref, v_ref, w_ref = tile_refs[3 * tile : 3 * tile + 3]
+    key_block = 0 if layout.tile_shared[tile] else query_block
+    weight_block = query_block if layout.weight_per_block[tile] else 0
+    keys = pl.ds(c * block_k, block_k)
+    plgpu.copy_gmem_to_smem(k_ref.at[problem, key_block, keys], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[problem, key_block, keys], v_smem.at[slot], v_bar.at[slot])
+    plgpu.copy_gmem_to_smem(w_ref.at[problem, weight_block, keys], w_smem.at[slot], w_bar.at[slot])
+
+
 def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p_in_registers: bool):
     num_tiles = len(layout.tile_lengths)
     tile_refs, (o_ref, lse_ref) = refs[: 3 * num_tiles], refs[3 * num_tiles : 3 * num_tiles + 2]
@@ -220,14 +239,8 @@ def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p
     steps = [(tile, c) for tile, length in enumerate(layout.tile_lengths_padded) for c in range(length // block_k)]
 
     def issue(step: int, slot: int):
-        tile, c = steps[step]
-        k_ref, v_ref, w_ref = tile_refs[3 * tile : 3 * tile + 3]
-        key_block = 0 if layout.tile_shared[tile] else query_block
-        weight_block = query_block if layout.weight_per_block[tile] else 0
-        keys = pl.ds(c * block_k, block_k)
-        plgpu.copy_gmem_to_smem(k_ref.at[problem, key_block, keys], k_smem.at[slot], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[problem, key_block, keys], v_smem.at[slot], v_bar.at[slot])
-        plgpu.copy_gmem_to_smem(w_ref.at[problem, weight_block, keys], w_smem.at[slot], w_bar.at[slot])
+        buffers = (k_smem, v_smem, w_smem, k_bar, v_bar, w_bar)
+        issue_chunk(tile_refs, layout, steps[step], block_k, slot, query_block, problem, *buffers)
 
     def refill(step: int):
         """The first warpgroup loads chunk `step` into the slot the chunk two steps earlier used, once every compute
@@ -318,6 +331,15 @@ def smem_bytes(head_dim: int, tiling: MosaicTiling | None = None, *, p_in_regist
     return 2 * halves + 4 * (2 * bk + rows)
 
 
+def check_dtypes(q_blocks, tiles):
+    if jnp.dtype(q_blocks.dtype) not in DTYPES:
+        raise ValueError(f"the Mosaic GPU kernel takes bfloat16/float16 inputs, got {q_blocks.dtype}")
+    for tile in tiles:
+        if tile.k.dtype != q_blocks.dtype or tile.v.dtype != q_blocks.dtype:
+            dtypes = f"{q_blocks.dtype}, {tile.k.dtype}, {tile.v.dtype}"
+            raise ValueError(f"q and tile k, v must share a dtype, got {dtypes}")
+
+
 def tiled_attention_mosaic(q_blocks, tiles, *, scale: float, tiling: MosaicTiling | None = None, interpret=None):
     """Mosaic GPU twin of `ops.tiled_attention` (forward only): blocked queries over key tiles in one softmax.
 
@@ -334,12 +356,7 @@ def tiled_attention_mosaic(q_blocks, tiles, *, scale: float, tiling: MosaicTilin
       without any unmasked key, whose out is 0). No gradient rule.
     """
     tiles = [KeyTile(*tile) for tile in tiles]
-    if jnp.dtype(q_blocks.dtype) not in DTYPES:
-        raise ValueError(f"the Mosaic GPU kernel takes bfloat16/float16 inputs, got {q_blocks.dtype}")
-    for tile in tiles:
-        if tile.k.dtype != q_blocks.dtype or tile.v.dtype != q_blocks.dtype:
-            dtypes = f"{q_blocks.dtype}, {tile.k.dtype}, {tile.v.dtype}"
-            raise ValueError(f"q and tile k, v must share a dtype, got {dtypes}")
+    check_dtypes(q_blocks, tiles)
     tiling = MosaicTiling() if tiling is None else tiling
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     if not isinstance(interpret, plgpu.InterpretGPUParams):
