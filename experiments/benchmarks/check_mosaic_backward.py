@@ -1,0 +1,176 @@
+"""Device check of the Mosaic GPU tile-attention backward (`tiled_attention_backward_mosaic`, sorted copies).
+
+Command:  PYTHONPATH=. python3 experiments/benchmarks/check_mosaic_backward.py --out $OUT/mosaic_backward.json
+Hardware: one H100 80GB or H200 (Hopper: wgmma, TMA), jax 0.11.2 or newer. Runtime: ~3 min, one call.
+
+(a) Agreement, `--check-n` tokens, B=1, N=8 query heads over K=2 kv heads, bf16, one key, `paper()` and the default
+  at H 64 and 128: the kernels against their jnp twin `ops.tiled_attention_backward` in float32 on the plan's
+  sorted copies (dq, and dk, dv per tile); and `pallas_mosaic_gpu.attention(backward="mosaic")`'s dq, dk, dv
+  against the xla path's for the same key (non-causal).
+(b) Timings at `--n`, B=1, N=K=32, H=64, bf16, `paper()` and the default: the backward kernels alone on the same
+  sorted copies, lse and delta (Mosaic against Triton's `fused_tiled_attention_backward`), with FLOP rates (the
+  backward's useful 10 B N T keys-per-query H); and the non-causal forward+backward end to end: cuDNN,
+  `pallas_mosaic_gpu` with the Triton backward (rows gathered in its kernels) and with the Mosaic one. Median of
+  many blocking calls after warm-up, all in this one process: compare ratios within the run.
+Guard: a failing call is recorded and the rest still runs; no timing starts after --budget-s seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from check_mosaic_gpu import _blocked, _error, _inputs, _relative, _time, time_kernels_on
+
+import hyperattn_jax as ha
+from hyperattn_jax import ops
+from hyperattn_jax.backends import pallas_mosaic_gpu
+from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention_backward
+from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import tiled_attention_backward_mosaic
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
+from run_record import with_run_record
+
+CONFIGS = {"paper": ha.HyperAttentionConfig.paper(), "default": ha.HyperAttentionConfig()}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale"))
+def _backward_inputs(q, k, v, g, config, key, scale):
+    """The plan's sorted copies, the twin forward's lse, and the blocked cotangent and delta."""
+    q_blocks, tiles = _blocked(q, k, v, config, key)
+    f32 = [ops.KeyTile(t.k.astype(jnp.float32), t.v.astype(jnp.float32), t.log_weight) for t in tiles]
+    out, lse = ops.tiled_attention(q_blocks.astype(jnp.float32), f32, scale=scale)
+    d_out = jax.random.normal(jax.random.key(1), out.shape, q.dtype)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)
+    return q_blocks, tiles, d_out, lse, delta
+
+
+def check_kernels(n, head_dim, config, key) -> dict:
+    """(a) the kernels against the float32 twin on the same sorted copies."""
+    q, k, v, g = _inputs(n, 8, 2, head_dim, seed=n + head_dim)
+    scale = head_dim**-0.5
+    q_blocks, tiles, d_out, lse, delta = _backward_inputs(q, k, v, g, config, key, scale)
+    f32 = [ops.KeyTile(t.k.astype(jnp.float32), t.v.astype(jnp.float32), t.log_weight) for t in tiles]
+    want_dq, want_tiles = jax.jit(ops.tiled_attention_backward, static_argnames="scale")(
+        q_blocks.astype(jnp.float32), f32, d_out.astype(jnp.float32), lse, delta, scale=scale
+    )
+    run = jax.jit(functools.partial(tiled_attention_backward_mosaic, scale=scale))
+    dq, grads = run(q_blocks, tiles, d_out, lse, delta)
+    row = {"n": n, "head_dim": head_dim, "dq": _relative(dq, want_dq)}
+    for i, ((dk, dv), (want_dk, want_dv)) in enumerate(zip(grads, want_tiles, strict=True)):
+        row[f"tile{i}"] = {"keys": dk.shape[3], "dk": _relative(dk, want_dk), "dv": _relative(dv, want_dv)}
+    return row
+
+
+def _gradients(backward, config, key, causal=False):
+    """jitted (q, k, v, g) -> dq, dk, dv of sum(out * g): xla's, or pallas_mosaic_gpu's with this backward."""
+
+    def loss(q, k, v, g):
+        if backward == "xla":
+            out = ha.hyper_attention(q, k, v, key=key, config=config, causal=causal, implementation="xla")
+        else:
+            out, _ = pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=config, causal=causal,
+                                                 scale=q.shape[-1] ** -0.5, backward=backward)  # fmt: skip
+        return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def check_backend(n, head_dim, config, key) -> dict:
+    """(a) pallas_mosaic_gpu's gradients with either backward against xla's, for the same key."""
+    q, k, v, g = _inputs(n, 8, 2, head_dim, seed=n + head_dim)
+    want = _gradients("xla", config, key)(q, k, v, g)
+    row = {"n": n, "heads": 8, "kv_heads": 2, "head_dim": head_dim}
+    for backward in pallas_mosaic_gpu.BACKWARDS:
+        got = _gradients(backward, config, key)(q, k, v, g)
+        row[f"{backward}_vs_xla"] = {f"d{x}": _relative(got[i], want[i]) for i, x in enumerate("qkv")}
+    return row
+
+
+def time_kernels(n, config, key) -> dict:
+    """(b) the backward kernels alone on the same sorted copies."""
+    q, k, v, g = _inputs(n, 32, 32, 64, seed=n)
+    args = _backward_inputs(q, k, v, g, config, key, 64**-0.5)
+    keys_per_query = sum(t.k.shape[3] for t in args[1])
+    flops = 10 * 32 * n * keys_per_query * 64
+    kernels = {
+        "triton_backward": functools.partial(fused_tiled_attention_backward, scale=64**-0.5),
+        "mosaic_backward": functools.partial(tiled_attention_backward_mosaic, scale=64**-0.5),
+    }
+    row = {"n": n, "keys_per_query": keys_per_query, "flops": flops}
+    return {**row, **time_kernels_on(kernels, args, flops, baseline="triton_backward")}
+
+
+def time_end_to_end(n, config, key) -> dict:
+    """(b) non-causal forward+backward: cuDNN, and pallas_mosaic_gpu with each backward."""
+    q, k, v, g = _inputs(n, 32, 32, 64, seed=n)
+    row = {"n": n, "heads": 32, "kv_heads": 32, "head_dim": 64, "mode": "noncausal_fwdbwd"}
+
+    def cudnn_loss(q, k, v, g):
+        out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32))
+
+    row["cudnn"] = _time(jax.jit(jax.grad(cudnn_loss, argnums=(0, 1, 2))), q, k, v, g)
+    for backward in pallas_mosaic_gpu.BACKWARDS:
+        name = f"mosaic_forward_{backward}_backward"
+        row[name] = _time(_gradients(backward, config, key), q, k, v, g)
+        if "ms" in row["cudnn"] and "ms" in row[name]:
+            row[f"ratio_cudnn_over_{name}"] = row["cudnn"]["ms"] / row[name]["ms"]
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="experiments/results/mosaic_backward.json")
+    parser.add_argument("--check-n", type=int, default=8192)
+    parser.add_argument("--n", default="32768,131072")
+    parser.add_argument("--head-dims", default="64,128", help="head dims of (a)")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="start no timing after this many seconds")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+    start = time.monotonic()
+    key = jax.random.key(0)
+    record = {"note": args.note, "configs": {name: dataclasses.asdict(c) for name, c in CONFIGS.items()}}
+    record.update(batch=1, dtype="bfloat16", kernel_checks=[], checks=[], kernels=[], timings=[])
+
+    def save():
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(with_run_record(record), f, indent=1)
+
+    def add(kind: str, run, **where):
+        """One row, unless the budget is spent (a device call has a time limit: the JSON so far stays)."""
+        if time.monotonic() - start > args.budget_s:
+            row = {**where, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
+        else:
+            try:
+                row = {**where, **run()}
+            except Exception as error:
+                row = {**where, "error": _error(error)}
+        record[kind].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+
+    for name, config in CONFIGS.items():
+        for h in [int(x) for x in args.head_dims.split(",")]:
+            add("kernel_checks", lambda c=config, h=h: check_kernels(args.check_n, h, c, key), config=name)
+            add("checks", lambda c=config, h=h: check_backend(args.check_n, h, c, key), config=name)
+    for n in [int(x) for x in args.n.split(",") if x]:
+        for name, config in CONFIGS.items():
+            add("kernels", lambda n=n, c=config: time_kernels(n, c, key), config=name)
+            add("timings", lambda n=n, c=config: time_end_to_end(n, c, key), config=name)
+    record["elapsed_s"] = time.monotonic() - start
+    save()
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
