@@ -6,12 +6,14 @@ per-block tiles are rows of k, v (`kernels/mosaic_gpu/indexed_forward.py`), the 
 blocks from the unsorted q, k, v itself (cp.async per row) and stores out at its rows, as the Triton path does;
 elsewhere XLA gathers them into sorted copies first (`kernels/mosaic_gpu/tiled_attention.py`, TMA). Causal calls
 run the Triton path's fused recursion with its parts after the base case (levels, prefixes) on the row-gathering
-kernel, each merged by lse into the running out and lse in place (`level_forward`). What still runs on the Triton
-path (`pallas_triton`, `kernels/gpu/`), unchanged: the LSH hash and column-mass probe kernels that feed
-`ops.make_plan`, every backward (`hyper._estimate_bwd`, the recursion's: the row-indexed or blocked backward
-kernels, with the Mosaic forward's out and lse), the causal base case (cuDNN or the Triton flash kernel) and exact
-attention (S <= min_seq_len). So the plan and random draws are the same as the xla and Triton paths' for the same
-key, and the two GPU backends differ only in the forward's attention kernels.
+kernel, each merged by lse into the running out and lse in place (`level_forward`). The non-causal estimate's
+backward runs on the Mosaic kernels on sorted copies with `backward="mosaic"` (`kernels/mosaic_gpu/tiled_backward.py`;
+not yet timed on a GPU). What still runs on the Triton path (`pallas_triton`, `kernels/gpu/`), unchanged: the LSH
+hash and column-mass probe kernels that feed `ops.make_plan`, the backward by default and the causal recursion's
+(`hyper._estimate_bwd`, the recursion's: the row-indexed or blocked backward kernels, with the Mosaic forward's out
+and lse), the causal base case (cuDNN or the Triton flash kernel) and exact attention (S <= min_seq_len). So the plan
+and random draws are the same as the xla and Triton paths' for the same key, and the two GPU backends differ only in
+their attention kernels.
 
 Selectable only by name (`implementation="pallas_mosaic_gpu"`): `implementation=None` keeps picking `pallas_triton`,
 faster on the H100 (at 131k the row-gathering kernel ran at 0.66-0.94x the Triton one's speed: docs/kernels.md).
