@@ -54,7 +54,7 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one H100/H200 block may use
 
 
-class _Layout(NamedTuple):
+class Layout(NamedTuple):
     """Static shape facts of one call."""
 
     batch: int
@@ -74,12 +74,12 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _make_layout(q_blocks, tiles, tiling: MosaicTiling) -> _Layout:
+def make_layout(q_blocks, tiles, tiling: MosaicTiling) -> Layout:
     batch, kv_heads, groups, nb, bq, h = q_blocks.shape
     if h not in HEAD_DIMS:
         raise ValueError(f"the Mosaic GPU kernel takes head dims {HEAD_DIMS}, got {h=}")
     shapes = tile_shapes(q_blocks.shape, [(tile.k.shape, jnp.shape(tile.log_weight)) for tile in tiles])
-    return _Layout(
+    return Layout(
         batch=batch,
         kv_heads=kv_heads,
         groups=groups,
@@ -102,7 +102,7 @@ def _pad(x, axis: int, size: int, value=0.0):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _operands(q_blocks, tiles, layout: _Layout):
+def operands(q_blocks, tiles, layout: Layout):
     """q `[BK, G, nb * bqp, H]` and per tile k, v `[BK, nb | 1, tp, H]`, base-2 log-weights `[BK, nb | 1, tp]`."""
     bk = layout.batch * layout.kv_heads
     flat = []
@@ -118,7 +118,7 @@ def _operands(q_blocks, tiles, layout: _Layout):
     return padded_rows(q_blocks, layout), flat
 
 
-def padded_rows(x, layout: _Layout):
+def padded_rows(x, layout: Layout):
     """Blocked rows `[B, K, G, nb, bq, ...]` padded to bqp and flattened to `[BK, G, nb * bqp, ...]`."""
     x = _pad(x, 4, layout.query_block_padded)
     return x.reshape(layout.batch * layout.kv_heads, layout.groups, -1, *x.shape[5:])
@@ -205,7 +205,7 @@ def softmax_finish(state: SoftmaxState, dtype):
     return out, jnp.where(has_keys, state.row_max * LN_2 + jnp.log(safe_sum), -jnp.inf)
 
 
-def issue_chunk(tile_refs, layout: _Layout, chunk, block_k: int, slot: int, query_block, problem, k_smem, v_smem,
+def issue_chunk(tile_refs, layout: Layout, chunk, block_k: int, slot: int, query_block, problem, k_smem, v_smem,
                 w_smem, k_bar, v_bar, w_bar):  # fmt: skip
     """TMA copies of one key chunk, `chunk` = (tile, c): keys c * block_k.. of that tile as query block
     `query_block` sees them (k, v, base-2 log-weights) into buffer `slot`, each on its own barrier."""
@@ -219,7 +219,7 @@ def issue_chunk(tile_refs, layout: _Layout, chunk, block_k: int, slot: int, quer
     plgpu.copy_gmem_to_smem(w_ref.at[problem, weight_block, keys], w_smem.at[slot], w_bar.at[slot])
 
 
-def _kernel(q_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float, p_in_registers: bool):
+def _kernel(q_ref, *refs, layout: Layout, tiling: MosaicTiling, scale: float, p_in_registers: bool):
     num_tiles = len(layout.tile_lengths)
     tile_refs, (o_ref, lse_ref) = refs[: 3 * num_tiles], refs[3 * num_tiles : 3 * num_tiles + 2]
     scratch = list(refs[3 * num_tiles + 2 :])
@@ -286,7 +286,7 @@ def interpret_params(*, detect_races: bool = False):
     return plgpu.InterpretGPUParams(uninitialized_memory="zero", detect_races=detect_races)
 
 
-def _forward_call(q, flat, layout: _Layout, *, scale: float, tiling: MosaicTiling, interpret):
+def _forward_call(q, flat, layout: Layout, *, scale: float, tiling: MosaicTiling, interpret):
     """`interpret`: None (compile for the GPU) or the interpreter's `InterpretGPUParams`."""
     bk, groups, rows_total, h = q.shape
     block_q, block_k, warpgroups = tiling.block_q, tiling.block_k, tiling.compute_warpgroups
@@ -361,8 +361,8 @@ def tiled_attention_mosaic(q_blocks, tiles, *, scale: float, tiling: MosaicTilin
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     if not isinstance(interpret, plgpu.InterpretGPUParams):
         interpret = interpret_params() if interpret else None
-    layout = _make_layout(q_blocks, tiles, tiling)
-    q, flat = _operands(q_blocks, tiles, layout)
+    layout = make_layout(q_blocks, tiles, tiling)
+    q, flat = operands(q_blocks, tiles, layout)
     out, lse = _forward_call(q, flat, layout, scale=scale, tiling=tiling, interpret=interpret)
     shape = (layout.batch, layout.kv_heads, layout.groups, layout.num_blocks, layout.query_block_padded)
     out = out.reshape(*shape, layout.head_dim)[..., : layout.query_block, :]

@@ -35,12 +35,12 @@ from hyperattn_jax.kernels.gpu.tiled_attention import shared_splits
 from hyperattn_jax.kernels.mosaic_gpu.row_copies import swizzled
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     LOG2_E,
-    _Layout,
-    _make_layout,
-    _operands,
+    Layout,
     check_dtypes,
     interpret_params,
     issue_chunk,
+    make_layout,
+    operands,
     padded_rows,
 )
 from hyperattn_jax.ops.tiles import KeyTile
@@ -72,7 +72,7 @@ def _row_vector(ref, axis: int):
     return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(axis), optimized=False)
 
 
-def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, layout: _Layout, tiling: MosaicTiling, scale: float,
+def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, layout: Layout, tiling: MosaicTiling, scale: float,
                a_in_registers: bool):  # fmt: skip
     num_tiles = len(layout.tile_lengths)
     tile_refs, dq_ref = refs[: 3 * num_tiles], refs[3 * num_tiles]
@@ -118,7 +118,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, layout: _Layout, tiling
 
 
 def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, w_ref, dk_ref, dv_ref, *scratch,
-                 layout: _Layout, shared: bool, per_block: bool, blocks_per_program: int, scale: float,
+                 layout: Layout, shared: bool, per_block: bool, blocks_per_program: int, scale: float,
                  a_in_registers: bool):  # fmt: skip
     k_smem, v_smem, w_smem, q_smem, do_smem, lse_smem, delta_smem, wq_smem, dk_smem, dv_smem, *a_smem = scratch[:-3]
     kv_bar, q_bar, wq_bar = scratch[-3:]
@@ -184,7 +184,7 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, w_ref, dk_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_call(q, do, lse, delta, flat, layout: _Layout, *, scale, tiling: MosaicTiling, interpret):
+def _dq_call(q, do, lse, delta, flat, layout: Layout, *, scale, tiling: MosaicTiling, interpret):
     bk, groups, rows_total, h = q.shape
     block_k = tiling.block_k
     a_in_registers = interpret is None
@@ -215,7 +215,7 @@ def _dq_call(q, do, lse, delta, flat, layout: _Layout, *, scale, tiling: MosaicT
     )(q, do, lse, delta, *flat)
 
 
-def _dkdv_call(q, do, lse, delta, k, v, w, tile: int, layout: _Layout, *, scale, splits_wanted, interpret):
+def _dkdv_call(q, do, lse, delta, k, v, w, tile: int, layout: Layout, *, scale, splits_wanted, interpret):
     """dk, dv float32 `[BK, nb | 1, tp, H]` of one tile (a shared tile's partial sums over runs of blocks added)."""
     bk, _, _, h = q.shape
     shared, per_block = layout.tile_shared[tile], layout.weight_per_block[tile]
@@ -283,8 +283,8 @@ def tiled_attention_backward_mosaic(q_blocks, tiles, d_out, lse, delta, *, scale
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     if not isinstance(interpret, plgpu.InterpretGPUParams):
         interpret = interpret_params() if interpret else None
-    layout = _make_layout(q_blocks, tiles, tiling.replace(compute_warpgroups=1))
-    q, flat = _operands(q_blocks, tiles, layout)
+    layout = make_layout(q_blocks, tiles, tiling.replace(compute_warpgroups=1))
+    q, flat = operands(q_blocks, tiles, layout)
     do = padded_rows(d_out.astype(q_blocks.dtype), layout)
     lse, delta = (padded_rows(x.astype(jnp.float32), layout) for x in (finite_or_zero(lse), delta))
     scale = float(scale)
