@@ -321,6 +321,17 @@ def test_kernels_lower_to_triton_for_an_h100(monkeypatch, causal):
     assert all(name in text for name in expected), [name for name in expected if name not in text]
 
 
+def test_probe_key_chunks_fit_in_shared_memory():
+    from hyperattn_jax.kernels.gpu.probe import probe_key_chunk
+
+    # Triton pipelines 3 k chunks in shared memory (16-bit): at most 32 KiB each, so H 128 takes 128 keys per step
+    # (256 asked for more than the H100's 227 KiB on the device); H 64 keeps 256.
+    assert probe_key_chunk(8192, 64) == 256
+    assert probe_key_chunk(8192, 128) == 128
+    assert probe_key_chunk(8192, 128, shift=64) == 64
+    assert all(3 * 2 * probe_key_chunk(4096, h) * h <= 96 * 1024 for h in (16, 32, 64, 128, 256))
+
+
 @pytest.mark.parametrize(
     ("t", "levels", "shift"),
     [

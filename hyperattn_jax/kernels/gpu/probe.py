@@ -29,6 +29,9 @@ from hyperattn_jax.kernels.gpu._common import MIN_DOT, NEG_START, div, dot_t, ne
 from hyperattn_jax.ops.plan import probe_column_mass, probe_index
 
 _KEY_CHUNKS = (256, 128, 64, 32, 16)
+# Elements of one k chunk [chunk, H]: Triton keeps num_stages (3) of them in shared memory, 192 KiB at 256 x 64 in
+# 16 bits. 256 keys at H 128 asked for 260 KiB of the H100's 227 (RESOURCE_EXHAUSTED on the device, 2026-12-07).
+_KEY_TILE_ELEMENTS = 256 * 64
 _CHUNKS_PER_PROGRAM = 16  # a loop over several chunks per program keeps loads in flight (num_stages)
 
 
@@ -112,7 +115,8 @@ def probe_key_chunk(length: int, head_dim: int, shift: int = 0) -> int | None:
     cannot take the shape."""
     if head_dim < MIN_DOT or head_dim & (head_dim - 1):
         return None
-    return next((c for c in _KEY_CHUNKS if length % c == 0 and shift % c == 0), None)
+    fits = [c for c in _KEY_CHUNKS if c * head_dim <= _KEY_TILE_ELEMENTS]
+    return next((c for c in fits if length % c == 0 and shift % c == 0), None)
 
 
 def probe_queries(q, index, *, num_kv_heads: int, chunks: int, halves: bool):
