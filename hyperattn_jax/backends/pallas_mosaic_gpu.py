@@ -8,12 +8,12 @@ elsewhere XLA gathers them into sorted copies first (`kernels/mosaic_gpu/tiled_a
 run the Triton path's fused recursion with its parts after the base case (levels, prefixes) on the row-gathering
 kernel, each merged by lse into the running out and lse in place (`level_forward`). The non-causal estimate's
 backward runs on the Mosaic kernels on sorted copies with `backward="mosaic"` (`kernels/mosaic_gpu/tiled_backward.py`;
-not yet timed on a GPU). What still runs on the Triton path (`pallas_triton`, `kernels/gpu/`), unchanged: the LSH
-hash and column-mass probe kernels that feed `ops.make_plan`, the backward by default and the causal recursion's
-(`hyper._estimate_bwd`, the recursion's: the row-indexed or blocked backward kernels, with the Mosaic forward's out
-and lse), the causal base case (cuDNN or the Triton flash kernel) and exact attention (S <= min_seq_len). So the plan
-and random draws are the same as the xla and Triton paths' for the same key, and the two GPU backends differ only in
-their attention kernels.
+at 32k on an H100 forward+backward took 1.13x the time it takes with the default Triton backward). What still runs
+on the Triton path (`pallas_triton`, `kernels/gpu/`), unchanged: the LSH hash and column-mass probe kernels that feed
+`ops.make_plan`, the backward by default and the causal recursion's (`hyper._estimate_bwd`, the recursion's: the
+row-indexed or blocked backward kernels, with the Mosaic forward's out and lse), the causal base case (cuDNN or the
+Triton flash kernel) and exact attention (S <= min_seq_len). So the plan and random draws are the same as the xla
+and Triton paths' for the same key, and the two GPU backends differ only in their attention kernels.
 
 Selectable only by name (`implementation="pallas_mosaic_gpu"`): `implementation=None` keeps picking `pallas_triton`,
 faster on the H100 (at 131k the row-gathering kernel ran at 0.66-0.94x the Triton one's speed: docs/kernels.md).
@@ -146,7 +146,8 @@ def level_forward(q_rows, k, v, query_index, tiles, key_index, *, scale, tuning,
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False, backward="triton"):
     """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32.
     `backward` (non-causal calls): "triton", the Triton path's kernels that gather their rows, or "mosaic", the
-    Mosaic GPU kernels on sorted copies (`kernels/mosaic_gpu/tiled_backward.py`; not yet timed on a GPU)."""
+    Mosaic GPU kernels on sorted copies (`kernels/mosaic_gpu/tiled_backward.py`; slower on the H100, see
+    docs/kernels.md)."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if causal or config.attends_exactly(k.shape[1]):  # the Triton path, with the recursion's parts on Mosaic
