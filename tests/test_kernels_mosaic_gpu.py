@@ -453,7 +453,7 @@ def test_backend_backward_on_mosaic_matches_the_triton_one(rng):
         pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=False, scale=0.125, backward="cudnn")
 
 
-@pytest.mark.parametrize("h", [64, 128])
+@pytest.mark.parametrize("h", [128])  # H 64 lowers the same kernels with the smaller wgmma of the two below
 def test_backward_kernels_lower_to_mosaic_gpu_for_cuda(h):
     # dS and P^T from registers into their wgmmas (the GPU variant), lowered for CUDA on the CPU; tiles of every
     # kind: per-block keys, shared keys with per-block log-weights (samples), shared keys with one row (global keys).
