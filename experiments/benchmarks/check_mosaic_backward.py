@@ -20,15 +20,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
-import os
-import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from check_mosaic_gpu import _blocked, _error, _inputs, _relative, _time, time_kernels_on
+from check_mosaic_gpu import Recorder, _blocked, _functions, _inputs, _relative, _time, time_kernels_on
 
 import hyperattn_jax as ha
 from hyperattn_jax import ops
@@ -36,14 +31,11 @@ from hyperattn_jax.backends import pallas_mosaic_gpu
 from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention_backward
 from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import tiled_attention_backward_mosaic
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
-from run_record import with_run_record
-
 CONFIGS = {"paper": ha.HyperAttentionConfig.paper(), "default": ha.HyperAttentionConfig()}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "scale"))
-def _backward_inputs(q, k, v, g, config, key, scale):
+def _backward_inputs(q, k, v, config, key, scale):
     """The plan's sorted copies, the twin forward's lse, and the blocked cotangent and delta."""
     q_blocks, tiles = _blocked(q, k, v, config, key)
     f32 = [ops.KeyTile(t.k.astype(jnp.float32), t.v.astype(jnp.float32), t.log_weight) for t in tiles]
@@ -55,9 +47,9 @@ def _backward_inputs(q, k, v, g, config, key, scale):
 
 def check_kernels(n, head_dim, config, key) -> dict:
     """(a) the kernels against the float32 twin on the same sorted copies."""
-    q, k, v, g = _inputs(n, 8, 2, head_dim, seed=n + head_dim)
+    q, k, v, _ = _inputs(n, 8, 2, head_dim, seed=n + head_dim)
     scale = head_dim**-0.5
-    q_blocks, tiles, d_out, lse, delta = _backward_inputs(q, k, v, g, config, key, scale)
+    q_blocks, tiles, d_out, lse, delta = _backward_inputs(q, k, v, config, key, scale)
     f32 = [ops.KeyTile(t.k.astype(jnp.float32), t.v.astype(jnp.float32), t.log_weight) for t in tiles]
     want_dq, want_tiles = jax.jit(ops.tiled_attention_backward, static_argnames="scale")(
         q_blocks.astype(jnp.float32), f32, d_out.astype(jnp.float32), lse, delta, scale=scale
@@ -97,8 +89,8 @@ def check_backend(n, head_dim, config, key) -> dict:
 
 def time_kernels(n, config, key) -> dict:
     """(b) the backward kernels alone on the same sorted copies."""
-    q, k, v, g = _inputs(n, 32, 32, 64, seed=n)
-    args = _backward_inputs(q, k, v, g, config, key, 64**-0.5)
+    q, k, v, _ = _inputs(n, 32, 32, 64, seed=n)
+    args = _backward_inputs(q, k, v, config, key, 64**-0.5)
     keys_per_query = sum(t.k.shape[3] for t in args[1])
     flops = 10 * 32 * n * keys_per_query * 64
     kernels = {
@@ -114,11 +106,7 @@ def time_end_to_end(n, config, key) -> dict:
     q, k, v, g = _inputs(n, 32, 32, 64, seed=n)
     row = {"n": n, "heads": 32, "kv_heads": 32, "head_dim": 64, "mode": "noncausal_fwdbwd"}
 
-    def cudnn_loss(q, k, v, g):
-        out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-        return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32))
-
-    row["cudnn"] = _time(jax.jit(jax.grad(cudnn_loss, argnums=(0, 1, 2))), q, k, v, g)
+    row["cudnn"] = _time(_functions("cudnn", config, key)[1], q, k, v, g)
     for backward in pallas_mosaic_gpu.BACKWARDS:
         name = f"mosaic_forward_{backward}_backward"
         row[name] = _time(_gradients(backward, config, key), q, k, v, g)
@@ -136,29 +124,11 @@ def main():
     parser.add_argument("--budget-s", type=float, default=300.0, help="start no timing after this many seconds")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
-    start = time.monotonic()
     key = jax.random.key(0)
     record = {"note": args.note, "configs": {name: dataclasses.asdict(c) for name, c in CONFIGS.items()}}
     record.update(batch=1, dtype="bfloat16", kernel_checks=[], checks=[], kernels=[], timings=[])
-
-    def save():
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(with_run_record(record), f, indent=1)
-
-    def add(kind: str, run, **where):
-        """One row, unless the budget is spent (a device call has a time limit: the JSON so far stays)."""
-        if time.monotonic() - start > args.budget_s:
-            row = {**where, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
-        else:
-            try:
-                row = {**where, **run()}
-            except Exception as error:
-                row = {**where, "error": _error(error)}
-        record[kind].append(row)
-        print(json.dumps(row), flush=True)
-        save()
-
+    recorder = Recorder(record, args.out, args.budget_s)
+    add = recorder.add
     for name, config in CONFIGS.items():
         for h in [int(x) for x in args.head_dims.split(",")]:
             add("kernel_checks", lambda c=config, h=h: check_kernels(args.check_n, h, c, key), config=name)
@@ -167,9 +137,7 @@ def main():
         for name, config in CONFIGS.items():
             add("kernels", lambda n=n, c=config: time_kernels(n, c, key), config=name)
             add("timings", lambda n=n, c=config: time_end_to_end(n, c, key), config=name)
-    record["elapsed_s"] = time.monotonic() - start
-    save()
-    print("wrote", args.out)
+    recorder.finish()
 
 
 if __name__ == "__main__":

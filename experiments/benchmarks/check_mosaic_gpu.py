@@ -211,6 +211,38 @@ def time_kernels_on(kernels: dict, args, flops: int, baseline: str) -> dict:
     return row
 
 
+class Recorder:
+    """A device script's JSON `record`, written to `out` with its run record after every row. `add(kind, run,
+    **where)` appends a row to record[kind]: `where` with run()'s dict, or with its error, or marked skipped once
+    `budget_s` seconds have passed since the recorder was made (a device call has a time limit: the JSON so far
+    stays)."""
+
+    def __init__(self, record: dict, out: str, budget_s: float):
+        self.record, self.out, self.budget_s, self.start = record, out, budget_s, time.monotonic()
+
+    def save(self):
+        os.makedirs(os.path.dirname(self.out) or ".", exist_ok=True)
+        with open(self.out, "w") as f:
+            json.dump(with_run_record(self.record), f, indent=1)
+
+    def add(self, kind: str, run, **where):
+        if time.monotonic() - self.start > self.budget_s:
+            row = {**where, "skipped": f"time budget of {self.budget_s:.0f} s spent"}
+        else:
+            try:
+                row = {**where, **run()}
+            except Exception as error:
+                row = {**where, "error": _error(error)}
+        self.record.setdefault(kind, []).append(row)
+        print(json.dumps(row), flush=True)
+        self.save()
+
+    def finish(self):
+        self.record["elapsed_s"] = time.monotonic() - self.start
+        self.save()
+        print("wrote", self.out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="experiments/results/mosaic_check.json")
@@ -219,46 +251,23 @@ def main():
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd")
     parser.add_argument("--budget-s", type=float, default=200.0, help="start no timing after this many seconds")
     args = parser.parse_args()
-    start = time.monotonic()
     config = ha.HyperAttentionConfig.paper()
     key = jax.random.key(0)
     record = {"config": {"batch": 1, "dtype": "bfloat16", **dataclasses.asdict(config)}, "checks": [], "timings": [],
-              "kernels": []}  # fmt: skip
-
-    def save():
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(with_run_record(record), f, indent=1)
-
+              "kernels": [], "two_warpgroups": []}  # fmt: skip
+    recorder = Recorder(record, args.out, args.budget_s)
     for head_dim in (64, 128):
-        row = check(args.check_n, head_dim, config, key)
-        record["checks"].append(row)
-        print(json.dumps(row), flush=True)
-        save()
-
-    def timed(kind: str, run, **where):
-        """Run one timing row unless the budget is spent (a device call has a time limit: the JSON so far stays)."""
-        if time.monotonic() - start > args.budget_s:
-            row = {**where, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
-        else:
-            row = run()
-        record[kind].append(row)
-        print(json.dumps(row), flush=True)
-        save()
-
+        recorder.add("checks", functools.partial(check, args.check_n, head_dim, config, key))
     for n in [int(x) for x in args.n.split(",") if x]:
-        timed("kernels", lambda n=n: time_kernels(n, config, key), n=n)
+        recorder.add("kernels", lambda n=n: time_kernels(n, config, key), n=n)
         for mode in args.modes.split(","):
-            timed("timings", lambda n=n, mode=mode: time_end_to_end(n, mode, config, key), n=n, mode=mode)
-    record["two_warpgroups"] = []
+            recorder.add("timings", lambda n=n, mode=mode: time_end_to_end(n, mode, config, key), n=n, mode=mode)
     for h in (64, 128):
-        run = functools.partial(check_variants, args.check_n, h, config, key, TWO_WARPGROUPS)
-        timed("two_warpgroups", run, head_dim=h)
+        recorder.add("two_warpgroups", functools.partial(check_variants, args.check_n, h, config, key, TWO_WARPGROUPS))
     for n in [int(x) for x in args.n.split(",") if x]:
-        timed("two_warpgroups", lambda n=n: time_kernels(n, config, key, TWO_WARPGROUPS, triton=False), n=n)
-    record["elapsed_s"] = time.monotonic() - start
-    save()
-    print("wrote", args.out)
+        run = functools.partial(time_kernels, n, config, key, TWO_WARPGROUPS, triton=False)
+        recorder.add("two_warpgroups", run, n=n)
+    recorder.finish()
 
 
 if __name__ == "__main__":

@@ -28,15 +28,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from check_mosaic_gpu import _error, _inputs, _relative, check_implementations, time_end_to_end, time_kernels_on
+from check_mosaic_gpu import (
+    Recorder,
+    _error,
+    _inputs,
+    _relative,
+    check_implementations,
+    time_end_to_end,
+    time_kernels_on,
+)
 
 import hyperattn_jax as ha
 from hyperattn_jax.backends.pallas_triton import plan_and_rows
@@ -44,9 +49,6 @@ from hyperattn_jax.kernels.configs import MosaicTiling, TiledKernelConfig
 from hyperattn_jax.kernels.gpu import hyper
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward, indexed_tiled_forward_reference
 from hyperattn_jax.kernels.mosaic_gpu.indexed_forward import indexed_tiled_forward_mosaic
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
-from run_record import with_run_record
 
 INTERPRET = jax.default_backend() != "gpu"  # a CPU dry run: the kernels in their interpreters
 CONFIGS = {"paper": ha.HyperAttentionConfig.paper(), "default": ha.HyperAttentionConfig()}
@@ -193,7 +195,6 @@ def main():
     variants = [name for name in args.variants.split(",") if name] or None
     if unknown := set(variants or ()) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
-    start = time.monotonic()
     key = jax.random.key(0)
     record = {
         "note": args.note,
@@ -201,25 +202,8 @@ def main():
         "configs": {name: dataclasses.asdict(c) for name, c in CONFIGS.items()},
     }
     record.update(batch=1, dtype="bfloat16", checks=[], kernel_checks=[], timings=[], kernels=[], profiles=[])
-
-    def save():
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(with_run_record(record), f, indent=1)
-
-    def add(kind: str, run, **where):
-        """One row, unless the budget is spent (a device call has a time limit: the JSON so far stays)."""
-        if time.monotonic() - start > args.budget_s:
-            row = {**where, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
-        else:
-            try:
-                row = {**where, **run()}
-            except Exception as error:
-                row = {**where, "error": _error(error)}
-        record[kind].append(row)
-        print(json.dumps(row), flush=True)
-        save()
-
+    recorder = Recorder(record, args.out, args.budget_s)
+    add = recorder.add
     for name, head_dim in [(name, int(h)) for name in CONFIGS for h in args.head_dims.split(",")]:
         for causal in {"no": [False], "also": [False, True], "only": [True]}[args.check_causal]:
             add("checks", lambda c=CONFIGS[name], h=head_dim, causal=causal: check_implementations(
@@ -237,9 +221,7 @@ def main():
     for n in [int(x) for x in args.profile_n.split(",") if x]:
         for name, config in CONFIGS.items():
             add("profiles", lambda n=n, c=config: profile_kernels(n, c, key, variants or list(VARIANTS)), config=name)
-    record["elapsed_s"] = time.monotonic() - start
-    save()
-    print("wrote", args.out)
+    recorder.finish()
 
 
 if __name__ == "__main__":

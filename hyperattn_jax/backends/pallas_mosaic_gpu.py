@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hyperattn_jax._layout import group_queries, ungroup_output
+from hyperattn_jax._layout import ungroup_output
 from hyperattn_jax.backends import pallas_triton
 from hyperattn_jax.kernels.gpu import hyper
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
@@ -121,12 +121,9 @@ def _estimate_bwd(static, residuals, cotangents):
     q, k, v, _, plan, _, out, lse = residuals
     d_out, d_lse = cotangents
     tiled_backward = functools.partial(_mosaic_tiled_backward, scale=scale, tiling=tiling, interpret=interpret)
-    grads = hyper.estimate_backward(
-        *hyper.grouped_inputs(q, k, v), plan, group_queries(d_out, k.shape[2]), lse,
-        hyper.output_delta(out, d_out, d_lse), scale=scale, tuning=tuning, interpret=interpret,
-        tiled_backward=tiled_backward,
-    )  # fmt: skip
-    return (*hyper.public_grads(*grads), None, None, None)
+    grads = hyper.sorted_copies_backward(q, k, v, plan, d_out, lse, hyper.output_delta(out, d_out, d_lse), scale=scale,
+                                         tuning=tuning, interpret=interpret, tiled_backward=tiled_backward)  # fmt: skip
+    return (*grads, None, None, None)
 
 
 estimate.defvjp(_estimate_fwd, _estimate_bwd)

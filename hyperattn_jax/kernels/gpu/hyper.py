@@ -371,17 +371,17 @@ def _estimate_bwd(static, residuals, cotangents):
             rows=rows,
         )
         return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
-    grads = estimate_backward(
-        *grouped_inputs(q, k, v),
-        plan,
-        group_queries(d_out, k.shape[2]),
-        lse,
-        delta,
-        scale=scale,
-        tuning=tuning,
-        interpret=interpret,
-    )
-    return (*public_grads(*grads), None, None, None)
+    grads = sorted_copies_backward(q, k, v, plan, d_out, lse, delta, scale=scale, tuning=tuning, interpret=interpret)
+    return (*grads, None, None, None)
+
+
+def sorted_copies_backward(q, k, v, plan, d_out, lse, delta, *, scale, tuning, interpret, tiled_backward=None):
+    """`estimate_backward` for public-layout q, d_out `[B, T, N, H]`, k, v `[B, S, K, H]` (lse, delta `[B, K, G,
+    T]`): dq, dk, dv in the public layout."""
+    d_out = group_queries(d_out, k.shape[2])
+    grads = estimate_backward(*grouped_inputs(q, k, v), plan, d_out, lse, delta, scale=scale, tuning=tuning,
+                              interpret=interpret, tiled_backward=tiled_backward)  # fmt: skip
+    return public_grads(*grads)
 
 
 estimate.defvjp(_estimate_fwd, _estimate_bwd)

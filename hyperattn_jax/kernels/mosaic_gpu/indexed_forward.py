@@ -44,7 +44,7 @@ from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     HEAD_DIMS,
     SMEM_LIMIT,
     attend_chunk,
-    interpret_params,
+    interpret_mode,
     softmax_finish,
     softmax_merge,
     softmax_start,
@@ -322,9 +322,7 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
     if bq % tiling.rows:
         raise ValueError(f"query blocks must be a multiple of {tiling.rows} slots ({bq=}): {tiling.block_q} per "
                          f"compute warpgroup")  # fmt: skip
-    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    if not isinstance(interpret, plgpu.InterpretGPUParams):
-        interpret = interpret_params() if interpret else None
+    interpret = interpret_mode(interpret)
     merge = merge_into is not None
     if merge and (merge_into[0].shape != q_rows.shape or merge_into[1].shape != (b, kv_heads, groups, t)):
         raise ValueError(f"merge_into must be out {q_rows.shape} and lse {(b, kv_heads, groups, t)}, got "

@@ -286,6 +286,16 @@ def interpret_params(*, detect_races: bool = False):
     return plgpu.InterpretGPUParams(uninitialized_memory="zero", detect_races=detect_races)
 
 
+def interpret_mode(interpret):
+    """A kernel's `interpret` argument as `plgpu.kernel` takes it: None (compile for the GPU) or the interpreter's
+    parameters. None asks for the interpreter off a GPU; True takes `interpret_params()`; an `InterpretGPUParams` is
+    used as given."""
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return interpret
+    return interpret_params() if interpret else None
+
+
 def _forward_call(q, flat, layout: Layout, *, scale: float, tiling: MosaicTiling, interpret):
     """`interpret`: None (compile for the GPU) or the interpreter's `InterpretGPUParams`."""
     bk, groups, rows_total, h = q.shape
@@ -358,9 +368,7 @@ def tiled_attention_mosaic(q_blocks, tiles, *, scale: float, tiling: MosaicTilin
     tiles = [KeyTile(*tile) for tile in tiles]
     check_dtypes(q_blocks, tiles)
     tiling = MosaicTiling() if tiling is None else tiling
-    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    if not isinstance(interpret, plgpu.InterpretGPUParams):
-        interpret = interpret_params() if interpret else None
+    interpret = interpret_mode(interpret)
     layout = make_layout(q_blocks, tiles, tiling)
     q, flat = operands(q_blocks, tiles, layout)
     out, lse = _forward_call(q, flat, layout, scale=scale, tiling=tiling, interpret=interpret)

@@ -37,7 +37,7 @@ from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     LOG2_E,
     Layout,
     check_dtypes,
-    interpret_params,
+    interpret_mode,
     issue_chunk,
     make_layout,
     operands,
@@ -280,9 +280,7 @@ def tiled_attention_backward_mosaic(q_blocks, tiles, d_out, lse, delta, *, scale
     tiles = [KeyTile(*tile) for tile in tiles]
     check_dtypes(q_blocks, tiles)
     tiling = MosaicTiling() if tiling is None else tiling
-    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    if not isinstance(interpret, plgpu.InterpretGPUParams):
-        interpret = interpret_params() if interpret else None
+    interpret = interpret_mode(interpret)
     layout = make_layout(q_blocks, tiles, tiling.replace(compute_warpgroups=1))
     q, flat = operands(q_blocks, tiles, layout)
     do = padded_rows(d_out.astype(q_blocks.dtype), layout)
