@@ -15,7 +15,8 @@ In ONE process: `jax.nn.dot_product_attention(implementation="cudnn")` (exact ba
 attention, `xla` and `pallas_tpu` on a TPU (docs/tpu.md; `--methods` defaults to the platform's three, and a method
 for another platform is refused with the platform it needs); B=1, N=32 (K=32 kv heads, or --kv-heads for
 grouped-query attention, e.g. 8 with --head-dims 128: a Llama layer), bf16, HyperAttentionConfig.paper() (block
-256, sample 256, 7 projections, min_seq_len 4096) or, with --config default, HyperAttentionConfig().
+256, sample 256, 7 projections, min_seq_len 4096) or, with --config default, HyperAttentionConfig(); --min-seq-len
+overrides either's base-case size.
 Before timing, each kernel path's output is compared with the xla path for the same key (relative error, forward
 and gradients). Timings: median of many runs after warm-up, each run ended by `block_until_ready`. The exact baseline
 is timed up to --max-exact-n and the xla path up to --max-xla-n; beyond, only HyperAttention is timed.
@@ -151,6 +152,12 @@ def main():
     parser.add_argument("--n-hyper-only", default="262144,524288,1048576", help="HyperAttention alone (no cuDNN)")
     parser.add_argument("--head-dims", default="64")
     parser.add_argument("--config", choices=("paper", "default"), default="paper")
+    parser.add_argument(
+        "--min-seq-len",
+        default="",
+        help="override the config's min_seq_len; several (comma-separated): each of our methods once per value, "
+        "timed as METHOD@VALUE against the one exact baseline",
+    )
     parser.add_argument("--kv-heads", type=int, default=NUM_HEADS, help="below 32: grouped-query attention")
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd,causal_fwd,causal_fwdbwd")
     parser.add_argument(
@@ -172,6 +179,18 @@ def main():
 
     # paper(): the published algorithm; "default": HyperAttentionConfig() with its accuracy options
     config = ha.HyperAttentionConfig.paper() if args.config == "paper" else ha.HyperAttentionConfig()
+    # The causal recursion's base-case size (issue 18: where stopping the recursion pays off).
+    min_seq_lens = [int(x) for x in args.min_seq_len.split(",") if x]
+    if len(min_seq_lens) == 1:
+        config = dataclasses.replace(config, min_seq_len=min_seq_lens[0])
+    configs = {m: config for m in methods}  # timed label (METHOD or METHOD@min_seq_len) -> its config
+    if len(min_seq_lens) > 1:
+        configs = {m: config for m in methods if m in EXACT} | {
+            f"{m}@{size}": dataclasses.replace(config, min_seq_len=size)
+            for m in methods
+            if m not in EXACT
+            for size in min_seq_lens
+        }
     key = jax.random.key(0)
     device = jax.devices()[0]
     record = {
@@ -186,6 +205,7 @@ def main():
             "num_kv_heads": args.kv_heads,
             "dtype": "bfloat16",
             **dataclasses.asdict(config),
+            **({"min_seq_len": min_seq_lens} if len(min_seq_lens) > 1 else {}),
         },
         "xla_python_client_mem_fraction": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"],
         "checks": [],
@@ -217,24 +237,25 @@ def main():
                 causal = mode.startswith("causal")
                 backward = mode.endswith("fwdbwd")
                 row = {"n": n, "head_dim": head_dim, "mode": mode}
-                for method in methods:
+                for label, label_config in configs.items():
+                    method = label.split("@")[0]
                     if method in EXACT and n > args.max_exact_n:
                         continue
                     if method == "xla" and n > args.max_xla_n:
                         continue
-                    fwd, fwd_bwd = _make_fns(method, causal, config, key)
+                    fwd, fwd_bwd = _make_fns(method, causal, label_config, key)
                     fn, fn_args = (fwd_bwd, (q, k, v, g)) if backward else (fwd, (q, k, v))
                     try:
                         times = call_times_ms(fn, *fn_args, reps=50, budget_s=1.5, min_reps=5)
                         ms, reps = statistics.median(times), len(times)
-                        row[method] = {"ms": ms, "reps": reps, "compiled_bytes": _compiled_bytes(fn, fn_args)}
+                        row[label] = {"ms": ms, "reps": reps, "compiled_bytes": _compiled_bytes(fn, fn_args)}
                     except Exception as error:  # out of memory at large n: record, go on
-                        row[method] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
-                for method in ("xla", *KERNELS):
-                    if "ms" in row.get(baseline, {}) and "ms" in row.get(method, {}):
-                        row[f"ratio_{baseline}_over_{method}"] = row[baseline]["ms"] / row[method]["ms"]
+                        row[label] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+                for label in configs:
+                    if label not in EXACT and "ms" in row.get(baseline, {}) and "ms" in row.get(label, {}):
+                        row[f"ratio_{baseline}_over_{label}"] = row[baseline]["ms"] / row[label]["ms"]
                 record["timings"].append(row)
-                cells = " ".join(f"{m}={row[m]['ms']:.3f}ms" if "ms" in row.get(m, {}) else f"{m}=--" for m in methods)
+                cells = " ".join(f"{m}={row[m]['ms']:.3f}ms" if "ms" in row.get(m, {}) else f"{m}=--" for m in configs)
                 ratio = row.get(f"ratio_{baseline}_over_{kernel}")
                 print(f"H={head_dim} n={n} {mode}: {cells}" + (f" ratio={ratio:.1f}x" if ratio else ""), flush=True)
                 save()

@@ -27,25 +27,34 @@ def _ms(row, method):
     return row.get(method, {}).get("ms")
 
 
+KERNELS = {"pallas_triton": "pallas_triton", "pallas_mosaic_gpu": "pallas_mosaic_gpu (Triton backward)"}
+
+
+def _kernels(rows):
+    """Our kernel paths timed in these rows, in a fixed order."""
+    return [m for m in KERNELS if any(_ms(r, m) is not None for r in rows)]
+
+
 def markdown_table(record, head_dim=64) -> str:
     rows = [r for r in record["timings"] if r["head_dim"] == head_dim]
     sizes = sorted({r["n"] for r in rows})
+    kernels = _kernels(rows)
     header = "| mode | " + " | ".join(f"{n // 1024}k" for n in sizes) + " |"
     lines = [header, "|---" * (len(sizes) + 1) + "|"]
-    for mode in MODES:
-        for method, name in (("cudnn", "cuDNN exact (ms)"), ("pallas_triton", "ours, pallas_triton (ms)")):
+    for mode in [m for m in MODES if any(r["mode"] == m for r in rows)]:
+        mode_rows = {r["n"]: r for r in rows if r["mode"] == mode}
+        for method, name in (("cudnn", "cuDNN exact"), *((k, f"ours, {KERNELS[k]}") for k in kernels)):
             cells = []
             for n in sizes:
-                row = next((r for r in rows if r["n"] == n and r["mode"] == mode), {})
+                row = mode_rows.get(n, {})
                 ms = _ms(row, method)
                 cells.append(f"{ms:.2f}" if ms is not None else ("OOM" if "error" in row.get(method, {}) else "—"))
-            lines.append(f"| {LABELS[mode]}, {name} | " + " | ".join(cells) + " |")
-        cells = []
-        for n in sizes:
-            row = next((r for r in rows if r["n"] == n and r["mode"] == mode), {})
-            ratio = row.get("ratio_cudnn_over_pallas_triton")
-            cells.append(f"**{ratio:.1f}x**" if ratio else "—")
-        lines.append(f"| {LABELS[mode]}, speed-up | " + " | ".join(cells) + " |")
+            lines.append(f"| {LABELS[mode]}, {name} (ms) | " + " | ".join(cells) + " |")
+        for kernel in kernels:
+            ratios = [mode_rows.get(n, {}).get(f"ratio_cudnn_over_{kernel}") for n in sizes]
+            cells = [f"**{ratio:.1f}x**" if ratio else "—" for ratio in ratios]
+            suffix = f" ({kernel})" if len(kernels) > 1 else ""
+            lines.append(f"| {LABELS[mode]}, speed-up{suffix} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -57,16 +66,23 @@ def plot(record, path, head_dim=64):
 
     rows = [r for r in record["timings"] if r["head_dim"] == head_dim]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in MODES:
-        mine = sorted((r["n"], r) for r in rows if r["mode"] == mode)
-        ratio = [(n, r["ratio_cudnn_over_pallas_triton"]) for n, r in mine if "ratio_cudnn_over_pallas_triton" in r]
-        if ratio:
-            left.plot(*zip(*ratio), marker="o", label=LABELS[mode])
-        ours = [(n, _ms(r, "pallas_triton")) for n, r in mine if _ms(r, "pallas_triton") is not None]
+    styles = {"pallas_triton": "-", "pallas_mosaic_gpu": ":"}
+    for mode in [m for m in MODES if any(r["mode"] == m for r in rows)]:
+        mine = sorted(((r["n"], r) for r in rows if r["mode"] == mode), key=lambda item: item[0])
+        color = None
+        for kernel in _kernels(rows):
+            style = {"linestyle": styles[kernel], "color": color}
+            label = f"{LABELS[mode]}, {kernel}"
+            ratio = [(n, r[f"ratio_cudnn_over_{kernel}"]) for n, r in mine if f"ratio_cudnn_over_{kernel}" in r]
+            if ratio:
+                (line,) = left.plot(*zip(*ratio), marker="o", label=label, **style)
+                color = style["color"] = line.get_color()
+            ours = [(n, _ms(r, kernel)) for n, r in mine if _ms(r, kernel) is not None]
+            (line,) = right.plot(*zip(*ours), marker="o", label=f"ours, {label}", **style)
+            color = line.get_color()
         exact = [(n, _ms(r, "cudnn")) for n, r in mine if _ms(r, "cudnn") is not None]
-        (line,) = right.plot(*zip(*ours), marker="o", label=f"ours, {LABELS[mode]}")
         if exact:
-            right.plot(*zip(*exact), marker="x", linestyle="--", color=line.get_color(), label=f"cuDNN, {LABELS[mode]}")
+            right.plot(*zip(*exact), marker="x", linestyle="--", color=color, label=f"cuDNN, {LABELS[mode]}")
     left.axhline(1.0, color="gray", linewidth=0.8)
     for ax in (left, right):
         ax.set_xscale("log", base=2)
@@ -77,9 +93,11 @@ def plot(record, path, head_dim=64):
     right.set_ylabel("median time (ms)")
     left.legend(fontsize=8)
     right.legend(fontsize=6, ncol=2)
+    heads = record["config"]["num_heads"]
+    kv_heads = record["config"].get("num_kv_heads", heads)
     fig.suptitle(
-        f"HyperAttention (pallas_triton) vs exact cuDNN, {record['device']}, jax {record['jax_version']}, "
-        f"B=1 N=32 H={head_dim} bf16"
+        f"HyperAttention vs exact cuDNN, {record['device']}, jax {record['jax_version']}, "
+        f"B=1 N={heads} K={kv_heads} H={head_dim} bf16, {record['config'].get('name', 'paper')}()"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
