@@ -191,16 +191,17 @@ def _row_problem(q, k, v, config, key):
          MosaicTiling(block_k=128, stage_rows=False)),
         # a producer warpgroup gathers, the other multiplies (warp specialisation): the full/consumed barriers order
         # them (without the consumer's wait on `full` the interpreter's output is wrong). One gathered chunk followed
-        # by two copied ones: the producer must announce the gather before it waits for that slot (it deadlocked)
+        # by two copied ones: an earlier producer that announced late deadlocked here
         (ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=0), 64, jnp.bfloat16,
          MosaicTiling(block_k=64, producer=True)),
         # two compute warpgroups on 2 x 64 slots of a 128-query block share each chunk: each gathers half of its
         # rows (static row offsets in the swizzled layout), the first one issues the TMA copies; a ring of 3 slots
         (ha.HyperAttentionConfig(block_size=128, sample_size=64, min_seq_len=0), 64, jnp.bfloat16,
          MosaicTiling(block_k=64, stages=3, compute_warpgroups=2)),
-        # the same with a producer warpgroup gathering for both (3 warpgroups)
+        # the same with a producer warpgroup gathering for both (3 warpgroups), in the ping-pong schedule: the
+        # schedule barrier's hand-overs must neither deadlock nor reorder anything
         (ha.HyperAttentionConfig(block_size=128, sample_size=64, min_seq_len=0), 128, jnp.float16,
-         MosaicTiling(block_k=64, compute_warpgroups=2, producer=True)),
+         MosaicTiling(block_k=64, compute_warpgroups=2, producer=True, pingpong=True)),
     ],
 )  # fmt: skip
 def test_indexed_forward_matches_jnp_twin(rng, config, h, dtype, tiling):
@@ -262,9 +263,10 @@ def test_backend_gathers_rows_in_the_kernel(rng, monkeypatch):
     assert calls == ["indexed_tiled_forward_mosaic", "tiled_attention_mosaic"]
 
 
-@pytest.mark.parametrize(("h", "producer", "warpgroups"), [(64, False, 1), (128, False, 1), (64, True, 1),
-                                                           (64, False, 2), (128, True, 2)])  # fmt: skip
-def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer, warpgroups):
+@pytest.mark.parametrize(("h", "producer", "warpgroups", "pingpong"), [
+    (64, False, 1, False), (128, False, 1, False), (64, True, 1, False), (64, False, 2, False), (128, True, 2, True)
+])  # fmt: skip
+def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer, warpgroups, pingpong):
     # The GPU variant of the row-gathering kernel (cp.async row copies, vector stores at the rows, wgmma) through
     # Mosaic GPU's passes to LLVM for CUDA, on the CPU.
     b, t, nb, bq = 1, 1024, 4, 256
@@ -279,7 +281,8 @@ def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer, warpgroups):
     def forward(q_rows, k, v, query_index, key_index, shared_k, shared_v, weights):
         tiles = [ops.KeyTile(None, None, None), ops.KeyTile(shared_k, shared_v, weights)]
         return indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, [key_index, None], scale=h**-0.5,
-                                            tiling=MosaicTiling(producer=producer, compute_warpgroups=warpgroups),
+                                            tiling=MosaicTiling(producer=producer, compute_warpgroups=warpgroups,
+                                                                pingpong=pingpong),
                                             interpret=False)  # fmt: skip
 
     lowered = (
@@ -288,6 +291,9 @@ def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer, warpgroups):
     text = lowered.as_text()
     for instruction in ("cp.async.shared.global", "cp.async.wait.group", f"wgmma.mma_async.sync.aligned.m64n{h}k16"):
         assert instruction in text, instruction
+    if producer or warpgroups > 1:  # shared ring slots: the key gathers arrive on the gather barriers as they land
+        for instruction in ("nvvm.cp.async.mbarrier.arrive", "mbarrier.try_wait.parity"):
+            assert instruction in text, instruction
 
 
 def test_indexed_forward_refuses_what_it_cannot_run():

@@ -125,9 +125,12 @@ class MosaicTiling:
     # producer warpgroup, whose row loads hold up no product).
     stage_rows: bool = True
     stages: int = 2  # row-gathering kernel: key-chunk slots in its ring (stages - 1 chunks in flight)
-    # Row-gathering kernel: a second warpgroup issues the key chunks' copies while the first only multiplies (warp
-    # specialisation). Not yet measured on a GPU.
+    # Row-gathering kernel: one more warpgroup issues the key chunks' copies while the others only multiply (warp
+    # specialisation); its gathers arrive on a barrier as they land, so it never waits for its own copies.
     producer: bool = False
+    # With a producer and 2 compute warpgroups: FlashAttention-3's ping-pong schedule (one warpgroup's softmax
+    # while the other's products run) and registers moved from the producer to the compute warpgroups.
+    pingpong: bool = False
 
     def __post_init__(self):
         if self.block_q != ROWS_PER_WARPGROUP:
@@ -138,6 +141,8 @@ class MosaicTiling:
             raise ValueError(f"MosaicTiling.{self.stages=} must be 2, 3 or 4")
         if self.compute_warpgroups not in (1, 2):
             raise ValueError(f"MosaicTiling.{self.compute_warpgroups=} must be 1 or 2")
+        if self.pingpong and not (self.producer and self.compute_warpgroups == 2):
+            raise ValueError("MosaicTiling.pingpong needs producer=True and compute_warpgroups=2")
 
     @property
     def rows(self) -> int:

@@ -31,11 +31,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hyperattn_jax.kernels.configs import MosaicTiling
 from hyperattn_jax.kernels.mosaic_gpu.row_copies import (
+    gather_barriers,
     gather_rows,
     gather_values,
+    init_gather_barriers,
     scatter_rows,
     scatter_values,
     swizzled,
+    wait_gather_barrier,
     wait_gathers,
 )
 from hyperattn_jax.kernels.mosaic_gpu.row_operands import query_rows, tile_operands
@@ -67,7 +70,7 @@ def _block_of(ref, block):
 
 def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, tiles, query_block: int,
             block_k: int, scale: float, interpret: bool, p_in_registers: bool, stage_rows: bool,
-            producer: bool, merge: bool, warpgroups: int):  # fmt: skip
+            producer: bool, merge: bool, warpgroups: int, pingpong: bool):  # fmt: skip
     """One program: `warpgroups` x 64 query slots of one query head and query block, one compute warpgroup per 64.
     Key chunks go through a ring of `stages` slots shared by the compute warpgroups: the gathers of the next
     stages - 1 chunks are in flight while one is multiplied, issued by the computing warpgroups themselves (each its
@@ -81,8 +84,12 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     rest = scratch[10:]
     earlier_smem, earlier_lse_smem = (rest.pop(0), rest.pop(0)) if merge else (None, None)
     p_smem = None if p_in_registers else rest.pop(0)
-    full, consumed = rest if rest else (None, None)  # a gathered slot is full, a slot's products are done
+    # a gathered slot is full (the interpreter's; on the GPU the gather barriers, which the copies arrive on as they
+    # land), a slot's products are done
+    full, consumed, landed, schedule = [*rest, None][:4] if rest else (None,) * 4
     shared = warpgroups > 1 or producer  # the ring's slots are shared between warpgroups: barriers order them
+    if shared:  # every gathering thread arrives on them once per phase
+        init_gather_barriers(landed, 1 if producer else warpgroups, interpret=interpret)
     stage_rows = stage_rows and not shared  # a producer's row loads stall no product
     block_q, stages = q_smem.shape[1], k_smem.shape[0]
     chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
@@ -125,7 +132,8 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
             plgpu.barrier_wait(rows_bar.at[slot])
             rows_ref = rows_smem.at[slot]
         pairs = [(k_ref, k_smem.at[slot]), (v_ref, v_smem.at[slot])]
-        gather_rows(rows_ref, pairs, first=share * count, interpret=interpret)
+        arrive_on = (landed, slot) if shared else None  # shared slots: announced as the copies land
+        gather_rows(rows_ref, pairs, first=share * count, interpret=interpret, arrive_on=arrive_on)
 
     def issue(step: int, slot: int):
         """The copies of chunk `step` into `slot`: by the producer, or by the compute warpgroups, each gathering
@@ -139,7 +147,7 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
             else:  # a static branch per warpgroup: static row offsets in the swizzled layout
                 for share in range(warpgroups):
                     pl.when(me == share)(functools.partial(gather_keys, step, slot, share))
-            if not producer:
+            if not shared:
                 groups.append(step)
 
         def copies():
@@ -158,12 +166,30 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     def wait_for(name):
         wait_gathers(len(groups) - 1 - groups.index(name), interpret=interpret)
 
+    def wait_landed(step: int):
+        """Wait until every share of indexed step `step`'s rows is in its slot, visible to wgmma. On the GPU the
+        copies arrive on the slot's gather barrier as they land; the n-th indexed use of a slot completes phase n, of
+        parity n mod 2. The interpreter's copies are done when issued: the gatherers announce them on `full`."""
+        slot = step % stages
+        if not interpret:
+            uses = sum(tiles[steps[s][0]].indexed for s in range(slot, step, stages))
+            wait_gather_barrier(landed, slot, uses % 2, interpret=False)
+            return
+        if not producer:
+            plgpu.barrier_arrive(full.at[slot])
+        plgpu.barrier_wait(full.at[slot])
+        plgpu.commit_smem()
+
     def attend(state, step: int):
         slot, tile = step % stages, tiles[steps[step][0]]
+        wait_values = None if tile.indexed else functools.partial(plgpu.barrier_wait, v_bar.at[slot])
+        hooks = dict(before_values=wait_values)
+        if pingpong:  # the tensor cores go to the other warpgroup while this one's softmax runs, and back
+            hooks = dict(after_qk=functools.partial(_rendezvous, schedule),
+                         before_values=functools.partial(_rendezvous, schedule, wait_values))  # fmt: skip
         return attend_chunk(
             state, q_mine, k_smem.at[slot], v_smem.at[slot], w_smem.at[slot] if tile.weighted else None, scale=scale,
-            p_smem=p_mine, before_weights=functools.partial(plgpu.barrier_wait, w_bar.at[slot]),
-            before_values=None if tile.indexed else functools.partial(plgpu.barrier_wait, v_bar.at[slot]),
+            p_smem=p_mine, before_weights=functools.partial(plgpu.barrier_wait, w_bar.at[slot]), **hooks,
         )  # fmt: skip
 
     def gather_queries():
@@ -185,9 +211,9 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
 
     start = functools.partial(softmax_start, block_q, q_smem.shape[-1])
     if producer:
-        _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_bar, stages=stages,
+        _gather_and_compute(steps, tiles, issue, attend, finish, wait_landed, full, consumed, k_bar, stages=stages,
                             warpgroups=warpgroups, gather_queries=gather_queries, start=start,
-                            interpret=interpret)  # fmt: skip
+                            interpret=interpret, schedule=schedule if pingpong else None)  # fmt: skip
         return
     # named scopes: the regions of a profiled call's trace (`profile_dir`); nothing otherwise
     with jax.named_scope("issue"):
@@ -211,11 +237,10 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
                     plgpu.barrier_wait(consumed.at[ahead % stages])
                 issue(ahead, ahead % stages)
         with jax.named_scope("wait"):
-            if indexed:
+            if indexed and shared:  # every warpgroup's share of the rows is in
+                wait_landed(step)
+            elif indexed:
                 wait_for(step)
-                if shared:  # every warpgroup's share of the rows is in
-                    plgpu.barrier_arrive(full.at[slot])
-                    plgpu.barrier_wait(full.at[slot])
             else:
                 plgpu.barrier_wait(k_bar.at[slot])
         with jax.named_scope("attend"):
@@ -226,56 +251,65 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
         finish(state)
 
 
-def _gather_and_compute(steps, tiles, issue, attend, finish, full, consumed, k_bar, *, stages, warpgroups,
-                        gather_queries, start, interpret):  # fmt: skip
+def _rendezvous(schedule, while_waiting=None):
+    """Both compute warpgroups arrive on the ping-pong `schedule` barrier and wait for each other (running
+    `while_waiting` in between)."""
+    plgpu.barrier_arrive(schedule)
+    if while_waiting is not None:
+        while_waiting()
+    plgpu.barrier_wait(schedule)
+
+
+def _gather_and_compute(steps, tiles, issue, attend, finish, wait_landed, full, consumed, k_bar, *, stages,
+                        warpgroups, gather_queries, start, interpret, schedule=None):  # fmt: skip
     """Warp specialisation (FlashAttention-3's layout): the last warpgroup only copies key chunks into the ring
-    (cp.async gathers and TMA), the `warpgroups` before it only multiply. A gathered chunk is announced on `full`
-    once its copies are complete and fenced for wgmma (the producer keeps one more gather in flight meanwhile); each
-    computing warpgroup hands each slot back on `consumed` once its products are done."""
+    (cp.async gathers and TMA), the `warpgroups` before it only multiply. The producer never waits for its own
+    copies: a gathered chunk's copies arrive on the slot's gather barrier as they land (`wait_landed`), so up to
+    `stages` chunks are in flight; it waits only for a slot to come back, which each computing warpgroup hands back
+    on `consumed` once its products are done. With a ping-pong `schedule` (2 compute warpgroups) the second starts
+    one hand-over late, so each one's softmax runs while the other's products do (FlashAttention-3), and the
+    producer gives registers up to them."""
     warpgroup = lax.axis_index("wg")
+    registers = schedule is not None and not interpret  # 2 x 224 + 56 = 3 x 168, the 384 threads' share
 
     @pl.when(warpgroup == warpgroups)
     def _gather():
-        in_flight, groups = [], []
-
-        def announce(step: int):
-            wait_gathers(len(groups) - 1 - groups.index(step), interpret=interpret)
-            plgpu.barrier_arrive(full.at[step % stages])
-
+        if registers:
+            plgpu.set_max_registers(56, action="decrease")
         for step in range(len(steps)):
-            if step >= stages:  # the slot comes back once step - stages is computed: it must have been announced
-                with jax.named_scope("announce"):
-                    while in_flight and in_flight[0] <= step - stages:
-                        announce(in_flight.pop(0))
+            slot = step % stages
+            if step >= stages:  # the slot's products of step - stages are done
                 with jax.named_scope("wait_slot"):
-                    plgpu.barrier_wait(consumed.at[step % stages])
+                    plgpu.barrier_wait(consumed.at[slot])
             with jax.named_scope("issue"):
-                issue(step, step % stages)
-            if tiles[steps[step][0]].indexed:
-                groups.append(step)
-                in_flight.append(step)
-            with jax.named_scope("announce"):
-                while len(in_flight) > 1:
-                    announce(in_flight.pop(0))
-        with jax.named_scope("announce"):
-            for step in in_flight:
-                announce(step)
+                issue(step, slot)
+            if interpret and tiles[steps[step][0]].indexed:  # the interpreter's copies are complete: announce
+                plgpu.barrier_arrive(full.at[slot])
 
     @pl.when(warpgroup < warpgroups)
     def _compute():
+        if registers:
+            plgpu.set_max_registers(224, action="increase")
         with jax.named_scope("issue"):
             gather_queries()
         with jax.named_scope("wait"):
             wait_gathers(0, interpret=interpret)
         state = start()
+        if schedule is not None:
+            pl.when(warpgroup == 1)(functools.partial(_rendezvous, schedule))
         for step in range(len(steps)):
             slot = step % stages
             with jax.named_scope("wait"):
-                plgpu.barrier_wait((full if tiles[steps[step][0]].indexed else k_bar).at[slot])
+                if tiles[steps[step][0]].indexed:
+                    wait_landed(step)
+                else:
+                    plgpu.barrier_wait(k_bar.at[slot])
             with jax.named_scope("attend"):
                 state = attend(state, step)
             if step + stages < len(steps):
                 plgpu.barrier_arrive(consumed.at[slot])
+        if schedule is not None:  # the first warpgroup's last hand-over, matching the second's first
+            pl.when(warpgroup == 0)(functools.partial(_rendezvous, schedule))
         with jax.named_scope("store"):
             finish(state)
 
@@ -306,7 +340,7 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         in place (passed to the kernel as mutable refs, so XLA aliases the buffers). Every query slot must hold a
         real row (no padding), as for the Triton kernel.
       profile_dir: a folder for Mosaic GPU's on-device profile of this call: a Perfetto trace of every warpgroup's
-        named regions ("issue" copies, "wait", "attend", "store"; the producer's "wait_slot", "announce") per
+        named regions ("issue" copies, "wait", "attend", "store"; the producer's "wait_slot") per
         program, with the profiling overhead (GPU only; for `experiments/benchmarks/check_mosaic_indexed.py`).
 
     Returns:
@@ -351,15 +385,19 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         *([swizzled((warpgroups, block_q, h), q_rows.dtype), plgpu.SMEM((warpgroups, block_q), jnp.float32)]
           if merge else []),
         *([] if p_in_registers else [swizzled((warpgroups, block_q, block_k), q_rows.dtype)]),
-        # with warpgroups sharing the ring: a gathered slot is full (announced by the producer, or by every compute
-        # warpgroup for its share of the rows), a slot's products are done (by every compute warpgroup)
+        # with warpgroups sharing the ring: a gathered slot is full (the interpreter's announcement, by the producer
+        # or by every compute warpgroup for its share of the rows), a slot's products are done (by every compute
+        # warpgroup), and the GPU's gather barriers (the copies arrive on them as they land)
         *([plgpu.Barrier(num_arrivals=1 if producer else warpgroups, num_barriers=stages),
-           plgpu.Barrier(num_arrivals=warpgroups, num_barriers=stages)] if producer or warpgroups > 1 else []),
+           plgpu.Barrier(num_arrivals=warpgroups, num_barriers=stages),
+           gather_barriers(stages, interpret=interpret is not None)]
+          if producer or warpgroups > 1 else []),
+        *([plgpu.Barrier(num_arrivals=2)] if tiling.pingpong else []),  # the ping-pong schedule's hand-overs
     ]  # fmt: skip
     kernel = functools.partial(_kernel, tiles=facts, query_block=bq, block_k=block_k, scale=float(scale),
                                interpret=interpret is not None, p_in_registers=p_in_registers,
                                stage_rows=tiling.stage_rows, producer=producer, merge=merge,
-                               warpgroups=warpgroups)  # fmt: skip
+                               warpgroups=warpgroups, pingpong=tiling.pingpong)  # fmt: skip
     outputs = (
         jax.ShapeDtypeStruct((b * t_out * kv_heads * groups, h), q_rows.dtype),
         jax.ShapeDtypeStruct((b * kv_heads * groups * t_out,), jnp.float32),

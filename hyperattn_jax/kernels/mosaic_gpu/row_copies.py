@@ -11,6 +11,12 @@ The destination is the layout wgmma and TMA use (`swizzled`): (8, 64)-element ti
 inside a tile the 16-byte piece j of row r stored at piece j XOR (r mod 8) (the 128-byte swizzle). Outputs go the
 other way: 16-byte vector loads from the swizzled shared buffer, stored at their rows in global memory.
 
+A warpgroup that only gathers for others (a producer) should not wait for its own copies before it tells the
+consumers: `gather_rows(..., arrive_on=...)` ends the copies with `cp.async.mbarrier.arrive.noinc`, which arrives
+on an mbarrier once this thread's copies have landed, so the producer goes on issuing while they are in flight
+(`gather_barriers`, `init_gather_barriers`, `wait_gather_barrier`: plain mbarriers, since Pallas barriers cannot be
+named inside inline Mosaic GPU code).
+
 In jax's Mosaic GPU interpreter (CPU tests) the same helpers copy one row at a time with Pallas loads and stores: the
 interpreter models shared memory logically, so its tests check which rows go where, and the device check the
 swizzle arithmetic and the cp.async synchronisation.
@@ -20,12 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, llvm, memref, nvvm
+from jaxlib.mlir.dialects import arith, gpu, llvm, memref, nvvm
 
 WARPGROUP = 128  # threads
 PIECE = 16  # bytes per cp.async copy and per vector load/store
@@ -92,11 +99,12 @@ def _load_index(ref, position):
     return memref.load(ref, [arith.index_cast(ir.IndexType.get(), position)])
 
 
-def gather_rows(rows_ref, pairs, *, first: int = 0, interpret: bool):
+def gather_rows(rows_ref, pairs, *, first: int = 0, interpret: bool, arrive_on=None):
     """For each (src, dst) in pairs: dst[first + i] = src[rows[i]] for every row i of rows_ref, where src is a
     global `[R, H]` 16-bit array, rows_ref int32 `[n]` global or shared (valid rows only) and dst a `swizzled` shared
     `[first + n or more, H]` buffer (`first` a multiple of 8). On the GPU the copies are asynchronous: one cp.async
-    group for all pairs, complete after `wait_gathers`."""
+    group for all pairs, complete after `wait_gathers`; or, with `arrive_on=(barriers, i)`, each thread arrives on
+    gather barrier i once its copies have landed (`wait_gather_barrier`)."""
     (num_rows,) = rows_ref.shape
     if interpret:
 
@@ -112,9 +120,12 @@ def gather_rows(rows_ref, pairs, *, first: int = 0, interpret: bool):
     if first % TILE[0]:
         raise ValueError(f"gathered rows start at a whole swizzle tile of {TILE[0]} rows, got {first=}")
     read = _ref_type(write=False)
+    barrier_refs = [] if arrive_on is None else [arrive_on[0]]
 
-    @plgpu.inline_mgpu(arg_types=(read, [(read, _ref_type(SWIZZLED)) for _ in pairs]))
-    def gather(ctx, rows, refs):
+    pair_types = [(read, _ref_type(SWIZZLED)) for _ in pairs]
+
+    @plgpu.inline_mgpu(arg_types=(read, pair_types, [_ref_type()] * len(barrier_refs)))
+    def gather(ctx, rows, refs, barriers):
         del ctx
         pointers = [(_global_pointer(src), mgpu_utils.memref_ptr(dst)) for src, dst in refs]
         for row, piece, pieces_per_row in _pieces(num_rows, head_dim):
@@ -124,9 +135,57 @@ def gather_rows(rows_ref, pairs, *, first: int = 0, interpret: bool):
                 nvvm.cp_async_shared_global(
                     _byte(dst_pointer, target), _byte(src_pointer, source), PIECE, nvvm.LoadCacheModifierKind.CG
                 )
-        nvvm.cp_async_commit_group()
+        if barriers:  # no .inc: this is the thread's one arrival of the phase, made when its copies complete
+            nvvm.cp_async_mbarrier_arrive(_barrier(barriers[0], arrive_on[1]).get_ptr(), noinc=True)
+        else:
+            nvvm.cp_async_commit_group()
 
-    gather(rows_ref, list(pairs))
+    gather(rows_ref, list(pairs), barrier_refs)
+
+
+def gather_barriers(count: int, *, interpret: bool):
+    """Scratch for `count` gather barriers (`init_gather_barriers`): one 8-byte mbarrier word each (in the
+    interpreter, which has no 64-bit words by default, a placeholder that nothing reads)."""
+    return plgpu.SMEM((count,), jnp.int32 if interpret else jnp.int64)
+
+
+def _barrier(barriers, index: int):
+    return mgpu_utils.BarrierRef(mgpu_utils.memref_ptr(barriers), _int(index), None, 1)
+
+
+def init_gather_barriers(barriers_ref, warpgroups: int, *, interpret: bool):
+    """Make every gather barrier expect one arrival per thread of `warpgroups` warpgroups per phase. Every thread of
+    the block runs it once, before any use: one thread writes the barriers, then a block-wide barrier (bar.sync 0, as
+    Mosaic GPU's own prologue) publishes them. Nothing in the interpreter (the callers order copies there with Pallas
+    barriers)."""
+    if interpret:
+        return
+
+    @plgpu.inline_mgpu(arg_types=(_ref_type(),))
+    def init(ctx, barriers):
+        del ctx
+        first_thread = mgpu_utils.single_thread_predicate(mgpu_utils.ThreadSubset.BLOCK)
+        for index in range(barriers_ref.shape[0]):
+            address = _barrier(barriers, index).get_ptr()
+            nvvm.mbarrier_init(address, _int(warpgroups * WARPGROUP), predicate=first_thread)
+        gpu.barrier()
+
+    init(barriers_ref)
+
+
+def wait_gather_barrier(barriers_ref, index: int, parity: int, *, interpret: bool):
+    """Wait until gather barrier `index` completes the phase of this `parity` (the n-th use of the barrier has parity
+    n mod 2), then make the copies visible to the warpgroup and to wgmma (a proxy fence on the reading side: the
+    writing threads never waited for their copies)."""
+    if not interpret:
+
+        @plgpu.inline_mgpu(arg_types=(_ref_type(write=False),))
+        def wait(ctx, barriers):
+            del ctx
+            _barrier(barriers, index).wait_parity(_int(parity, 1))
+
+        wait(barriers_ref)
+    plgpu.commit_smem()
 
 
 def wait_gathers(pending: int, *, interpret: bool):

@@ -142,16 +142,19 @@ def softmax_start(block_q: int, head_dim: int) -> SoftmaxState:
 
 
 def attend_chunk(state, q_smem, k_smem, v_smem, w_smem, *, scale, p_smem=None, before_weights=None,
-                 before_values=None) -> SoftmaxState:  # fmt: skip
+                 before_values=None, after_qk=None) -> SoftmaxState:  # fmt: skip
     """One key chunk into the online softmax: S = q k^T (wgmma from shared memory), plus the keys' base-2
     log-weights `w_smem` (None: all 0), P = exp2(S - max), acc += P v (wgmma with P in registers, or through
     `p_smem` where given: the interpreter's case). `before_weights` / `before_values`: waits (e.g. on the TMA
-    barriers of w and v) run just before each is first read, so the copies overlap the QK product."""
+    barriers of w and v) run just before each is first read, so the copies overlap the QK product. `after_qk`: runs
+    once the QK wgmma is issued, before its result is awaited (a ping-pong schedule's hand-over)."""
     block_q, block_k = q_smem.shape[0], k_smem.shape[0]
     dtype = q_smem.dtype
 
     def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, k_smem.T)
+        if after_qk is not None:
+            after_qk()
         return acc_ref[...]
 
     s = pl.run_scoped(qk, plgpu.ACC((block_q, block_k), jnp.float32)) * (scale * LOG2_E)
