@@ -223,7 +223,7 @@ def main():
     for n in [int(x) for x in args.n.split(",") if x]:
         for name, config in CONFIGS.items():
             add("kernels", lambda n=n, c=config: time_kernels(n, c, key, variants), config=name)
-            for mode in args.modes.split(","):
+            for mode in [m for m in args.modes.split(",") if m]:
                 add("timings", lambda n=n, m=mode, c=config: time_end_to_end(n, m, c, key), config=name)
     for n in [int(x) for x in args.profile_n.split(",") if x]:
         for name, config in CONFIGS.items():
