@@ -40,7 +40,8 @@ class HyperAttentionConfig:
       min_seq_len: at or below this many keys, attention is computed exactly (the causal recursion's base case too).
         Causal calls above it run the recursion on T rounded up to a multiple of block_size * 2**levels (padding
         last, hidden by causality): under T / 16 more positions at the default (min_seq_len is 32 blocks), T / 8
-        for paper() (16 blocks), none for powers of two.
+        for paper() (16 blocks), none for powers of two. Smaller is faster at long context but estimates more:
+        2048 made the causal forward+backward at 131k 7-9% faster on an H100 (docs/speed.md).
       num_sink_keys: the first g key positions (attention sinks) are attended exactly by every query and left out of
         the blocks and the sample. Causal: taken out once, before the recursion.
       num_heavy_keys: this many further keys, the heaviest columns by a probe of `num_probe_queries` queries, are

@@ -353,7 +353,9 @@ def test_probe_kernels_match_jnp_probe(rng, t, levels, shift):
     got = probe_mass_pallas(probes, k, cuts=cuts, shift=shift, scale=0.3, interpret=True)
     for mass, want in zip(got, expected, strict=True):
         assert float(jnp.max(want)) > 30 * float(jnp.min(jnp.where(want > 0, want, 1.0)))
-        np.testing.assert_allclose(mass, want, rtol=1e-5, atol=1e-9)
+        # float32 sums of the same terms in another order (chunked online softmax vs jnp): a few ulps per term; 1e-5
+        # failed on one of 1024 columns (1.07e-5) on jax 0.12.1
+        np.testing.assert_allclose(mass, want, rtol=3e-5, atol=1e-9)
         np.testing.assert_allclose(jnp.sum(mass, -1), 1.0, rtol=1e-5)
 
 
