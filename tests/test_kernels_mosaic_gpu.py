@@ -183,9 +183,9 @@ def _row_problem(q, k, v, config, key):
     ("config", "h", "dtype", "tiling"),
     [
         # the default's tiles: weighted sorted blocks (global keys' slots masked), global keys, samples; GQA; key
-        # rows staged in shared memory a chunk ahead; a ring of 3 chunk slots
+        # rows staged in shared memory a chunk ahead; a ring of 3 chunk slots; the store rows staged by TMA
         (ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=0), 64, jnp.bfloat16,
-         MosaicTiling(block_k=64, stages=3)),
+         MosaicTiling(block_k=64, stages=3, stage_store_rows=True)),
         # paper(): unweighted blocks of 128 keys read in one chunk, fp16, H 128, key rows loaded by each gather
         (ha.HyperAttentionConfig.paper(block_size=128, sample_size=64, min_seq_len=0), 128, jnp.float16,
          MosaicTiling(block_k=128, stage_rows=False)),
@@ -267,6 +267,7 @@ def test_backend_gathers_rows_in_the_kernel(rng, monkeypatch):
     (64, False, 1, False), (128, False, 1, False), (64, True, 1, False), (64, False, 2, False), (128, True, 2, True)
 ])  # fmt: skip
 def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer, warpgroups, pingpong):
+    # (with the store rows staged by TMA where the kernel has a producer)
     # The GPU variant of the row-gathering kernel (cp.async row copies, vector stores at the rows, wgmma) through
     # Mosaic GPU's passes to LLVM for CUDA, on the CPU.
     b, t, nb, bq = 1, 1024, 4, 256
@@ -282,7 +283,7 @@ def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer, warpgroups, p
         tiles = [ops.KeyTile(None, None, None), ops.KeyTile(shared_k, shared_v, weights)]
         return indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, [key_index, None], scale=h**-0.5,
                                             tiling=MosaicTiling(producer=producer, compute_warpgroups=warpgroups,
-                                                                pingpong=pingpong),
+                                                                pingpong=pingpong, stage_store_rows=producer),
                                             interpret=False)  # fmt: skip
 
     lowered = (
@@ -312,7 +313,9 @@ def test_indexed_forward_refuses_what_it_cannot_run():
                                      [key_index[0].reshape(1, 1, 8, 32)], scale=0.1)  # fmt: skip
 
 
-@pytest.mark.parametrize("tiling", [MosaicTiling(block_k=64), MosaicTiling(block_k=64, compute_warpgroups=2)])
+@pytest.mark.parametrize(
+    "tiling", [MosaicTiling(block_k=64), MosaicTiling(block_k=64, compute_warpgroups=2, stage_store_rows=True)]
+)
 def test_indexed_forward_merges_into_an_earlier_part(rng, tiling):
     # merge_into: the part of the second half's rows (a causal level's queries) merged by lse into an earlier partial
     # result in place, against the twin's merge; rows no slot names keep the earlier out and lse exactly, and an

@@ -65,7 +65,8 @@ def _row_operands(q, k, v, config, key):
 # from global memory by each gather instead of staged in shared memory by TMA (`MosaicTiling.stage_rows`),
 # "producer": `MosaicTiling.producer` (added after `mosaic_indexed_ring_h100.json`; since the ninth session its
 # gathers arrive on a barrier as they land, where it used to wait for them before announcing), "2wg": two compute
-# warpgroups, "pingpong": a producer and two compute warpgroups in FlashAttention-3's ping-pong schedule.
+# warpgroups, "pingpong": a producer and two compute warpgroups in FlashAttention-3's ping-pong schedule, "stores":
+# `MosaicTiling.stage_store_rows`.
 VARIANTS = {
     "k128_s2": MosaicTiling(block_k=128, stages=2),
     "k128_s3": MosaicTiling(block_k=128, stages=3),
@@ -85,6 +86,9 @@ VARIANTS = {
     "k128_s2_pingpong": MosaicTiling(block_k=128, compute_warpgroups=2, producer=True, pingpong=True),
     "k128_s3_pingpong": MosaicTiling(block_k=128, stages=3, compute_warpgroups=2, producer=True, pingpong=True),
     "k64_s4_pingpong": MosaicTiling(block_k=64, stages=4, compute_warpgroups=2, producer=True, pingpong=True),
+    # the rows out and lse are stored at, staged in shared memory by TMA with the queries
+    "k128_s2_stores": MosaicTiling(block_k=128, stages=2, stage_store_rows=True),
+    "k128_s2_producer_stores": MosaicTiling(block_k=128, stages=2, producer=True, stage_store_rows=True),
 }
 
 

@@ -125,6 +125,10 @@ class MosaicTiling:
     # producer warpgroup, whose row loads hold up no product).
     stage_rows: bool = True
     stages: int = 2  # row-gathering kernel: key-chunk slots in its ring (stages - 1 chunks in flight)
+    # Row-gathering kernel: the rows out and lse are stored at reach shared memory by TMA with the queries, so the
+    # final scatter reads no index from global memory (the scatter was a quarter of a program's time on an H100).
+    # Not yet measured on a GPU.
+    stage_store_rows: bool = False
     # Row-gathering kernel: one more warpgroup issues the key chunks' copies while the others only multiply (warp
     # specialisation); its gathers arrive on a barrier as they land, so it never waits for its own copies.
     producer: bool = False

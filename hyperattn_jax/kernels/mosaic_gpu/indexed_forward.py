@@ -57,10 +57,12 @@ from hyperattn_jax.ops.tiles import KeyTile
 
 def _smem_bytes(head_dim: int, tiling: MosaicTiling, merge: bool = False) -> int:
     """Shared memory of one program on the GPU (16-bit inputs, P in registers; barriers not counted): per compute
-    warpgroup q (then out) and the lse, with `merge` also the earlier out rows and lse; the ring's k, v, log-weights
-    and key rows."""
+    warpgroup q (then out) and the lse, with `merge` also the earlier out rows and lse, with `stage_store_rows` the
+    rows they are stored at; the ring's k, v, log-weights and key rows."""
     ring = tiling.stages * tiling.block_k * (2 * 2 * head_dim + 4 + 4)
-    return tiling.compute_warpgroups * (1 + merge) * (2 * tiling.block_q * head_dim + 4 * tiling.block_q) + ring
+    per_warpgroup = (1 + merge) * (2 * tiling.block_q * head_dim + 4 * tiling.block_q)
+    per_warpgroup += 2 * 4 * tiling.block_q * tiling.stage_store_rows
+    return tiling.compute_warpgroups * per_warpgroup + ring
 
 
 def _block_of(ref, block):
@@ -70,7 +72,7 @@ def _block_of(ref, block):
 
 def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, tiles, query_block: int,
             block_k: int, scale: float, interpret: bool, p_in_registers: bool, stage_rows: bool,
-            producer: bool, merge: bool, warpgroups: int, pingpong: bool):  # fmt: skip
+            producer: bool, merge: bool, warpgroups: int, pingpong: bool, stage_store_rows: bool):  # fmt: skip
     """One program: `warpgroups` x 64 query slots of one query head and query block, one compute warpgroup per 64.
     Key chunks go through a ring of `stages` slots shared by the compute warpgroups: the gathers of the next
     stages - 1 chunks are in flight while one is multiplied, issued by the computing warpgroups themselves (each its
@@ -82,6 +84,7 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     scratch = list(refs[num_inputs + 2 :])
     q_smem, k_smem, v_smem, w_smem, lse_smem, k_bar, v_bar, w_bar, rows_smem, rows_bar = scratch[:10]
     rest = scratch[10:]
+    store_rows_smem, store_rows_bar = (rest.pop(0), rest.pop(0)) if stage_store_rows else (None, None)
     earlier_smem, earlier_lse_smem = (rest.pop(0), rest.pop(0)) if merge else (None, None)
     p_smem = None if p_in_registers else rest.pop(0)
     # a gathered slot is full (the interpreter's; on the GPU the gather barriers, which the copies arrive on as they
@@ -197,6 +200,10 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
         group for the rows; the lse values by plain loads."""
         pairs = [(q_ref, q_mine)] + ([(o_ref, earlier_smem.at[me])] if merge else [])
         gather_rows(q_load_ref.at[problem, head, rows], pairs, interpret=interpret)
+        if stage_store_rows:  # the rows the stores go to, in shared memory by the time they are needed
+            for i, rows_ref in enumerate((out_rows_ref, lse_rows_ref)):
+                plgpu.copy_gmem_to_smem(rows_ref.at[problem, head, rows], store_rows_smem.at[me, i],
+                                        store_rows_bar.at[me])  # fmt: skip
         if merge:
             gather_values(lse_ref, lse_rows_ref.at[problem, head, rows], earlier_lse_smem.at[me], interpret=interpret)
 
@@ -206,8 +213,12 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
         o_smem = q_mine  # every wgmma reading q has completed: its buffer takes the output (8 KB less at H 64)
         o_smem[...], lse_mine[...] = softmax_finish(state, q_mine.dtype)
         plgpu.commit_smem()
-        scatter_rows(o_smem, out_rows_ref.at[problem, head, rows], o_ref, interpret=interpret)
-        scatter_values(lse_mine, lse_rows_ref.at[problem, head, rows], lse_ref, interpret=interpret)
+        out_rows, lse_rows = out_rows_ref.at[problem, head, rows], lse_rows_ref.at[problem, head, rows]
+        if stage_store_rows:
+            plgpu.barrier_wait(store_rows_bar.at[me])
+            out_rows, lse_rows = store_rows_smem.at[me, 0], store_rows_smem.at[me, 1]
+        scatter_rows(o_smem, out_rows, o_ref, interpret=interpret)
+        scatter_values(lse_mine, lse_rows, lse_ref, interpret=interpret)
 
     start = functools.partial(softmax_start, block_q, q_smem.shape[-1])
     if producer:
@@ -381,6 +392,9 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         *(plgpu.Barrier(num_barriers=stages) for _ in range(3)),  # pre-gathered k, v and the weights: one per slot
         plgpu.SMEM((stages, block_k), jnp.int32),  # the key rows of the next gathers (`MosaicTiling.stage_rows`)
         plgpu.Barrier(num_barriers=stages),
+        # `stage_store_rows`: the out and lse rows of each compute warpgroup's queries (two TMA copies, one barrier)
+        *([plgpu.SMEM((warpgroups, 2, block_q), jnp.int32), plgpu.Barrier(num_arrivals=2, num_barriers=warpgroups)]
+          if tiling.stage_store_rows else []),
         # with merge_into: the earlier out rows and lse of each compute warpgroup's queries
         *([swizzled((warpgroups, block_q, h), q_rows.dtype), plgpu.SMEM((warpgroups, block_q), jnp.float32)]
           if merge else []),
@@ -397,7 +411,8 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
     kernel = functools.partial(_kernel, tiles=facts, query_block=bq, block_k=block_k, scale=float(scale),
                                interpret=interpret is not None, p_in_registers=p_in_registers,
                                stage_rows=tiling.stage_rows, producer=producer, merge=merge,
-                               warpgroups=warpgroups, pingpong=tiling.pingpong)  # fmt: skip
+                               warpgroups=warpgroups, pingpong=tiling.pingpong,
+                               stage_store_rows=tiling.stage_store_rows)  # fmt: skip
     outputs = (
         jax.ShapeDtypeStruct((b * t_out * kv_heads * groups, h), q_rows.dtype),
         jax.ShapeDtypeStruct((b * kv_heads * groups * t_out,), jnp.float32),
