@@ -133,7 +133,8 @@ class MosaicTiling:
     # specialisation); its gathers arrive on a barrier as they land, so it never waits for its own copies.
     producer: bool = False
     # With a producer and 2 compute warpgroups: FlashAttention-3's ping-pong schedule (one warpgroup's softmax
-    # while the other's products run) and registers moved from the producer to the compute warpgroups.
+    # while the other's products run) and registers moved from the producer to the compute warpgroups. Not yet run
+    # on a GPU.
     pingpong: bool = False
 
     def __post_init__(self):
