@@ -13,7 +13,8 @@ Why: with XLA's sorted copies (`tiled_attention_mosaic`), the Mosaic path was 42
 Triton path, which reads rows by index (`results/mosaic_check_h100.json`), though its kernel alone was 5-14% faster.
 
 Scope: the forward, one or two compute warpgroups per program (two share each key chunk) and optionally a producer
-warpgroup that issues every copy, query blocks a multiple of 64 slots per compute warpgroup, H 64 or 128, bf16/fp16.
+warpgroup that issues every copy (`warp_specialised.py`; with two compute warpgroups optionally in a ping-pong
+schedule), query blocks a multiple of 64 slots per compute warpgroup, H 64 or 128, bf16/fp16.
 With `merge_into` (a causal recursion's part) the program also gathers the running out rows and lse of its queries
 and merges its part into them by lse before the stores, in place.
 """
@@ -52,6 +53,7 @@ from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     softmax_merge,
     softmax_start,
 )
+from hyperattn_jax.kernels.mosaic_gpu.warp_specialised import gather_and_compute, rendezvous
 from hyperattn_jax.ops.tiles import KeyTile
 
 
@@ -188,8 +190,8 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
         wait_values = None if tile.indexed else functools.partial(plgpu.barrier_wait, v_bar.at[slot])
         hooks = dict(before_values=wait_values)
         if pingpong:  # the tensor cores go to the other warpgroup while this one's softmax runs, and back
-            hooks = dict(after_qk=functools.partial(_rendezvous, schedule),
-                         before_values=functools.partial(_rendezvous, schedule, wait_values))  # fmt: skip
+            hooks = dict(after_qk=functools.partial(rendezvous, schedule),
+                         before_values=functools.partial(rendezvous, schedule, wait_values))  # fmt: skip
         return attend_chunk(
             state, q_mine, k_smem.at[slot], v_smem.at[slot], w_smem.at[slot] if tile.weighted else None, scale=scale,
             p_smem=p_mine, before_weights=functools.partial(plgpu.barrier_wait, w_bar.at[slot]), **hooks,
@@ -222,9 +224,9 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
 
     start = functools.partial(softmax_start, block_q, q_smem.shape[-1])
     if producer:
-        _gather_and_compute(steps, tiles, issue, attend, finish, wait_landed, full, consumed, k_bar, stages=stages,
-                            warpgroups=warpgroups, gather_queries=gather_queries, start=start,
-                            interpret=interpret, schedule=schedule if pingpong else None)  # fmt: skip
+        gather_and_compute(steps, tiles, issue, attend, finish, wait_landed, full, consumed, k_bar, stages=stages,
+                           warpgroups=warpgroups, gather_queries=gather_queries, start=start,
+                           interpret=interpret, schedule=schedule if pingpong else None)  # fmt: skip
         return
     # named scopes: the regions of a profiled call's trace (`profile_dir`); nothing otherwise
     with jax.named_scope("issue"):
@@ -260,69 +262,6 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
             plgpu.barrier_arrive(consumed.at[slot])
     with jax.named_scope("store"):
         finish(state)
-
-
-def _rendezvous(schedule, while_waiting=None):
-    """Both compute warpgroups arrive on the ping-pong `schedule` barrier and wait for each other (running
-    `while_waiting` in between)."""
-    plgpu.barrier_arrive(schedule)
-    if while_waiting is not None:
-        while_waiting()
-    plgpu.barrier_wait(schedule)
-
-
-def _gather_and_compute(steps, tiles, issue, attend, finish, wait_landed, full, consumed, k_bar, *, stages,
-                        warpgroups, gather_queries, start, interpret, schedule=None):  # fmt: skip
-    """Warp specialisation (FlashAttention-3's layout): the last warpgroup only copies key chunks into the ring
-    (cp.async gathers and TMA), the `warpgroups` before it only multiply. The producer never waits for its own
-    copies: a gathered chunk's copies arrive on the slot's gather barrier as they land (`wait_landed`), so up to
-    `stages` chunks are in flight; it waits only for a slot to come back, which each computing warpgroup hands back
-    on `consumed` once its products are done. With a ping-pong `schedule` (2 compute warpgroups) the second starts
-    one hand-over late, so each one's softmax runs while the other's products do (FlashAttention-3), and the
-    producer gives registers up to them."""
-    warpgroup = lax.axis_index("wg")
-    registers = schedule is not None and not interpret  # 2 x 224 + 56 = 3 x 168, the 384 threads' share
-
-    @pl.when(warpgroup == warpgroups)
-    def _gather():
-        if registers:
-            plgpu.set_max_registers(56, action="decrease")
-        for step in range(len(steps)):
-            slot = step % stages
-            if step >= stages:  # the slot's products of step - stages are done
-                with jax.named_scope("wait_slot"):
-                    plgpu.barrier_wait(consumed.at[slot])
-            with jax.named_scope("issue"):
-                issue(step, slot)
-            if interpret and tiles[steps[step][0]].indexed:  # the interpreter's copies are complete: announce
-                plgpu.barrier_arrive(full.at[slot])
-
-    @pl.when(warpgroup < warpgroups)
-    def _compute():
-        if registers:
-            plgpu.set_max_registers(224, action="increase")
-        with jax.named_scope("issue"):
-            gather_queries()
-        with jax.named_scope("wait"):
-            wait_gathers(0, interpret=interpret)
-        state = start()
-        if schedule is not None:
-            pl.when(warpgroup == 1)(functools.partial(_rendezvous, schedule))
-        for step in range(len(steps)):
-            slot = step % stages
-            with jax.named_scope("wait"):
-                if tiles[steps[step][0]].indexed:
-                    wait_landed(step)
-                else:
-                    plgpu.barrier_wait(k_bar.at[slot])
-            with jax.named_scope("attend"):
-                state = attend(state, step)
-            if step + stages < len(steps):
-                plgpu.barrier_arrive(consumed.at[slot])
-        if schedule is not None:  # the first warpgroup's last hand-over, matching the second's first
-            pl.when(warpgroup == 0)(functools.partial(_rendezvous, schedule))
-        with jax.named_scope("store"):
-            finish(state)
 
 
 def _profile_params(profile_dir, num_chunks: int) -> dict:

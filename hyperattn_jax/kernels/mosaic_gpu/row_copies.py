@@ -121,7 +121,6 @@ def gather_rows(rows_ref, pairs, *, first: int = 0, interpret: bool, arrive_on=N
         raise ValueError(f"gathered rows start at a whole swizzle tile of {TILE[0]} rows, got {first=}")
     read = _ref_type(write=False)
     barrier_refs = [] if arrive_on is None else [arrive_on[0]]
-
     pair_types = [(read, _ref_type(SWIZZLED)) for _ in pairs]
 
     @plgpu.inline_mgpu(arg_types=(read, pair_types, [_ref_type()] * len(barrier_refs)))
