@@ -198,6 +198,10 @@ def _row_problem(q, k, v, config, key):
         # rows (static row offsets in the swizzled layout), the first one issues the TMA copies; a ring of 3 slots
         (ha.HyperAttentionConfig(block_size=128, sample_size=64, min_seq_len=0), 64, jnp.bfloat16,
          MosaicTiling(block_k=64, stages=3, compute_warpgroups=2)),
+        # grouped-query attention: the two compute warpgroups take the same slots for the two query heads of the
+        # kv head (the same key chunks), with the store rows staged
+        (ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=0), 64, jnp.bfloat16,
+         MosaicTiling(block_k=64, compute_warpgroups=2, share_heads=True, stage_store_rows=True)),
         # the same with a producer warpgroup gathering for both (3 warpgroups), in the ping-pong schedule: the
         # schedule barrier's hand-overs must neither deadlock nor reorder anything
         (ha.HyperAttentionConfig(block_size=128, sample_size=64, min_seq_len=0), 128, jnp.float16,
@@ -267,7 +271,8 @@ def test_backend_gathers_rows_in_the_kernel(rng, monkeypatch):
     (64, False, 1, False), (128, False, 1, False), (64, True, 1, False), (64, False, 2, False), (128, True, 2, True)
 ])  # fmt: skip
 def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer, warpgroups, pingpong):
-    # (with the store rows staged by TMA where the kernel has a producer)
+    # (with the store rows staged by TMA where the kernel has a producer, two heads per program where it has two
+    # compute warpgroups and a producer)
     # The GPU variant of the row-gathering kernel (cp.async row copies, vector stores at the rows, wgmma) through
     # Mosaic GPU's passes to LLVM for CUDA, on the CPU.
     b, t, nb, bq = 1, 1024, 4, 256
@@ -283,7 +288,8 @@ def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer, warpgroups, p
         tiles = [ops.KeyTile(None, None, None), ops.KeyTile(shared_k, shared_v, weights)]
         return indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, [key_index, None], scale=h**-0.5,
                                             tiling=MosaicTiling(producer=producer, compute_warpgroups=warpgroups,
-                                                                pingpong=pingpong, stage_store_rows=producer),
+                                                                pingpong=pingpong, stage_store_rows=producer,
+                                                                share_heads=producer and warpgroups == 2),
                                             interpret=False)  # fmt: skip
 
     lowered = (
@@ -299,7 +305,7 @@ def test_indexed_kernel_lowers_to_mosaic_gpu_for_cuda(h, producer, warpgroups, p
 
 def test_indexed_forward_refuses_what_it_cannot_run():
     # Clear errors before any kernel: a ring that overflows shared memory (4 slots of 128 keys at H 128: 283 KB of
-    # 227), query blocks that are not whole 64-slot chunks.
+    # 227), query blocks that are not whole 64-slot chunks, heads to share where the group has one.
     h, t = 128, 256
     q_rows = jnp.zeros((1, t, 1, 1, h), jnp.bfloat16)
     k = v = jnp.zeros((1, t, 1, h), jnp.bfloat16)
@@ -311,10 +317,18 @@ def test_indexed_forward_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="multiple of 64"):
         indexed_tiled_forward_mosaic(q_rows, k, v, query_index.reshape(1, 1, 1, 8, 32), tiles,
                                      [key_index[0].reshape(1, 1, 8, 32)], scale=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="2 query heads per kv head"):  # one query head per kv head: nothing to share
+        indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, key_index, scale=0.1,
+                                     tiling=MosaicTiling(compute_warpgroups=2, share_heads=True))  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "tiling", [MosaicTiling(block_k=64), MosaicTiling(block_k=64, compute_warpgroups=2, stage_store_rows=True)]
+    "tiling",
+    [
+        MosaicTiling(block_k=64),
+        MosaicTiling(block_k=64, compute_warpgroups=2, stage_store_rows=True),
+        MosaicTiling(block_k=64, compute_warpgroups=2, share_heads=True),
+    ],
 )
 def test_indexed_forward_merges_into_an_earlier_part(rng, tiling):
     # merge_into: the part of the second half's rows (a causal level's queries) merged by lse into an earlier partial

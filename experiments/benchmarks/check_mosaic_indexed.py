@@ -66,7 +66,7 @@ def _row_operands(q, k, v, config, key):
 # "producer": `MosaicTiling.producer` (added after `mosaic_indexed_ring_h100.json`; since the ninth session its
 # gathers arrive on a barrier as they land, where it used to wait for them before announcing), "2wg": two compute
 # warpgroups, "pingpong": a producer and two compute warpgroups in FlashAttention-3's ping-pong schedule, "stores":
-# `MosaicTiling.stage_store_rows`.
+# `MosaicTiling.stage_store_rows`, "heads": `MosaicTiling.share_heads`.
 VARIANTS = {
     "k128_s2": MosaicTiling(block_k=128, stages=2),
     "k128_s3": MosaicTiling(block_k=128, stages=3),
@@ -89,6 +89,12 @@ VARIANTS = {
     # the rows out and lse are stored at, staged in shared memory by TMA with the queries
     "k128_s2_stores": MosaicTiling(block_k=128, stages=2, stage_store_rows=True),
     "k128_s2_producer_stores": MosaicTiling(block_k=128, stages=2, producer=True, stage_store_rows=True),
+    # grouped-query attention: two compute warpgroups, the same slots of two query heads of a kv head (time with
+    # --kv-heads 16 or fewer)
+    "k128_s2_2wg_heads": MosaicTiling(block_k=128, compute_warpgroups=2, share_heads=True),
+    "k128_s3_pingpong_heads": MosaicTiling(
+        block_k=128, stages=3, compute_warpgroups=2, producer=True, pingpong=True, share_heads=True
+    ),
 }
 
 
@@ -128,16 +134,18 @@ def check_kernels(n, head_dim, config, key, variants=None) -> dict:
     return row
 
 
-def time_kernels(n, config, key, variants=None) -> dict:
-    """The row-gathering kernels alone on the same operands, with FLOP rates (4 B N T keys-per-query H)."""
-    q, k, v, _ = _inputs(n, 32, 32, 64, seed=n)
+def time_kernels(n, config, key, variants=None, kv_heads=32, head_dim=64) -> dict:
+    """The row-gathering kernels alone on the same operands (B=1, N=32, `kv_heads`), with FLOP rates (4 B N T
+    keys-per-query H)."""
+    q, k, v, _ = _inputs(n, 32, kv_heads, head_dim, seed=n)
     operands = jax.jit(_row_operands, static_argnames="config")(q, k, v, config, key)
     _, query_index, tiles, key_index = operands
     keys_per_query = sum(t.k.shape[3] if i is None else i.shape[-1] for t, i in zip(tiles, key_index))
-    flops = 4 * 32 * n * keys_per_query * 64
-    row = {"n": n, "keys_per_query": keys_per_query, "flops": flops}
+    flops = 4 * 32 * n * keys_per_query * head_dim
+    row = {"n": n, "kv_heads": kv_heads, "head_dim": head_dim, "keys_per_query": keys_per_query, "flops": flops}
     args = (operands[0], k, v, query_index, tiles, key_index)
-    return {**row, **time_kernels_on(_kernels(64**-0.5, variants), args, flops, baseline="triton_indexed")}
+    kernels = _kernels(head_dim**-0.5, variants)
+    return {**row, **time_kernels_on(kernels, args, flops, baseline="triton_indexed")}
 
 
 def summarise_trace(path, warpgroups: int) -> dict:
@@ -200,6 +208,8 @@ def main():
                         help="(a) causal calls too, or only (the recursion's parts on the Mosaic kernel); skip: "
                              "no backend checks, the kernels against the twin only (a quick smoke run)")  # fmt: skip
     parser.add_argument("--variants", default="", help="comma-separated names of VARIANTS (default: all)")
+    parser.add_argument("--kv-heads", type=int, default=32, help="kernel timings: kv heads of the 32 query heads")
+    parser.add_argument("--kernel-head-dim", type=int, default=64, help="kernel timings: head dim")
     parser.add_argument("--profile-n", default="", help="n at which to profile the kernel variants (after the timings)")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
@@ -226,7 +236,8 @@ def main():
         )
     for n in [int(x) for x in args.n.split(",") if x]:
         for name, config in CONFIGS.items():
-            add("kernels", lambda n=n, c=config: time_kernels(n, c, key, variants), config=name)
+            add("kernels", lambda n=n, c=config: time_kernels(n, c, key, variants, args.kv_heads, args.kernel_head_dim),
+                config=name)  # fmt: skip
             for mode in [m for m in args.modes.split(",") if m]:
                 add("timings", lambda n=n, m=mode, c=config: time_end_to_end(n, m, c, key), config=name)
     for n in [int(x) for x in args.profile_n.split(",") if x]:

@@ -136,6 +136,10 @@ class MosaicTiling:
     # while the other's products run) and registers moved from the producer to the compute warpgroups. Not yet run
     # on a GPU.
     pingpong: bool = False
+    # With 2 compute warpgroups and grouped-query attention: the two take the same 64 slots of one query block for
+    # two query heads of a kv head (G even), whose key chunks are the same, instead of 2 x 64 slots of one head.
+    # Not yet run on a GPU.
+    share_heads: bool = False
 
     def __post_init__(self):
         if self.block_q != ROWS_PER_WARPGROUP:
@@ -148,10 +152,17 @@ class MosaicTiling:
             raise ValueError(f"MosaicTiling.{self.compute_warpgroups=} must be 1 or 2")
         if self.pingpong and not (self.producer and self.compute_warpgroups == 2):
             raise ValueError("MosaicTiling.pingpong needs producer=True and compute_warpgroups=2")
+        if self.share_heads and self.compute_warpgroups != 2:
+            raise ValueError("MosaicTiling.share_heads needs compute_warpgroups=2")
 
     @property
     def rows(self) -> int:
-        """Query rows per program."""
-        return self.block_q * self.compute_warpgroups
+        """Query slots of one head per program (a multiple of it makes a query block)."""
+        return self.block_q * (1 if self.share_heads else self.compute_warpgroups)
+
+    @property
+    def heads(self) -> int:
+        """Query heads per program."""
+        return self.compute_warpgroups if self.share_heads else 1
 
     replace = dataclasses.replace

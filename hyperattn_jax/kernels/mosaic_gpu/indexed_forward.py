@@ -74,7 +74,8 @@ def _block_of(ref, block):
 
 def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, tiles, query_block: int,
             block_k: int, scale: float, interpret: bool, p_in_registers: bool, stage_rows: bool,
-            producer: bool, merge: bool, warpgroups: int, pingpong: bool, stage_store_rows: bool):  # fmt: skip
+            producer: bool, merge: bool, warpgroups: int, pingpong: bool, stage_store_rows: bool,
+            share_heads: bool):  # fmt: skip
     """One program: `warpgroups` x 64 query slots of one query head and query block, one compute warpgroup per 64.
     Key chunks go through a ring of `stages` slots shared by the compute warpgroups: the gathers of the next
     stages - 1 chunks are in flight while one is multiplied, issued by the computing warpgroups themselves (each its
@@ -97,11 +98,15 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
         init_gather_barriers(landed, 1 if producer else warpgroups, interpret=interpret)
     stage_rows = stage_rows and not shared  # a producer's row loads stall no product
     block_q, stages = q_smem.shape[1], k_smem.shape[0]
-    chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
+    chunk, problem = lax.axis_index("rows"), lax.axis_index("problem")
     # this compute warpgroup's queries and buffers (with a producer, whose index is `warpgroups`, unused by it)
     me = lax.axis_index("wg") if shared else 0
-    rows = pl.ds((chunk * warpgroups + me) * block_q, block_q)
-    block = lax.div(chunk, jnp.int32(query_block // (warpgroups * block_q)))
+    if share_heads:  # the same slots of one query block for `warpgroups` heads of the kv group
+        head, rows = lax.axis_index("group") * warpgroups + me, pl.ds(chunk * block_q, block_q)
+        block = lax.div(chunk, jnp.int32(query_block // block_q))
+    else:  # `warpgroups` x 64 slots of one query block of one head
+        head, rows = lax.axis_index("group"), pl.ds((chunk * warpgroups + me) * block_q, block_q)
+        block = lax.div(chunk, jnp.int32(query_block // (warpgroups * block_q)))
     q_mine, lse_mine = q_smem.at[me], lse_smem.at[me]
     p_mine = None if p_smem is None else p_smem.at[me]
 
@@ -283,8 +288,9 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         padding; bq a multiple of 64.
       tiles, tile_key_index: as `indexed_tiled_forward`'s (per-block tiles by rows, shared ones pre-gathered).
       scale: softmax scale. tiling: `MosaicTiling`; with `compute_warpgroups=2` a program takes 2 x 64 slots of one
-        query block (bq a multiple of 128), whose key chunks both warpgroups share (half the gathers per query).
-        interpret: as `tiled_attention_mosaic`.
+        query block (bq a multiple of 128), whose key chunks both warpgroups share (half the gathers per query), or,
+        with `share_heads`, the same 64 slots for two query heads of a kv head (G even). interpret: as
+        `tiled_attention_mosaic`.
       merge_into: optional (out `[B, T, K, G, H]` in q's dtype, lse `[B, K, G, T]` float32) of other parts of the
         same attention: the kernel merges its part into them by lse at the rows it names and returns them updated
         in place (passed to the kernel as mutable refs, so XLA aliases the buffers). Every query slot must hold a
@@ -303,6 +309,9 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
     problems, nb, bq = query_index.shape[0], query_index.shape[3], query_index.shape[4]
     if jnp.dtype(q_rows.dtype) not in DTYPES or h not in HEAD_DIMS:
         raise ValueError(f"the Mosaic GPU kernel takes {DTYPES} and head dims {HEAD_DIMS}, got {q_rows.dtype}, {h=}")
+    if groups % tiling.heads:
+        raise ValueError(f"MosaicTiling.share_heads takes {tiling.heads} query heads per kv head at a time, the "
+                         f"group has {groups}")  # fmt: skip
     if bq % tiling.rows:
         raise ValueError(f"query blocks must be a multiple of {tiling.rows} slots ({bq=}): {tiling.block_q} per "
                          f"compute warpgroup")  # fmt: skip
@@ -351,7 +360,8 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
                                interpret=interpret is not None, p_in_registers=p_in_registers,
                                stage_rows=tiling.stage_rows, producer=producer, merge=merge,
                                warpgroups=warpgroups, pingpong=tiling.pingpong,
-                               stage_store_rows=tiling.stage_store_rows)  # fmt: skip
+                               stage_store_rows=tiling.stage_store_rows,
+                               share_heads=tiling.share_heads)  # fmt: skip
     outputs = (
         jax.ShapeDtypeStruct((b * t_out * kv_heads * groups, h), q_rows.dtype),
         jax.ShapeDtypeStruct((b * kv_heads * groups * t_out,), jnp.float32),
@@ -360,7 +370,7 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         kernel,
         out_type=() if merge else outputs,
         scratch_types=scratch,
-        grid=(nb * bq // tiling.rows, groups, problems * kv_heads),
+        grid=(nb * bq // tiling.rows, groups // tiling.heads, problems * kv_heads),
         grid_names=("rows", "group", "problem"),
         compiler_params=plgpu.CompilerParams(
             approx_math=True, **_profile_params(profile_dir, sum(f.length // block_k for f in facts))
