@@ -13,13 +13,15 @@ the table per kernel is in experiments/results/NOTES.md.
 2. Sweep: the two kernels the causal layer spends most in, timed alone at --n with several tunings: the HyperAttention
    estimate (`hyper_attention_pallas`, fwd and fwd+bwd, `TiledKernelConfig`) and the exact base case (one
    segment-causal flash call over --n positions in segments of min_seq_len, `FlashConfig`).
-B=1, N=32, H=64, bf16, HyperAttentionConfig.paper(). Writes JSON (device, jax version, date, every timing).
+B=1, N=32 (K=32, or --kv-heads for grouped-query attention), H=64 (or --head-dim), bf16, HyperAttentionConfig.paper()
+(or --config). Writes JSON (device, jax version, date, every timing).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import glob
 import gzip
@@ -41,7 +43,7 @@ from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: run_record
 from run_record import with_run_record
 
-HEADS, HEAD_DIM = 32, 64
+HEADS = 32
 
 
 def with_grad(forward):
@@ -96,6 +98,8 @@ def main():
     parser.add_argument("--replace", default="", help="config fields changed, e.g. block_size=128,local_window=128")
     parser.add_argument("--modes", default="noncausal_fwd,noncausal_fwdbwd,causal_fwd,causal_fwdbwd")
     parser.add_argument("--top", type=int, default=40, help="kernels kept per mode, largest first (0: all)")
+    parser.add_argument("--kv-heads", type=int, default=HEADS, help="below 32: grouped-query attention")
+    parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument(
         "--hlo-dir",
         help="also write each mode's optimized HLO there (MODE.hlo.txt.gz): XLA names "
@@ -109,7 +113,10 @@ def main():
     config = presets[args.config]().replace(**{field: int(value) for field, value in changes.items()})
     key = jax.random.key(0)
     keys = jax.random.split(jax.random.key(n), 4)
-    q, k, v, g = (jax.random.normal(kk, (1, n, HEADS, HEAD_DIM), jnp.bfloat16) for kk in keys)
+    q_shape, kv_shape = (1, n, HEADS, args.head_dim), (1, n, args.kv_heads, args.head_dim)
+    q, k, v, g = (
+        jax.random.normal(kk, shape, jnp.bfloat16) for kk, shape in zip(keys, (q_shape, kv_shape, kv_shape, q_shape))
+    )
     g = g.astype(jnp.float32)
     record = {
         "device": jax.devices()[0].device_kind,
@@ -119,7 +126,8 @@ def main():
         "config": {
             "batch": 1,
             "num_heads": HEADS,
-            "head_dim": HEAD_DIM,
+            "num_kv_heads": args.kv_heads,
+            "head_dim": args.head_dim,
             "dtype": "bfloat16",
             "name": args.config,
             "replace": changes,
@@ -161,11 +169,14 @@ def main():
         return
 
     # Grouped layout for the kernels called directly: q [B, K, G, T, H], k, v [B, K, T, H].
-    q5, k4, v4, g5 = (jnp.moveaxis(x, 1, 2) for x in (q, k, v, g))
-    q5, g5 = q5[:, :, None], g5[:, :, None]
-    scale = HEAD_DIM**-0.5
+    groups = HEADS // args.kv_heads
+    q5, g5 = (x.reshape(1, n, args.kv_heads, groups, args.head_dim).transpose(0, 2, 3, 1, 4) for x in (q, g))
+    k4, v4 = (jnp.moveaxis(x, 1, 2) for x in (k, v))
+    scale = args.head_dim**-0.5
     tiled_variants = [  # the forward's block_q / block_k were settled in the 06:31 sweep; these vary the backward
         TiledKernelConfig(),
+        TiledKernelConfig(num_warps=8),  # at H 128 the dk/dv accumulators alone take 128 registers with 4 warps
+        TiledKernelConfig(num_stages_bwd=2),
         TiledKernelConfig(block_k_bwd=128),
         TiledKernelConfig(block_k_bwd=128, num_warps=8),
         TiledKernelConfig(block_q_bwd=32),
@@ -179,7 +190,8 @@ def main():
         def estimate(q, k, v, tuning=tuning):
             return hyper_attention_pallas(q, k, v, key=key, config=config, scale=scale, tuning=tuning)
 
-        record["sweep"].append(time_variant({"kernel": "estimate", "tuning": tuning._asdict()}, estimate, (q, k, v), g))
+        row = {"kernel": "estimate", "tuning": dataclasses.asdict(tuning)}
+        record["sweep"].append(time_variant(row, estimate, (q, k, v), g))
         save()
     segment = config.min_seq_len
     flash_variants = [
@@ -197,7 +209,7 @@ def main():
         def base(q, k, v, tuning=tuning):
             return flash_attention(q, k, v, scale=scale, causal=True, segment=segment, tuning=tuning)
 
-        row = {"kernel": "causal_base", "segment": segment, "tuning": tuning._asdict()}
+        row = {"kernel": "causal_base", "segment": segment, "tuning": dataclasses.asdict(tuning)}
         record["sweep"].append(time_variant(row, base, (q5, k4, v4), g5))
         save()
     print("wrote", args.out)
