@@ -189,9 +189,9 @@ def _row_problem(q, k, v, config, key):
         # paper(): unweighted blocks of 128 keys read in one chunk, fp16, H 128, key rows loaded by each gather
         (ha.HyperAttentionConfig.paper(block_size=128, sample_size=64, min_seq_len=0), 128, jnp.float16,
          MosaicTiling(block_k=128, stage_rows=False)),
-        # a producer warpgroup gathers, the other multiplies (warp specialisation): the full/consumed barriers order
-        # them (without the consumer's wait on `full` the interpreter's output is wrong). One gathered chunk followed
-        # by two copied ones: an earlier producer that announced late deadlocked here
+        # a producer warpgroup gathers, the other multiplies (warp specialisation): the gather and consumed barriers
+        # order them (without the consumer's wait on the gather barrier the interpreter's output is wrong). One
+        # gathered chunk followed by two copied ones: an earlier producer that announced late deadlocked here
         (ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=0), 64, jnp.bfloat16,
          MosaicTiling(block_k=64, producer=True)),
         # two compute warpgroups on 2 x 64 slots of a 128-query block share each chunk: each gathers half of its

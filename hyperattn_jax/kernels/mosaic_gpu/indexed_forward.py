@@ -32,6 +32,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hyperattn_jax.kernels.configs import MosaicTiling
 from hyperattn_jax.kernels.mosaic_gpu.row_copies import (
+    announce_gathered,
     gather_barriers,
     gather_rows,
     gather_values,
@@ -90,9 +91,8 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     store_rows_smem, store_rows_bar = (rest.pop(0), rest.pop(0)) if stage_store_rows else (None, None)
     earlier_smem, earlier_lse_smem = (rest.pop(0), rest.pop(0)) if merge else (None, None)
     p_smem = None if p_in_registers else rest.pop(0)
-    # a gathered slot is full (the interpreter's; on the GPU the gather barriers, which the copies arrive on as they
-    # land), a slot's products are done
-    full, consumed, landed, schedule = [*rest, None][:4] if rest else (None,) * 4
+    # a slot's products are done; a gathered slot has landed (`gather_barriers`); the ping-pong schedule
+    consumed, landed, schedule = [*rest, None][:3] if rest else (None,) * 3
     shared = warpgroups > 1 or producer  # the ring's slots are shared between warpgroups: barriers order them
     if shared:  # every gathering thread arrives on them once per phase
         init_gather_barriers(landed, 1 if producer else warpgroups, interpret=interpret)
@@ -179,16 +179,12 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     def wait_landed(step: int):
         """Wait until every share of indexed step `step`'s rows is in its slot, visible to wgmma. On the GPU the
         copies arrive on the slot's gather barrier as they land; the n-th indexed use of a slot completes phase n, of
-        parity n mod 2. The interpreter's copies are done when issued: the gatherers announce them on `full`."""
+        parity n mod 2. The interpreter's copies are done when issued: the gatherers announce them."""
         slot = step % stages
-        if not interpret:
-            uses = sum(tiles[steps[s][0]].indexed for s in range(slot, step, stages))
-            wait_gather_barrier(landed, slot, uses % 2, interpret=False)
-            return
-        if not producer:
-            plgpu.barrier_arrive(full.at[slot])
-        plgpu.barrier_wait(full.at[slot])
-        plgpu.commit_smem()
+        if not producer:  # this warpgroup gathered its share of the rows itself
+            announce_gathered(landed, slot, interpret=interpret)
+        uses = sum(tiles[steps[s][0]].indexed for s in range(slot, step, stages))
+        wait_gather_barrier(landed, slot, uses % 2, interpret=interpret)
 
     def attend(state, step: int):
         slot, tile = step % stages, tiles[steps[step][0]]
@@ -229,7 +225,7 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
 
     start = functools.partial(softmax_start, block_q, q_smem.shape[-1])
     if producer:
-        gather_and_compute(steps, tiles, issue, attend, finish, wait_landed, full, consumed, k_bar, stages=stages,
+        gather_and_compute(steps, tiles, issue, attend, finish, wait_landed, landed, consumed, k_bar, stages=stages,
                            warpgroups=warpgroups, gather_queries=gather_queries, start=start,
                            interpret=interpret, schedule=schedule if pingpong else None)  # fmt: skip
         return
@@ -347,12 +343,10 @@ def indexed_tiled_forward_mosaic(q_rows, k, v, query_index, tiles, tile_key_inde
         *([swizzled((warpgroups, block_q, h), q_rows.dtype), plgpu.SMEM((warpgroups, block_q), jnp.float32)]
           if merge else []),
         *([] if p_in_registers else [swizzled((warpgroups, block_q, block_k), q_rows.dtype)]),
-        # with warpgroups sharing the ring: a gathered slot is full (the interpreter's announcement, by the producer
-        # or by every compute warpgroup for its share of the rows), a slot's products are done (by every compute
-        # warpgroup), and the GPU's gather barriers (the copies arrive on them as they land)
-        *([plgpu.Barrier(num_arrivals=1 if producer else warpgroups, num_barriers=stages),
-           plgpu.Barrier(num_arrivals=warpgroups, num_barriers=stages),
-           gather_barriers(stages, interpret=interpret is not None)]
+        # with warpgroups sharing the ring: a slot's products are done (by every compute warpgroup), a gathered slot
+        # has landed (filled by the producer, or by every compute warpgroup for its share of the rows)
+        *([plgpu.Barrier(num_arrivals=warpgroups, num_barriers=stages),
+           gather_barriers(stages, 1 if producer else warpgroups, interpret=interpret is not None)]
           if producer or warpgroups > 1 else []),
         *([plgpu.Barrier(num_arrivals=2)] if tiling.pingpong else []),  # the ping-pong schedule's hand-overs
     ]  # fmt: skip

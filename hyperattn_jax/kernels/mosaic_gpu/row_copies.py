@@ -15,7 +15,7 @@ A warpgroup that only gathers for others (a producer) should not wait for its ow
 consumers: `gather_rows(..., arrive_on=...)` ends the copies with `cp.async.mbarrier.arrive.noinc`, which arrives
 on an mbarrier once this thread's copies have landed, so the producer goes on issuing while they are in flight
 (`gather_barriers`, `init_gather_barriers`, `wait_gather_barrier`: plain mbarriers, since Pallas barriers cannot be
-named inside inline Mosaic GPU code).
+named inside inline Mosaic GPU code; the interpreter gets Pallas barriers and `announce_gathered` instead).
 
 In jax's Mosaic GPU interpreter (CPU tests) the same helpers copy one row at a time with Pallas loads and stores: the
 interpreter models shared memory logically, so its tests check which rows go where, and the device check the
@@ -142,10 +142,28 @@ def gather_rows(rows_ref, pairs, *, first: int = 0, interpret: bool, arrive_on=N
     gather(rows_ref, list(pairs), barrier_refs)
 
 
-def gather_barriers(count: int, *, interpret: bool):
-    """Scratch for `count` gather barriers (`init_gather_barriers`): one 8-byte mbarrier word each (in the
-    interpreter, which has no 64-bit words by default, a placeholder that nothing reads)."""
-    return plgpu.SMEM((count,), jnp.int32 if interpret else jnp.int64)
+def wait_gathers(pending: int, *, interpret: bool):
+    """Wait until at most `pending` of this thread's most recent gather groups are in flight, then make every
+    thread's copies visible to the warpgroup and to wgmma (a proxy fence and a warpgroup barrier)."""
+    if not interpret:
+
+        @plgpu.inline_mgpu()
+        def wait(ctx):
+            del ctx
+            nvvm.cp_async_wait_group(pending)
+
+        wait()
+    plgpu.commit_smem()
+
+
+def gather_barriers(count: int, warpgroups: int, *, interpret: bool):
+    """Scratch for `count` gather barriers, which `warpgroups` warpgroups' gathers fill: on the GPU one 8-byte mbarrier
+    word each (`init_gather_barriers`), arrived on by the copies as they land; in the interpreter, which runs no
+    inline Mosaic GPU code and copies synchronously, a Pallas barrier the gatherers arrive on once their copies are
+    issued (`announce_gathered`)."""
+    if interpret:
+        return plgpu.Barrier(num_arrivals=warpgroups, num_barriers=count)
+    return plgpu.SMEM((count,), jnp.int64)
 
 
 def _barrier(barriers, index: int):
@@ -155,8 +173,7 @@ def _barrier(barriers, index: int):
 def init_gather_barriers(barriers_ref, warpgroups: int, *, interpret: bool):
     """Make every gather barrier expect one arrival per thread of `warpgroups` warpgroups per phase. Every thread of
     the block runs it once, before any use: one thread writes the barriers, then a block-wide barrier (bar.sync 0, as
-    Mosaic GPU's own prologue) publishes them. Nothing in the interpreter (the callers order copies there with Pallas
-    barriers)."""
+    Mosaic GPU's own prologue) publishes them. Nothing in the interpreter (Pallas set its barriers up)."""
     if interpret:
         return
 
@@ -172,11 +189,20 @@ def init_gather_barriers(barriers_ref, warpgroups: int, *, interpret: bool):
     init(barriers_ref)
 
 
+def announce_gathered(barriers_ref, index: int, *, interpret: bool):
+    """A gathering warpgroup's announcement that its copies into slot `index` are done: the interpreter's (whose
+    copies are complete when issued); nothing on the GPU, where the copies arrive themselves as they land."""
+    if interpret:
+        plgpu.barrier_arrive(barriers_ref.at[index])
+
+
 def wait_gather_barrier(barriers_ref, index: int, parity: int, *, interpret: bool):
     """Wait until gather barrier `index` completes the phase of this `parity` (the n-th use of the barrier has parity
     n mod 2), then make the copies visible to the warpgroup and to wgmma (a proxy fence on the reading side: the
     writing threads never waited for their copies)."""
-    if not interpret:
+    if interpret:
+        plgpu.barrier_wait(barriers_ref.at[index])
+    else:
 
         @plgpu.inline_mgpu(arg_types=(_ref_type(write=False),))
         def wait(ctx, barriers):
@@ -184,20 +210,6 @@ def wait_gather_barrier(barriers_ref, index: int, parity: int, *, interpret: boo
             _barrier(barriers, index).wait_parity(_int(parity, 1))
 
         wait(barriers_ref)
-    plgpu.commit_smem()
-
-
-def wait_gathers(pending: int, *, interpret: bool):
-    """Wait until at most `pending` of this thread's most recent gather groups are in flight, then make every
-    thread's copies visible to the warpgroup and to wgmma (a proxy fence and a warpgroup barrier)."""
-    if not interpret:
-
-        @plgpu.inline_mgpu()
-        def wait(ctx):
-            del ctx
-            nvvm.cp_async_wait_group(pending)
-
-        wait()
     plgpu.commit_smem()
 
 

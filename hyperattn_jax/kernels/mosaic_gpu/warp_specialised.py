@@ -13,7 +13,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from hyperattn_jax.kernels.mosaic_gpu.row_copies import wait_gathers
+from hyperattn_jax.kernels.mosaic_gpu.row_copies import announce_gathered, wait_gathers
 
 
 def rendezvous(schedule, while_waiting=None):
@@ -25,7 +25,7 @@ def rendezvous(schedule, while_waiting=None):
     plgpu.barrier_wait(schedule)
 
 
-def gather_and_compute(steps, tiles, issue, attend, finish, wait_landed, full, consumed, k_bar, *, stages,
+def gather_and_compute(steps, tiles, issue, attend, finish, wait_landed, landed, consumed, k_bar, *, stages,
                        warpgroups, gather_queries, start, interpret, schedule=None):  # fmt: skip
     """Warp specialisation (FlashAttention-3's layout): the last warpgroup only copies key chunks into the ring
     (cp.async gathers and TMA), the `warpgroups` before it only multiply. The producer never waits for its own
@@ -48,8 +48,8 @@ def gather_and_compute(steps, tiles, issue, attend, finish, wait_landed, full, c
                     plgpu.barrier_wait(consumed.at[slot])
             with jax.named_scope("issue"):
                 issue(step, slot)
-            if interpret and tiles[steps[step][0]].indexed:  # the interpreter's copies are complete: announce
-                plgpu.barrier_arrive(full.at[slot])
+            if tiles[steps[step][0]].indexed:
+                announce_gathered(landed, slot, interpret=interpret)
 
     @pl.when(warpgroup < warpgroups)
     def _compute():
