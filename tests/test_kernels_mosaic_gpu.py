@@ -476,6 +476,128 @@ def test_backend_backward_on_mosaic_matches_the_triton_one(rng):
         pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=False, scale=0.125, backward="cudnn")
 
 
+@functools.partial(jax.jit, static_argnames="config")
+def _row_backward_problem(q, k, v, config, key):
+    """The plan's row operands with every tile's rows (query_index, tiles, rows), as the backward takes them."""
+    kv = k.shape[2]
+    q5, k4, v4 = ops.group_queries(q, kv), ops.heads_major(k), ops.heads_major(v)
+    plan = ops.make_plan(q5, k4, key=key, config=config, v=v4)
+    operands = hyper.row_operands(k, v, plan, hyper.row_positions(q5.shape), hyper.row_positions(k4.shape), 1, None)
+    return operands[:3]
+
+
+@pytest.mark.parametrize(
+    ("config", "h", "n", "dtype", "accumulate"),
+    [
+        # the default's tiles: weighted sorted blocks, global keys (one row of log-weights for every block), shrunk
+        # samples (per-block log-weights); 2 query heads: the dk/dv loops run whole pairs of query chunks
+        (ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=0), 64, 2, jnp.bfloat16, False),
+        # paper() at H 128 in fp16 with 3 query heads per kv head: an odd number of query chunks per block (a pair
+        # and a last one alone), added into earlier gradients
+        (ha.HyperAttentionConfig.paper(block_size=64, sample_size=64, min_seq_len=0), 128, 3, jnp.float16, True),
+    ],
+)  # fmt: skip
+def test_indexed_backward_matches_jnp_twin(rng, config, h, n, dtype, accumulate):
+    # The row-gathering backward (q, dO rows and lse, delta gathered per query chunk, key rows per chunk, dq, dk, dv
+    # added at their rows in place) against the jnp twin on the same rows, with the forward's own lse.
+    from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward_reference
+    from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
+
+    t = 256
+    q, k, v = _planted(rng, t=t, n=n, kv=1, h=h, dtype=dtype)
+    query_index, tiles, rows = _row_backward_problem(q, k, v, config, jax.random.key(int(rng.integers(1 << 30))))
+    q_rows = q.reshape(1, t, 1, n, h)
+    f32 = [x.astype(jnp.float32) for x in (q_rows, k, v)]
+    own = [index if tile.k is None else None for tile, index in zip(tiles, rows, strict=True)]
+    out, lse = indexed_tiled_forward_reference(*f32, query_index, _float32_tiles(tiles), own, scale=h**-0.5)
+    do_rows = jnp.asarray(rng.standard_normal(q_rows.shape), dtype)
+    delta = jnp.sum(do_rows.astype(jnp.float32) * out, axis=-1).transpose(0, 2, 3, 1) - 0.1  # a d lse of 0.1
+    grads = None
+    if accumulate:
+        grads = tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q_rows, k, v))
+    args = (q_rows, k, v, do_rows, lse, delta, query_index, tiles, rows)
+    got = jax.jit(lambda *a: indexed_tiled_backward_mosaic(*a, grads, scale=h**-0.5, tiling=MosaicTiling(block_k=64)))(
+        *args
+    )
+    want = indexed_tiled_backward_reference(*f32, do_rows.astype(jnp.float32), *args[4:7], _float32_tiles(tiles), rows,
+                                            grads, scale=h**-0.5)  # fmt: skip
+    for a, b, earlier in zip(got, want, grads or (0, 0, 0), strict=True):
+        assert a.shape == b.shape and a.dtype == jnp.float32
+        own_part = b - earlier  # the twin's contribution: far from zero on planted rows
+        assert float(jnp.max(jnp.abs(own_part))) > 0.1
+        # P and dS rounded to 16 bits for the second products (measured: dq, dk 2e-4..2.3e-3, dv 2e-5..1e-4)
+        assert _relative(a - earlier, own_part) < 5e-3, _relative(a - earlier, own_part)
+
+
+def test_backend_backwards_on_mosaic_match_the_triton_one(rng, monkeypatch):
+    # The estimate's backward on the Mosaic kernels, rows gathered in the kernel ("mosaic") or on sorted copies
+    # ("mosaic_sorted"), against the Triton kernels for the same plan and forward: only the backward kernels differ.
+    # The default config: shrunk samples, whose dv goes back through their value mix; causal too ("mosaic": the
+    # recursion's parts after the base case on the Mosaic kernels).
+    from hyperattn_jax.backends import pallas_mosaic_gpu
+
+    cfg = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=64, num_probe_queries=64)
+    q, k, v = _planted(rng, t=256, n=2, kv=1, h=64, dtype=jnp.bfloat16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)  # fixed: the gradients are the kernels' alone
+    calls = []
+    original = pallas_mosaic_gpu.indexed_tiled_backward_mosaic
+    monkeypatch.setattr(pallas_mosaic_gpu, "indexed_tiled_backward_mosaic",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))  # fmt: skip
+
+    def gradients(backward, causal):
+        def loss(q, k, v):
+            out, lse = pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=causal, scale=0.125,
+                                                   interpret=True, backward=backward)  # fmt: skip
+            return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(jnp.sin(lse))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    cases = [("mosaic", False), ("mosaic_sorted", False), ("mosaic", True)]
+    for (backward, causal), expect_rows in zip(cases, (True, False, True), strict=True):
+        calls.clear()
+        got, want = gradients(backward, causal), gradients("triton", causal)
+        assert bool(calls) == expect_rows, (backward, causal)
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert float(jnp.max(jnp.abs(b.astype(jnp.float32)))) > 0
+            # the same roundings as the Triton kernels (measured after the cast to bf16: row-gathering kernels
+            # <= 3e-8, sorted copies 1.4e-3 on dk, dv)
+            assert _relative(a, b) < 1e-2, (backward, causal, _relative(a, b))
+    with pytest.raises(ValueError, match="backward must be one of"):
+        pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=False, scale=0.125, backward="cudnn")
+
+
+def test_indexed_backward_lowers_to_mosaic_gpu_for_cuda():
+    # The GPU variant of the row-gathering backward (cp.async gathers, float32 read-modify-write adds at the rows,
+    # wgmma with P^T, dS^T, dS from registers) through Mosaic GPU's passes for CUDA, on the CPU: a per-block tile, a
+    # shared tile with per-block log-weights, 16 query blocks in 2 runs (the shared dk/dv loop over pairs of chunks).
+    from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
+
+    b, t, nb, bq, h = 1, 4096, 16, 256, 128
+    q_rows = jax.ShapeDtypeStruct((b, t, 2, 2, h), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, t, 2, h), jnp.bfloat16)
+    stats = jax.ShapeDtypeStruct((b, 2, 2, t), jnp.float32)
+    query_index = jax.ShapeDtypeStruct((1, 2, 2, nb, bq), jnp.int32)
+    key_index = jax.ShapeDtypeStruct((1, 2, nb, 256), jnp.int32)
+    sample_index = jax.ShapeDtypeStruct((1, 2, 1, 128), jnp.int32)
+    shared = [jax.ShapeDtypeStruct((1, 2, 1, 128, h), jnp.bfloat16)] * 2 + [
+        jax.ShapeDtypeStruct((1, 2, nb, 128), jnp.float32)
+    ]
+
+    def backward(q_rows, k, v, do_rows, lse, delta, query_index, key_index, sample_index, shared_k, shared_v, w):
+        tiles = [ops.KeyTile(None, None, None), ops.KeyTile(shared_k, shared_v, w)]
+        rows = [key_index, sample_index]
+        return indexed_tiled_backward_mosaic(q_rows, k, v, do_rows, lse, delta, query_index, tiles, rows, None,
+                                             scale=h**-0.5, interpret=False)  # fmt: skip
+
+    args = (q_rows, kv, kv, q_rows, stats, stats, query_index, key_index, sample_index, *shared)
+    text = jax.jit(backward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 3  # dq, the per-block tile's dk/dv, the shared tile's partial dk/dv
+    for instruction in ("cp.async.shared.global", "cp.async.wait.group", f"wgmma.mma_async.sync.aligned.m64n{h}k16"):
+        assert instruction in text, instruction
+
+
 @pytest.mark.parametrize("h", [128])  # H 64 lowers the same kernels with the smaller wgmma of the two below
 def test_backward_kernels_lower_to_mosaic_gpu_for_cuda(h):
     # dS and P^T from registers into their wgmmas (the GPU variant), lowered for CUDA on the CPU; tiles of every

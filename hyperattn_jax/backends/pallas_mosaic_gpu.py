@@ -6,14 +6,17 @@ per-block tiles are rows of k, v (`kernels/mosaic_gpu/indexed_forward.py`), the 
 blocks from the unsorted q, k, v itself (cp.async per row) and stores out at its rows, as the Triton path does;
 elsewhere XLA gathers them into sorted copies first (`kernels/mosaic_gpu/tiled_attention.py`, TMA). Causal calls
 run the Triton path's fused recursion with its parts after the base case (levels, prefixes) on the row-gathering
-kernel, each merged by lse into the running out and lse in place (`level_forward`). The non-causal estimate's
-backward runs on the Mosaic kernels on sorted copies with `backward="mosaic"` (`kernels/mosaic_gpu/tiled_backward.py`;
-at 32k on an H100 forward+backward took 1.13x the time it takes with the default Triton backward). What still runs
-on the Triton path (`pallas_triton`, `kernels/gpu/`), unchanged: the LSH hash and column-mass probe kernels that feed
-`ops.make_plan`, the backward by default and the causal recursion's (`hyper._estimate_bwd`, the recursion's: the
-row-indexed or blocked backward kernels, with the Mosaic forward's out and lse), the causal base case (cuDNN or the
-Triton flash kernel) and exact attention (S <= min_seq_len). So the plan and random draws are the same as the xla
-and Triton paths' for the same key, and the two GPU backends differ only in their attention kernels.
+kernel, each merged by lse into the running out and lse in place (`level_forward`). The backward runs on the Triton
+path's kernels by default; with `backward="mosaic"` on Mosaic kernels that gather their rows in the kernel and add
+their gradients in place (`kernels/mosaic_gpu/indexed_backward.py`: the non-causal estimate, and the causal
+recursion's parts after the base case), where the plan and shapes allow, else on the Mosaic kernels on sorted
+copies (`kernels/mosaic_gpu/tiled_backward.py`, also `backward="mosaic_sorted"`; at 32k on an H100 forward+backward
+took 1.13x the time it takes with the default Triton backward; the row-gathering backward has not run on a GPU).
+What still runs on the Triton path (`pallas_triton`, `kernels/gpu/`), unchanged: the LSH hash and column-mass probe
+kernels that feed `ops.make_plan`, the backward by default, the causal base case (cuDNN or the Triton flash kernel
+forward, the Triton flash backward) and exact attention (S <= min_seq_len). So the plan and random draws are the
+same as the xla and Triton paths' for the same key, and the two GPU backends differ only in their attention
+kernels.
 
 Selectable only by name (`implementation="pallas_mosaic_gpu"`): `implementation=None` keeps picking `pallas_triton`,
 faster on the H100 (at 131k the row-gathering kernel ran at 0.66-0.94x the Triton one's speed: docs/kernels.md).
@@ -29,8 +32,11 @@ import jax.numpy as jnp
 from hyperattn_jax._layout import ungroup_output
 from hyperattn_jax.backends import pallas_triton
 from hyperattn_jax.kernels.gpu import hyper
+from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
+from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
+from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import unsupported_shape as unsupported_backward
 from hyperattn_jax.kernels.mosaic_gpu.indexed_forward import indexed_tiled_forward_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     DTYPES,
@@ -47,7 +53,7 @@ from hyperattn_jax.ops.tiles import KeyTile, hyper_attention_tiles
 NAME = "pallas_mosaic_gpu"
 PLATFORMS = ("gpu",)
 TILING = MosaicTiling()  # the kernels' tiling in this backend (docs/kernels.md has the variants measured)
-BACKWARDS = ("triton", "mosaic")  # the non-causal estimate's backward kernels (`attention`'s `backward`)
+BACKWARDS = ("triton", "mosaic", "mosaic_sorted")  # the backward kernels (`attention`'s `backward`)
 
 
 def not_hopper(device) -> str | None:
@@ -116,13 +122,17 @@ def _mosaic_tiled_backward(q_blocks, tiles, d_out, lse, delta, *, scale, tiling,
 
 def _estimate_bwd(static, residuals, cotangents):
     scale, tiling, tuning, interpret, backward = static
+    kernels = dict(scale=scale, tuning=tuning, interpret=interpret)
     if backward == "triton":  # the Triton backward kernels (rows gathered in the kernels), with this forward's out, lse
-        return hyper._estimate_bwd((scale, tuning, interpret), residuals, cotangents)
+        return hyper.estimate_gradients(residuals, cotangents, **kernels)
+    tiled_backward = functools.partial(_mosaic_tiled_backward, scale=scale, tiling=tiling, interpret=interpret)
+    if backward == "mosaic":  # rows gathered in the Mosaic kernels where the plan allows, else sorted copies
+        return hyper.estimate_gradients(residuals, cotangents, rows_kernel=level_backward,
+                                        tiled_backward=tiled_backward, **kernels)  # fmt: skip
     q, k, v, _, plan, _, out, lse = residuals
     d_out, d_lse = cotangents
-    tiled_backward = functools.partial(_mosaic_tiled_backward, scale=scale, tiling=tiling, interpret=interpret)
-    grads = hyper.sorted_copies_backward(q, k, v, plan, d_out, lse, hyper.output_delta(out, d_out, d_lse), scale=scale,
-                                         tuning=tuning, interpret=interpret, tiled_backward=tiled_backward)  # fmt: skip
+    grads = hyper.sorted_copies_backward(q, k, v, plan, d_out, lse, hyper.output_delta(out, d_out, d_lse),
+                                         tiled_backward=tiled_backward, **kernels)  # fmt: skip
     return (*grads, None, None, None)
 
 
@@ -140,16 +150,33 @@ def level_forward(q_rows, k, v, query_index, tiles, key_index, *, scale, tuning,
                                  interpret=interpret, merge_into=merge_into)  # fmt: skip
 
 
+def level_backward(q_rows, k, v, do_rows, lse, delta, query_index, tiles, rows, grads, *, scale, tuning, interpret,
+                   value_mixes=None):  # fmt: skip
+    """The gradients of one part (the non-causal estimate, or a causal recursion's level or prefix) added into the
+    accumulators: on the Mosaic row-gathering backward where it takes the part's shapes, else on the Triton one
+    (`indexed_tiled_backward`'s arguments)."""
+    args = (q_rows, k, v, do_rows, lse, delta, query_index, tiles, rows, grads)
+    if unsupported_backward(q_rows, query_index, tiles, rows) is None:
+        splits = tuning.shared_splits
+        return indexed_tiled_backward_mosaic(*args, scale=scale, tiling=TILING, interpret=interpret,
+                                             value_mixes=value_mixes, shared_splits_wanted=splits)  # fmt: skip
+    return indexed_tiled_backward(*args, scale=scale, tuning=tuning, interpret=interpret, value_mixes=value_mixes)
+
+
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False, backward="triton"):
     """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32.
-    `backward` (non-causal calls): "triton", the Triton path's kernels that gather their rows, or "mosaic", the
-    Mosaic GPU kernels on sorted copies (`kernels/mosaic_gpu/tiled_backward.py`; slower on the H100, see
-    docs/kernels.md)."""
+    `backward`: "triton", the Triton path's kernels that gather their rows (the default: measured faster); "mosaic",
+    the Mosaic GPU kernels that gather their rows (`kernels/mosaic_gpu/indexed_backward.py`; for causal calls the
+    recursion's parts after the base case) where the plan allows, else the Mosaic kernels on sorted copies
+    (`kernels/mosaic_gpu/tiled_backward.py`); "mosaic_sorted", always those (non-causal calls; causal ones as
+    "mosaic"). docs/kernels.md has what was measured."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if causal or config.attends_exactly(k.shape[1]):  # the Triton path, with the recursion's parts on Mosaic
+        parts_backward = indexed_tiled_backward if backward == "triton" else level_backward
         return pallas_triton.attention(q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale,
-                                       interpret=interpret, level_forward=level_forward)  # fmt: skip
+                                       interpret=interpret, level_forward=level_forward,
+                                       level_backward=parts_backward)  # fmt: skip
     # the same plan as pallas_triton's; its rows feed the Triton backward
     plan, rows = pallas_triton.plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale,
                                              interpret=interpret)  # fmt: skip

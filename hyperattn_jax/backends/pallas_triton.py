@@ -18,6 +18,7 @@ from hyperattn_jax.kernels.gpu.causal import estimate as causal_estimate
 from hyperattn_jax.kernels.gpu.causal import recursion_shape
 from hyperattn_jax.kernels.gpu.flash import flash_attention
 from hyperattn_jax.kernels.gpu.hyper import hyper_attention_pallas
+from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 from hyperattn_jax.ops.causal import (
@@ -81,10 +82,10 @@ def plan_and_rows(q, k, v, key, kv_length, hash_key, *, config, scale, interpret
 
 
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False,
-              level_forward=indexed_tiled_forward):  # fmt: skip
+              level_forward=indexed_tiled_forward, level_backward=indexed_tiled_backward):  # fmt: skip
     """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32.
-    `level_forward`: the kernel the fused causal recursion runs its parts after the base case on (another backend's
-    with `indexed_tiled_forward`'s arguments; the backward stays on these kernels)."""
+    `level_forward`, `level_backward`: the kernels the fused causal recursion runs its parts after the base case on
+    (another backend's, with `indexed_tiled_forward`'s and `indexed_tiled_backward`'s arguments)."""
     tuning = TiledKernelConfig()
     approximate = not config.attends_exactly(k.shape[1])
     if approximate and not causal:  # the plan from ops (fed by the hash/probe kernels), then the kernels' estimate
@@ -96,7 +97,7 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
     length = causal_padded_length(t, rest_config)
     shape = recursion_shape(length, q.shape[-1], rest_config) if approximate and sinks < t else None
     if shape is not None:  # the fused recursion: one custom_vjp over the base case and every level's kernels
-        static = (rest_config, float(scale), tuning, bool(interpret), shape, level_forward)
+        static = (rest_config, float(scale), tuning, bool(interpret), shape, level_forward, level_backward)
 
         def fused(q, k, v):  # on the recursion's padded length (`ops.causal_padded_length`), the padding dropped
             out, lse = causal_estimate(*(pad_positions(x, length, axis=1) for x in (q, k, v)), key, hash_key, static)

@@ -96,14 +96,15 @@ def _part_rows(b: int, kv_heads: int, groups: int, t: int, depth: int, segment: 
 def estimate(q, k, v, key, hash_key, static):
     """Causal HyperAttention on the fused kernels for shapes `recursion_shape` accepts: q `[B, T, N, H]`, k, v
     `[B, T, K, H]` (public layout) -> out `[B, T, N, H]` (q's dtype), lse `[B, K, G, T]` float32.
-    `static` = (config, scale, TiledKernelConfig, interpret, recursion_shape(...), level_forward): level_forward
-    runs every part after the base case, `indexed_tiled_forward` or a kernel with its arguments and `merge_into`
-    (the Mosaic GPU backend's)."""
+    `static` = (config, scale, TiledKernelConfig, interpret, recursion_shape(...), level_forward, level_backward):
+    level_forward runs every part after the base case, `indexed_tiled_forward` or a kernel with its arguments and
+    `merge_into` (the Mosaic GPU backend's), level_backward their gradients, `indexed_tiled_backward` or a kernel
+    with its arguments."""
     return _causal_fwd(q, k, v, key, hash_key, static)[0]
 
 
 def _causal_fwd(q, k, v, key, hash_key, static):
-    config, scale, tuning, interpret, (depth, segment, flash_tuning), level_forward = static
+    config, scale, tuning, interpret, (depth, segment, flash_tuning), level_forward, _ = static
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     window = causal_window(config)
@@ -159,7 +160,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
 
 
 def _causal_bwd(static, residuals, cotangents):
-    config, scale, tuning, interpret, (depth, segment, flash_tuning), _ = static
+    config, scale, tuning, interpret, (depth, segment, flash_tuning), _, level_backward = static
     q, k, v, out, lse, plans = residuals
     d_out, d_lse = cotangents
     lse = finite_or_zero(lse)
@@ -175,7 +176,7 @@ def _causal_bwd(static, residuals, cotangents):
     for plan, (query_rows, key_rows, kv_length) in zip(plans, rows, strict=True):
         grads = estimate_backward_rows(
             q_rows, k, v, do_rows, lse, delta, plan, query_rows, key_rows, grads, scale=scale, tuning=tuning,
-            interpret=interpret, kv_length=kv_length,
+            interpret=interpret, kv_length=kv_length, kernel=level_backward,
         )  # fmt: skip
     dq, dk, dv = grads
     return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None

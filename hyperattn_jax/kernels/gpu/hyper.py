@@ -177,6 +177,7 @@ def estimate_backward_rows(
     interpret,
     kv_length=None,
     rows=None,
+    kernel=None,
 ):
     """The estimator's backward for problems cut from public-layout q_rows `[B, T, K, G, H]`, k, v `[B, S, K, H]`
     (a causal level's): `plan` was made for problems `[P, K, G, T', H]` x `[P, K, S', H]` (P = c * B; problem p
@@ -184,12 +185,13 @@ def estimate_backward_rows(
     `row_positions`) say at which row of q_rows, k each of the problems' rows sits. One part of a merged attention with
     final lse and delta `[B, K, G, T]`: its dq, dk, dv added into the float32 accumulators `grads` (dq
     `[B, T, K, G, H]`, dk, dv `[B, S, K, H]`; None: written, for a plan covering every row), reading every row by
-    index (`indexed_tiled_backward`). Needs `can_backward_in_place`; `kv_length` as for the forward; `rows`: the
-    plan's `ops.plan_rows` at those positions, where the caller has them."""
+    index (`indexed_tiled_backward`, or `kernel`: another backend's with its arguments). Needs
+    `can_backward_in_place`; `kv_length` as for the forward; `rows`: the plan's `ops.plan_rows` at those positions,
+    where the caller has them."""
     query_index, tiles, rows, _ = row_operands(
         k, v, plan, query_positions, key_positions, q_rows.shape[0], kv_length, tuning, rows
     )
-    return indexed_tiled_backward(
+    return (kernel or indexed_tiled_backward)(
         q_rows,
         k,
         v,
@@ -346,6 +348,14 @@ def _estimate_fwd(q, k, v, kv_length, plan, rows, static):
 
 def _estimate_bwd(static, residuals, cotangents):
     scale, tuning, interpret = static
+    return estimate_gradients(residuals, cotangents, scale=scale, tuning=tuning, interpret=interpret)
+
+
+def estimate_gradients(residuals, cotangents, *, scale, tuning, interpret, rows_kernel=None, tiled_backward=None):
+    """`estimate`'s backward: the kernels that read their rows by index where the plan allows
+    (`can_backward_in_place`; `rows_kernel`: another backend's, as `estimate_backward_rows`' kernel), else sorted
+    copies (`tiled_backward`: another backend's, as `estimate_backward`'s). Cotangents of q, k, v, then None for
+    kv_length, plan and rows."""
     q, k, v, kv_length, plan, rows, out, lse = residuals
     d_out, d_lse = cotangents
     delta = output_delta(out, d_out, d_lse)
@@ -369,9 +379,11 @@ def _estimate_bwd(static, residuals, cotangents):
             interpret=interpret,
             kv_length=kv_length,
             rows=rows,
+            kernel=rows_kernel,
         )
         return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
-    grads = sorted_copies_backward(q, k, v, plan, d_out, lse, delta, scale=scale, tuning=tuning, interpret=interpret)
+    grads = sorted_copies_backward(q, k, v, plan, d_out, lse, delta, scale=scale, tuning=tuning, interpret=interpret,
+                                   tiled_backward=tiled_backward)  # fmt: skip
     return (*grads, None, None, None)
 
 

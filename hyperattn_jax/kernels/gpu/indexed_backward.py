@@ -13,7 +13,7 @@ parts of a merged attention (a causal recursion's base case and levels) sum thei
   block's queries of every head of the group; a key row sits in exactly one block, so the writes never collide;
 - dk, dv of a shared tile (samples, global keys): partial sums over runs of query blocks, summed, and written into
   the accumulators by one XLA gather and one scatter that SETS row + part (a few hundred rows per problem). A key
-  drawn c times is first folded into one slot of weight c w (`_fold_repeated_rows`: the same estimator, whose dk,
+  drawn c times is first folded into one slot of weight c w (`fold_repeated_rows`: the same estimator, whose dk,
   dv are the repeats' sum), so the written rows are distinct: no scatter-add, no atomics, a deterministic result.
 
 Like `fused_tiled_attention_backward`, the kernels take the FINAL lse and delta of the merged attention, so the result
@@ -342,10 +342,8 @@ def indexed_tiled_backward(
             )(k_index, by_block, q_flat, do_flat, lse_flat, delta_flat, k, v, *weights, *accumulators)
             continue
         # shared tile: partial sums over runs of (at least 8) query blocks, then its distinct rows written once
-        w, write_index = _fold_repeated_rows(w, key_index)
-        split_count = max(
-            d for d in range(1, min(nb, tuning.shared_splits) + 1) if nb % d == 0 and nb // d >= min(nb, 8)
-        )
+        w, write_index = fold_repeated_rows(w, key_index)
+        split_count = runs_of_blocks(nb, tuning.shared_splits)
         full = pl.BlockSpec((None, t, None, g * h), lambda c, r, i: (batch_of(i), 0, head_of(i), 0))
         stat = pl.BlockSpec((None, None, g * t), lambda c, r, i: (batch_of(i), head_of(i), 0))
         kv_spec = pl.BlockSpec((None, None, chunk, h), lambda c, r, i: (i, 0, c, 0))
@@ -382,19 +380,38 @@ def indexed_tiled_backward(
         )(by_block.reshape(pk, -1), q_flat, do_flat, lse_flat, delta_flat, tile_k, tile_v, w)
         if dk is None:  # no per-block tile wrote them
             dk, dv = (jnp.zeros(k.shape, jnp.float32) for _ in range(2))
-        dk = _add_distinct_rows(dk, jnp.sum(part_k, axis=1), write_index, b)
-        part_v = jnp.sum(part_v, axis=1)
-        if value_mix is None:
-            dv = _add_distinct_rows(dv, part_v, write_index, b)
-        else:  # d v = lam d v~ (each row once, repeats folded) + mix d(sum of v~) (every slot: scatter-add)
-            lam, mix = value_mix
-            dv = _add_distinct_rows(dv, lam.reshape(pk, 1, 1) * part_v, write_index, b)
-            mixed = mix.reshape(pk, length, 1) * jnp.sum(part_v, axis=1, keepdims=True)
-            dv = _add_rows(dv, mixed, key_index[:, :, 0], b)
+        dk, dv = add_shared_tile_grads((dk, dv), (part_k, part_v), write_index, key_index, value_mix, b)
     return dq, dk, dv
 
 
-def _fold_repeated_rows(w, index):
+def runs_of_blocks(num_blocks: int, wanted: int) -> int:
+    """Into how many equal runs of (at least 8) query blocks a shared tile's dk, dv are split as partial sums: the
+    largest divisor of num_blocks that is at most `wanted` and leaves runs that long."""
+    return max(
+        d
+        for d in range(1, min(num_blocks, wanted) + 1)
+        if num_blocks % d == 0 and num_blocks // d >= min(num_blocks, 8)
+    )
+
+
+def add_shared_tile_grads(grads, parts, write_index, key_index, value_mix, batch: int):
+    """The dk, dv accumulators `[B, S, K, H]` plus a shared tile's partial sums `[P * K, splits, t, H]` (over runs of
+    query blocks, with its repeated rows folded: `fold_repeated_rows`' write_index) at its rows `key_index`
+    `[P, K, 1, t]`; `value_mix` as `indexed_tiled_backward`'s."""
+    dk, dv = grads
+    part_k, part_v = (jnp.sum(x, axis=1) for x in parts)
+    dk = add_distinct_rows(dk, part_k, write_index, batch)
+    if value_mix is None:
+        return dk, add_distinct_rows(dv, part_v, write_index, batch)
+    # d v = lam d v~ (each row once, repeats folded) + mix d(sum of v~) (every slot: scatter-add)
+    lam, mix = value_mix
+    pk, length = part_v.shape[:2]
+    dv = add_distinct_rows(dv, lam.reshape(pk, 1, 1) * part_v, write_index, batch)
+    mixed = mix.reshape(pk, length, 1) * jnp.sum(part_v, axis=1, keepdims=True)
+    return dk, add_rows(dv, mixed, key_index[:, :, 0], batch)
+
+
+def fold_repeated_rows(w, index):
     """A shared tile's log-weights w `[P * K, nb | 1, t]` with every repeated row of index `[P, K, 1, t]` folded
     into its first slot: log-weight + log(count) there, -inf in the repeats, so the first slot's dk, dv are the
     sum of all of them (P_ij = w_j e^{s_ij - lse_i} is linear in w_j). Needs the repeats of a row to carry the same
@@ -409,10 +426,10 @@ def _fold_repeated_rows(w, index):
     return w + fold, jnp.where(first, index, -1)
 
 
-def _add_distinct_rows(total, part, index, batch: int):
+def add_distinct_rows(total, part, index, batch: int):
     """total `[B, S, K, H]` plus part `[P * K, t, H]` at the rows index `[P, K, t]` names (problem p: batch p % B;
     -1: not written), as a gather and a scatter that sets: the named (batch, row, kv head) must be distinct, which
-    `_fold_repeated_rows` makes them within a problem and the callers' problems (disjoint key ranges of one batch
+    `fold_repeated_rows` makes them within a problem and the callers' problems (disjoint key ranges of one batch
     element, or different batch elements) make them across problems."""
     problem_batch, head = row_coordinates(index, batch)
     target = jnp.where(index >= 0, index, total.shape[1])  # out of range: dropped
@@ -420,7 +437,7 @@ def _add_distinct_rows(total, part, index, batch: int):
     return total.at[problem_batch, target, head].set(rows_of(total, index, batch) + part, mode="drop")
 
 
-def _add_rows(total, part, index, batch: int):
+def add_rows(total, part, index, batch: int):
     """total `[B, S, K, H]` plus part (`[P * K, t, H]` or `[P, K, ..., t, H]`) at the rows index `[P, K, ..., t]`
     names (-1: dropped), repeats summed (scatter-add)."""
     problem_batch, head = row_coordinates(index, batch)
@@ -438,7 +455,8 @@ def indexed_tiled_backward_reference(
     do_blocks, _ = blocked_rows(do_rows, query_index, b)
     row = jnp.maximum(query_index, 0)
     lse_blocks, delta_blocks = (x[problem_batch, head, group, row] for x in (lse, delta))
-    full = complete_tiles(k, v, tiles, tile_key_index, b)
+    own = [index if tile.k is None else None for tile, index in zip(tiles, tile_key_index, strict=True)]
+    full = complete_tiles(k, v, tiles, own, b)  # shared tiles keep their own k, v (shrunk samples' v differs)
     dq_blocks, tile_grads = tiled_attention_backward(q_blocks, full, do_blocks, lse_blocks, delta_blocks, scale=scale)
     if grads is None:
         grads = (jnp.zeros(q_rows.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -448,5 +466,5 @@ def indexed_tiled_backward_reference(
     for index, (dk_tile, dv_tile), value_mix in zip(tile_key_index, tile_grads, value_mixes, strict=True):
         if value_mix is not None:
             dv_tile = shrink_sample_values_transpose(dv_tile, *value_mix)
-        dk, dv = _add_rows(dk, dk_tile, index, b), _add_rows(dv, dv_tile, index, b)
+        dk, dv = add_rows(dk, dk_tile, index, b), add_rows(dv, dv_tile, index, b)
     return dq, dk, dv

@@ -38,6 +38,9 @@ WARPGROUP = 128  # threads
 PIECE = 16  # bytes per cp.async copy and per vector load/store
 TILE = (8, 64)  # elements of a swizzled tile (16-bit): 8 rows of 128 bytes
 SWIZZLED = (plgpu.TilingTransform(TILE), plgpu.SwizzleTransform(128))
+# float32 rows the same way: tiles of (8, 32) elements, 8 rows of 128 bytes (Mosaic GPU stores a WGMMA-layout float32
+# accumulator only to swizzled shared memory)
+SWIZZLED_FLOAT32 = (plgpu.TilingTransform((TILE[0], TILE[1] // 2)), plgpu.SwizzleTransform(128))
 
 
 def _ref_type(transforms=(), *, write: bool = True):
@@ -49,22 +52,24 @@ def _ref_type(transforms=(), *, write: bool = True):
 
 
 def swizzled(shape, dtype):
-    """Shared memory laid out for TMA, wgmma and these copies: (8, 64)-element tiles, 128-byte swizzle."""
-    return plgpu.SMEM(shape, dtype, transforms=SWIZZLED)
+    """Shared memory laid out for TMA, wgmma and these copies: (8, 64)-element tiles of 16-bit values ((8, 32) of
+    float32), 128-byte swizzle."""
+    transforms = SWIZZLED_FLOAT32 if jnp.dtype(dtype).itemsize == 4 else SWIZZLED
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
 def _int(value: int, bits: int = 32):
     return mgpu_utils.c(value, ir.IntegerType.get_signless(bits))
 
 
-def _pieces(num_rows: int, head_dim: int):
+def _pieces(num_rows: int, head_dim: int, itemsize: int = 2):
     """(row, piece) i32 values of every 16-byte piece this thread copies, and the pieces per row. Piece number
     L = 128 i + thread covers row L // pieces_per_row: consecutive threads read consecutive bytes of a row."""
-    pieces_per_row = head_dim * 2 // PIECE
+    pieces_per_row = head_dim * itemsize // PIECE
     total = num_rows * pieces_per_row
     if total % WARPGROUP:
-        raise ValueError(f"{num_rows} rows of {head_dim} 16-bit elements are not a whole number of 16-byte pieces "
-                         f"per thread")  # fmt: skip
+        raise ValueError(f"{num_rows} rows of {head_dim} {8 * itemsize}-bit elements are not a whole number of "
+                         f"16-byte pieces per thread")  # fmt: skip
     thread = arith.remui(mgpu_utils.thread_idx(), _int(WARPGROUP))
     for i in range(total // WARPGROUP):
         linear = arith.addi(thread, _int(i * WARPGROUP))
@@ -156,6 +161,19 @@ def wait_gathers(pending: int, *, interpret: bool):
     plgpu.commit_smem()
 
 
+def empty_gather_group(*, interpret: bool):
+    """Commit a cp.async group with no copies, so that a loop whose steps gather only sometimes (not in its last
+    step) keeps one group per step and `wait_gathers` the same count in every step. Nothing in the interpreter."""
+    if not interpret:
+
+        @plgpu.inline_mgpu()
+        def commit(ctx):
+            del ctx
+            nvvm.cp_async_commit_group()
+
+        commit()
+
+
 def gather_barriers(count: int, warpgroups: int, *, interpret: bool):
     """Scratch for `count` gather barriers, which `warpgroups` warpgroups' gathers fill: on the GPU one 8-byte mbarrier
     word each (`init_gather_barriers`), arrived on by the copies as they land; in the interpreter, which runs no
@@ -236,6 +254,36 @@ def scatter_rows(src_smem, rows_ref, dst_ref, *, interpret: bool):
             llvm.store(value, _byte(dst_pointer, _global_offset(_load_index(rows, row), piece, head_dim * 2)))
 
     scatter(src_smem, rows_ref, dst_ref)
+
+
+def scatter_add_rows(src_smem, rows_ref, dst_ref, *, interpret: bool):
+    """dst[rows[i]] += src[i] for every row i of the float32 `swizzled` shared `[n, H]` src (written and committed
+    before the call): dst a float32 global `[R, H]` array (a gradient accumulator), rows_ref int32 `[n]` global,
+    every row named at most once by all programs of the call (read-modify-write, no atomics). Synchronous."""
+    num_rows, head_dim = src_smem.shape
+    if interpret:
+
+        def add_row(i, carry):
+            row = pl.ds(rows_ref[i], 1)
+            dst_ref[row, :] = dst_ref[row, :] + src_smem[pl.ds(i, 1), :]
+            return carry
+
+        lax.fori_loop(0, num_rows, add_row, 0)
+        return
+
+    arg_types = (_ref_type(SWIZZLED_FLOAT32, write=False), _ref_type(write=False), _ref_type())
+
+    @plgpu.inline_mgpu(arg_types=arg_types)
+    def scatter_add(ctx, src, rows, dst):
+        del ctx
+        vector = ir.VectorType.get((PIECE // 4,), ir.F32Type.get())
+        src_pointer, dst_pointer = mgpu_utils.memref_ptr(src), _global_pointer(dst)
+        for row, piece, pieces_per_row in _pieces(num_rows, head_dim, itemsize=4):
+            source = _byte(src_pointer, _swizzled_offset(row, piece, pieces_per_row))
+            target = _byte(dst_pointer, _global_offset(_load_index(rows, row), piece, head_dim * 4))
+            llvm.store(arith.addf(llvm.load(vector, target), llvm.load(vector, source)), target)
+
+    scatter_add(src_smem, rows_ref, dst_ref)
 
 
 def _copy_values(src, index_ref, dst, *, gather: bool, interpret: bool):

@@ -48,7 +48,7 @@ from hyperattn_jax.ops.tiles import KeyTile
 ROWS = ROWS_PER_WARPGROUP  # wgmma's M: the rows one warpgroup owns (queries for dq, keys for dk, dv)
 
 
-def _product(a, b, shape):
+def product(a, b, shape):
     """a @ b by wgmma into a fresh float32 accumulator (a: shared memory or registers in the WGMMA layout)."""
 
     def run(acc_ref):
@@ -58,7 +58,7 @@ def _product(a, b, shape):
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _from_registers(x16, smem):
+def from_registers(x16, smem):
     """x16 as a wgmma A operand: itself on the GPU, or stored to `smem` (the interpreter's case)."""
     if smem is None:
         return x16
@@ -67,7 +67,7 @@ def _from_registers(x16, smem):
     return smem
 
 
-def _row_vector(ref, axis: int):
+def row_vector(ref, axis: int):
     """A float32 vector from shared memory, laid out to broadcast along `axis` of a WGMMA-layout tile."""
     return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(axis), optimized=False)
 
@@ -95,22 +95,22 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, layout: Layout, tiling:
         plgpu.copy_gmem_to_smem(src.at[problem, head, rows], dst, q_bar)
     issue(0)
     plgpu.barrier_wait(q_bar)
-    lse2 = _row_vector(lse_smem, 1) * LOG2_E
-    delta = _row_vector(delta_smem, 1)
+    lse2 = row_vector(lse_smem, 1) * LOG2_E
+    delta = row_vector(delta_smem, 1)
     dq = plgpu.layout_cast(jnp.zeros((ROWS, layout.head_dim), jnp.float32), plgpu.Layout.WGMMA)
     for step in range(len(steps)):
         slot = step % 2
         if step + 1 < len(steps):  # the other slot's readers (the previous step's wgmmas) have finished
             issue(step + 1)
         plgpu.barrier_wait(k_bar.at[slot])
-        s = _product(q_smem, k_smem.at[slot].T, (ROWS, block_k)) * (scale * LOG2_E)
+        s = product(q_smem, k_smem.at[slot].T, (ROWS, block_k)) * (scale * LOG2_E)
         plgpu.barrier_wait(w_bar.at[slot])
-        s = s + lax.broadcast_in_dim(_row_vector(w_smem.at[slot], 0), s.shape, [1])
+        s = s + lax.broadcast_in_dim(row_vector(w_smem.at[slot], 0), s.shape, [1])
         p = jnp.exp2(s - lax.broadcast_in_dim(lse2, s.shape, [0]))
         plgpu.barrier_wait(v_bar.at[slot])
-        dp = _product(do_smem, v_smem.at[slot].T, (ROWS, block_k))
+        dp = product(do_smem, v_smem.at[slot].T, (ROWS, block_k))
         ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
-        dq = dq + _product(_from_registers(ds.astype(q_ref.dtype), ds_smem), k_smem.at[slot], dq.shape)
+        dq = dq + product(from_registers(ds.astype(q_ref.dtype), ds_smem), k_smem.at[slot], dq.shape)
     dq_smem[...] = dq * scale
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[problem, head, rows])
@@ -150,7 +150,7 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, w_ref, dk_ref,
     num_steps = layout.groups * steps_per_head
     issue(0, 0)
     plgpu.barrier_wait(kv_bar)
-    fixed_w = None if weight_per_step else _row_vector(w_smem, 1)
+    fixed_w = None if weight_per_step else row_vector(w_smem, 1)
     shape = (ROWS, ROWS)  # keys x queries
 
     def body(step, grads):
@@ -162,17 +162,17 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, w_ref, dk_ref,
             issue(step + 1, 1 - slot)
 
         plgpu.barrier_wait(q_bar.at[slot])
-        s_t = _product(k_smem, q_smem.at[slot].T, shape) * (scale * LOG2_E)
+        s_t = product(k_smem, q_smem.at[slot].T, shape) * (scale * LOG2_E)
         if weight_per_step:
             plgpu.barrier_wait(wq_bar.at[slot])
-        w = fixed_w if fixed_w is not None else _row_vector(wq_smem.at[slot], 1)
+        w = fixed_w if fixed_w is not None else row_vector(wq_smem.at[slot], 1)
         s_t = s_t + lax.broadcast_in_dim(w, shape, [0])
-        lse2 = _row_vector(lse_smem.at[slot], 0) * LOG2_E
+        lse2 = row_vector(lse_smem.at[slot], 0) * LOG2_E
         p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse2, shape, [1]))
-        dv = dv + _product(_from_registers(p_t.astype(k_ref.dtype), p_smem), do_smem.at[slot], dv.shape)
-        dp_t = _product(v_smem, do_smem.at[slot].T, shape)
-        ds_t = p_t * (dp_t - lax.broadcast_in_dim(_row_vector(delta_smem.at[slot], 0), shape, [1]))
-        dk = dk + _product(_from_registers(ds_t.astype(k_ref.dtype), ds_smem), q_smem.at[slot], dk.shape)
+        dv = dv + product(from_registers(p_t.astype(k_ref.dtype), p_smem), do_smem.at[slot], dv.shape)
+        dp_t = product(v_smem, do_smem.at[slot].T, shape)
+        ds_t = p_t * (dp_t - lax.broadcast_in_dim(row_vector(delta_smem.at[slot], 0), shape, [1]))
+        dk = dk + product(from_registers(ds_t.astype(k_ref.dtype), ds_smem), q_smem.at[slot], dk.shape)
         return dk, dv
 
     zeros = plgpu.layout_cast(jnp.zeros((ROWS, layout.head_dim), jnp.float32), plgpu.Layout.WGMMA)
