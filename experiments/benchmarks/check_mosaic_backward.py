@@ -1,17 +1,20 @@
-"""Device check of the Mosaic GPU tile-attention backward (`tiled_attention_backward_mosaic`, sorted copies).
+"""Device check of the Mosaic GPU tile-attention backwards: on sorted copies (`tiled_attention_backward_mosaic`) and
+with the rows gathered in the kernels (`indexed_tiled_backward_mosaic`).
 
 Command:  PYTHONPATH=. python3 experiments/benchmarks/check_mosaic_backward.py --out $OUT/mosaic_backward.json
-Hardware: one H100 80GB or H200 (Hopper: wgmma, TMA), jax 0.11.2 or newer. Runtime: ~3 min, one call.
+Hardware: one H100 80GB or H200 (Hopper: wgmma, TMA), jax 0.11.2 or newer. Runtime: ~3 min for the sorted-copies
+rows (measured); the row-gathering rows are not yet measured (--budget-s bounds the whole).
 
 (a) Agreement, `--check-n` tokens, B=1, N=8 query heads over K=2 kv heads, bf16, one key, `paper()` and the default
-  at H 64 and 128: the kernels against their jnp twin `ops.tiled_attention_backward` in float32 on the plan's
-  sorted copies (dq, and dk, dv per tile); and `pallas_mosaic_gpu.attention(backward="mosaic")`'s dq, dk, dv
-  against the xla path's for the same key (non-causal).
+  at H 64 and 128: the sorted-copies kernels against their jnp twin `ops.tiled_attention_backward` in float32 on the
+  plan's sorted copies (dq, and dk, dv per tile); the row-gathering kernels against theirs
+  (`indexed_tiled_backward_reference`, the same rows); and `pallas_mosaic_gpu.attention`'s dq, dk, dv with every
+  backward against the xla path's for the same key (non-causal; causal with "triton" and "mosaic").
 (b) Timings at `--n`, B=1, N=K=32, H=64, bf16, `paper()` and the default: the backward kernels alone on the same
-  sorted copies, lse and delta (Mosaic against Triton's `fused_tiled_attention_backward`), with FLOP rates (the
-  backward's useful 10 B N T keys-per-query H); and the non-causal forward+backward end to end: cuDNN,
-  `pallas_mosaic_gpu` with the Triton backward (rows gathered in its kernels) and with the Mosaic one. Median of
-  many blocking calls after warm-up, all in this one process: compare ratios within the run.
+  operands, lse and delta (Mosaic against Triton, on sorted copies and with rows gathered in the kernels), with
+  FLOP rates (the backward's useful 10 B N T keys-per-query H); and forward+backward end to end: cuDNN, and
+  `pallas_mosaic_gpu` with each backward (non-causal), with "triton" and "mosaic" (causal). Median of many blocking
+  calls after warm-up, all in this one process: compare ratios within the run.
 Guard: a failing call is recorded and the rest still runs; no timing starts after --budget-s seconds.
 """
 
@@ -28,7 +31,11 @@ from check_mosaic_gpu import Recorder, _blocked, _functions, _inputs, _relative,
 import hyperattn_jax as ha
 from hyperattn_jax import ops
 from hyperattn_jax.backends import pallas_mosaic_gpu
+from hyperattn_jax.kernels.gpu import hyper
+from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward, indexed_tiled_backward_reference
+from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward_reference
 from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention_backward
+from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import tiled_attention_backward_mosaic
 
 CONFIGS = {"paper": ha.HyperAttentionConfig.paper(), "default": ha.HyperAttentionConfig()}
@@ -62,6 +69,43 @@ def check_kernels(n, head_dim, config, key) -> dict:
     return row
 
 
+def _float32(tiles):
+    return [t._replace(k=None if t.k is None else t.k.astype(jnp.float32),
+                       v=None if t.v is None else t.v.astype(jnp.float32)) for t in tiles]  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scale"))
+def _row_inputs(q, k, v, config, key, scale):
+    """The row-gathering backward's operands for public-layout q, k, v: q and dO rows `[B, T, K, G, H]`, k, v, the
+    float32 twin forward's lse, delta, and the plan's rows (query_index, tiles, every tile's rows)."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q5, k4, v4 = ops.group_queries(q, kv), ops.heads_major(k), ops.heads_major(v)
+    plan = ops.make_plan(q5, k4, key=key, config=config, v=v4)
+    query_index, tiles, rows, _ = hyper.row_operands(k, v, plan, hyper.row_positions(q5.shape),
+                                                     hyper.row_positions(k4.shape), b, None)  # fmt: skip
+    q_rows = q.reshape(b, t, kv, n // kv, h)
+    own = [index if tile.k is None else None for tile, index in zip(tiles, rows, strict=True)]
+    f32 = [x.astype(jnp.float32) for x in (q_rows, k, v)]
+    out, lse = indexed_tiled_forward_reference(*f32, query_index, _float32(tiles), own, scale=scale)
+    do_rows = jax.random.normal(jax.random.key(1), q_rows.shape, q.dtype)
+    delta = jnp.sum(do_rows.astype(jnp.float32) * out, axis=-1).transpose(0, 2, 3, 1)
+    return q_rows, k, v, do_rows, lse, delta, query_index, tiles, rows
+
+
+def check_row_kernels(n, head_dim, config, key) -> dict:
+    """(a) the row-gathering kernels against their float32 twin on the same rows."""
+    q, k, v, _ = _inputs(n, 8, 2, head_dim, seed=n + head_dim)
+    args = _row_inputs(q, k, v, config, key, head_dim**-0.5)
+    f32 = [x.astype(jnp.float32) for x in args[:4]]
+    want = jax.jit(lambda *a: indexed_tiled_backward_reference(*a, None, scale=head_dim**-0.5))(
+        *f32, *args[4:7], _float32(args[7]), args[8]
+    )
+    got = jax.jit(lambda *a: indexed_tiled_backward_mosaic(*a, None, scale=head_dim**-0.5))(*args)
+    row = {"n": n, "head_dim": head_dim}
+    return {**row, **{f"d{x}": _relative(got[i], want[i]) for i, x in enumerate("qkv")}}
+
+
 def _gradients(backward, config, key, causal=False):
     """jitted (q, k, v, g) -> dq, dk, dv of sum(out * g): xla's, or pallas_mosaic_gpu's with this backward."""
 
@@ -76,19 +120,22 @@ def _gradients(backward, config, key, causal=False):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def check_backend(n, head_dim, config, key) -> dict:
-    """(a) pallas_mosaic_gpu's gradients with either backward against xla's, for the same key."""
+CAUSAL_BACKWARDS = ("triton", "mosaic")  # causal calls: the recursion's parts on either row-gathering backward
+
+
+def check_backend(n, head_dim, config, key, causal=False) -> dict:
+    """(a) pallas_mosaic_gpu's gradients with each backward against xla's, for the same key."""
     q, k, v, g = _inputs(n, 8, 2, head_dim, seed=n + head_dim)
-    want = _gradients("xla", config, key)(q, k, v, g)
-    row = {"n": n, "heads": 8, "kv_heads": 2, "head_dim": head_dim}
-    for backward in pallas_mosaic_gpu.BACKWARDS:
-        got = _gradients(backward, config, key)(q, k, v, g)
+    want = _gradients("xla", config, key, causal)(q, k, v, g)
+    row = {"n": n, "heads": 8, "kv_heads": 2, "head_dim": head_dim, "causal": causal}
+    for backward in CAUSAL_BACKWARDS if causal else pallas_mosaic_gpu.BACKWARDS:
+        got = _gradients(backward, config, key, causal)(q, k, v, g)
         row[f"{backward}_vs_xla"] = {f"d{x}": _relative(got[i], want[i]) for i, x in enumerate("qkv")}
     return row
 
 
 def time_kernels(n, config, key) -> dict:
-    """(b) the backward kernels alone on the same sorted copies."""
+    """(b) the backward kernels alone on the same operands: sorted copies, and the rows gathered in the kernels."""
     q, k, v, _ = _inputs(n, 32, 32, 64, seed=n)
     args = _backward_inputs(q, k, v, config, key, 64**-0.5)
     keys_per_query = sum(t.k.shape[3] for t in args[1])
@@ -98,18 +145,25 @@ def time_kernels(n, config, key) -> dict:
         "mosaic_backward": functools.partial(tiled_attention_backward_mosaic, scale=64**-0.5),
     }
     row = {"n": n, "keys_per_query": keys_per_query, "flops": flops}
-    return {**row, **time_kernels_on(kernels, args, flops, baseline="triton_backward")}
+    sorted_copies = time_kernels_on(kernels, args, flops, baseline="triton_backward")
+    args = _row_inputs(q, k, v, config, key, 64**-0.5)
+    kernels = {
+        "triton_rows_backward": lambda *a: indexed_tiled_backward(*a, None, scale=64**-0.5),
+        "mosaic_rows_backward": lambda *a: indexed_tiled_backward_mosaic(*a, None, scale=64**-0.5),
+    }
+    rows = time_kernels_on(kernels, args, flops, baseline="triton_rows_backward")
+    return {**row, "sorted_copies": sorted_copies, "rows_gathered": rows}
 
 
-def time_end_to_end(n, config, key) -> dict:
-    """(b) non-causal forward+backward: cuDNN, and pallas_mosaic_gpu with each backward."""
+def time_end_to_end(n, config, key, causal=False) -> dict:
+    """(b) forward+backward: cuDNN, and pallas_mosaic_gpu with each backward."""
     q, k, v, g = _inputs(n, 32, 32, 64, seed=n)
-    row = {"n": n, "heads": 32, "kv_heads": 32, "head_dim": 64, "mode": "noncausal_fwdbwd"}
+    row = {"n": n, "heads": 32, "kv_heads": 32, "head_dim": 64, "mode": f"{'' if causal else 'non'}causal_fwdbwd"}
 
-    row["cudnn"] = _time(_functions("cudnn", config, key)[1], q, k, v, g)
-    for backward in pallas_mosaic_gpu.BACKWARDS:
+    row["cudnn"] = _time(_functions("cudnn", config, key, causal)[1], q, k, v, g)
+    for backward in CAUSAL_BACKWARDS if causal else pallas_mosaic_gpu.BACKWARDS:
         name = f"mosaic_forward_{backward}_backward"
-        row[name] = _time(_gradients(backward, config, key), q, k, v, g)
+        row[name] = _time(_gradients(backward, config, key, causal), q, k, v, g)
         if "ms" in row["cudnn"] and "ms" in row[name]:
             row[f"ratio_cudnn_over_{name}"] = row["cudnn"]["ms"] / row[name]["ms"]
     return row
@@ -126,17 +180,21 @@ def main():
     args = parser.parse_args()
     key = jax.random.key(0)
     record = {"note": args.note, "configs": {name: dataclasses.asdict(c) for name, c in CONFIGS.items()}}
-    record.update(batch=1, dtype="bfloat16", kernel_checks=[], checks=[], kernels=[], timings=[])
+    record.update(batch=1, dtype="bfloat16", kernel_checks=[], row_kernel_checks=[], checks=[], kernels=[],
+                  timings=[])  # fmt: skip
     recorder = Recorder(record, args.out, args.budget_s)
     add = recorder.add
     for name, config in CONFIGS.items():
         for h in [int(x) for x in args.head_dims.split(",")]:
             add("kernel_checks", lambda c=config, h=h: check_kernels(args.check_n, h, c, key), config=name)
-            add("checks", lambda c=config, h=h: check_backend(args.check_n, h, c, key), config=name)
+            add("row_kernel_checks", lambda c=config, h=h: check_row_kernels(args.check_n, h, c, key), config=name)
+            for causal in (False, True):
+                add("checks", lambda c=config, h=h, z=causal: check_backend(args.check_n, h, c, key, z), config=name)
     for n in [int(x) for x in args.n.split(",") if x]:
         for name, config in CONFIGS.items():
             add("kernels", lambda n=n, c=config: time_kernels(n, c, key), config=name)
-            add("timings", lambda n=n, c=config: time_end_to_end(n, c, key), config=name)
+            for causal in (False, True):
+                add("timings", lambda n=n, c=config, z=causal: time_end_to_end(n, c, key, z), config=name)
     recorder.finish()
 
 
