@@ -142,12 +142,13 @@ def softmax_start(block_q: int, head_dim: int) -> SoftmaxState:
 
 
 def attend_chunk(state, q_smem, k_smem, v_smem, w_smem, *, scale, p_smem=None, before_weights=None,
-                 before_values=None, after_qk=None) -> SoftmaxState:  # fmt: skip
+                 before_values=None, after_qk=None, mask=None) -> SoftmaxState:  # fmt: skip
     """One key chunk into the online softmax: S = q k^T (wgmma from shared memory), plus the keys' base-2
     log-weights `w_smem` (None: all 0), P = exp2(S - max), acc += P v (wgmma with P in registers, or through
     `p_smem` where given: the interpreter's case). `before_weights` / `before_values`: waits (e.g. on the TMA
     barriers of w and v) run just before each is first read, so the copies overlap the QK product. `after_qk`: runs
-    once the QK wgmma is issued, before its result is awaited (a ping-pong schedule's hand-over)."""
+    once the QK wgmma is issued, before its result is awaited (a ping-pong schedule's hand-over). `mask`: S (base 2,
+    `[block_q, block_k]`, WGMMA layout) -> S with the masked scores -inf (a causal diagonal)."""
     block_q, block_k = q_smem.shape[0], k_smem.shape[0]
     dtype = q_smem.dtype
 
@@ -163,6 +164,8 @@ def attend_chunk(state, q_smem, k_smem, v_smem, w_smem, *, scale, p_smem=None, b
             before_weights()
         w = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
         s = s + lax.broadcast_in_dim(w, s.shape, [1])
+    if mask is not None:
+        s = mask(s)
     new_max = jnp.maximum(state.row_max, s.max(axis=1))
     p = jnp.exp2(s - lax.broadcast_in_dim(new_max, s.shape, [0]))
     correction = jnp.exp2(state.row_max - new_max)
