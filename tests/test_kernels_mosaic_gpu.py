@@ -533,7 +533,7 @@ def test_backend_backwards_on_mosaic_match_the_triton_one(rng, monkeypatch):
     # The estimate's backward on the Mosaic kernels, rows gathered in the kernel ("mosaic") or on sorted copies
     # ("mosaic_sorted"), against the Triton kernels for the same plan and forward: only the backward kernels differ.
     # The default config: shrunk samples, whose dv goes back through their value mix; causal too ("mosaic": the
-    # recursion's parts after the base case on the Mosaic kernels).
+    # recursion's parts after the base case on the row-gathering kernels, the base case on the flash kernels).
     from hyperattn_jax.backends import pallas_mosaic_gpu
 
     cfg = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=64, num_probe_queries=64)
@@ -541,9 +541,10 @@ def test_backend_backwards_on_mosaic_match_the_triton_one(rng, monkeypatch):
     key = jax.random.key(int(rng.integers(1 << 30)))
     d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)  # fixed: the gradients are the kernels' alone
     calls = []
-    original = pallas_mosaic_gpu.indexed_tiled_backward_mosaic
-    monkeypatch.setattr(pallas_mosaic_gpu, "indexed_tiled_backward_mosaic",
-                        lambda *a, **kw: calls.append(1) or original(*a, **kw))  # fmt: skip
+    for name in ("indexed_tiled_backward_mosaic", "flash_backward_rows_mosaic"):
+        original = getattr(pallas_mosaic_gpu, name)
+        monkeypatch.setattr(pallas_mosaic_gpu, name, lambda *a, name=name, original=original, **kw: calls.append(name)
+                            or original(*a, **kw))  # fmt: skip
 
     def gradients(backward, causal):
         def loss(q, k, v):
@@ -553,11 +554,12 @@ def test_backend_backwards_on_mosaic_match_the_triton_one(rng, monkeypatch):
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-    cases = [("mosaic", False), ("mosaic_sorted", False), ("mosaic", True)]
-    for (backward, causal), expect_rows in zip(cases, (True, False, True), strict=True):
+    mosaic_kernels = {("mosaic", False): {"indexed_tiled_backward_mosaic"}, ("mosaic_sorted", False): set(),
+                      ("mosaic", True): {"indexed_tiled_backward_mosaic", "flash_backward_rows_mosaic"}}  # fmt: skip
+    for (backward, causal), expected in mosaic_kernels.items():
         calls.clear()
         got, want = gradients(backward, causal), gradients("triton", causal)
-        assert bool(calls) == expect_rows, (backward, causal)
+        assert set(calls) == expected, (backward, causal, calls)
         for a, b in zip(got, want, strict=True):
             assert a.shape == b.shape and a.dtype == b.dtype
             assert float(jnp.max(jnp.abs(b.astype(jnp.float32)))) > 0

@@ -12,11 +12,12 @@ their gradients in place (`kernels/mosaic_gpu/indexed_backward.py`: the non-caus
 recursion's parts after the base case), where the plan and shapes allow, else on the Mosaic kernels on sorted
 copies (`kernels/mosaic_gpu/tiled_backward.py`, also `backward="mosaic_sorted"`; at 32k on an H100 forward+backward
 took 1.13x the time it takes with the default Triton backward; the row-gathering backward has not run on a GPU).
+The causal base case's forward is cuDNN's where it runs, else the Mosaic flash kernel (`kernels/mosaic_gpu/flash.py`);
+its backward the Triton flash kernels, or with `backward="mosaic"` the Mosaic ones (not yet run on a GPU).
 What still runs on the Triton path (`pallas_triton`, `kernels/gpu/`), unchanged: the LSH hash and column-mass probe
-kernels that feed `ops.make_plan`, the backward by default, the causal base case (cuDNN or the Triton flash kernel
-forward, the Triton flash backward) and exact attention (S <= min_seq_len). So the plan and random draws are the
-same as the xla and Triton paths' for the same key, and the two GPU backends differ only in their attention
-kernels.
+kernels that feed `ops.make_plan`, the backward by default and exact attention (S <= min_seq_len). So the plan and
+random draws are the same as the xla and Triton paths' for the same key, and the two GPU backends differ only in
+their attention kernels.
 
 Selectable only by name (`implementation="pallas_mosaic_gpu"`): `implementation=None` keeps picking `pallas_triton`,
 faster on the H100 (at 131k the row-gathering kernel ran at 0.66-0.94x the Triton one's speed: docs/kernels.md).
@@ -32,9 +33,13 @@ import jax.numpy as jnp
 from hyperattn_jax._layout import ungroup_output
 from hyperattn_jax.backends import pallas_triton
 from hyperattn_jax.kernels.gpu import hyper
+from hyperattn_jax.kernels.gpu.causal import RecursionKernels
+from hyperattn_jax.kernels.gpu.flash import flash_backward_rows, flash_forward_rows
 from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
+from hyperattn_jax.kernels.mosaic_gpu.flash import flash_backward_rows_mosaic, flash_forward_rows_mosaic
+from hyperattn_jax.kernels.mosaic_gpu.flash import unsupported_shape as unsupported_flash
 from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import unsupported_shape as unsupported_backward
 from hyperattn_jax.kernels.mosaic_gpu.indexed_forward import indexed_tiled_forward_mosaic
@@ -163,20 +168,44 @@ def level_backward(q_rows, k, v, do_rows, lse, delta, query_index, tiles, rows, 
     return indexed_tiled_backward(*args, scale=scale, tuning=tuning, interpret=interpret, value_mixes=value_mixes)
 
 
+def base_forward(q_rows, k, v, *, scale, segment, tuning, out_dtype, interpret):
+    """The causal recursion's base case where cuDNN does not run: the Mosaic flash kernel where it takes the shapes,
+    else the Triton one (`flash_forward_rows`' arguments)."""
+    if unsupported_flash(q_rows, segment) is None:
+        return flash_forward_rows_mosaic(q_rows, k, v, scale=scale, segment=segment, out_dtype=out_dtype,
+                                         interpret=interpret)  # fmt: skip
+    return flash_forward_rows(q_rows, k, v, scale=scale, segment=segment, tuning=tuning, out_dtype=out_dtype,
+                              interpret=interpret)  # fmt: skip
+
+
+def base_backward(q_rows, k, v, do_rows, lse, out_rows, d_lse, *, scale, segment, tuning, interpret):
+    """The base case's gradients: on the Mosaic flash kernels where they take the shapes, else the Triton ones
+    (`flash_backward_rows`' arguments)."""
+    args = (q_rows, k, v, do_rows, lse, out_rows, d_lse)
+    if unsupported_flash(q_rows, segment) is None:
+        return flash_backward_rows_mosaic(*args, scale=scale, segment=segment, interpret=interpret)
+    return flash_backward_rows(*args, scale=scale, segment=segment, tuning=tuning, interpret=interpret)
+
+
+# the fused causal recursion's kernels: the forward's on Mosaic GPU, the backward's on Triton or Mosaic GPU
+FORWARD_KERNELS = RecursionKernels(level_forward=level_forward, base_forward=base_forward)
+MOSAIC_KERNELS = FORWARD_KERNELS._replace(level_backward=level_backward, base_backward=base_backward)
+
+
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False, backward="triton"):
     """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32.
     `backward`: "triton", the Triton path's kernels that gather their rows (the default: measured faster); "mosaic",
     the Mosaic GPU kernels that gather their rows (`kernels/mosaic_gpu/indexed_backward.py`; for causal calls the
-    recursion's parts after the base case) where the plan allows, else the Mosaic kernels on sorted copies
+    recursion's parts after the base case, and the base case on the Mosaic flash kernels) where the plan allows, else
+    the Mosaic kernels on sorted copies
     (`kernels/mosaic_gpu/tiled_backward.py`); "mosaic_sorted", always those (non-causal calls; causal ones as
     "mosaic"). docs/kernels.md has what was measured."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
-    if causal or config.attends_exactly(k.shape[1]):  # the Triton path, with the recursion's parts on Mosaic
-        parts_backward = indexed_tiled_backward if backward == "triton" else level_backward
+    if causal or config.attends_exactly(k.shape[1]):  # the Triton path's recursion, with its kernels on Mosaic
+        kernels = FORWARD_KERNELS if backward == "triton" else MOSAIC_KERNELS
         return pallas_triton.attention(q, k, v, key, kv_length, hash_key, config=config, causal=causal, scale=scale,
-                                       interpret=interpret, level_forward=level_forward,
-                                       level_backward=parts_backward)  # fmt: skip
+                                       interpret=interpret, recursion_kernels=kernels)  # fmt: skip
     # the same plan as pallas_triton's; its rows feed the Triton backward
     plan, rows = pallas_triton.plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale,
                                              interpret=interpret)  # fmt: skip

@@ -14,12 +14,10 @@ import jax.numpy as jnp
 from hyperattn_jax._layout import group_queries, heads_major, ungroup_output
 from hyperattn_jax.backends import xla
 from hyperattn_jax.kernels.gpu import hyper
+from hyperattn_jax.kernels.gpu.causal import RecursionKernels, recursion_shape
 from hyperattn_jax.kernels.gpu.causal import estimate as causal_estimate
-from hyperattn_jax.kernels.gpu.causal import recursion_shape
 from hyperattn_jax.kernels.gpu.flash import flash_attention
 from hyperattn_jax.kernels.gpu.hyper import hyper_attention_pallas
-from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward
-from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 from hyperattn_jax.ops.causal import (
     AttentionParts,
@@ -33,6 +31,7 @@ from hyperattn_jax.ops.plan import make_plan
 from hyperattn_jax.ops.tiles import plan_rows
 
 NAME = "pallas_triton"
+TRITON_KERNELS = RecursionKernels()  # the fused causal recursion's kernels: these Triton ones
 PLATFORMS = ("gpu",)
 
 
@@ -82,10 +81,9 @@ def plan_and_rows(q, k, v, key, kv_length, hash_key, *, config, scale, interpret
 
 
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False,
-              level_forward=indexed_tiled_forward, level_backward=indexed_tiled_backward):  # fmt: skip
+              recursion_kernels=TRITON_KERNELS):  # fmt: skip
     """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32.
-    `level_forward`, `level_backward`: the kernels the fused causal recursion runs its parts after the base case on
-    (another backend's, with `indexed_tiled_forward`'s and `indexed_tiled_backward`'s arguments)."""
+    `recursion_kernels`: the kernels the fused causal recursion runs (another backend's in the Triton ones' place)."""
     tuning = TiledKernelConfig()
     approximate = not config.attends_exactly(k.shape[1])
     if approximate and not causal:  # the plan from ops (fed by the hash/probe kernels), then the kernels' estimate
@@ -97,7 +95,7 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
     length = causal_padded_length(t, rest_config)
     shape = recursion_shape(length, q.shape[-1], rest_config) if approximate and sinks < t else None
     if shape is not None:  # the fused recursion: one custom_vjp over the base case and every level's kernels
-        static = (rest_config, float(scale), tuning, bool(interpret), shape, level_forward, level_backward)
+        static = (rest_config, float(scale), tuning, bool(interpret), shape, recursion_kernels)
 
         def fused(q, k, v):  # on the recursion's padded length (`ops.causal_padded_length`), the padding dropped
             out, lse = causal_estimate(*(pad_positions(x, length, axis=1) for x in (q, k, v)), key, hash_key, static)

@@ -22,6 +22,8 @@ Residuals: q, k, v, out, lse and the plans (int32 orders and samples).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 
@@ -37,6 +39,8 @@ from hyperattn_jax.kernels.gpu.hyper import (
     row_operands,
     row_positions,
 )
+from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward
+from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
 from hyperattn_jax.ops.causal import (
     causal_window,
     level_kv_length,
@@ -50,6 +54,16 @@ from hyperattn_jax.ops.causal import (
 )
 from hyperattn_jax.ops.keys import level_keys
 from hyperattn_jax.ops.plan import exact_plan, make_plan, plan_projections
+
+
+class RecursionKernels(NamedTuple):
+    """The kernels the fused recursion runs, each taking the Triton kernel's arguments: another backend puts its own
+    in their place (the Mosaic GPU backend's adapters)."""
+
+    level_forward: Callable = indexed_tiled_forward  # every part after the base case, merged into out, lse in place
+    level_backward: Callable = indexed_tiled_backward  # their gradients, added into the accumulators in place
+    base_forward: Callable = flash_forward_rows  # the base case where cuDNN does not run
+    base_backward: Callable = flash_backward_rows  # the base case's gradients: the accumulators' first part
 
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
@@ -96,15 +110,12 @@ def _part_rows(b: int, kv_heads: int, groups: int, t: int, depth: int, segment: 
 def estimate(q, k, v, key, hash_key, static):
     """Causal HyperAttention on the fused kernels for shapes `recursion_shape` accepts: q `[B, T, N, H]`, k, v
     `[B, T, K, H]` (public layout) -> out `[B, T, N, H]` (q's dtype), lse `[B, K, G, T]` float32.
-    `static` = (config, scale, TiledKernelConfig, interpret, recursion_shape(...), level_forward, level_backward):
-    level_forward runs every part after the base case, `indexed_tiled_forward` or a kernel with its arguments and
-    `merge_into` (the Mosaic GPU backend's), level_backward their gradients, `indexed_tiled_backward` or a kernel
-    with its arguments."""
+    `static` = (config, scale, TiledKernelConfig, interpret, recursion_shape(...), RecursionKernels)."""
     return _causal_fwd(q, k, v, key, hash_key, static)[0]
 
 
 def _causal_fwd(q, k, v, key, hash_key, static):
-    config, scale, tuning, interpret, (depth, segment, flash_tuning), level_forward, _ = static
+    config, scale, tuning, interpret, (depth, segment, flash_tuning), kernels = static
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     window = causal_window(config)
@@ -116,7 +127,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     if cudnn is not None:
         out, lse = cudnn[0].reshape(q_rows.shape), cudnn[1].reshape(b, kv_heads, n // kv_heads, t)
     else:
-        out, lse = flash_forward_rows(
+        out, lse = kernels.base_forward(
             q_rows, k, v, scale=scale, segment=segment, tuning=flash_tuning, out_dtype=q.dtype, interpret=interpret
         )
     q5, k4, v4 = grouped_inputs(q, k, v)  # for shapes (and the jnp probe where the probe kernels do not fit)
@@ -151,7 +162,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     # batch element p % B) and merges by lse into out, lse in place.
     for plan, (query_rows, key_rows, kv_length) in zip(plans, rows, strict=True):
         query_index, tiles, _, key_index = row_operands(k, v, plan, query_rows, key_rows, b, kv_length, tuning)
-        out, lse = level_forward(
+        out, lse = kernels.level_forward(
             q_rows, k, v, query_index, tiles, key_index, scale=scale, tuning=tuning, interpret=interpret,
             merge_into=(out, lse),
         )  # fmt: skip
@@ -160,7 +171,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
 
 
 def _causal_bwd(static, residuals, cotangents):
-    config, scale, tuning, interpret, (depth, segment, flash_tuning), _, level_backward = static
+    config, scale, tuning, interpret, (depth, segment, flash_tuning), kernels = static
     q, k, v, out, lse, plans = residuals
     d_out, d_lse = cotangents
     lse = finite_or_zero(lse)
@@ -168,7 +179,7 @@ def _causal_bwd(static, residuals, cotangents):
     kv_heads = k.shape[2]
     q_rows, do_rows, out_rows = (x.astype(q.dtype).reshape(b, t, kv_heads, n // kv_heads, h) for x in (q, d_out, out))
     # The base case's kernels write the float32 accumulators (and delta); every other part's kernels add their rows.
-    grads, delta = flash_backward_rows(
+    grads, delta = kernels.base_backward(
         q_rows, k, v, do_rows, lse, out_rows, d_lse, scale=scale, segment=segment, tuning=flash_tuning,
         interpret=interpret,
     )  # fmt: skip
@@ -176,7 +187,7 @@ def _causal_bwd(static, residuals, cotangents):
     for plan, (query_rows, key_rows, kv_length) in zip(plans, rows, strict=True):
         grads = estimate_backward_rows(
             q_rows, k, v, do_rows, lse, delta, plan, query_rows, key_rows, grads, scale=scale, tuning=tuning,
-            interpret=interpret, kv_length=kv_length, kernel=level_backward,
+            interpret=interpret, kv_length=kv_length, kernel=kernels.level_backward,
         )  # fmt: skip
     dq, dk, dv = grads
     return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
