@@ -15,6 +15,10 @@ rows (measured); the row-gathering rows are not yet measured (--budget-s bounds 
   FLOP rates (the backward's useful 10 B N T keys-per-query H); and forward+backward end to end: cuDNN, and
   `pallas_mosaic_gpu` with each backward (non-causal), with "triton" and "mosaic" (causal). Median of many blocking
   calls after warm-up, all in this one process: compare ratios within the run.
+(c) The causal base case (segment-causal flash attention with lse, `kernels/mosaic_gpu/flash.py`): the Mosaic kernels
+  against their jnp twins at `--check-n` (GQA 8/2, H 64 and 128, segment 1024), and timed at `--n` in segments of
+  `--segment` (B=1, N=K=32, H=64): forward against cuDNN's (`cudnn_segment_forward`) and the Triton kernel, backward
+  (the final lse and output given) against the Triton one.
 Guard: a failing call is recorded and the rest still runs; no timing starts after --budget-s seconds.
 """
 
@@ -31,10 +35,13 @@ from check_mosaic_gpu import Recorder, _blocked, _functions, _inputs, _relative,
 import hyperattn_jax as ha
 from hyperattn_jax import ops
 from hyperattn_jax.backends import pallas_mosaic_gpu
-from hyperattn_jax.kernels.gpu import hyper
+from hyperattn_jax.kernels.gpu import flash, hyper
+from hyperattn_jax.kernels.gpu.causal import recursion_shape
+from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
 from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward, indexed_tiled_backward_reference
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward_reference
 from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention_backward
+from hyperattn_jax.kernels.mosaic_gpu.flash import flash_backward_rows_mosaic, flash_forward_rows_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import tiled_attention_backward_mosaic
 
@@ -169,19 +176,73 @@ def time_end_to_end(n, config, key, causal=False) -> dict:
     return row
 
 
+def _flash_inputs(n, heads, kv_heads, head_dim, segment):
+    """q rows `[1, n, K, G, H]`, k, v, the twin's out (bf16) and lse, a cotangent and a d lse, for segments."""
+    q, k, v, g = _inputs(n, heads, kv_heads, head_dim, seed=n + head_dim)
+    q_rows, do_rows = (x.reshape(1, n, kv_heads, heads // kv_heads, head_dim) for x in (q, g))
+    f32 = [x.astype(jnp.float32) for x in (q_rows, k, v)]
+    out, lse = jax.jit(flash.flash_forward_rows_reference, static_argnames=("scale", "segment", "out_dtype"))(
+        *f32, scale=head_dim**-0.5, segment=segment, out_dtype=jnp.float32
+    )
+    d_lse = 0.1 * jax.random.normal(jax.random.key(2), lse.shape, jnp.float32)
+    return (q_rows, k, v, do_rows, lse, out.astype(q.dtype), d_lse), f32, out
+
+
+def check_flash(n, head_dim, segment) -> dict:
+    """(c) the Mosaic flash kernels against their jnp twins."""
+    (q_rows, k, v, do_rows, lse, out16, d_lse), f32, out = _flash_inputs(n, 8, 2, head_dim, segment)
+    scale = head_dim**-0.5
+    got_out, got_lse = jax.jit(lambda *a: flash_forward_rows_mosaic(*a, scale=scale, segment=segment,
+                                                                    out_dtype=jnp.float32))(q_rows, k, v)  # fmt: skip
+    (dq, dk, dv), delta = jax.jit(lambda *a: flash_backward_rows_mosaic(*a, scale=scale, segment=segment))(
+        q_rows, k, v, do_rows, lse, out16, d_lse
+    )
+    want, want_delta = jax.jit(lambda *a: flash.flash_backward_rows_reference(*a, scale=scale, segment=segment))(
+        *f32, do_rows.astype(jnp.float32), lse, out16.astype(jnp.float32), d_lse
+    )
+    row = {"n": n, "head_dim": head_dim, "segment": segment, "out": _relative(got_out, out)}
+    row.update(lse_max_abs=float(jnp.max(jnp.abs(got_lse - lse))), delta=_relative(delta, want_delta))
+    return {**row, **{f"d{x}": _relative(g, w) for x, g, w in zip("qkv", (dq, dk, dv), want, strict=True)}}
+
+
+def time_flash(n, segment) -> dict:
+    """(c) the base case alone at n: forward (cuDNN, Triton, Mosaic) and backward (Triton, Mosaic)."""
+    args, _, _ = _flash_inputs(n, 32, 32, 64, segment)
+    q_rows, k, v = args[:3]
+    _, _, tuning = recursion_shape(n, 64, ha.HyperAttentionConfig.paper(min_seq_len=segment))
+    scale = 64**-0.5
+    q = q_rows.reshape(1, n, 32, 64)
+    forwards = {
+        "cudnn": lambda q_rows, k, v: cudnn_segment_forward(q, k, v, scale=scale, segment=segment),
+        "triton": lambda *a: flash.flash_forward_rows(*a, scale=scale, segment=segment, tuning=tuning,
+                                                      out_dtype=q.dtype),
+        "mosaic": lambda *a: flash_forward_rows_mosaic(*a, scale=scale, segment=segment, out_dtype=q.dtype),
+    }  # fmt: skip
+    backwards = {
+        "triton": lambda *a: flash.flash_backward_rows(*a, scale=scale, segment=segment, tuning=tuning,
+                                                       interpret=False),
+        "mosaic": lambda *a: flash_backward_rows_mosaic(*a, scale=scale, segment=segment),
+    }  # fmt: skip
+    row = {"n": n, "segment": segment, "heads": 32, "head_dim": 64}
+    row["forward"] = {name: _time(jax.jit(fn), q_rows, k, v) for name, fn in forwards.items()}
+    row["backward"] = {name: _time(jax.jit(fn), *args) for name, fn in backwards.items()}
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="experiments/results/mosaic_backward.json")
     parser.add_argument("--check-n", type=int, default=8192)
     parser.add_argument("--n", default="32768,131072")
     parser.add_argument("--head-dims", default="64,128", help="head dims of (a)")
+    parser.add_argument("--segment", type=int, default=4096, help="(c): the base case's segment length")
     parser.add_argument("--budget-s", type=float, default=300.0, help="start no timing after this many seconds")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     key = jax.random.key(0)
     record = {"note": args.note, "configs": {name: dataclasses.asdict(c) for name, c in CONFIGS.items()}}
-    record.update(batch=1, dtype="bfloat16", kernel_checks=[], row_kernel_checks=[], checks=[], kernels=[],
-                  timings=[])  # fmt: skip
+    record.update(batch=1, dtype="bfloat16", kernel_checks=[], row_kernel_checks=[], checks=[], flash_checks=[],
+                  kernels=[], timings=[], flash_timings=[])  # fmt: skip
     recorder = Recorder(record, args.out, args.budget_s)
     add = recorder.add
     for name, config in CONFIGS.items():
@@ -190,7 +251,10 @@ def main():
             add("row_kernel_checks", lambda c=config, h=h: check_row_kernels(args.check_n, h, c, key), config=name)
             for causal in (False, True):
                 add("checks", lambda c=config, h=h, z=causal: check_backend(args.check_n, h, c, key, z), config=name)
+    for h in [int(x) for x in args.head_dims.split(",")]:
+        add("flash_checks", lambda h=h: check_flash(args.check_n, h, 1024))
     for n in [int(x) for x in args.n.split(",") if x]:
+        add("flash_timings", lambda n=n: time_flash(n, args.segment))
         for name, config in CONFIGS.items():
             add("kernels", lambda n=n, c=config: time_kernels(n, c, key), config=name)
             for causal in (False, True):
