@@ -600,6 +600,49 @@ def test_indexed_backward_lowers_to_mosaic_gpu_for_cuda():
         assert instruction in text, instruction
 
 
+def test_mosaic_backward_and_flash_refuse_what_they_cannot_run(rng, monkeypatch):
+    # Clear errors before any kernel, and the backend's adapters fall back to the Triton kernels for such shapes (the
+    # recursion's parts and base case where their query blocks or segments are not whole 64-row chunks).
+    from hyperattn_jax.backends import pallas_mosaic_gpu
+    from hyperattn_jax.kernels.mosaic_gpu.flash import flash_forward_rows_mosaic
+    from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
+
+    t, h = 256, 64
+    q_rows = jnp.zeros((1, t, 1, 1, h), jnp.bfloat16)
+    k = v = jnp.zeros((1, t, 1, h), jnp.bfloat16)
+    stats = jnp.zeros((1, 1, 1, t), jnp.float32)
+    query_index = jnp.arange(t, dtype=jnp.int32).reshape(1, 1, 1, 8, 32)
+    tiles, rows = [ops.KeyTile(None, None, None)], [jnp.arange(t, dtype=jnp.int32).reshape(1, 1, 8, 32)]
+    with pytest.raises(ValueError, match="multiple of 64 slots"):
+        indexed_tiled_backward_mosaic(q_rows, k, v, q_rows, stats, stats, query_index, tiles, rows, None, scale=0.1)
+    with pytest.raises(ValueError, match="per-block tiles must hold a multiple of 64 keys"):
+        indexed_tiled_backward_mosaic(q_rows, k, v, q_rows, stats, stats, query_index.reshape(1, 1, 1, 2, 128),
+                                      tiles, rows, None, scale=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="head dims"):
+        indexed_tiled_backward_mosaic(q_rows.astype(jnp.float32), k, v, q_rows, stats, stats, query_index, tiles, rows,
+                                      None, scale=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="segments of a multiple of 64"):
+        flash_forward_rows_mosaic(q_rows, k, v, scale=0.1, segment=96, out_dtype=jnp.bfloat16)
+    # causal, blocks of 32 queries and a base case of 32 positions: no Mosaic kernel of the recursion takes them
+    called = []
+    for name in ("indexed_tiled_backward_mosaic", "flash_backward_rows_mosaic", "flash_forward_rows_mosaic"):
+        original = getattr(pallas_mosaic_gpu, name)
+        monkeypatch.setattr(pallas_mosaic_gpu, name, lambda *a, name=name, original=original, **kw: called.append(name)
+                            or original(*a, **kw))  # fmt: skip
+    cfg = ha.HyperAttentionConfig.paper(block_size=32, sample_size=32, min_seq_len=32)
+    q, k, v = _planted(rng, t=128, n=1, kv=1, h=h, dtype=jnp.bfloat16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+
+    def loss(q, k, v):
+        out, _ = pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=True, scale=0.125,
+                                             interpret=True, backward="mosaic")  # fmt: skip
+        return jnp.sum(out.astype(jnp.float32))
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    assert not called, called
+    assert all(float(jnp.max(jnp.abs(g.astype(jnp.float32)))) > 0 for g in grads)
+
+
 @pytest.mark.parametrize(
     ("h", "groups", "segment", "dtype"),
     [
