@@ -600,6 +600,39 @@ def test_indexed_backward_lowers_to_mosaic_gpu_for_cuda():
         assert instruction in text, instruction
 
 
+def test_hash_matches_lsh_ranks_and_feeds_the_backend(rng, monkeypatch):
+    # The Mosaic hash against the jnp ranks (five causal levels' hyperplanes at once, two 64-position steps per
+    # program); the backend's plans take their ranks from it, non-causal and causal, and match the xla path's.
+    from hyperattn_jax.backends import pallas_mosaic_gpu
+    from hyperattn_jax.kernels.mosaic_gpu.hash import lsh_ranks_mosaic
+    from hyperattn_jax.lsh import lsh_projections, lsh_ranks
+
+    x = jnp.asarray(rng.standard_normal((2, 256, 3, 64)), jnp.bfloat16)
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 5)
+    projection_sets = [lsh_projections(key, 64, 7) for key in keys]
+    got = jax.jit(lambda x: lsh_ranks_mosaic(x, projection_sets, chunks=2))(x)
+    for rank, want in zip(got, lsh_ranks(x, projection_sets), strict=True):
+        want = jnp.swapaxes(want, 1, 2)  # [B, T, N] -> the kernel's [B, N, T]
+        assert rank.dtype == jnp.int32 and rank.shape == want.shape and int(jnp.max(want)) > 64
+        # a sign bit may differ only within float32 rounding of a hyperplane (measured: none of 1536)
+        assert int(jnp.sum(rank != want)) <= 3
+    hashed = []
+    original = pallas_mosaic_gpu.lsh_ranks_mosaic
+    monkeypatch.setattr(pallas_mosaic_gpu, "lsh_ranks_mosaic", lambda *a, **kw: hashed.append(1) or original(*a, **kw))
+    cfg = ha.HyperAttentionConfig.paper(block_size=64, sample_size=64, min_seq_len=64)
+    q, k, v = _planted(rng, t=256, n=2, kv=1, h=64, dtype=jnp.bfloat16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    for causal in (False, True):
+        hashed.clear()
+        out = {
+            implementation: ha.hyper_attention(q, k, v, key=key, config=cfg, causal=causal,
+                                               implementation=implementation, interpret=implementation != "xla")
+            for implementation in ("xla", "pallas_mosaic_gpu")
+        }  # fmt: skip
+        assert len(hashed) == 2, (causal, hashed)  # q and k
+        assert _relative(out["pallas_mosaic_gpu"], out["xla"]) < 1e-2
+
+
 def test_mosaic_backward_and_flash_refuse_what_they_cannot_run(rng, monkeypatch):
     # Clear errors before any kernel, and the backend's adapters fall back to the Triton kernels for such shapes (the
     # recursion's parts and base case where their query blocks or segments are not whole 64-row chunks).
@@ -680,6 +713,19 @@ def test_flash_rows_match_their_twins(rng, h, groups, segment, dtype):
     for a, b_ in zip(got, want, strict=True):
         assert a.dtype == jnp.float32 and float(jnp.max(jnp.abs(b_))) > 0.1
         assert _relative(a, b_) < 5e-3, _relative(a, b_)  # measured 1.5e-3..1.8e-3 (P, dS rounded to 16 bits)
+
+
+def test_hash_lowers_to_mosaic_gpu_for_cuda():
+    from hyperattn_jax.kernels.mosaic_gpu.hash import lsh_ranks_mosaic
+    from hyperattn_jax.lsh import lsh_projections
+
+    h = 128
+    projection_sets = [lsh_projections(key, h, 7) for key in jax.random.split(jax.random.key(0), 5)]
+    x = jax.ShapeDtypeStruct((1, 4096, 4, h), jnp.bfloat16)
+    text = jax.jit(lambda x: lsh_ranks_mosaic(x, projection_sets, interpret=False)).trace(x)
+    text = text.lower(lowering_platforms=("cuda",)).as_text()
+    for instruction in ("cp.async.bulk.tensor", "wgmma.mma_async.sync.aligned.m64n64k16"):
+        assert instruction in text, instruction
 
 
 def test_flash_kernels_lower_to_mosaic_gpu_for_cuda():

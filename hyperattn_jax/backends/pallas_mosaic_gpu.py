@@ -14,10 +14,12 @@ copies (`kernels/mosaic_gpu/tiled_backward.py`, also `backward="mosaic_sorted"`;
 took 1.13x the time it takes with the default Triton backward; the row-gathering backward has not run on a GPU).
 The causal base case's forward is cuDNN's where it runs, else the Mosaic flash kernel (`kernels/mosaic_gpu/flash.py`);
 its backward the Triton flash kernels, or with `backward="mosaic"` the Mosaic ones (not yet run on a GPU).
-What still runs on the Triton path (`pallas_triton`, `kernels/gpu/`), unchanged: the LSH hash and column-mass probe
-kernels that feed `ops.make_plan`, the backward by default and exact attention (S <= min_seq_len). So the plan and
-random draws are the same as the xla and Triton paths' for the same key, and the two GPU backends differ only in
-their attention kernels.
+The LSH ranks that feed `ops.make_plan` come from the Mosaic hash kernel (`kernels/mosaic_gpu/hash.py`) where it takes
+the shapes. What still runs on the Triton path (`pallas_triton`, `kernels/gpu/`), unchanged: the column-mass probe
+kernels (and the hash of k the non-causal probe is fused into), the backward by default and exact attention
+(S <= min_seq_len). The plan and random draws are the same as the xla and Triton paths' for the same key (a sign bit
+of a score within float32 rounding of a hyperplane may differ, as between the Triton kernel and jnp), so the GPU
+backends differ only in their kernels.
 
 Selectable only by name (`implementation="pallas_mosaic_gpu"`): `implementation=None` keeps picking `pallas_triton`,
 faster on the H100 (at 131k the row-gathering kernel ran at 0.66-0.94x the Triton one's speed: docs/kernels.md).
@@ -40,6 +42,8 @@ from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 from hyperattn_jax.kernels.mosaic_gpu.flash import flash_backward_rows_mosaic, flash_forward_rows_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.flash import unsupported_shape as unsupported_flash
+from hyperattn_jax.kernels.mosaic_gpu.hash import lsh_ranks_mosaic
+from hyperattn_jax.kernels.mosaic_gpu.hash import unsupported_shape as unsupported_hash
 from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import unsupported_shape as unsupported_backward
 from hyperattn_jax.kernels.mosaic_gpu.indexed_forward import indexed_tiled_forward_mosaic
@@ -187,8 +191,16 @@ def base_backward(q_rows, k, v, do_rows, lse, out_rows, d_lse, *, scale, segment
     return flash_backward_rows(*args, scale=scale, segment=segment, tuning=tuning, interpret=interpret)
 
 
+def hash_ranks(x, projection_sets, *, interpret):
+    """LSH ranks on the Mosaic hash kernel where it takes x, else None (the caller hashes on the Triton kernel or in
+    jnp): `hyper.public_layout_ranks`' hash_kernel."""
+    if unsupported_hash(x, projection_sets[0].shape[1], len(projection_sets)) is not None:
+        return None
+    return lsh_ranks_mosaic(x, projection_sets, interpret=interpret)
+
+
 # the fused causal recursion's kernels: the forward's on Mosaic GPU, the backward's on Triton or Mosaic GPU
-FORWARD_KERNELS = RecursionKernels(level_forward=level_forward, base_forward=base_forward)
+FORWARD_KERNELS = RecursionKernels(level_forward=level_forward, base_forward=base_forward, hash=hash_ranks)
 MOSAIC_KERNELS = FORWARD_KERNELS._replace(level_backward=level_backward, base_backward=base_backward)
 
 
@@ -208,6 +220,6 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
                                        interpret=interpret, recursion_kernels=kernels)  # fmt: skip
     # the same plan as pallas_triton's; its rows feed the Triton backward
     plan, rows = pallas_triton.plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale,
-                                             interpret=interpret)  # fmt: skip
+                                             interpret=interpret, hash_kernel=hash_ranks)  # fmt: skip
     static = (float(scale), TILING, TiledKernelConfig(), bool(interpret), backward)
     return estimate(q, k, v, kv_length, plan, rows, static)

@@ -64,6 +64,7 @@ class RecursionKernels(NamedTuple):
     level_backward: Callable = indexed_tiled_backward  # their gradients, added into the accumulators in place
     base_forward: Callable = flash_forward_rows  # the base case where cuDNN does not run
     base_backward: Callable = flash_backward_rows  # the base case's gradients: the accumulators' first part
+    hash: Callable | None = None  # every level's LSH ranks (`public_layout_ranks`' hash_kernel; None: the Triton one)
 
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
@@ -143,7 +144,7 @@ def _causal_fwd(q, k, v, key, hash_key, static):
         q, k, quarters, keys, hash_key=hash_key, shift=window, scale=scale, interpret=interpret
     )
     for level, (level_key, (query_rank, key_rank)) in enumerate(
-        zip(keys, public_layout_ranks(q, k, projections, interpret=interpret), strict=True)
+        zip(keys, public_layout_ranks(q, k, projections, interpret=interpret, hash_kernel=kernels.hash), strict=True)
     ):
         ql, kl, vl = level_problem(q5, k4, v4, level, window)
         kv_length = rows[level - depth][2]  # the level's own part (the prefixes' part, if any, comes first)

@@ -238,13 +238,20 @@ def output_delta(out, d_out, d_lse):
     return jnp.swapaxes(delta, 1, 2).reshape(d_lse.shape) - d_lse.astype(jnp.float32)
 
 
-def public_layout_ranks(q, k, projection_sets, *, interpret):
+def public_layout_ranks(q, k, projection_sets, *, interpret, hash_kernel=None):
     """LSH ranks of q `[B, T, N, H]` and k `[B, S, K, H]` under each projection set, hashed in one pass over the
     public layout (the hash kernel where the shapes allow; no transposed copies of q, k either way) and returned
-    grouped: [(query_rank `[B, K, G, T]`, key_rank `[B, K, S]`), ...], as `make_plan(ranks=...)` takes them."""
+    grouped: [(query_rank `[B, K, G, T]`, key_rank `[B, K, S]`), ...], as `make_plan(ranks=...)` takes them.
+    `hash_kernel`: another backend's, `lsh_ranks_pallas`' arguments, returning None where it cannot take x."""
     kv_heads, width = k.shape[2], projection_sets[0].shape[1]
-    if all(hash_rows(x.shape[1], x.shape[3], x.dtype, width) for x in (q, k)):
-        query_ranks, key_ranks = (lsh_ranks_pallas(x, projection_sets, interpret=interpret) for x in (q, k))
+    ranks = None
+    if hash_kernel is not None:
+        ranks = [hash_kernel(x, projection_sets, interpret=interpret) for x in (q, k)]
+        ranks = None if any(x is None for x in ranks) else ranks
+    if ranks is None and all(hash_rows(x.shape[1], x.shape[3], x.dtype, width) for x in (q, k)):
+        ranks = [lsh_ranks_pallas(x, projection_sets, interpret=interpret) for x in (q, k)]
+    if ranks is not None:
+        query_ranks, key_ranks = ranks
         return [
             (query_rank.reshape(q.shape[0], kv_heads, -1, q.shape[1]), key_rank)
             for query_rank, key_rank in zip(query_ranks, key_ranks, strict=True)
@@ -280,7 +287,7 @@ def kernel_level_probes(q, k, config, level_keys, *, hash_key, shift, scale, int
     return [lambda _, mass=mass, level=level: arranged(mass, level) for level, mass in enumerate(masses)]
 
 
-def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed: bool):
+def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed: bool, hash_kernel=None):
     """The non-causal plan's ranks and `make_plan(probe=...)` function (None where no probe is configured or allowed,
     or the shapes do not fit the probe kernels: make_plan then probes in jnp). The probe rows are those `make_plan`
     picks (`plan_keys(key).probe`); where the hash kernel takes the shapes, the probe's first pass (each probe
@@ -288,7 +295,7 @@ def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowe
     projections = [plan_projections(key, q.shape[-1], config, hash_key)]
     s, kv_heads, width = k.shape[1], k.shape[2], projections[0].shape[1]
     if not (probe_allowed and config.needs_probe) or probe_key_chunk(s, q.shape[-1]) is None:
-        return public_layout_ranks(q, k, projections, interpret=interpret)[0], None
+        return public_layout_ranks(q, k, projections, interpret=interpret, hash_kernel=hash_kernel)[0], None
     index = probe_index(plan_keys(key).probe, q.shape[2] // kv_heads * q.shape[1], config.num_probe_queries)
     probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=1, halves=False)
     lse = None
@@ -298,7 +305,7 @@ def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowe
         ranks = query_rank.reshape(q.shape[0], kv_heads, -1, q.shape[1]), key_rank
         lse = lse[:, None]
     else:
-        ranks = public_layout_ranks(q, k, projections, interpret=interpret)[0]
+        ranks = public_layout_ranks(q, k, projections, interpret=interpret, hash_kernel=hash_kernel)[0]
     (mass,) = probe_mass_pallas([probes], k, cuts=[(s, s)], scale=scale, interpret=interpret, lse=lse)
     return ranks, lambda _: mass[:, 0]  # make_plan passes plan_keys(key).probe: the rows above
 
@@ -313,12 +320,13 @@ def public_grads(dq, dk, dv):
     return ungroup_output(dq), heads_major(dk), heads_major(dv)
 
 
-def plan_inputs(q, k, key, config, hash_key, *, scale, interpret, probe_allowed: bool):
+def plan_inputs(q, k, key, config, hash_key, *, scale, interpret, probe_allowed: bool, hash_kernel=None):
     """What `ops.make_plan` takes from the hash and probe kernels for a non-causal call on public-layout q, k:
     `dict(ranks=..., probe=...)`. q, k enter with their gradients stopped: the plan is a constant of the estimator
-    (and the kernels' pallas_calls are never differentiated)."""
+    (and the kernels' pallas_calls are never differentiated). `hash_kernel` as `public_layout_ranks`' (where no probe
+    is fused into the hash of k)."""
     q, k = jax.lax.stop_gradient((q, k))
-    ranks, probe = _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed)
+    ranks, probe = _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed, hash_kernel)
     return dict(ranks=ranks, probe=probe)
 
 
