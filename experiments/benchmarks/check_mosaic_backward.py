@@ -1,5 +1,6 @@
-"""Device check of the Mosaic GPU tile-attention backwards: on sorted copies (`tiled_attention_backward_mosaic`) and
-with the rows gathered in the kernels (`indexed_tiled_backward_mosaic`).
+"""Device check of the Mosaic GPU kernels after the forward: the tile-attention backwards, on sorted copies
+(`tiled_attention_backward_mosaic`) and with the rows gathered in the kernels (`indexed_tiled_backward_mosaic`), the
+causal base case's flash kernels and the LSH hash.
 
 Command:  PYTHONPATH=. python3 experiments/benchmarks/check_mosaic_backward.py --out $OUT/mosaic_backward.json
 Hardware: one H100 80GB or H200 (Hopper: wgmma, TMA), jax 0.11.2 or newer. Runtime: ~3 min for the sorted-copies
@@ -19,6 +20,8 @@ rows (measured); the row-gathering rows are not yet measured (--budget-s bounds 
   against their jnp twins at `--check-n` (GQA 8/2, H 64 and 128, segment 1024), and timed at `--n` in segments of
   `--segment` (B=1, N=K=32, H=64): forward against cuDNN's (`cudnn_segment_forward`) and the Triton kernel, backward
   (the final lse and output given) against the Triton one.
+(d) The LSH hash (`kernels/mosaic_gpu/hash.py`): ranks against the jnp hash at `--check-n` (mismatches counted), and
+  timed at `--n` (B=1, N=32, H=64, one level of 7 hyperplanes and five levels) against the Triton kernel.
 Guard: a failing call is recorded and the rest still runs; no timing starts after --budget-s seconds.
 """
 
@@ -38,12 +41,15 @@ from hyperattn_jax.backends import pallas_mosaic_gpu
 from hyperattn_jax.kernels.gpu import flash, hyper
 from hyperattn_jax.kernels.gpu.causal import recursion_shape
 from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
+from hyperattn_jax.kernels.gpu.hash import lsh_ranks_pallas
 from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward, indexed_tiled_backward_reference
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward_reference
 from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention_backward
 from hyperattn_jax.kernels.mosaic_gpu.flash import flash_backward_rows_mosaic, flash_forward_rows_mosaic
+from hyperattn_jax.kernels.mosaic_gpu.hash import lsh_ranks_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import tiled_attention_backward_mosaic
+from hyperattn_jax.lsh import lsh_projections, lsh_ranks
 
 CONFIGS = {"paper": ha.HyperAttentionConfig.paper(), "default": ha.HyperAttentionConfig()}
 
@@ -229,6 +235,33 @@ def time_flash(n, segment) -> dict:
     return row
 
 
+def _hash_inputs(n, levels):
+    x = _inputs(n, 32, 32, 64, seed=n)[0]
+    keys = jax.random.split(jax.random.key(levels), levels)
+    return x, [lsh_projections(key, 64, 7) for key in keys]
+
+
+def check_hash(n) -> dict:
+    """(d) the Mosaic ranks against the jnp ones: mismatches (a sign bit within float32 rounding of a hyperplane)."""
+    x, projection_sets = _hash_inputs(n, 5)
+    got = jax.jit(lambda x: lsh_ranks_mosaic(x, projection_sets))(x)
+    want = jax.jit(lambda x: lsh_ranks(x, projection_sets))(x)
+    mismatches = [int(jnp.sum(a != jnp.swapaxes(b, 1, 2))) for a, b in zip(got, want, strict=True)]
+    return {"n": n, "ranks": int(got[0].size), "mismatches_per_level": mismatches}
+
+
+def time_hash(n) -> dict:
+    """(d) one input's hash: Mosaic against Triton, one level and five."""
+    row = {"n": n, "heads": 32, "head_dim": 64, "width": 7}
+    for levels in (1, 5):
+        x, projection_sets = _hash_inputs(n, levels)
+        row[f"levels_{levels}"] = {
+            "triton": _time(jax.jit(lambda x, p=projection_sets: lsh_ranks_pallas(x, p)), x),
+            "mosaic": _time(jax.jit(lambda x, p=projection_sets: lsh_ranks_mosaic(x, p)), x),
+        }
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="experiments/results/mosaic_backward.json")
@@ -242,7 +275,7 @@ def main():
     key = jax.random.key(0)
     record = {"note": args.note, "configs": {name: dataclasses.asdict(c) for name, c in CONFIGS.items()}}
     record.update(batch=1, dtype="bfloat16", kernel_checks=[], row_kernel_checks=[], checks=[], flash_checks=[],
-                  kernels=[], timings=[], flash_timings=[])  # fmt: skip
+                  hash_checks=[], kernels=[], timings=[], flash_timings=[], hash_timings=[])  # fmt: skip
     recorder = Recorder(record, args.out, args.budget_s)
     add = recorder.add
     for name, config in CONFIGS.items():
@@ -253,7 +286,9 @@ def main():
                 add("checks", lambda c=config, h=h, z=causal: check_backend(args.check_n, h, c, key, z), config=name)
     for h in [int(x) for x in args.head_dims.split(",")]:
         add("flash_checks", lambda h=h: check_flash(args.check_n, h, 1024))
+    add("hash_checks", lambda: check_hash(args.check_n))
     for n in [int(x) for x in args.n.split(",") if x]:
+        add("hash_timings", lambda n=n: time_hash(n))
         add("flash_timings", lambda n=n: time_flash(n, args.segment))
         for name, config in CONFIGS.items():
             add("kernels", lambda n=n, c=config: time_kernels(n, c, key), config=name)
