@@ -633,6 +633,36 @@ def test_hash_matches_lsh_ranks_and_feeds_the_backend(rng, monkeypatch):
         assert _relative(out["pallas_mosaic_gpu"], out["xla"]) < 1e-2
 
 
+def test_paper_config_runs_no_triton_kernel_with_the_mosaic_backward(rng, monkeypatch):
+    # paper() (no column-mass probe) on pallas_mosaic_gpu with backward="mosaic": the hash, the estimate, the causal
+    # recursion's base case and parts, and every backward run on Mosaic GPU kernels; no Triton kernel is launched
+    # (every Triton kernel is a `pl.pallas_call`; the Mosaic ones go through `plgpu.kernel`).
+    from jax.experimental import pallas as pl
+
+    from hyperattn_jax.backends import pallas_mosaic_gpu
+
+    triton_kernels = []
+    original = pl.pallas_call
+    monkeypatch.setattr(pl, "pallas_call", lambda *a, **kw: triton_kernels.append(kw.get("name")) or original(*a, **kw))
+    cfg = ha.HyperAttentionConfig.paper(block_size=64, sample_size=64, min_seq_len=64)
+    q, k, v = _planted(rng, t=256, n=2, kv=1, h=64, dtype=jnp.bfloat16)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    # the last case, the Triton backward, shows that the probe sees Triton kernels
+    for causal, backward in ((False, "mosaic"), (True, "mosaic"), (False, "triton")):
+
+        def loss(q, k, v, causal=causal, backward=backward):
+            out, _ = pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=causal, scale=0.125,
+                                                 interpret=True, backward=backward)  # fmt: skip
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+
+        triton_kernels.clear()
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        assert all(float(jnp.max(jnp.abs(g.astype(jnp.float32)))) > 0 for g in grads)
+        if backward == "mosaic":
+            assert not triton_kernels, (causal, triton_kernels)
+    assert "hyper_gathered_attention_dq" in triton_kernels, triton_kernels
+
+
 def test_mosaic_backward_and_flash_refuse_what_they_cannot_run(rng, monkeypatch):
     # Clear errors before any kernel, and the backend's adapters fall back to the Triton kernels for such shapes (the
     # recursion's parts and base case where their query blocks or segments are not whole 64-row chunks).
