@@ -449,33 +449,6 @@ def test_backward_matches_jnp_twin(rng, t, h, n, kv, block, samples, heavy, dtyp
         assert _relative(dv, want_dv) < 5e-3, _relative(dv, want_dv)
 
 
-def test_backend_backward_on_mosaic_matches_the_triton_one(rng):
-    # The non-causal estimate's backward on the Mosaic kernels (sorted copies) against the Triton kernels (rows
-    # gathered in the kernel) for the same plan and forward: only the backward kernels differ.
-    from hyperattn_jax.backends import pallas_mosaic_gpu
-
-    cfg = ha.HyperAttentionConfig.paper(block_size=64, sample_size=64, min_seq_len=64)
-    q, k, v = _planted(rng, t=128, n=2, kv=1, h=64, dtype=jnp.bfloat16)
-    key = jax.random.key(int(rng.integers(1 << 30)))
-    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)  # fixed: the gradients are the kernels' alone
-
-    def gradients(backward):
-        def loss(q, k, v):
-            out, lse = pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=False, scale=0.125,
-                                                   interpret=True, backward=backward)  # fmt: skip
-            return jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(jnp.sin(lse))
-
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-
-    for got, want in zip(gradients("mosaic"), gradients("triton"), strict=True):
-        assert got.shape == want.shape and got.dtype == want.dtype
-        assert float(jnp.max(jnp.abs(want.astype(jnp.float32)))) > 0
-        # both round dS to 16 bits before its products (measured: dq equal after the cast to bf16, dk, dv 1.3e-3)
-        assert _relative(got, want) < 1e-2, _relative(got, want)
-    with pytest.raises(ValueError, match="backward must be one of"):
-        pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=False, scale=0.125, backward="cudnn")
-
-
 @functools.partial(jax.jit, static_argnames="config")
 def _row_backward_problem(q, k, v, config, key):
     """The plan's row operands with every tile's rows (query_index, tiles, rows), as the backward takes them."""
@@ -530,13 +503,18 @@ def test_indexed_backward_matches_jnp_twin(rng, config, h, n, dtype, accumulate)
 
 
 def test_backend_backwards_on_mosaic_match_the_triton_one(rng, monkeypatch):
-    # The estimate's backward on the Mosaic kernels, rows gathered in the kernel ("mosaic") or on sorted copies
+    # The backward on the Mosaic kernels, rows gathered in the kernel ("mosaic") or on sorted copies
     # ("mosaic_sorted"), against the Triton kernels for the same plan and forward: only the backward kernels differ.
-    # The default config: shrunk samples, whose dv goes back through their value mix; causal too ("mosaic": the
-    # recursion's parts after the base case on the row-gathering kernels, the base case on the flash kernels).
+    # The default config (probe, heavy keys, shrunk samples whose dv goes back through their value mix, a window
+    # of 64 keys); causal too ("mosaic": the recursion's parts on the row-gathering kernels, the base case on the
+    # flash kernels). With "mosaic" no Triton kernel runs at all, forward or backward: every Triton kernel is a
+    # `pl.pallas_call` (the Mosaic ones go through `plgpu.kernel`), and the Triton backward shows the probe sees them.
+    from jax.experimental import pallas as pl
+
     from hyperattn_jax.backends import pallas_mosaic_gpu
 
-    cfg = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=64, num_probe_queries=64)
+    cfg = ha.HyperAttentionConfig(block_size=64, sample_size=64, min_seq_len=128, num_probe_queries=16,
+                                  local_window=64)  # fmt: skip
     q, k, v = _planted(rng, t=256, n=2, kv=1, h=64, dtype=jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
     d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)  # fixed: the gradients are the kernels' alone
@@ -545,6 +523,10 @@ def test_backend_backwards_on_mosaic_match_the_triton_one(rng, monkeypatch):
         original = getattr(pallas_mosaic_gpu, name)
         monkeypatch.setattr(pallas_mosaic_gpu, name, lambda *a, name=name, original=original, **kw: calls.append(name)
                             or original(*a, **kw))  # fmt: skip
+    triton_kernels = []
+    original_call = pl.pallas_call
+    monkeypatch.setattr(pl, "pallas_call", lambda *a, **kw: triton_kernels.append(kw.get("name"))
+                        or original_call(*a, **kw))  # fmt: skip
 
     def gradients(backward, causal):
         def loss(q, k, v):
@@ -558,8 +540,13 @@ def test_backend_backwards_on_mosaic_match_the_triton_one(rng, monkeypatch):
                       ("mosaic", True): {"indexed_tiled_backward_mosaic", "flash_backward_rows_mosaic"}}  # fmt: skip
     for (backward, causal), expected in mosaic_kernels.items():
         calls.clear()
-        got, want = gradients(backward, causal), gradients("triton", causal)
+        triton_kernels.clear()
+        got = gradients(backward, causal)
         assert set(calls) == expected, (backward, causal, calls)
+        if backward == "mosaic":
+            assert not triton_kernels, (causal, triton_kernels)
+        want = gradients("triton", causal)
+        assert "hyper_gathered_attention_dq" in triton_kernels, triton_kernels
         for a, b in zip(got, want, strict=True):
             assert a.shape == b.shape and a.dtype == b.dtype
             assert float(jnp.max(jnp.abs(b.astype(jnp.float32)))) > 0
@@ -631,36 +618,6 @@ def test_hash_matches_lsh_ranks_and_feeds_the_backend(rng, monkeypatch):
         }  # fmt: skip
         assert len(hashed) == 2, (causal, hashed)  # q and k
         assert _relative(out["pallas_mosaic_gpu"], out["xla"]) < 1e-2
-
-
-def test_paper_config_runs_no_triton_kernel_with_the_mosaic_backward(rng, monkeypatch):
-    # paper() (no column-mass probe) on pallas_mosaic_gpu with backward="mosaic": the hash, the estimate, the causal
-    # recursion's base case and parts, and every backward run on Mosaic GPU kernels; no Triton kernel is launched
-    # (every Triton kernel is a `pl.pallas_call`; the Mosaic ones go through `plgpu.kernel`).
-    from jax.experimental import pallas as pl
-
-    from hyperattn_jax.backends import pallas_mosaic_gpu
-
-    triton_kernels = []
-    original = pl.pallas_call
-    monkeypatch.setattr(pl, "pallas_call", lambda *a, **kw: triton_kernels.append(kw.get("name")) or original(*a, **kw))
-    cfg = ha.HyperAttentionConfig.paper(block_size=64, sample_size=64, min_seq_len=64)
-    q, k, v = _planted(rng, t=256, n=2, kv=1, h=64, dtype=jnp.bfloat16)
-    key = jax.random.key(int(rng.integers(1 << 30)))
-    # the last case, the Triton backward, shows that the probe sees Triton kernels
-    for causal, backward in ((False, "mosaic"), (True, "mosaic"), (False, "triton")):
-
-        def loss(q, k, v, causal=causal, backward=backward):
-            out, _ = pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=causal, scale=0.125,
-                                                 interpret=True, backward=backward)  # fmt: skip
-            return jnp.sum(out.astype(jnp.float32) ** 2)
-
-        triton_kernels.clear()
-        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-        assert all(float(jnp.max(jnp.abs(g.astype(jnp.float32)))) > 0 for g in grads)
-        if backward == "mosaic":
-            assert not triton_kernels, (causal, triton_kernels)
-    assert "hyper_gathered_attention_dq" in triton_kernels, triton_kernels
 
 
 def test_mosaic_backward_and_flash_refuse_what_they_cannot_run(rng, monkeypatch):
@@ -743,6 +700,47 @@ def test_flash_rows_match_their_twins(rng, h, groups, segment, dtype):
     for a, b_ in zip(got, want, strict=True):
         assert a.dtype == jnp.float32 and float(jnp.max(jnp.abs(b_))) > 0.1
         assert _relative(a, b_) < 5e-3, _relative(a, b_)  # measured 1.5e-3..1.8e-3 (P, dS rounded to 16 bits)
+
+
+@pytest.mark.parametrize(
+    ("t", "levels", "shift"),
+    [
+        (2048, 0, 0),  # non-causal: two programs per head, each looping over 16 key chunks
+        (512, 2, 64),  # two causal levels in the same passes, keys shifted by a window (the first chunk's before 0)
+    ],
+)
+def test_probe_matches_jnp_probe(rng, t, levels, shift):
+    # The Mosaic column-mass probe (two passes over k for every cut) against the jnp probe on the same probe rows.
+    from hyperattn_jax.kernels.gpu.probe import probe_mass_reference
+    from hyperattn_jax.kernels.mosaic_gpu.probe import probe_mass_mosaic
+
+    q, k, _ = random_qkv(rng, b=1, t=t, n=4, kv=2, h=64, dtype=jnp.bfloat16)
+    q, k = (3 * q).astype(jnp.bfloat16), (3 * k).astype(jnp.bfloat16)  # peaked rows: masses over orders of magnitude
+    cuts = [(t >> level, t >> (level + 1)) for level in range(levels)] if levels else [(t, t)]
+    probe_keys = [jax.random.key(int(rng.integers(1 << 30)) + level) for level in range(len(cuts))]
+    f32 = [x.astype(jnp.float32) for x in (q, k)]
+    expected, probes = probe_mass_reference(*f32, probe_keys, cuts=cuts, shift=shift, scale=0.1, num_probes=16)
+    got = jax.jit(lambda probes, k: probe_mass_mosaic(probes, k, cuts=cuts, shift=shift, scale=0.1))(probes, k)
+    for mass, want in zip(got, expected, strict=True):
+        assert mass.shape == want.shape
+        assert float(jnp.max(want)) > 30 * float(jnp.min(jnp.where(want > 0, want, 1.0)))
+        # float32 sums of the same terms in another order (measured: 2.7e-6 relative at most)
+        np.testing.assert_allclose(mass, want, rtol=3e-5, atol=1e-9)
+        np.testing.assert_allclose(jnp.sum(mass, -1), 1.0, rtol=1e-5)
+
+
+def test_probe_lowers_to_mosaic_gpu_for_cuda():
+    from hyperattn_jax.kernels.mosaic_gpu.probe import probe_mass_mosaic
+
+    h, t = 128, 8192
+    cuts = [(t >> level, t >> (level + 1)) for level in range(3)]
+    probes = [jax.ShapeDtypeStruct((1, 1 << level, 2, 16, h), jnp.bfloat16) for level in range(3)]
+    k = jax.ShapeDtypeStruct((1, t, 2, h), jnp.bfloat16)
+    lowered = jax.jit(lambda probes, k: probe_mass_mosaic(probes, k, cuts=cuts, shift=64, scale=0.1, interpret=False))
+    text = lowered.trace(probes, k).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2  # the two passes
+    for instruction in ("cp.async.bulk.tensor", "wgmma.mma_async.sync.aligned.m64n64k16"):
+        assert instruction in text, instruction
 
 
 def test_hash_lowers_to_mosaic_gpu_for_cuda():

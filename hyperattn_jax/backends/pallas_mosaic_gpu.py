@@ -1,25 +1,26 @@
 """Pallas Mosaic GPU (Hopper) kernels where they exist, the Triton path's kernels elsewhere: bf16/fp16, H 64/128.
 
-What runs on Mosaic GPU today: the forward of the non-causal estimate, one online softmax over the sorted key block,
-global keys and samples with per-key log-weights (wgmma). Where the query blocks are whole 64-row chunks and the
-per-block tiles are rows of k, v (`kernels/mosaic_gpu/indexed_forward.py`), the kernel gathers the queries and key
-blocks from the unsorted q, k, v itself (cp.async per row) and stores out at its rows, as the Triton path does;
-elsewhere XLA gathers them into sorted copies first (`kernels/mosaic_gpu/tiled_attention.py`, TMA). Causal calls
-run the Triton path's fused recursion with its parts after the base case (levels, prefixes) on the row-gathering
-kernel, each merged by lse into the running out and lse in place (`level_forward`). The backward runs on the Triton
-path's kernels by default; with `backward="mosaic"` on Mosaic kernels that gather their rows in the kernel and add
-their gradients in place (`kernels/mosaic_gpu/indexed_backward.py`: the non-causal estimate, and the causal
-recursion's parts after the base case), where the plan and shapes allow, else on the Mosaic kernels on sorted
-copies (`kernels/mosaic_gpu/tiled_backward.py`, also `backward="mosaic_sorted"`; at 32k on an H100 forward+backward
-took 1.13x the time it takes with the default Triton backward; the row-gathering backward has not run on a GPU).
-The causal base case's forward is cuDNN's where it runs, else the Mosaic flash kernel (`kernels/mosaic_gpu/flash.py`);
-its backward the Triton flash kernels, or with `backward="mosaic"` the Mosaic ones (not yet run on a GPU).
-The LSH ranks that feed `ops.make_plan` come from the Mosaic hash kernel (`kernels/mosaic_gpu/hash.py`) where it takes
-the shapes. What still runs on the Triton path (`pallas_triton`, `kernels/gpu/`), unchanged: the column-mass probe
-kernels (and the hash of k the non-causal probe is fused into), the backward by default and exact attention
-(S <= min_seq_len). The plan and random draws are the same as the xla and Triton paths' for the same key (a sign bit
-of a score within float32 rounding of a hyperplane may differ, as between the Triton kernel and jnp), so the GPU
-backends differ only in their kernels.
+Forward: the non-causal estimate, one online softmax over the sorted key block, global keys and samples with per-key
+log-weights (wgmma). Where the query blocks are whole 64-row chunks and the per-block tiles are rows of k, v
+(`kernels/mosaic_gpu/indexed_forward.py`), the kernel gathers the queries and key blocks from the unsorted q, k, v
+itself (cp.async per row) and stores out at its rows, as the Triton path does; elsewhere XLA gathers them into
+sorted copies first (`kernels/mosaic_gpu/tiled_attention.py`, TMA). Causal calls run the Triton path's fused
+recursion with its kernels from here (`RecursionKernels`): the parts after the base case (levels, prefixes) on the
+row-gathering kernel, each merged by lse into the running out and lse in place, and the base case on cuDNN where it
+runs, else on the Mosaic flash kernel (`kernels/mosaic_gpu/flash.py`). The LSH ranks and the column-mass probe that
+feed `ops.make_plan` come from Mosaic kernels too (`kernels/mosaic_gpu/hash.py`, `probe.py`).
+
+Backward: the Triton path's kernels by default; with `backward="mosaic"` Mosaic kernels that gather their rows and
+add their gradients in place (`kernels/mosaic_gpu/indexed_backward.py`: the non-causal estimate and the causal
+recursion's parts) and the Mosaic flash kernels for the base case, where the plan and shapes allow, else the Mosaic
+kernels on sorted copies (`kernels/mosaic_gpu/tiled_backward.py`, also `backward="mosaic_sorted"`: at 32k on an
+H100 forward+backward took 1.13x the time it takes with the Triton backward). The row-gathering and flash backwards,
+the flash forward, the hash and the probe have not run on a GPU.
+
+Every Mosaic kernel falls back to its Triton twin for the shapes it does not take; exact attention (S <= min_seq_len)
+stays on the Triton path. The plan and random draws are the same as the xla and Triton paths' for the same key (a
+sign bit of a score within float32 rounding of a hyperplane may differ, as between the Triton hash and jnp), so the
+GPU backends differ only in their kernels.
 
 Selectable only by name (`implementation="pallas_mosaic_gpu"`): `implementation=None` keeps picking `pallas_triton`,
 faster on the H100 (at 131k the row-gathering kernel ran at 0.66-0.94x the Triton one's speed: docs/kernels.md).
@@ -39,6 +40,7 @@ from hyperattn_jax.kernels.gpu.causal import RecursionKernels
 from hyperattn_jax.kernels.gpu.flash import flash_backward_rows, flash_forward_rows
 from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
+from hyperattn_jax.kernels.gpu.probe import probe_mass_pallas
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
 from hyperattn_jax.kernels.mosaic_gpu.flash import flash_backward_rows_mosaic, flash_forward_rows_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.flash import unsupported_shape as unsupported_flash
@@ -47,6 +49,8 @@ from hyperattn_jax.kernels.mosaic_gpu.hash import unsupported_shape as unsupport
 from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import unsupported_shape as unsupported_backward
 from hyperattn_jax.kernels.mosaic_gpu.indexed_forward import indexed_tiled_forward_mosaic
+from hyperattn_jax.kernels.mosaic_gpu.probe import probe_mass_mosaic
+from hyperattn_jax.kernels.mosaic_gpu.probe import unsupported_shape as unsupported_probe
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     DTYPES,
     HEAD_DIMS,
@@ -199,8 +203,17 @@ def hash_ranks(x, projection_sets, *, interpret):
     return lsh_ranks_mosaic(x, projection_sets, interpret=interpret)
 
 
+def probe_mass(probes_by_cut, k, *, cuts, shift: int = 0, scale: float, interpret, lse=None):
+    """The column-mass probe on the Mosaic kernels where they take the shapes, else the Triton ones
+    (`probe_mass_pallas`' arguments)."""
+    if unsupported_probe(probes_by_cut[0].shape[3], k, cuts, shift) is None:
+        return probe_mass_mosaic(probes_by_cut, k, cuts=cuts, shift=shift, scale=scale, interpret=interpret, lse=lse)
+    return probe_mass_pallas(probes_by_cut, k, cuts=cuts, shift=shift, scale=scale, interpret=interpret, lse=lse)
+
+
 # the fused causal recursion's kernels: the forward's on Mosaic GPU, the backward's on Triton or Mosaic GPU
-FORWARD_KERNELS = RecursionKernels(level_forward=level_forward, base_forward=base_forward, hash=hash_ranks)
+FORWARD_KERNELS = RecursionKernels(level_forward=level_forward, base_forward=base_forward, hash=hash_ranks,
+                                   probe=probe_mass)  # fmt: skip
 MOSAIC_KERNELS = FORWARD_KERNELS._replace(level_backward=level_backward, base_backward=base_backward)
 
 
@@ -220,6 +233,7 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
                                        interpret=interpret, recursion_kernels=kernels)  # fmt: skip
     # the same plan as pallas_triton's; its rows feed the Triton backward
     plan, rows = pallas_triton.plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale,
-                                             interpret=interpret, hash_kernel=hash_ranks)  # fmt: skip
+                                             interpret=interpret, hash_kernel=hash_ranks,
+                                             probe_kernel=probe_mass)  # fmt: skip
     static = (float(scale), TILING, TiledKernelConfig(), bool(interpret), backward)
     return estimate(q, k, v, kv_length, plan, rows, static)

@@ -69,12 +69,14 @@ def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool)
     return AttentionParts(estimate=estimate, exact=exact)
 
 
-def plan_and_rows(q, k, v, key, kv_length, hash_key, *, config, scale, interpret, hash_kernel=None):
-    """The non-causal plan from `ops.make_plan`, fed by the hash and probe kernels (`hash_kernel`: another backend's,
-    as `hyper.public_layout_ranks` takes it), and the same plan as int32 rows (`ops.plan_rows`) for the row-indexed
-    kernels. Public-layout q `[B, T, N, H]`, k, v `[B, S, K, H]`."""
+def plan_and_rows(q, k, v, key, kv_length, hash_key, *, config, scale, interpret, hash_kernel=None,
+                  probe_kernel=None):  # fmt: skip
+    """The non-causal plan from `ops.make_plan`, fed by the hash and probe kernels (`hash_kernel`, `probe_kernel`:
+    another backend's, as `hyper.plan_inputs` takes them), and the same plan as int32 rows (`ops.plan_rows`) for the
+    row-indexed kernels. Public-layout q `[B, T, N, H]`, k, v `[B, S, K, H]`."""
     found = hyper.plan_inputs(q, k, key, config, hash_key, scale=scale, interpret=interpret,
-                              probe_allowed=kv_length is None, hash_kernel=hash_kernel)  # fmt: skip
+                              probe_allowed=kv_length is None, hash_kernel=hash_kernel,
+                              probe_kernel=probe_kernel)  # fmt: skip
     q5, k4, v4 = hyper.grouped_inputs(*jax.lax.stop_gradient((q, k, v)))
     plan = make_plan(q5, k4, key=key, config=config, kv_length=kv_length, hash_key=hash_key, v=v4, scale=scale,
                      **found)  # fmt: skip

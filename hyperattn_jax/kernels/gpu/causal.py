@@ -65,6 +65,7 @@ class RecursionKernels(NamedTuple):
     base_forward: Callable = flash_forward_rows  # the base case where cuDNN does not run
     base_backward: Callable = flash_backward_rows  # the base case's gradients: the accumulators' first part
     hash: Callable | None = None  # every level's LSH ranks (`public_layout_ranks`' hash_kernel; None: the Triton one)
+    probe: Callable | None = None  # every level's column mass (`kernel_level_probes`' probe_kernel; None: Triton's)
 
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
@@ -141,8 +142,9 @@ def _causal_fwd(q, k, v, key, hash_key, static):
     projections = [plan_projections(level_key, h, config, hash_key) for level_key in keys]
     # Every level's column-mass probe in two passes over k (None: make_plan probes in jnp).
     probes = kernel_level_probes(
-        q, k, quarters, keys, hash_key=hash_key, shift=window, scale=scale, interpret=interpret
-    )
+        q, k, quarters, keys, hash_key=hash_key, shift=window, scale=scale, interpret=interpret,
+        probe_kernel=kernels.probe,
+    )  # fmt: skip
     for level, (level_key, (query_rank, key_rank)) in enumerate(
         zip(keys, public_layout_ranks(q, k, projections, interpret=interpret, hash_kernel=kernels.hash), strict=True)
     ):

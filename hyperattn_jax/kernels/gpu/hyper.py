@@ -262,13 +262,13 @@ def public_layout_ranks(q, k, projection_sets, *, interpret, hash_kernel=None):
     ]
 
 
-def kernel_level_probes(q, k, config, level_keys, *, hash_key, shift, scale, interpret):
+def kernel_level_probes(q, k, config, level_keys, *, hash_key, shift, scale, interpret, probe_kernel=None):
     """`make_plan(probe=...)` functions for every level of the causal recursion, run by the probe kernels for all
     levels at once (`probe_mass_pallas`: two passes over k in all), on public-layout q, k; or None where no
     probe is configured or the shapes do not fit the kernels. Level l's problems are `ops.causal`'s (second-half
     queries of each of its 2**l chunks over the first half's keys shifted `shift` left), in the plan's order, and
     its probe rows are those `make_plan(key=level_keys[l], hash_key=hash_key)` draws: each function returns that
-    mass whatever key it is given."""
+    mass whatever key it is given. `probe_kernel`: another backend's, with `probe_mass_pallas`' arguments."""
     h, kv_heads, t = q.shape[-1], k.shape[2], k.shape[1]
     depth = len(level_keys)
     if not config.needs_probe or probe_key_chunk(t >> depth, h, shift) is None:
@@ -279,7 +279,7 @@ def kernel_level_probes(q, k, config, level_keys, *, hash_key, shift, scale, int
         index = probe_index(plan_keys(level_key, hash_key).probe, rows, config.num_probe_queries)
         probes.append(probe_queries(q, index, num_kv_heads=kv_heads, chunks=1 << level, halves=True))
     cuts = [(t >> level, t >> (level + 1)) for level in range(depth)]
-    masses = probe_mass_pallas(probes, k, cuts=cuts, shift=shift, scale=scale, interpret=interpret)
+    masses = (probe_kernel or probe_mass_pallas)(probes, k, cuts=cuts, shift=shift, scale=scale, interpret=interpret)
 
     def arranged(mass, level):  # [B, C, K, half] -> the plan's problems and key order (the prefix last)
         return jnp.roll(stack_level_problems(mass, level), -shift, axis=-1)
@@ -287,11 +287,13 @@ def kernel_level_probes(q, k, config, level_keys, *, hash_key, shift, scale, int
     return [lambda _, mass=mass, level=level: arranged(mass, level) for level, mass in enumerate(masses)]
 
 
-def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed: bool, hash_kernel=None):
+def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed: bool, hash_kernel=None,
+                     probe_kernel=None):  # fmt: skip
     """The non-causal plan's ranks and `make_plan(probe=...)` function (None where no probe is configured or allowed,
     or the shapes do not fit the probe kernels: make_plan then probes in jnp). The probe rows are those `make_plan`
     picks (`plan_keys(key).probe`); where the hash kernel takes the shapes, the probe's first pass (each probe
-    query's lse over all keys) runs inside the hash of k, which reads every key row anyway."""
+    query's lse over all keys) runs inside the hash of k, which reads every key row anyway. With `probe_kernel`
+    (another backend's, `probe_mass_pallas`' arguments) the probe runs there in its own two passes."""
     projections = [plan_projections(key, q.shape[-1], config, hash_key)]
     s, kv_heads, width = k.shape[1], k.shape[2], projections[0].shape[1]
     if not (probe_allowed and config.needs_probe) or probe_key_chunk(s, q.shape[-1]) is None:
@@ -299,14 +301,15 @@ def _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowe
     index = probe_index(plan_keys(key).probe, q.shape[2] // kv_heads * q.shape[1], config.num_probe_queries)
     probes = probe_queries(q, index, num_kv_heads=kv_heads, chunks=1, halves=False)
     lse = None
-    if all(hash_rows(x.shape[1], x.shape[3], x.dtype, width) for x in (q, k)):
+    if probe_kernel is None and all(hash_rows(x.shape[1], x.shape[3], x.dtype, width) for x in (q, k)):
         (query_rank,) = lsh_ranks_pallas(q, projections, interpret=interpret)
         (key_rank,), lse = lsh_ranks_pallas(k, projections, interpret=interpret, probes=probes[:, 0], scale=scale)
         ranks = query_rank.reshape(q.shape[0], kv_heads, -1, q.shape[1]), key_rank
         lse = lse[:, None]
     else:
         ranks = public_layout_ranks(q, k, projections, interpret=interpret, hash_kernel=hash_kernel)[0]
-    (mass,) = probe_mass_pallas([probes], k, cuts=[(s, s)], scale=scale, interpret=interpret, lse=lse)
+    (mass,) = (probe_kernel or probe_mass_pallas)([probes], k, cuts=[(s, s)], scale=scale, interpret=interpret,
+                                                   lse=lse)  # fmt: skip
     return ranks, lambda _: mass[:, 0]  # make_plan passes plan_keys(key).probe: the rows above
 
 
@@ -320,13 +323,15 @@ def public_grads(dq, dk, dv):
     return ungroup_output(dq), heads_major(dk), heads_major(dv)
 
 
-def plan_inputs(q, k, key, config, hash_key, *, scale, interpret, probe_allowed: bool, hash_kernel=None):
+def plan_inputs(q, k, key, config, hash_key, *, scale, interpret, probe_allowed: bool, hash_kernel=None,
+                probe_kernel=None):  # fmt: skip
     """What `ops.make_plan` takes from the hash and probe kernels for a non-causal call on public-layout q, k:
     `dict(ranks=..., probe=...)`. q, k enter with their gradients stopped: the plan is a constant of the estimator
     (and the kernels' pallas_calls are never differentiated). `hash_kernel` as `public_layout_ranks`' (where no probe
-    is fused into the hash of k)."""
+    is fused into the hash of k), `probe_kernel` as `_ranks_and_probe`'s: another backend's."""
     q, k = jax.lax.stop_gradient((q, k))
-    ranks, probe = _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed, hash_kernel)
+    ranks, probe = _ranks_and_probe(q, k, key, config, hash_key, scale, interpret, probe_allowed, hash_kernel,
+                                    probe_kernel)  # fmt: skip
     return dict(ranks=ranks, probe=probe)
 
 

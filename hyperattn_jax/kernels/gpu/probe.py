@@ -187,11 +187,7 @@ def probe_mass_pallas(probes_by_cut, k, *, cuts, shift: int = 0, scale: float, i
             interpret=interpret,
             name="hyper_probe_stats",
         )(*probes_by_cut, k)
-        # each problem's lse from the spans of its chunk (spans outside its keys count 0): [B, T / L, K, R]
-        lses = [
-            probe_lse(*(x.reshape(b, t // length, length // span, kv_heads, padded).swapaxes(2, 3) for x in pair))
-            for (length, _), pair in zip(cuts, zip(stats[: len(cuts)], stats[len(cuts) :], strict=True), strict=True)
-        ]
+        lses = cut_lses(stats, cuts, span=span)
     else:
         lses = [jnp.pad(lse.astype(jnp.float32), [(0, 0)] * 3 + [(0, padded - num_probes)])]
     masses = pl.pallas_call(
@@ -204,9 +200,25 @@ def probe_mass_pallas(probes_by_cut, k, *, cuts, shift: int = 0, scale: float, i
         interpret=interpret,
         name="hyper_probe_mass",
     )(*probes_by_cut, k, *lses)
-    # every problem's keys, in sequence order: [B, K, T] -> [B, T / L, K, n]
+    return cut_masses(masses, cuts)
+
+
+def cut_lses(stats, cuts, *, span: int):
+    """Each cut's problems' probe lse `[B, T / L, K, R]` from the first pass's per-span maxima and exp-sums `[B, T /
+    span, K, R]` (one array per cut: the maxima, then the sums): the spans of a problem's chunk (spans outside its
+    keys count 0)."""
+    n = len(cuts)
+    b, spans, kv_heads, rows = stats[0].shape
     return [
-        jnp.moveaxis(mass.reshape(b, kv_heads, t // length, length)[..., :keys], 2, 1)
+        probe_lse(*(x.reshape(b, spans * span // length, length // span, kv_heads, rows).swapaxes(2, 3) for x in pair))
+        for (length, _), pair in zip(cuts, zip(stats[:n], stats[n:], strict=True), strict=True)
+    ]
+
+
+def cut_masses(masses, cuts):
+    """Each cut's second-pass masses `[B, K, T]` as its problems' keys in sequence order, `[B, T / L, K, n]`."""
+    return [
+        jnp.moveaxis(mass.reshape(*mass.shape[:2], mass.shape[2] // length, length)[..., :keys], 2, 1)
         for mass, (length, keys) in zip(masses, cuts, strict=True)
     ]
 
