@@ -21,7 +21,9 @@ rows (measured); the row-gathering rows are not yet measured (--budget-s bounds 
   `--segment` (B=1, N=K=32, H=64): forward against cuDNN's (`cudnn_segment_forward`) and the Triton kernel, backward
   (the final lse and output given) against the Triton one.
 (d) The LSH hash (`kernels/mosaic_gpu/hash.py`): ranks against the jnp hash at `--check-n` (mismatches counted), and
-  timed at `--n` (B=1, N=32, H=64, one level of 7 hyperplanes and five levels) against the Triton kernel.
+  timed at `--n` (B=1, N=32, H=64, one level of 7 hyperplanes and five levels) against the Triton kernel; the
+  column-mass probe (`kernels/mosaic_gpu/probe.py`): against the jnp probe at `--check-n` and timed at `--n` (16
+  probe rows; non-causal, and five causal levels with a window of 256) against the Triton kernels.
 Guard: a failing call is recorded and the rest still runs; no timing starts after --budget-s seconds.
 """
 
@@ -44,10 +46,12 @@ from hyperattn_jax.kernels.gpu.cudnn_segments import cudnn_segment_forward
 from hyperattn_jax.kernels.gpu.hash import lsh_ranks_pallas
 from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward, indexed_tiled_backward_reference
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward_reference
+from hyperattn_jax.kernels.gpu.probe import probe_mass_pallas, probe_mass_reference
 from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention_backward
 from hyperattn_jax.kernels.mosaic_gpu.flash import flash_backward_rows_mosaic, flash_forward_rows_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.hash import lsh_ranks_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
+from hyperattn_jax.kernels.mosaic_gpu.probe import probe_mass_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import tiled_attention_backward_mosaic
 from hyperattn_jax.lsh import lsh_projections, lsh_ranks
 
@@ -262,6 +266,36 @@ def time_hash(n) -> dict:
     return row
 
 
+def _probe_case(n, levels, shift, *, time_it: bool):
+    """(d) one probe case (non-causal: levels 0): the Mosaic masses against the jnp probe's, or both kernels' times."""
+    q, k, _, _ = _inputs(n, 32, 32, 64, seed=n + levels)
+    cuts = [(n >> level, n >> (level + 1)) for level in range(levels)] if levels else [(n, n)]
+    keys = [jax.random.key(level) for level in range(len(cuts))]
+    reference = jax.jit(functools.partial(probe_mass_reference, probe_keys=keys, cuts=cuts, shift=shift, scale=0.125,
+                                          num_probes=16))  # fmt: skip
+    kernels = {"triton": probe_mass_pallas, "mosaic": probe_mass_mosaic}
+    run = {name: jax.jit(functools.partial(kernel, cuts=cuts, shift=shift, scale=0.125)) for name, kernel in
+           kernels.items()}  # fmt: skip
+    if time_it:
+        probes = reference(q, k)[1]
+        return {name: _time(fn, probes, k) for name, fn in run.items()}
+    want, probes = reference(q.astype(jnp.float32), k.astype(jnp.float32))
+    return [_relative(a, b) for a, b in zip(run["mosaic"](probes, k), want, strict=True)]
+
+
+def check_probe(n) -> dict:
+    """(d) the Mosaic probe against the jnp one: non-causal, and three causal levels with a window of 256."""
+    return {"n": n, **{f"levels_{levels}": _probe_case(n, levels, shift, time_it=False) for levels, shift in
+                       ((0, 0), (3, 256))}}  # fmt: skip
+
+
+def time_probe(n) -> dict:
+    """(d) the probe's two passes, Mosaic against Triton: non-causal, and five causal levels with a window of 256."""
+    row = {"n": n, "heads": 32, "head_dim": 64, "probes": 16}
+    return {**row, **{f"levels_{levels}": _probe_case(n, levels, shift, time_it=True) for levels, shift in
+                      ((0, 0), (5, 256))}}  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="experiments/results/mosaic_backward.json")
@@ -275,7 +309,8 @@ def main():
     key = jax.random.key(0)
     record = {"note": args.note, "configs": {name: dataclasses.asdict(c) for name, c in CONFIGS.items()}}
     record.update(batch=1, dtype="bfloat16", kernel_checks=[], row_kernel_checks=[], checks=[], flash_checks=[],
-                  hash_checks=[], kernels=[], timings=[], flash_timings=[], hash_timings=[])  # fmt: skip
+                  hash_checks=[], probe_checks=[], kernels=[], timings=[], flash_timings=[], hash_timings=[],
+                  probe_timings=[])  # fmt: skip
     recorder = Recorder(record, args.out, args.budget_s)
     add = recorder.add
     for name, config in CONFIGS.items():
@@ -287,8 +322,10 @@ def main():
     for h in [int(x) for x in args.head_dims.split(",")]:
         add("flash_checks", lambda h=h: check_flash(args.check_n, h, 1024))
     add("hash_checks", lambda: check_hash(args.check_n))
+    add("probe_checks", lambda: check_probe(args.check_n))
     for n in [int(x) for x in args.n.split(",") if x]:
         add("hash_timings", lambda n=n: time_hash(n))
+        add("probe_timings", lambda n=n: time_probe(n))
         add("flash_timings", lambda n=n: time_flash(n, args.segment))
         for name, config in CONFIGS.items():
             add("kernels", lambda n=n, c=config: time_kernels(n, c, key), config=name)
