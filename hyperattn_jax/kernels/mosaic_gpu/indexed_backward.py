@@ -46,17 +46,12 @@ from hyperattn_jax.kernels.mosaic_gpu.row_copies import (
     swizzled,
     wait_gathers,
 )
-from hyperattn_jax.kernels.mosaic_gpu.row_operands import query_rows, tile_operands
+from hyperattn_jax.kernels.mosaic_gpu.row_operands import block_entry, query_rows, tile_operands
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import DTYPES, HEAD_DIMS, LOG2_E, interpret_mode
 from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import from_registers, product, row_vector
 from hyperattn_jax.ops.tiles import KeyTile
 
 ROWS = ROWS_PER_WARPGROUP  # wgmma's M: the rows one warpgroup owns (queries for dq, keys for dk, dv)
-
-
-def _block_of(ref, block):
-    """The query block's entry of a `[P K, nb | 1, ...]` operand (entry 0 of one shared by every block)."""
-    return block if ref.shape[1] > 1 else 0
 
 
 def _gather_queries(refs, load_rows, stat_rows, slot, *, interpret: bool):
@@ -97,9 +92,9 @@ def _dq_kernel(load_ref, stat_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_r
             groups.append(step)
         else:
             for src, dst, bar in zip(sources, (k_smem, v_smem), (k_bar, v_bar), strict=True):
-                plgpu.copy_gmem_to_smem(src.at[problem, _block_of(src, block), keys], dst.at[slot], bar.at[slot])
+                plgpu.copy_gmem_to_smem(src.at[problem, block_entry(src, block), keys], dst.at[slot], bar.at[slot])
         if w_ref is not None:
-            plgpu.copy_gmem_to_smem(w_ref.at[problem, _block_of(w_ref, block), keys], w_smem.at[slot], w_bar.at[slot])
+            plgpu.copy_gmem_to_smem(w_ref.at[problem, block_entry(w_ref, block), keys], w_smem.at[slot], w_bar.at[slot])
 
     def wait_for(name):
         wait_gathers(len(groups) - 1 - groups.index(name), interpret=interpret)
@@ -218,7 +213,7 @@ def _block_dkdv_kernel(rows_ref, load_ref, stat_ref, q_ref, do_ref, lse_ref, del
     key_rows = rows_ref.at[problem, block, pl.ds(keys_at * ROWS, ROWS)]
     gather_rows(key_rows, [(k_ref, k_smem), (v_ref, v_smem)], interpret=interpret)  # the first group
     if weighted:
-        plgpu.copy_gmem_to_smem(w_ref.at[problem, _block_of(w_ref, block), pl.ds(keys_at * ROWS, ROWS)], w_smem,
+        plgpu.copy_gmem_to_smem(w_ref.at[problem, block_entry(w_ref, block), pl.ds(keys_at * ROWS, ROWS)], w_smem,
                                 w_bar)  # fmt: skip
     query_refs = (q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem, delta_smem)
     issue, _ = _query_chunk_issuer(load_ref, stat_ref, query_refs, problem=problem, groups=groups,

@@ -43,7 +43,7 @@ from hyperattn_jax.kernels.mosaic_gpu.row_copies import (
     wait_gather_barrier,
     wait_gathers,
 )
-from hyperattn_jax.kernels.mosaic_gpu.row_operands import query_rows, tile_operands
+from hyperattn_jax.kernels.mosaic_gpu.row_operands import block_entry, query_rows, tile_operands
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     DTYPES,
     HEAD_DIMS,
@@ -66,11 +66,6 @@ def _smem_bytes(head_dim: int, tiling: MosaicTiling, merge: bool = False) -> int
     per_warpgroup = (1 + merge) * (2 * tiling.block_q * head_dim + 4 * tiling.block_q)
     per_warpgroup += 2 * 4 * tiling.block_q * tiling.stage_store_rows
     return tiling.compute_warpgroups * per_warpgroup + ring
-
-
-def _block_of(ref, block):
-    """The query block's entry of a `[P K, nb | 1, ...]` operand (entry 0 of one shared by every block)."""
-    return block if ref.shape[1] > 1 else 0
 
 
 def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, tiles, query_block: int,
@@ -163,9 +158,9 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
         def copies():
             if not tile.indexed:
                 for src, dst, bar in zip(sources, (k_smem, v_smem), (k_bar, v_bar), strict=True):
-                    plgpu.copy_gmem_to_smem(src.at[problem, _block_of(src, block), keys], dst.at[slot], bar.at[slot])
+                    plgpu.copy_gmem_to_smem(src.at[problem, block_entry(src, block), keys], dst.at[slot], bar.at[slot])
             if w_ref is not None:
-                weights = w_ref.at[problem, _block_of(w_ref, block), keys]
+                weights = w_ref.at[problem, block_entry(w_ref, block), keys]
                 plgpu.copy_gmem_to_smem(weights, w_smem.at[slot], w_bar.at[slot])
 
         if producer or warpgroups == 1:

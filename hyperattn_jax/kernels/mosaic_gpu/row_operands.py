@@ -55,6 +55,11 @@ def tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int
     return tuple(facts), arrays
 
 
+def block_entry(ref, block):
+    """The query block's entry of a `[P K, nb | 1, ...]` operand (entry 0 of one shared by every block)."""
+    return block if ref.shape[1] > 1 else 0
+
+
 def query_rows(query_index, batch: int, t: int, groups: int, padded: bool):
     """Absolute rows of the flattened q `[B T K G, H]` each slot reads, of the flattened out `[B T' K G, H]` and
     lse `[B K G T']` it writes (T' = T + 1 with padding slots, which write the spare last position): `[P K, G, nb bq]`
