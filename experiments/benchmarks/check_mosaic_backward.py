@@ -314,12 +314,12 @@ def main():
     recorder = Recorder(record, args.out, args.budget_s)
     add = recorder.add
     for name, config in CONFIGS.items():
-        for h in [int(x) for x in args.head_dims.split(",")]:
+        for h in [int(x) for x in args.head_dims.split(",") if x]:
             add("kernel_checks", lambda c=config, h=h: check_kernels(args.check_n, h, c, key), config=name)
             add("row_kernel_checks", lambda c=config, h=h: check_row_kernels(args.check_n, h, c, key), config=name)
             for causal in (False, True):
                 add("checks", lambda c=config, h=h, z=causal: check_backend(args.check_n, h, c, key, z), config=name)
-    for h in [int(x) for x in args.head_dims.split(",")]:
+    for h in [int(x) for x in args.head_dims.split(",") if x]:
         add("flash_checks", lambda h=h: check_flash(args.check_n, h, 1024))
     add("hash_checks", lambda: check_hash(args.check_n))
     add("probe_checks", lambda: check_probe(args.check_n))
