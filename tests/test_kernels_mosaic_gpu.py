@@ -623,6 +623,42 @@ def test_hash_matches_lsh_ranks_and_feeds_the_backend(rng, monkeypatch):
         assert _relative(out["pallas_mosaic_gpu"], out["xla"]) < 1e-2
 
 
+def test_exact_calls_run_on_the_mosaic_flash_kernels(rng, monkeypatch):
+    # S <= min_seq_len: pallas_mosaic_gpu with backward="mosaic" runs exact attention on the Mosaic flash kernels,
+    # causal and not, with no Triton kernel (no `pl.pallas_call`), and agrees with the xla path.
+    from jax.experimental import pallas as pl
+
+    from hyperattn_jax.backends import pallas_mosaic_gpu
+
+    triton_kernels, flash_calls = [], []
+    original = pl.pallas_call
+    monkeypatch.setattr(pl, "pallas_call", lambda *a, **kw: triton_kernels.append(kw.get("name")) or original(*a, **kw))
+    original_flash = pallas_mosaic_gpu.flash_attention_mosaic
+    monkeypatch.setattr(pallas_mosaic_gpu, "flash_attention_mosaic",
+                        lambda *a, **kw: flash_calls.append(1) or original_flash(*a, **kw))  # fmt: skip
+    # more keys than `xla.FEW_KEYS` (fewer run on xla's one-shot softmax), not whole 64-row chunks; Gaussian rows
+    # (planted ones make P nearly one-hot: dq, dk are then rounding noise in every path)
+    cfg = ha.HyperAttentionConfig.paper(min_seq_len=512)
+    q, k, v = random_qkv(rng, b=1, t=300, n=2, kv=1, h=64, dtype=jnp.bfloat16)
+    key = jax.random.key(0)  # drawn from by nothing: every key is attended exactly
+    for causal in (False, True):
+
+        def loss(q, k, v, causal=causal):
+            out, _ = pallas_mosaic_gpu.attention(q, k, v, key, None, None, config=cfg, causal=causal, scale=0.125,
+                                                 interpret=True, backward="mosaic")  # fmt: skip
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+
+        def xla_loss(q, k, v, causal=causal):
+            out = ha.hyper_attention(q, k, v, key=key, config=cfg, causal=causal, scale=0.125, implementation="xla")
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+
+        got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        want = jax.jit(jax.grad(xla_loss, argnums=(0, 1, 2)))(q, k, v)
+        for a, b in zip(got, want, strict=True):
+            assert _relative(a, b) < 1e-2, (causal, _relative(a, b))  # measured 1.0e-3..3.3e-3 (bf16)
+    assert len(flash_calls) == 2 and not triton_kernels, (flash_calls, triton_kernels)
+
+
 def test_mosaic_backward_and_flash_refuse_what_they_cannot_run(rng, monkeypatch):
     # Clear errors before any kernel, and the backend's adapters fall back to the Triton kernels for such shapes (the
     # recursion's parts and base case where their query blocks or segments are not whole 64-row chunks).
@@ -757,6 +793,40 @@ def test_hash_lowers_to_mosaic_gpu_for_cuda():
     text = text.lower(lowering_platforms=("cuda",)).as_text()
     for instruction in ("cp.async.bulk.tensor", "wgmma.mma_async.sync.aligned.m64n64k16"):
         assert instruction in text, instruction
+
+
+@pytest.mark.parametrize(("causal", "t", "s"), [(False, 100, 150), (True, 150, 150)])
+def test_exact_attention_on_the_flash_kernels(rng, causal, t, s):
+    # flash_attention_mosaic (exact attention outside the recursion, grouped layout) against the jnp reference:
+    # lengths that are not whole 64-row chunks (padded inside: padded keys masked, or after every real query where
+    # causal), its lse, and the gradients of out and lse.
+    from hyperattn_jax.kernels.mosaic_gpu.flash import flash_attention_mosaic
+    from hyperattn_jax.reference import grouped_exact_attention
+
+    q = jnp.asarray(rng.standard_normal((1, 2, 2, t, 64)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((1, 2, s, 64)), jnp.bfloat16) for _ in range(2))
+    g = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def mosaic(q, k, v):
+        return flash_attention_mosaic(q, k, v, scale=0.125, causal=causal)
+
+    def reference(q, k, v):
+        return grouped_exact_attention(*(x.astype(jnp.float32) for x in (q, k, v)), scale=0.125, causal=causal)
+
+    def loss(attention):
+        def value(q, k, v):
+            out, lse = attention(q, k, v)
+            return jnp.sum(out.astype(jnp.float32) * g) + jnp.sum(jnp.sin(lse))
+
+        return jax.jit(jax.grad(value, argnums=(0, 1, 2)))
+
+    (out, lse), (want_out, want_lse) = jax.jit(mosaic)(q, k, v), reference(q, k, v)
+    assert out.shape == want_out.shape and out.dtype == q.dtype
+    assert _relative(out, want_out) < 4e-3, _relative(out, want_out)  # measured 1.9e-3..2.1e-3 (bf16 out)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+    for a, b in zip(loss(mosaic)(q, k, v), loss(reference)(q, k, v), strict=True):
+        assert a.shape == b.shape and a.dtype == jnp.bfloat16
+        assert _relative(a, b) < 6e-3, _relative(a, b)  # measured 3.2e-3..3.4e-3 (bf16 gradients)
 
 
 def test_flash_kernels_lower_to_mosaic_gpu_for_cuda():

@@ -17,10 +17,11 @@ kernels on sorted copies (`kernels/mosaic_gpu/tiled_backward.py`, also `backward
 H100 forward+backward took 1.13x the time it takes with the Triton backward). The row-gathering and flash backwards,
 the flash forward, the hash and the probe have not run on a GPU.
 
-Every Mosaic kernel falls back to its Triton twin for the shapes it does not take; exact attention (S <= min_seq_len)
-stays on the Triton path. The plan and random draws are the same as the xla and Triton paths' for the same key (a
-sign bit of a score within float32 rounding of a hyperplane may differ, as between the Triton hash and jnp), so the
-GPU backends differ only in their kernels.
+Exact attention (S <= min_seq_len, the sinks) runs on the Triton flash kernels, or with `backward="mosaic"` on the
+Mosaic ones (`flash_attention_mosaic`; one custom_vjp holds its forward and backward). Every Mosaic kernel falls back
+to its Triton twin for the shapes it does not take. The plan and random draws are the same as the xla and Triton
+paths' for the same key (a sign bit of a score within float32 rounding of a hyperplane may differ, as between the
+Triton hash and jnp), so the GPU backends differ only in their kernels.
 
 Selectable only by name (`implementation="pallas_mosaic_gpu"`): `implementation=None` keeps picking `pallas_triton`,
 faster on the H100 (at 131k the row-gathering kernel ran at 0.66-0.94x the Triton one's speed: docs/kernels.md).
@@ -42,7 +43,12 @@ from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward
 from hyperattn_jax.kernels.gpu.probe import probe_mass_pallas
 from hyperattn_jax.kernels.gpu.tiled_attention import TiledKernelConfig
-from hyperattn_jax.kernels.mosaic_gpu.flash import flash_backward_rows_mosaic, flash_forward_rows_mosaic
+from hyperattn_jax.kernels.mosaic_gpu.flash import (
+    flash_attention_mosaic,
+    flash_backward_rows_mosaic,
+    flash_forward_rows_mosaic,
+    unsupported_exact,
+)
 from hyperattn_jax.kernels.mosaic_gpu.flash import unsupported_shape as unsupported_flash
 from hyperattn_jax.kernels.mosaic_gpu.hash import lsh_ranks_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.hash import unsupported_shape as unsupported_hash
@@ -211,10 +217,20 @@ def probe_mass(probes_by_cut, k, *, cuts, shift: int = 0, scale: float, interpre
     return probe_mass_pallas(probes_by_cut, k, cuts=cuts, shift=shift, scale=scale, interpret=interpret, lse=lse)
 
 
-# the fused causal recursion's kernels: the forward's on Mosaic GPU, the backward's on Triton or Mosaic GPU
+def exact_attention(q, k, v, *, scale, causal, interpret):
+    """Exact attention (grouped layout) on the Mosaic flash kernels where they take the call, else None (the Triton
+    path's `flash_attention`); their own backward: only with `backward="mosaic"`."""
+    if unsupported_exact(q, k, causal) is not None:
+        return None
+    return flash_attention_mosaic(q, k, v, scale=scale, causal=causal, interpret=interpret)
+
+
+# the fused causal recursion's kernels: the forward's on Mosaic GPU, the backward's on Triton or Mosaic GPU (exact
+# attention has one rule for both, so it runs on Mosaic GPU with the Mosaic backward only)
 FORWARD_KERNELS = RecursionKernels(level_forward=level_forward, base_forward=base_forward, hash=hash_ranks,
                                    probe=probe_mass)  # fmt: skip
-MOSAIC_KERNELS = FORWARD_KERNELS._replace(level_backward=level_backward, base_backward=base_backward)
+MOSAIC_KERNELS = FORWARD_KERNELS._replace(level_backward=level_backward, base_backward=base_backward,
+                                          exact=exact_attention)  # fmt: skip
 
 
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False, backward="triton"):

@@ -42,9 +42,11 @@ def unsupported(*, dtype, head_dim: int, config, causal: bool) -> str | None:
     return None
 
 
-def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool) -> AttentionParts:
+def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool, exact_kernel=None) -> AttentionParts:
     """The kernels as `ops.AttentionParts` (grouped layout), for the shapes the fused causal function does not take
-    (head dims or blocks that are not powers of two, min_seq_len not a multiple of the block size)."""
+    (head dims or blocks that are not powers of two, min_seq_len not a multiple of the block size), exact attention
+    and the sinks. `exact_kernel`: another backend's exact attention (`flash_attention`'s arguments, None where it
+    cannot take the call)."""
 
     def estimate(q, k, v, *, key, config, kv_length):
         out, lse = hyper_attention_pallas(
@@ -64,6 +66,9 @@ def parts(*, scale: float, hash_key, tuning: TiledKernelConfig, interpret: bool)
     def exact(q, k, v, *, causal, kv_length):
         if kv_length is not None or k.shape[2] <= xla.FEW_KEYS:
             return xla.exact(q, k, v, scale=scale, causal=causal, kv_length=kv_length)
+        if exact_kernel is not None and (result := exact_kernel(q, k, v, scale=scale, causal=causal,
+                                                                 interpret=interpret)) is not None:  # fmt: skip
+            return result
         return flash_attention(q, k, v, scale=scale, causal=causal, interpret=interpret)
 
     return AttentionParts(estimate=estimate, exact=exact)
@@ -86,13 +91,15 @@ def plan_and_rows(q, k, v, key, kv_length, hash_key, *, config, scale, interpret
 def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, interpret=False,
               recursion_kernels=TRITON_KERNELS):  # fmt: skip
     """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32.
-    `recursion_kernels`: the kernels the fused causal recursion runs (another backend's in the Triton ones' place)."""
+    `recursion_kernels`: the kernels the fused causal recursion and exact attention run (another backend's in the
+    Triton ones' place)."""
     tuning = TiledKernelConfig()
     approximate = not config.attends_exactly(k.shape[1])
     if approximate and not causal:  # the plan from ops (fed by the hash/probe kernels), then the kernels' estimate
         plan, rows = plan_and_rows(q, k, v, key, kv_length, hash_key, config=config, scale=scale, interpret=interpret)
         return hyper.estimate(q, k, v, kv_length, plan, rows, (float(scale), tuning, bool(interpret)))
-    own_parts = parts(scale=scale, hash_key=hash_key, tuning=tuning, interpret=interpret)
+    own_parts = parts(scale=scale, hash_key=hash_key, tuning=tuning, interpret=interpret,
+                      exact_kernel=recursion_kernels.exact)  # fmt: skip
     sinks, t = config.num_sink_keys, q.shape[1]
     rest_config = config.replace(num_sink_keys=0)
     length = causal_padded_length(t, rest_config)

@@ -57,8 +57,8 @@ from hyperattn_jax.ops.plan import exact_plan, make_plan, plan_projections
 
 
 class RecursionKernels(NamedTuple):
-    """The kernels the fused recursion runs, each taking the Triton kernel's arguments: another backend puts its own
-    in their place (the Mosaic GPU backend's adapters)."""
+    """The kernels the fused recursion (and the Triton path's exact attention) run, each taking the Triton kernel's
+    arguments: another backend puts its own in their place (the Mosaic GPU backend's adapters)."""
 
     level_forward: Callable = indexed_tiled_forward  # every part after the base case, merged into out, lse in place
     level_backward: Callable = indexed_tiled_backward  # their gradients, added into the accumulators in place
@@ -66,6 +66,9 @@ class RecursionKernels(NamedTuple):
     base_backward: Callable = flash_backward_rows  # the base case's gradients: the accumulators' first part
     hash: Callable | None = None  # every level's LSH ranks (`public_layout_ranks`' hash_kernel; None: the Triton one)
     probe: Callable | None = None  # every level's column mass (`kernel_level_probes`' probe_kernel; None: Triton's)
+    # exact attention outside the recursion (S <= min_seq_len, the sinks): `flash_attention`'s arguments, returning
+    # None where it cannot take the call (None: the Triton kernel)
+    exact: Callable | None = None
 
 
 def recursion_shape(t: int, head_dim: int, config) -> tuple[int, int, FlashConfig] | None:
