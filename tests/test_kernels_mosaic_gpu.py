@@ -850,6 +850,17 @@ def test_flash_kernels_lower_to_mosaic_gpu_for_cuda():
     assert text.count("mosaic_gpu") >= 3  # forward, dq, dk/dv
     for instruction in ("cp.async.bulk.tensor", f"wgmma.mma_async.sync.aligned.m64n{h}k16"):
         assert instruction in text, instruction
+    # exact attention, non-causal, with padded keys masked (grouped layout, its gradient)
+    from hyperattn_jax.kernels.mosaic_gpu.flash import flash_attention_mosaic
+
+    def exact_grads(q, k, v):
+        loss = lambda q, k, v: jnp.sum(flash_attention_mosaic(q, k, v, scale=0.1, interpret=False)[0] ** 2)
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    q = jax.ShapeDtypeStruct((1, 2, 2, 1000, h), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 2, 1500, h), jnp.bfloat16)
+    text = jax.jit(exact_grads).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 3
 
 
 @pytest.mark.parametrize("h", [128])  # H 64 lowers the same kernels with the smaller wgmma of the two below
