@@ -17,7 +17,8 @@ rows (measured); the row-gathering rows are not yet measured (--budget-s bounds 
   `pallas_mosaic_gpu` with each backward (non-causal), with "triton" and "mosaic" (causal). Median of many blocking
   calls after warm-up, all in this one process: compare ratios within the run.
 (c) The causal base case (segment-causal flash attention with lse, `kernels/mosaic_gpu/flash.py`): the Mosaic kernels
-  against their jnp twins at `--check-n` (GQA 8/2, H 64 and 128, segment 1024), and timed at `--n` in segments of
+  against their jnp twins at `--check-n` (GQA 8/2, H 64 and 128, segment 1024; and exact non-causal attention, 1000
+  queries over 1500 keys, against the jnp reference), and timed at `--n` in segments of
   `--segment` (B=1, N=K=32, H=64): forward against cuDNN's (`cudnn_segment_forward`) and the Triton kernel, backward
   (the final lse and output given) against the Triton one.
 (d) The LSH hash (`kernels/mosaic_gpu/hash.py`): ranks against the jnp hash at `--check-n` (mismatches counted), and
@@ -48,12 +49,17 @@ from hyperattn_jax.kernels.gpu.indexed_backward import indexed_tiled_backward, i
 from hyperattn_jax.kernels.gpu.indexed_forward import indexed_tiled_forward_reference
 from hyperattn_jax.kernels.gpu.probe import probe_mass_pallas, probe_mass_reference
 from hyperattn_jax.kernels.gpu.tiled_attention import fused_tiled_attention_backward
-from hyperattn_jax.kernels.mosaic_gpu.flash import flash_backward_rows_mosaic, flash_forward_rows_mosaic
+from hyperattn_jax.kernels.mosaic_gpu.flash import (
+    flash_attention_mosaic,
+    flash_backward_rows_mosaic,
+    flash_forward_rows_mosaic,
+)
 from hyperattn_jax.kernels.mosaic_gpu.hash import lsh_ranks_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.indexed_backward import indexed_tiled_backward_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.probe import probe_mass_mosaic
 from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import tiled_attention_backward_mosaic
 from hyperattn_jax.lsh import lsh_projections, lsh_ranks
+from hyperattn_jax.reference import grouped_exact_attention
 
 CONFIGS = {"paper": ha.HyperAttentionConfig.paper(), "default": ha.HyperAttentionConfig()}
 
@@ -212,7 +218,12 @@ def check_flash(n, head_dim, segment) -> dict:
     )
     row = {"n": n, "head_dim": head_dim, "segment": segment, "out": _relative(got_out, out)}
     row.update(lse_max_abs=float(jnp.max(jnp.abs(got_lse - lse))), delta=_relative(delta, want_delta))
-    return {**row, **{f"d{x}": _relative(g, w) for x, g, w in zip("qkv", (dq, dk, dv), want, strict=True)}}
+    row.update({f"d{x}": _relative(g, w) for x, g, w in zip("qkv", (dq, dk, dv), want, strict=True)})
+    # exact attention (grouped layout, non-causal, 1000 queries over 1500 keys: both padded inside)
+    q5, k4, v4 = (jnp.moveaxis(x, 1, -2)[..., :length, :] for x, length in ((q_rows, 1000), (k, 1500), (v, 1500)))
+    exact = jax.jit(lambda q, k, v: flash_attention_mosaic(q, k, v, scale=scale)[0])(q5, k4, v4)
+    want_exact = grouped_exact_attention(*(x.astype(jnp.float32) for x in (q5, k4, v4)), scale=scale)[0]
+    return {**row, "exact_out": _relative(exact, want_exact)}
 
 
 def time_flash(n, segment) -> dict:
