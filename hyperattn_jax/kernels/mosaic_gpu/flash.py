@@ -18,6 +18,10 @@ transposes.
 
 Where cuDNN runs, the recursion's base-case forward is cuDNN's (`kernels/gpu/cudnn_segments.py`); the Mosaic backend
 runs this forward where it does not.
+
+The same kernels under a `Mask` of every real key (no causal segments; T and S apart, padded keys masked) are exact
+attention outside the recursion (`flash_attention_mosaic`: the twin of `kernels.gpu.flash_attention`, grouped layout,
+its own custom_vjp): S <= min_seq_len and the sinks.
 """
 
 from __future__ import annotations
