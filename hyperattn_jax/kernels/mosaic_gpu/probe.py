@@ -7,7 +7,8 @@ and writes the mean softmax weight per key. Here a warpgroup reads its span 64 k
 next chunk in flight) and scores it against the (up to 64) probe rows of every cut by wgmma: probes x keys for the
 first pass (per-probe reductions), keys x probes for the second (per-key reductions). A span is a problem's keys in
 some cuts only and a chunk may lie before position 0 (keys shifted left by a window): every cut's scores are
-computed, and the statistics or masses of the others are discarded by a select, not skipped.
+computed, and the statistics or masses of the others are discarded by a 0/1 blend, not skipped (Mosaic GPU selects
+by no scalar predicate).
 """
 
 from __future__ import annotations
