@@ -237,10 +237,9 @@ def attention(q, k, v, key, kv_length, hash_key, *, config, causal, scale, inter
     """Public layout in (q `[B, T, N, H]`, k, v `[B, S, K, H]`); out `[B, T, N, H]`, lse `[B, K, G, T]` float32.
     `backward`: "triton", the Triton path's kernels that gather their rows (the default: measured faster); "mosaic",
     the Mosaic GPU kernels that gather their rows (`kernels/mosaic_gpu/indexed_backward.py`; for causal calls the
-    recursion's parts after the base case, and the base case on the Mosaic flash kernels) where the plan allows, else
-    the Mosaic kernels on sorted copies
-    (`kernels/mosaic_gpu/tiled_backward.py`); "mosaic_sorted", always those (non-causal calls; causal ones as
-    "mosaic"). docs/kernels.md has what was measured."""
+    recursion's parts after the base case, the base case and exact attention on the Mosaic flash kernels) where the
+    plan allows, else the Mosaic kernels on sorted copies (`kernels/mosaic_gpu/tiled_backward.py`); "mosaic_sorted",
+    always those (non-causal calls; causal ones as "mosaic"). docs/kernels.md has what was measured."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if causal or config.attends_exactly(k.shape[1]):  # the Triton path's recursion, with its kernels on Mosaic
