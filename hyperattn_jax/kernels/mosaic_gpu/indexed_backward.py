@@ -309,7 +309,7 @@ class _Call(NamedTuple):
     keys: tuple  # k, v flattened `[B S K, H]`
     groups: int
     query_block: int
-    grid: tuple  # (problems x kv heads, query blocks)
+    sizes: tuple  # (problems x kv heads, query blocks)
     scale: float
     interpret: object  # None (GPU) or the interpreter's parameters
 
@@ -329,7 +329,7 @@ class _Call(NamedTuple):
 def _dq(call: _Call, k, v, tiles, tile_key_index, dq_acc, block_k: int):
     """Adds dq into the accumulator ref: the forward's grid and chunk schedule; shared tiles read their own k, v."""
     h, dtype = k.shape[-1], call.queries[2].dtype
-    pk, nb = call.grid
+    pk, nb = call.sizes
     indexed = [index if tile.k is None else None for tile, index in zip(tiles, tile_key_index, strict=True)]
     facts, arrays = tile_operands(k, v, tiles, indexed, problems=pk // k.shape[2], num_blocks=nb, block_k=block_k)
     key_ring = [
@@ -349,7 +349,7 @@ def _dq(call: _Call, k, v, tiles, tile_key_index, dq_acc, block_k: int):
 def _block_dkdv(call: _Call, k, v, tile, key_index, accumulators):
     """Adds a per-block tile's dk, dv into the accumulator refs."""
     h, dtype = k.shape[-1], call.queries[2].dtype
-    pk, nb = call.grid
+    pk, nb = call.sizes
     (fact,), ((rows, *weights),) = tile_operands(k, v, [tile], [key_index], problems=pk // k.shape[2], num_blocks=nb,
                                                  block_k=ROWS)  # fmt: skip
     scratch = [swizzled((ROWS, h), dtype), swizzled((ROWS, h), dtype), plgpu.SMEM((ROWS,), jnp.float32)]
@@ -364,7 +364,7 @@ def _block_dkdv(call: _Call, k, v, tile, key_index, accumulators):
 def _shared_dkdv(call: _Call, tile, key_index, *, splits_wanted: int):
     """A shared tile's partial dk, dv float32 `[P K, splits, t, H]` over runs of query blocks, its repeated rows
     folded (log-weight + log count in the first slot), and the rows to add them at (`fold_repeated_rows`)."""
-    pk, nb = call.grid
+    pk, nb = call.sizes
     length, h, dtype = key_index.shape[-1], tile.k.shape[-1], tile.k.dtype
     w, per_block = tile_log_weights(tile, problems=key_index.shape[0], kv_heads=key_index.shape[1], num_blocks=nb,
                                     length=length)  # fmt: skip
@@ -418,7 +418,7 @@ def indexed_tiled_backward_mosaic(q_rows, k, v, do_rows, lse, delta, query_index
     load, _, stat = query_rows(query_index, b, t, groups, padded=False)  # every slot real: rows read = rows written
     flat = (q_rows.reshape(-1, h), do_rows.astype(q_rows.dtype).reshape(-1, h), lse.reshape(-1), delta.reshape(-1))
     call = _Call(queries=(load, stat, *flat), keys=(k.reshape(-1, h), v.reshape(-1, h)), groups=groups,
-                 query_block=bq, grid=(problems * kv_heads, nb), scale=float(scale),
+                 query_block=bq, sizes=(problems * kv_heads, nb), scale=float(scale),
                  interpret=interpret_mode(interpret))  # fmt: skip
     accumulators = [jax.new_ref(x.reshape(-1, h)) for x in grads]  # written in place by the kernels
     _dq(call, k, v, tiles, tile_key_index, accumulators[0], tiling.block_k)
