@@ -47,7 +47,7 @@ from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     softmax_finish,
     softmax_start,
 )
-from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import from_registers, product, row_vector
+from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import from_registers, key_chunk_grads, product, row_vector
 
 ROWS = ROWS_PER_WARPGROUP  # queries per warpgroup, keys per chunk
 
@@ -218,10 +218,8 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref
 
     issue(0, 0)
     plgpu.barrier_wait(kv_bar)
-    shape = (ROWS, ROWS)  # keys x queries
 
     def body(step, grads):
-        dk, dv = grads
         slot = lax.rem(step, 2)
 
         @pl.when(step + 1 < num_steps)  # the other slot's readers (the previous step's wgmmas) have finished
@@ -229,16 +227,12 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref
             issue(step + 1, 1 - slot)
 
         plgpu.barrier_wait(q_bar.at[slot])
-        s_t = product(k_smem, q_smem.at[slot].T, shape) * (scale * LOG2_E)
+        masking = None
         if mask.causal:  # every query chunk from the diagonal on: the mask leaves those past the diagonal whole
-            s_t = mask.apply(s_t, query_chunk(step)[1] * ROWS, chunk * ROWS, key_axis=0)
-        lse2 = row_vector(lse_smem.at[slot], 0) * LOG2_E
-        p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse2, shape, [1]))
-        dv = dv + product(from_registers(p_t.astype(k_smem.dtype), p_smem), do_smem.at[slot], dv.shape)
-        dp_t = product(v_smem, do_smem.at[slot].T, shape)
-        ds_t = p_t * (dp_t - lax.broadcast_in_dim(row_vector(delta_smem.at[slot], 0), shape, [1]))
-        dk = dk + product(from_registers(ds_t.astype(k_smem.dtype), ds_smem), q_smem.at[slot], dk.shape)
-        return dk, dv
+            masking = functools.partial(mask.apply, query_start=query_chunk(step)[1] * ROWS, key_start=chunk * ROWS,
+                                        key_axis=0)  # fmt: skip
+        queries = tuple(ref.at[slot] for ref in (q_smem, do_smem, lse_smem, delta_smem))
+        return key_chunk_grads(grads, (k_smem, v_smem), queries, scale=scale, a_smem=(p_smem, ds_smem), mask=masking)
 
     zeros = plgpu.layout_cast(jnp.zeros((ROWS, k_smem.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
     dk, dv = lax.fori_loop(0, num_steps, body, (zeros, zeros))

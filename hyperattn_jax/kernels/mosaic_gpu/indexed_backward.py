@@ -46,9 +46,15 @@ from hyperattn_jax.kernels.mosaic_gpu.row_copies import (
     swizzled,
     wait_gathers,
 )
-from hyperattn_jax.kernels.mosaic_gpu.row_operands import block_entry, query_rows, tile_operands
+from hyperattn_jax.kernels.mosaic_gpu.row_operands import (
+    block_entry,
+    chunk_steps,
+    query_rows,
+    split_tile_refs,
+    tile_operands,
+)
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import DTYPES, HEAD_DIMS, LOG2_E, interpret_mode
-from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import from_registers, product, row_vector
+from hyperattn_jax.kernels.mosaic_gpu.tiled_backward import from_registers, key_chunk_grads, product, row_vector
 from hyperattn_jax.ops.tiles import KeyTile
 
 ROWS = ROWS_PER_WARPGROUP  # wgmma's M: the rows one warpgroup owns (queries for dq, keys for dk, dv)
@@ -65,22 +71,13 @@ def _gather_queries(refs, load_rows, stat_rows, slot, *, interpret: bool):
 
 def _dq_kernel(load_ref, stat_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, tiles, query_block: int,
                block_k: int, scale: float, interpret: bool, a_in_registers: bool):  # fmt: skip
-    num_inputs = sum((1 if tile.indexed else 2) + tile.weighted for tile in tiles)
-    tile_refs, dq_acc = refs[:num_inputs], refs[num_inputs]
-    q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, w_smem, dq_smem, k_bar, v_bar, w_bar, *ds_smem = refs[
-        num_inputs + 1 :
-    ]
+    per_tile, (dq_acc, *scratch) = split_tile_refs(tiles, refs)
+    q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, w_smem, dq_smem, k_bar, v_bar, w_bar, *ds_smem = scratch
     ds_smem = None if a_in_registers else ds_smem[0]
     chunk, head, problem = lax.axis_index("rows"), lax.axis_index("group"), lax.axis_index("problem")
     rows = pl.ds(chunk * ROWS, ROWS)
     block = lax.div(chunk, jnp.int32(query_block // ROWS))
-    per_tile, position = [], 0  # each tile's refs: (rows | (k, v)), then weights or None
-    for tile in tiles:
-        count = (1 if tile.indexed else 2) + tile.weighted
-        tile_ref = tile_refs[position : position + count]
-        per_tile.append((tile_ref[: count - tile.weighted], tile_ref[count - 1] if tile.weighted else None))
-        position += count
-    steps = [(i, c) for i, tile in enumerate(tiles) for c in range(tile.length // block_k)]
+    steps = chunk_steps(tiles, block_k)
     groups = []  # the cp.async groups committed so far, by name: they complete in order
 
     def issue(step: int):
@@ -157,28 +154,13 @@ def _key_grads(keys_smem, query_refs, stat_smem, weight, *, num_steps: int, issu
     """dk, dv float32 (WGMMA layout) of the 64 keys in keys_smem = (k, v) over `num_steps` query chunks (`issue`
     copies chunk `step` into a slot: `_gather_queries`); `weight(step, slot)` gives the keys' base-2 log-weights
     seen by that chunk (a row vector along the keys) or None."""
-    k_smem, v_smem = keys_smem
-    q_smem, do_smem = query_refs
-    lse_smem, delta_smem = stat_smem
-    p_smem, ds_smem = a_smem
-    shape = (ROWS, ROWS)  # keys x queries
 
     def compute(step, slot, grads):
-        dk, dv = grads
         wait_gathers(1, interpret=interpret)  # this step's rows are in; the next step's may be in flight
-        s_t = product(k_smem, q_smem.at[slot].T, shape) * (scale * LOG2_E)
-        w = weight(step, slot)
-        if w is not None:
-            s_t = s_t + lax.broadcast_in_dim(w, shape, [0])
-        lse2 = row_vector(lse_smem.at[slot], 0) * LOG2_E
-        p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse2, shape, [1]))
-        dv = dv + product(from_registers(p_t.astype(k_smem.dtype), p_smem), do_smem.at[slot], dv.shape)
-        dp_t = product(v_smem, do_smem.at[slot].T, shape)
-        ds_t = p_t * (dp_t - lax.broadcast_in_dim(row_vector(delta_smem.at[slot], 0), shape, [1]))
-        dk = dk + product(from_registers(ds_t.astype(k_smem.dtype), ds_smem), q_smem.at[slot], dk.shape)
-        return dk, dv
+        queries = tuple(ref.at[slot] for ref in (*query_refs, *stat_smem))
+        return key_chunk_grads(grads, keys_smem, queries, scale=scale, a_smem=a_smem, log_weight=weight(step, slot))
 
-    zeros = plgpu.layout_cast(jnp.zeros((ROWS, k_smem.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
+    zeros = plgpu.layout_cast(jnp.zeros((ROWS, keys_smem[0].shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
     issue(0, 0)
     dk, dv = _stream_query_chunks(num_steps, issue, compute, (zeros, zeros), interpret=interpret)
     return dk * scale, dv

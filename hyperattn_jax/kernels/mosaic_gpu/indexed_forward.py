@@ -43,7 +43,13 @@ from hyperattn_jax.kernels.mosaic_gpu.row_copies import (
     wait_gather_barrier,
     wait_gathers,
 )
-from hyperattn_jax.kernels.mosaic_gpu.row_operands import block_entry, query_rows, tile_operands
+from hyperattn_jax.kernels.mosaic_gpu.row_operands import (
+    block_entry,
+    chunk_steps,
+    query_rows,
+    split_tile_refs,
+    tile_operands,
+)
 from hyperattn_jax.kernels.mosaic_gpu.tiled_attention import (
     DTYPES,
     HEAD_DIMS,
@@ -78,9 +84,7 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     share of the rows) or, with `producer`, by one more warpgroup (`_gather_and_compute`). With `merge`, o_ref and
     lse_ref hold an earlier partial result: its rows are gathered with the queries and merged by lse before the
     stores."""
-    num_inputs = sum((1 if tile.indexed else 2) + tile.weighted for tile in tiles)
-    tile_refs, (o_ref, lse_ref) = refs[:num_inputs], refs[num_inputs : num_inputs + 2]
-    scratch = list(refs[num_inputs + 2 :])
+    per_tile, (o_ref, lse_ref, *scratch) = split_tile_refs(tiles, refs)
     q_smem, k_smem, v_smem, w_smem, lse_smem, k_bar, v_bar, w_bar, rows_smem, rows_bar = scratch[:10]
     rest = scratch[10:]
     store_rows_smem, store_rows_bar = (rest.pop(0), rest.pop(0)) if stage_store_rows else (None, None)
@@ -105,13 +109,7 @@ def _kernel(q_load_ref, out_rows_ref, lse_rows_ref, q_ref, k_ref, v_ref, *refs, 
     q_mine, lse_mine = q_smem.at[me], lse_smem.at[me]
     p_mine = None if p_smem is None else p_smem.at[me]
 
-    per_tile, position = [], 0  # each tile's refs: (rows | (k, v)), then weights or None
-    for tile in tiles:
-        count = (1 if tile.indexed else 2) + tile.weighted
-        tile_ref = tile_refs[position : position + count]
-        per_tile.append((tile_ref[: count - tile.weighted], tile_ref[count - 1] if tile.weighted else None))
-        position += count
-    steps = [(i, c) for i, tile in enumerate(tiles) for c in range(tile.length // block_k)]
+    steps = chunk_steps(tiles, block_k)
     groups = []  # the cp.async groups committed so far, by name: gathers complete in order
 
     def key_rows(step: int, first: int = 0, count: int = block_k):

@@ -55,6 +55,23 @@ def tile_operands(k, v, tiles, tile_key_index, *, problems: int, num_blocks: int
     return tuple(facts), arrays
 
 
+def split_tile_refs(tiles, refs):
+    """A kernel's refs that start with the tiles' inputs (in `tile_operands`' order), split: per tile its sources
+    ((rows,) or (k, v)) and its weights or None, and the refs after the tiles'."""
+    per_tile, position = [], 0
+    for tile in tiles:
+        count = (1 if tile.indexed else 2) + tile.weighted
+        own = refs[position : position + count]
+        per_tile.append((own[: count - tile.weighted], own[-1] if tile.weighted else None))
+        position += count
+    return per_tile, refs[position:]
+
+
+def chunk_steps(tiles, block_k: int):
+    """(tile, chunk) of every `block_k` keys of the tiles, in tile order: a kernel's static key-chunk schedule."""
+    return [(i, c) for i, tile in enumerate(tiles) for c in range(tile.length // block_k)]
+
+
 def block_entry(ref, block):
     """The query block's entry of a `[P K, nb | 1, ...]` operand (entry 0 of one shared by every block)."""
     return block if ref.shape[1] > 1 else 0

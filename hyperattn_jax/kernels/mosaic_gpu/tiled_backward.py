@@ -72,6 +72,29 @@ def row_vector(ref, axis: int):
     return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(axis), optimized=False)
 
 
+def key_chunk_grads(grads, keys, queries, *, scale: float, a_smem, log_weight=None, mask=None):
+    """dk, dv (float32, WGMMA layout, dk not yet scaled) of 64 keys plus one 64-query chunk's share, keys-major so
+    that P^T and dS^T feed their wgmmas from registers: S^T = k q^T, P^T = w exp2(S^T - lse), dv += P^T dO,
+    dP^T = v dO^T, dS^T = P^T (dP^T - delta), dk += dS^T q. keys: (k, v) shared refs `[64, H]`; queries: (q, dO, lse,
+    delta) shared refs of the chunk; log_weight: the keys' base-2 log-weights (a row vector along the keys) or None;
+    mask: S^T -> S^T with masked scores -inf, or None; a_smem: the interpreter's (P^T, dS^T) buffers or Nones."""
+    dk, dv = grads
+    k_smem, v_smem = keys
+    q_smem, do_smem, lse_smem, delta_smem = queries
+    p_smem, ds_smem = a_smem
+    shape = (ROWS, ROWS)  # keys x queries
+    s_t = product(k_smem, q_smem.T, shape) * (scale * LOG2_E)
+    if log_weight is not None:
+        s_t = s_t + lax.broadcast_in_dim(log_weight, shape, [0])
+    if mask is not None:
+        s_t = mask(s_t)
+    p_t = jnp.exp2(s_t - lax.broadcast_in_dim(row_vector(lse_smem, 0) * LOG2_E, shape, [1]))
+    dv = dv + product(from_registers(p_t.astype(k_smem.dtype), p_smem), do_smem, dv.shape)
+    dp_t = product(v_smem, do_smem.T, shape)
+    ds_t = p_t * (dp_t - lax.broadcast_in_dim(row_vector(delta_smem, 0), shape, [1]))
+    return dk + product(from_registers(ds_t.astype(k_smem.dtype), ds_smem), q_smem, dk.shape), dv
+
+
 def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, *refs, layout: Layout, tiling: MosaicTiling, scale: float,
                a_in_registers: bool):  # fmt: skip
     num_tiles = len(layout.tile_lengths)
@@ -151,10 +174,8 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, w_ref, dk_ref,
     issue(0, 0)
     plgpu.barrier_wait(kv_bar)
     fixed_w = None if weight_per_step else row_vector(w_smem, 1)
-    shape = (ROWS, ROWS)  # keys x queries
 
     def body(step, grads):
-        dk, dv = grads
         slot = lax.rem(step, 2)
 
         @pl.when(step + 1 < num_steps)  # the other slot's readers (the previous step's wgmmas) have finished
@@ -162,18 +183,11 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, w_ref, dk_ref,
             issue(step + 1, 1 - slot)
 
         plgpu.barrier_wait(q_bar.at[slot])
-        s_t = product(k_smem, q_smem.at[slot].T, shape) * (scale * LOG2_E)
         if weight_per_step:
             plgpu.barrier_wait(wq_bar.at[slot])
         w = fixed_w if fixed_w is not None else row_vector(wq_smem.at[slot], 1)
-        s_t = s_t + lax.broadcast_in_dim(w, shape, [0])
-        lse2 = row_vector(lse_smem.at[slot], 0) * LOG2_E
-        p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse2, shape, [1]))
-        dv = dv + product(from_registers(p_t.astype(k_ref.dtype), p_smem), do_smem.at[slot], dv.shape)
-        dp_t = product(v_smem, do_smem.at[slot].T, shape)
-        ds_t = p_t * (dp_t - lax.broadcast_in_dim(row_vector(delta_smem.at[slot], 0), shape, [1]))
-        dk = dk + product(from_registers(ds_t.astype(k_ref.dtype), ds_smem), q_smem.at[slot], dk.shape)
-        return dk, dv
+        queries = (q_smem.at[slot], do_smem.at[slot], lse_smem.at[slot], delta_smem.at[slot])
+        return key_chunk_grads(grads, (k_smem, v_smem), queries, scale=scale, a_smem=(p_smem, ds_smem), log_weight=w)
 
     zeros = plgpu.layout_cast(jnp.zeros((ROWS, layout.head_dim), jnp.float32), plgpu.Layout.WGMMA)
     dk, dv = lax.fori_loop(0, num_steps, body, (zeros, zeros))
